@@ -1,0 +1,3 @@
+from mistral.main import main
+
+main()

@@ -1,0 +1,88 @@
+"""The model's hyper-parameters: a dataclass that mirrors Mistral's params.json."""
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from mistral.errors import MistralError
+
+
+@dataclass
+class MoeArgs:
+    num_experts: int
+    num_experts_per_tok: int
+
+
+@dataclass
+class ModelArgs:
+    dim: int
+    n_layers: int
+    head_dim: int
+    hidden_dim: int
+    n_heads: int
+    n_kv_heads: int
+    norm_eps: float
+    vocab_size: int
+    rope_theta: float = 10000.0
+    # Query i attends to keys i-W+1 .. i. None means full causal attention.
+    sliding_window: Optional[int] = None
+    # Rows of the KV cache: how many sequences one generate() call decodes together.
+    max_batch_size: int = 32
+    # Mixtral: a sparse mixture of experts replaces each feed-forward.
+    moe: Optional[MoeArgs] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = _build(MoeArgs, self.moe, "params.json 'moe'")
+        for name in ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size", "max_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise MistralError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise MistralError(f"ModelArgs.sliding_window must be a positive integer or null, got {self.sliding_window!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise MistralError(f"ModelArgs.n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise MistralError(f"ModelArgs.head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.moe is not None and not 0 < self.moe.num_experts_per_tok <= self.moe.num_experts:
+            raise MistralError(
+                f"ModelArgs.moe: num_experts_per_tok={self.moe.num_experts_per_tok} must be in 1..num_experts={self.moe.num_experts}"
+            )
+
+    @classmethod
+    def from_json(cls, path: Path) -> "ModelArgs":
+        try:
+            params = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise MistralError(f"{path}: file not found") from None
+        except json.JSONDecodeError as e:
+            raise MistralError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(params, dict):
+            raise MistralError(f"{path}: expected a JSON object, got {type(params).__name__}")
+        return _build(cls, params, str(path))
+
+    def to_json(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+
+def _build(cls: type, params: dict[str, Any], where: str) -> Any:
+    """cls(**params), but unknown keys warn and missing or mistyped keys name themselves."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        warnings.warn(f"{where}: ignoring unknown keys {unknown}", stacklevel=3)
+    required = [n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in params]
+    if missing:
+        raise MistralError(f"{where}: missing required keys {missing}")
+    known = {k: v for k, v in params.items() if k in fields}
+    for name in ("norm_eps", "rope_theta"):
+        if name in known and isinstance(known[name], int) and not isinstance(known[name], bool):
+            known[name] = float(known[name])
+    for name, value in known.items():
+        if name in ("norm_eps", "rope_theta") and not (isinstance(value, float) and value > 0):
+            raise MistralError(f"{where}: '{name}' must be a positive number, got {value!r}")
+    return cls(**known)

@@ -1,0 +1,49 @@
+"""Attention executors: one xformers bias, two ways to run it.
+
+On CUDA, xformers' memory_efficient_attention runs the bias without ever building
+it. Elsewhere, the same bias object is materialized into a dense [T, S] matrix of
+0 / -inf and added to the scores of a plain PyTorch attention. Both see the same
+mask, so the CPU tests check the very definition the GPU kernels run.
+"""
+
+from typing import Literal
+
+import torch
+from xformers.ops import memory_efficient_attention
+
+from mistral.masks import AttentionBias
+
+Backend = Literal["auto", "xformers", "reference"]
+BACKENDS = ("auto", "xformers", "reference")
+
+
+def attend(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: AttentionBias, backend: Backend) -> torch.Tensor:
+    """xq: [T, H, D] queries; keys, values: [S, H_kv, D]. Returns [T, H, D]."""
+    if backend == "auto":
+        backend = "xformers" if xq.is_cuda else "reference"
+    if backend == "xformers":
+        return _xformers(xq, keys, values, mask)
+    return _reference(xq, keys, values, mask)
+
+
+def _xformers(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: AttentionBias) -> torch.Tensor:
+    # Grouped-query attention in xformers' [batch, seq, group, head, dim] layout: each of
+    # the H_kv key heads is a group shared by H / H_kv query heads. The expand has
+    # stride 0, so no key is copied.
+    T, H, D = xq.shape
+    S, H_kv, _ = keys.shape
+    q = xq.view(1, T, H_kv, H // H_kv, D)
+    k = keys.view(1, S, H_kv, 1, D).expand(1, S, H_kv, H // H_kv, D)
+    v = values.view(1, S, H_kv, 1, D).expand(1, S, H_kv, H // H_kv, D)
+    return memory_efficient_attention(q, k, v, attn_bias=mask).view(T, H, D)
+
+
+def _reference(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: AttentionBias) -> torch.Tensor:
+    T, H, D = xq.shape
+    S, H_kv, _ = keys.shape
+    keys = keys.repeat_interleave(H // H_kv, dim=1)  # [S, H, D]
+    values = values.repeat_interleave(H // H_kv, dim=1)
+    scores = torch.einsum("thd,shd->hts", xq.float(), keys.float()) * D**-0.5
+    scores = scores + mask.materialize((T, S), dtype=torch.float32, device=xq.device)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hts,shd->thd", probs, values.float()).to(xq.dtype)
