@@ -1,0 +1,71 @@
+"""Shared test helpers: tiny random models on the test device.
+
+The suite runs on the CPU in float32 (reference attention on the materialized
+xformers bias). `MISTRAL_TEST_DEVICE=cuda` runs the same tests through the xformers
+kernels in bfloat16, with the looser tolerance that precision needs.
+"""
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import torch
+
+from mistral import ModelArgs, MoeArgs, Transformer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+# Tiny models gain nothing from threads, and CI has 2 cores shared by test processes.
+torch.set_num_threads(1)
+
+DEVICE = torch.device(os.environ.get("MISTRAL_TEST_DEVICE", "cpu"))
+DTYPE = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+# Relative error of logits between two computations of the same function. float32:
+# rounding alone lands near 1e-6. bfloat16 keeps 8 bits of mantissa, so every matmul
+# and every stored activation is off by up to 2^-9 relative; across a few layers
+# that adds up to about 1e-2.
+RTOL = 1e-4 if DTYPE == torch.float32 else 3e-2
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def tiny_args(
+    *,
+    moe: bool = False,
+    sliding_window: Optional[int] = 8,
+    n_layers: int = 2,
+    vocab_size: int = 97,
+    max_batch_size: int = 8,
+) -> ModelArgs:
+    return ModelArgs(
+        dim=64,
+        n_layers=n_layers,
+        head_dim=16,
+        hidden_dim=96,
+        n_heads=4,
+        n_kv_heads=2,
+        norm_eps=1e-5,
+        vocab_size=vocab_size,
+        rope_theta=10000.0 if not moe else 1e6,
+        sliding_window=sliding_window,
+        max_batch_size=max_batch_size,
+        moe=MoeArgs(num_experts=4, num_experts_per_tok=2) if moe else None,
+    )
+
+
+def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
+    """Random weights with std dim^-0.5, so activations neither vanish nor explode."""
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=args.dim**-0.5)
+    return model.to(device=DEVICE, dtype=DTYPE).eval()
+
+
+@pytest.fixture(params=[False, True], ids=["mistral", "mixtral"])
+def moe(request: pytest.FixtureRequest) -> bool:
+    return request.param
