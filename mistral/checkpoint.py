@@ -6,7 +6,7 @@ torch.load(weights_only=True), which cannot run code hidden in the pickle.
 """
 
 from pathlib import Path
-from typing import Union
+from typing import Callable, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -21,6 +21,8 @@ PTH = "consolidated.00.pth"
 TOKENIZER = "tokenizer.model"
 
 Shapes = dict[str, tuple[int, ...]]
+# progress(tensors read, tensors in all, bytes read): told after each tensor.
+Progress = Callable[[int, int, int], None]
 
 
 def read_args(folder: Union[str, Path]) -> ModelArgs:
@@ -45,6 +47,7 @@ def read_weights(
     device: Union[str, torch.device] = "cpu",
     dtype: torch.dtype = torch.float32,
     allow_extra: bool = False,
+    progress: Optional[Progress] = None,
 ) -> dict[str, torch.Tensor]:
     """Read the tensors named in `expected`, after checking every name and shape.
 
@@ -56,7 +59,7 @@ def read_weights(
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 _check(path, {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}, expected, allow_extra)
-                return {n: f.get_tensor(n).to(dtype) for n in expected}
+                return _read_each(expected, lambda n: f.get_tensor(n).to(dtype), progress)
         except SafetensorError as e:
             raise MistralError(f"{path}: unreadable safetensors file ({e})") from None
     try:
@@ -66,7 +69,17 @@ def read_weights(
     if not isinstance(state, dict):
         raise MistralError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
     _check(path, {n: tuple(t.shape) for n, t in state.items()}, expected, allow_extra)
-    return {n: state[n].to(device=device, dtype=dtype) for n in expected}
+    return _read_each(expected, lambda n: state[n].to(device=device, dtype=dtype), progress)
+
+
+def _read_each(names: Shapes, read: Callable[[str], torch.Tensor], progress: Optional[Progress]) -> dict[str, torch.Tensor]:
+    tensors, nbytes = {}, 0
+    for n in names:
+        tensors[n] = read(n)
+        nbytes += tensors[n].nbytes
+        if progress is not None:
+            progress(len(tensors), len(names), nbytes)
+    return tensors
 
 
 def _check(path: Path, found: Shapes, expected: Shapes, allow_extra: bool) -> None:

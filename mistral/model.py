@@ -13,7 +13,7 @@ from torch import nn
 from mistral.args import ModelArgs
 from mistral.attention import BACKENDS, Backend, attend
 from mistral.cache import CacheView, RotatingBufferCache
-from mistral.checkpoint import read_args, read_weights, write_folder
+from mistral.checkpoint import Progress, read_args, read_weights, write_folder
 from mistral.errors import MistralError
 from mistral.masks import AttentionBias, prefill_mask
 from mistral.moe import MoeLayer
@@ -181,13 +181,17 @@ class Transformer(nn.Module):
         device: Union[str, torch.device] = "cpu",
         dtype: torch.dtype = torch.float32,
         attention_backend: Backend = "auto",
+        progress: Optional[Progress] = None,
     ) -> "Transformer":
-        """Load params.json and consolidated.safetensors (or consolidated.00.pth) from a folder."""
+        """Load params.json and consolidated.safetensors (or consolidated.00.pth) from a folder.
+
+        progress: called after each tensor is read (a CLI shows it while a large checkpoint loads).
+        """
         args = read_args(folder)
         with torch.device("meta"):  # shapes only: the weights are read straight into place
             model = cls(args, attention_backend=attention_backend)
         expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-        model.load_state_dict(read_weights(folder, expected, device=device, dtype=dtype), assign=True)
+        model.load_state_dict(read_weights(folder, expected, device=device, dtype=dtype, progress=progress), assign=True)
         return model
 
     def save(self, folder: Union[str, Path]) -> None:

@@ -10,7 +10,7 @@ library, so it needs nothing from the network.
 import io
 import pydoc
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import fire
 import sentencepiece as spm
@@ -27,8 +27,11 @@ def stdlib_text() -> str:
     return "\n".join(pydoc.render_doc(name, renderer=pydoc.plaintext) for name in STDLIB_MODULES)
 
 
-def train_tokenizer(path: Path, vocab_size: int, text: Optional[str] = None) -> None:
-    """Train a sentencepiece model with Mistral's special ids (unk 0, bos 1, eos 2)."""
+def train_tokenizer(path: Path, vocab_size: int, text: Optional[str] = None, **options: Any) -> None:
+    """Train a sentencepiece model with Mistral's special ids (unk 0, bos 1, eos 2).
+
+    options: more sentencepiece trainer settings (e.g. identity normalization for code).
+    """
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter((text or stdlib_text()).splitlines()),
@@ -41,6 +44,7 @@ def train_tokenizer(path: Path, vocab_size: int, text: Optional[str] = None) -> 
         eos_id=2,
         pad_id=-1,
         minloglevel=2,
+        **options,
     )
     path.write_bytes(model.getvalue())
 
