@@ -8,6 +8,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from mistral import decode
+from mistral.cache import RotatingBufferCache
 from mistral.errors import MistralError
 from mistral.model import Transformer
 
@@ -63,12 +65,18 @@ def stream(
     chunk_size: Optional[int] = None,
     eos_id: Optional[int] = None,
     seed: Optional[int] = None,
+    cache: Optional[RotatingBufferCache] = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens [B], logprobs [B]) on the model's device after each step.
 
     A sequence keeps receiving tokens after its eos (they are cut by `generate`); the
     stream ends once every sequence has produced eos, or after max_tokens steps.
     All prompts must fit one cache: at most model.args.max_batch_size of them.
+
+    cache: continue sequences that a previous stream left in this cache (a chat). Row b
+    already holds the first cache.lengths[b] tokens of encoded_prompts[b]; only the rest
+    is prefilled. The last token a stream yields is never fed to the model, so a
+    continuation's prompt starts with it.
     """
     check_options(
         encoded_prompts, model.args.vocab_size, max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size
@@ -78,8 +86,13 @@ def stream(
         raise MistralError(f"{B} prompts exceed max_batch_size={model.args.max_batch_size}")
     if max_tokens == 0:
         return
+    if cache is None:
+        cache = model.make_cache(B, max(len(p) for p in encoded_prompts) + max_tokens)
+    for b, p in enumerate(encoded_prompts):
+        if len(p) <= cache.lengths[b]:
+            raise MistralError(f"prompt {b} has {len(p)} tokens, but the cache already holds {cache.lengths[b]}: nothing new to read")
+    encoded_prompts = [p[cache.lengths[b] :] for b, p in enumerate(encoded_prompts)]
     lengths = [len(p) for p in encoded_prompts]
-    cache = model.make_cache(B, max(lengths) + max_tokens)
     chunk = chunk_size or cache.size
     device = model.device
 
@@ -98,6 +111,8 @@ def stream(
 
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    # On CUDA the decode steps replay one captured graph (mistral/decode.py).
+    decoder = decode.GraphDecoder(model, cache, B) if max_tokens > 1 and decode.usable(model) else None
     for step in range(max_tokens):
         tokens = sample(logits, temperature, top_p, generator)
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
@@ -107,7 +122,7 @@ def stream(
             if done.all():
                 return
         if step + 1 < max_tokens:
-            logits = model(tokens, [1] * B, cache)
+            logits = model(tokens, [1] * B, cache) if decoder is None else decoder.step(tokens)
 
 
 def generate(
