@@ -15,6 +15,10 @@ class MoeArgs:
     num_experts: int
     num_experts_per_tok: int
 
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "num_experts_per_tok"):
+            _check_positive_int(self, name)
+
 
 @dataclass
 class ModelArgs:
@@ -36,12 +40,14 @@ class ModelArgs:
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
-            self.moe = _build(MoeArgs, self.moe, "params.json 'moe'")
+            self.moe = _build(MoeArgs, self.moe, "'moe'")
+        if self.moe is not None and not isinstance(self.moe, MoeArgs):
+            raise MistralError(f"ModelArgs.moe must be an object or null, got {self.moe!r}")
         for name in ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size", "max_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise MistralError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            _check_positive_int(self, name)
+        if self.sliding_window is not None and (
+            not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool) or self.sliding_window <= 0
+        ):
             raise MistralError(f"ModelArgs.sliding_window must be a positive integer or null, got {self.sliding_window!r}")
         if self.n_heads % self.n_kv_heads:
             raise MistralError(f"ModelArgs.n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
@@ -68,6 +74,12 @@ class ModelArgs:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
 
 
+def _check_positive_int(args: Any, name: str) -> None:
+    value = getattr(args, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise MistralError(f"{type(args).__name__}.{name} must be a positive integer, got {value!r}")
+
+
 def _build(cls: type, params: dict[str, Any], where: str) -> Any:
     """cls(**params), but unknown keys warn and missing or mistyped keys name themselves."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -85,4 +97,7 @@ def _build(cls: type, params: dict[str, Any], where: str) -> Any:
     for name, value in known.items():
         if name in ("norm_eps", "rope_theta") and not (isinstance(value, float) and value > 0):
             raise MistralError(f"{where}: '{name}' must be a positive number, got {value!r}")
-    return cls(**known)
+    try:
+        return cls(**known)
+    except MistralError as e:  # name the file too
+        raise MistralError(f"{where}: {e}") from None

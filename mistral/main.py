@@ -11,6 +11,7 @@ import torch
 from mistral.checkpoint import TOKENIZER
 from mistral.errors import MistralError
 from mistral.generate import check_options, stream
+from mistral.hf import convert as convert_hf
 from mistral.model import Transformer
 from mistral.tokenizer import Tokenizer
 
@@ -145,9 +146,23 @@ def chat(
         history += answer + [tokenizer.eos_id]
 
 
+def convert(hf_dir: str, out_dir: str) -> None:
+    """Convert a Hugging Face MistralForCausalLM / MixtralForCausalLM folder into a model folder.
+
+    Args:
+        hf_dir: HF folder with config.json and model.safetensors (or model-0000x-of-0000y.safetensors
+            shards with model.safetensors.index.json), as save_pretrained writes it.
+        out_dir: folder to write params.json and consolidated.safetensors into; tokenizer.model is
+            copied too when hf_dir has one. Tensors keep their dtype.
+    """
+    args = convert_hf(hf_dir, out_dir)
+    kind = "Mixtral" if args.moe else "Mistral"
+    print(f"wrote {out_dir}: {kind}, {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}", file=sys.stderr)
+
+
 def main() -> None:
     try:
-        fire.Fire({"generate": generate, "chat": chat})
+        fire.Fire({"generate": generate, "chat": chat, "convert": convert})
     except MistralError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,69 @@
+"""The independent reference: tiny random HF MistralForCausalLM / MixtralForCausalLM.
+
+Their sizes match conftest's tiny_args, except that the Mistral model sets head_dim=32
+apart from hidden_size / num_attention_heads = 16 (as Mistral NeMo does), so that the
+converter's head_dim handling is exercised too.
+"""
+
+import random
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
+
+from conftest import DEVICE, DTYPE
+from mistral import Transformer
+from mistral.hf import convert
+
+HFModel = Union[MistralForCausalLM, MixtralForCausalLM]
+W = 8  # sliding window: prompts run past it, and past n_layers * (W - 1), the reach of two windowed layers
+
+
+def hf_model(*, moe: bool, sliding_window: Optional[int] = W, seed: int = 0, attn: str = "eager") -> HFModel:
+    """float32 on the CPU, weights ~ N(0, dim^-0.5) (norm weights included) so logits are far from uniform."""
+    common = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        sliding_window=sliding_window,
+        attn_implementation=attn,
+    )
+    if moe:
+        config = MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6)
+        cls = MixtralForCausalLM
+    else:
+        config = MistralConfig(**common, head_dim=32, rope_theta=10000.0)
+        cls = MistralForCausalLM
+    torch.manual_seed(seed)
+    model = cls(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=config.hidden_size**-0.5)
+    return model.eval()
+
+
+def random_prompts(lengths: Sequence[int], vocab_size: int = 97, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab_size) for _ in range(n)] for n in lengths]
+
+
+@torch.no_grad()
+def hf_logits(model: HFModel, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """Each prompt alone (batch of one, no padding), on the test device and dtype: [len, V] each.
+
+    Moves the model to the test device and dtype: save it before, not after.
+    """
+    model = model.to(device=DEVICE, dtype=DTYPE)
+    return [model(torch.tensor([p], device=DEVICE)).logits[0].float() for p in prompts]
+
+
+def converted(model: HFModel, tmp_path: Path, **save_kwargs) -> Transformer:
+    """model -> save_pretrained -> mistral.hf.convert -> Transformer.from_folder, on the test device."""
+    model.save_pretrained(tmp_path / "hf", **save_kwargs)
+    convert(tmp_path / "hf", tmp_path / "ours")
+    return Transformer.from_folder(tmp_path / "ours", device=DEVICE, dtype=DTYPE).eval()

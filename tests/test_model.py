@@ -1,0 +1,207 @@
+"""The model against independent references, and its folder loading.
+
+- HF transformers' MistralForCausalLM / MixtralForCausalLM on tiny random weights,
+  converted by mistral.hf: same logits, with the sliding window really applied on
+  both sides (a model with another window must differ).
+- Packing prompts into one call changes nothing for each of them.
+- The routed MoE layer equals the dense mixture it stands for.
+- from_folder reads back exactly what save wrote, and names the culprit otherwise.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import DEVICE, DTYPE, RTOL, random_model, rel_error, tiny_args
+from hf_reference import W, converted, hf_logits, hf_model, random_prompts
+from mistral import MistralError, Transformer
+from mistral.checkpoint import PARAMS, PTH, SAFETENSORS
+
+LENGTHS = [20, 27, 33]  # all past W and past the 2 * (W - 1) tokens two windowed layers reach
+# Logits of a model with another window differ from HF's by 0.17 - 0.5 (measured, float32):
+# far above the RTOL of either test dtype (float32 1e-4, bfloat16 3e-2).
+DIFFERENT = 0.1
+
+
+def logits_alone(model: Transformer, prompts: list[list[int]]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(torch.tensor(p, device=DEVICE), [len(p)]) for p in prompts]
+
+
+def with_window(model: Transformer, sliding_window: Optional[int]) -> Transformer:
+    other = Transformer(dataclasses.replace(model.args, sliding_window=sliding_window))
+    other.load_state_dict(model.state_dict())
+    return other.to(device=DEVICE, dtype=DTYPE).eval()
+
+
+@pytest.mark.parametrize("sliding_window", [W, None], ids=["window", "full"])
+def test_logits_match_hf(tmp_path: Path, moe: bool, sliding_window: Optional[int]) -> None:
+    hf = hf_model(moe=moe, sliding_window=sliding_window)
+    ours = converted(hf, tmp_path)
+    assert ours.args.sliding_window == sliding_window
+    prompts = random_prompts(LENGTHS)
+    for got, want in zip(logits_alone(ours, prompts), hf_logits(hf, prompts)):
+        assert rel_error(got, want) < RTOL
+
+
+@pytest.mark.parametrize("other_window", [None, W - 1, W + 1], ids=["full", "W-1", "W+1"])
+def test_other_windows_differ_from_hf(tmp_path: Path, other_window: Optional[int]) -> None:
+    """HF applies its window, and with our semantics (query i sees keys i-W+1 .. i): an
+    off-by-one window, or none, would fail test_logits_match_hf."""
+    hf = hf_model(moe=False, sliding_window=W)
+    ours = with_window(converted(hf, tmp_path), other_window)
+    prompts = random_prompts(LENGTHS)
+    for got, want in zip(logits_alone(ours, prompts), hf_logits(hf, prompts)):
+        # The first W positions see the same keys under every window of at least W.
+        first_differing = W - 1 if other_window == W - 1 else W
+        assert rel_error(got[:first_differing], want[:first_differing]) < RTOL
+        assert rel_error(got[first_differing:], want[first_differing:]) > DIFFERENT
+
+
+def test_packed_prompts_equal_each_alone(moe: bool) -> None:
+    model = random_model(tiny_args(moe=moe))
+    prompts = random_prompts([20, 1, 33, 5, 9], model.args.vocab_size, seed=1)
+    with torch.no_grad():
+        packed = model(torch.tensor(sum(prompts, []), device=DEVICE), [len(p) for p in prompts])
+    for got, want in zip(packed.split([len(p) for p in prompts]), logits_alone(model, prompts)):
+        assert rel_error(got, want) < RTOL
+
+
+def test_moe_layer_equals_dense_mixture() -> None:
+    """Every expert runs on every token; the top-k gates, renormalised, weigh them; the rest weigh 0."""
+    moe = random_model(tiny_args(moe=True)).layers["0"].feed_forward
+    k = moe.num_experts_per_tok
+    torch.manual_seed(0)
+    x = torch.randn(64, 64, device=DEVICE, dtype=DTYPE)
+    with torch.no_grad():
+        probs = torch.softmax(moe.gate(x).float(), dim=-1)  # [T, E]
+        top = probs.topk(k, dim=-1)
+        weights = torch.zeros_like(probs).scatter(-1, top.indices, top.values / top.values.sum(-1, keepdim=True))
+        dense = sum(weights[:, e, None] * expert(x).float() for e, expert in enumerate(moe.experts))
+        routed = moe(x)
+    assert (weights > 0).sum(-1).eq(k).all()
+    assert (weights > 0).any(0).all(), "every expert should be chosen by some token"
+    assert rel_error(routed, dense) < RTOL
+
+
+# --- Loading a model folder ---------------------------------------------------------
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    random_model(tiny_args(moe=True)).save(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_save_from_folder_round_trips_exactly(tmp_path: Path, moe: bool) -> None:
+    model = random_model(tiny_args(moe=moe))
+    model.save(tmp_path)
+    loaded = Transformer.from_folder(tmp_path, device=DEVICE, dtype=DTYPE)
+    assert loaded.args == model.args
+    want = model.state_dict()
+    got = loaded.state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_pth_checkpoint_loads(folder: Path) -> None:
+    """Older folders hold consolidated.00.pth (torch.save of the state dict)."""
+    state = load_file(str(folder / SAFETENSORS))
+    (folder / SAFETENSORS).unlink()
+    torch.save(state, folder / PTH)
+    loaded = Transformer.from_folder(folder).state_dict()
+    assert loaded.keys() == state.keys()
+    for name in state:
+        assert torch.equal(loaded[name], state[name]), name
+
+
+def edit_params(folder: Path, **changes: object) -> None:
+    params = json.loads((folder / PARAMS).read_text())
+    params.update(changes)
+    (folder / PARAMS).write_text(json.dumps({k: v for k, v in params.items() if v is not ...}))
+
+
+@pytest.mark.parametrize(
+    "changes, culprit",
+    [
+        ({"dim": ...}, "dim"),
+        ({"n_heads": "4"}, "n_heads"),
+        ({"norm_eps": "1e-5"}, "norm_eps"),
+        ({"sliding_window": True}, "sliding_window"),
+        ({"moe": {"num_experts": 4}}, "num_experts_per_tok"),
+        ({"moe": {"num_experts": "4", "num_experts_per_tok": 2}}, "num_experts"),
+        ({"moe": [4, 2]}, "moe"),
+    ],
+    ids=["missing key", "str for int", "str for float", "bool for int", "moe missing key", "moe str", "moe list"],
+)
+def test_bad_params_json_names_key(folder: Path, changes: dict, culprit: str) -> None:
+    edit_params(folder, **changes)
+    with pytest.raises(MistralError, match=rf"{PARAMS}.*{culprit}"):
+        Transformer.from_folder(folder)
+
+
+def test_params_json_not_json(folder: Path) -> None:
+    (folder / PARAMS).write_text('{"dim": 64,')
+    with pytest.raises(MistralError, match=rf"{PARAMS}: not valid JSON"):
+        Transformer.from_folder(folder)
+
+
+def test_unknown_params_key_warns(folder: Path) -> None:
+    edit_params(folder, surprise=1)
+    with pytest.warns(UserWarning, match="surprise"):
+        Transformer.from_folder(folder)
+
+
+def edit_tensors(folder: Path, **changes: Optional[torch.Tensor]) -> None:
+    """changes: tensor name with dots as "__" -> new tensor, or None to drop it."""
+    state = load_file(str(folder / SAFETENSORS))
+    for key, tensor in changes.items():
+        name = key.replace("__", ".")
+        if tensor is None:
+            del state[name]
+        else:
+            state[name] = tensor
+    save_file(state, str(folder / SAFETENSORS))
+
+
+def test_missing_tensor(folder: Path) -> None:
+    edit_tensors(folder, layers__1__feed_forward__experts__3__w2__weight=None)
+    with pytest.raises(MistralError, match=rf"{SAFETENSORS}: missing tensors layers\.1\.feed_forward\.experts\.3\.w2\.weight"):
+        Transformer.from_folder(folder)
+
+
+def test_unexpected_tensor(folder: Path) -> None:
+    edit_tensors(folder, layers__2__attention__wq__weight=torch.zeros(64, 64))
+    with pytest.raises(MistralError, match=rf"{SAFETENSORS}: unexpected tensors layers\.2\.attention\.wq\.weight"):
+        Transformer.from_folder(folder)
+
+
+def test_wrong_shape(folder: Path) -> None:
+    edit_tensors(folder, norm__weight=torch.ones(65))
+    with pytest.raises(MistralError, match=rf"{SAFETENSORS}: wrong shapes: norm\.weight is \[65\], {PARAMS} implies \[64\]"):
+        Transformer.from_folder(folder)
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(MistralError, match=rf"{tmp_path / 'nowhere'}: model folder not found"):
+        Transformer.from_folder(tmp_path / "nowhere")
+
+
+def test_missing_weights(folder: Path) -> None:
+    (folder / SAFETENSORS).unlink()
+    with pytest.raises(MistralError, match=rf"no {SAFETENSORS} \(or {PTH}\)"):
+        Transformer.from_folder(folder)
+
+
+@pytest.mark.parametrize("name", [SAFETENSORS, PTH])
+def test_unreadable_weights(folder: Path, name: str) -> None:
+    (folder / SAFETENSORS).unlink()
+    (folder / name).write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(MistralError, match=rf"{name}: unreadable"):
+        Transformer.from_folder(folder)
