@@ -35,6 +35,7 @@ def check_options(
     temperature: float,
     top_p: float,
     chunk_size: Optional[int],
+    seed: Optional[int] = None,
 ) -> None:
     if not encoded_prompts:
         raise MistralError("no prompts given")
@@ -52,6 +53,8 @@ def check_options(
         raise MistralError(f"top_p must be in (0, 1], got {top_p!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise MistralError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise MistralError(f"seed must be an integer, got {seed!r}")
 
 
 @torch.inference_mode()
@@ -79,7 +82,8 @@ def stream(
     continuation's prompt starts with it.
     """
     check_options(
-        encoded_prompts, model.args.vocab_size, max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size
+        encoded_prompts, model.args.vocab_size, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+        chunk_size=chunk_size, seed=seed,
     )
     B = len(encoded_prompts)
     if B > model.args.max_batch_size:

@@ -1,12 +1,14 @@
 """Command line: `mistral generate MODEL_DIR "prompt" ...` and `mistral chat MODEL_DIR`."""
 
+import inspect
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import fire
 import torch
+from fire import decorators, parser
 
 from mistral.checkpoint import TOKENIZER
 from mistral.errors import MistralError
@@ -25,6 +27,12 @@ def load(model_dir: str, device: Optional[str], dtype: Optional[str]) -> tuple[T
     if not (folder / TOKENIZER).is_file():
         raise MistralError(f"{folder}: no {TOKENIZER} in the model folder")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = str(torch.device(device))  # fire hands "--device 0" over as an int
+    except RuntimeError:
+        raise MistralError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MistralError(f"device {device!r}: no CUDA GPU is available")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     if dtype not in DTYPES:
         raise MistralError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -35,6 +43,19 @@ def load(model_dir: str, device: Optional[str], dtype: Optional[str]) -> tuple[T
     return model, tokenizer
 
 
+def text_arguments(command: Callable) -> Callable:
+    """Hand the model folder and the prompts to `command` exactly as typed.
+
+    fire reads every argument as a Python literal when it can: the prompt "3.10" would
+    arrive as the float 3.1, "1e3" as 1000.0, '"Hi"' without its quotes, and a folder named
+    "123" as an int. Parameters with a default (the options) keep fire's parsing.
+    """
+    options = [name for name, p in inspect.signature(command).parameters.items() if p.default is not p.empty]
+    command = decorators.SetParseFn(str)(command)  # default: the positionals and *prompts
+    return decorators.SetParseFn(parser.DefaultParseValue, *options)(command)
+
+
+@text_arguments
 def generate(
     model_dir: str,
     *prompts: str,
@@ -64,7 +85,7 @@ def generate(
     for i, p in enumerate(prompts):
         if not str(p).strip():
             raise MistralError(f"prompt {i} is empty")
-    check_options([[0]], 1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size)
+    check_options([[0]], 1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size, seed=seed)
     model, tokenizer = load(model_dir, device, dtype)
     encoded = [tokenizer.encode(str(p), bos=True) for p in prompts]
     n = model.args.max_batch_size
@@ -104,6 +125,7 @@ def generate(
     )
 
 
+@text_arguments
 def chat(
     model_dir: str,
     max_tokens: int = 256,
@@ -124,7 +146,7 @@ def chat(
         device: "cpu", "cuda", ... (default: cuda when available).
         dtype: float32, bfloat16 or float16.
     """
-    check_options([[0]], 1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=None)
+    check_options([[0]], 1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=None, seed=seed)
     model, tokenizer = load(model_dir, device, dtype)
     history: list[int] = []
     while True:

@@ -1,0 +1,238 @@
+"""The rolling-buffer cache against the plain no-cache forward.
+
+The no-cache forward sees every prompt whole, with the sliding-window mask applied to
+all its tokens at once: it is the definition. Whatever order and grouping the cache
+receives tokens in (chunks, packed rows, rows that sit a call out, a buffer that has
+wrapped several times), each token's logits must match it.
+"""
+
+import random
+from typing import Optional, Sequence
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import DEVICE, DTYPE, RTOL, random_model, rel_error, tiny_args
+from mistral import MistralError, Transformer
+from mistral.model import apply_rotary_emb, precompute_freqs_cis
+
+W = 8  # tiny_args' sliding window
+
+
+def random_prompts(lengths: Sequence[int], vocab_size: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab_size) for _ in range(n)] for n in lengths]
+
+
+def full_logits(model: Transformer, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """The reference: every prompt whole, packed into one no-cache call. [len(prompt), V] each."""
+    logits = model(torch.tensor(sum(prompts, []), device=DEVICE), [len(p) for p in prompts])
+    return list(logits.split([len(p) for p in prompts]))
+
+
+def run_schedule(model: Transformer, prompts: list[list[int]], schedule: list[list[int]], max_seq_len: int) -> list[torch.Tensor]:
+    """Feed prompts[b] through one cache, schedule[call][b] tokens of row b per call; collect all logits."""
+    cache = model.make_cache(len(prompts), max_seq_len)
+    fed = [0] * len(prompts)
+    out: list[list[torch.Tensor]] = [[] for _ in prompts]
+    for seqlens in schedule:
+        pieces = [p[f : f + s] for p, f, s in zip(prompts, fed, seqlens)]
+        assert [len(x) for x in pieces] == list(seqlens)
+        logits = model(torch.tensor(sum(pieces, []), device=DEVICE), seqlens, cache)
+        for b, chunk in enumerate(logits.split(list(seqlens))):
+            out[b].append(chunk)
+        fed = [f + s for f, s in zip(fed, seqlens)]
+    assert fed == [len(p) for p in prompts], "schedule must feed every prompt whole"
+    assert cache.lengths[: len(prompts)] == fed
+    return [torch.cat(x) for x in out]
+
+
+def chunked_schedule(lengths: Sequence[int], chunk: int) -> list[list[int]]:
+    """What generate() does: chunk c of every prompt in call c (0 tokens once a prompt is done)."""
+    return [[max(0, min(chunk, n - start)) for n in lengths] for start in range(0, max(lengths), chunk)]
+
+
+def assert_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    for b, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape
+        err = rel_error(g, w)
+        assert err < RTOL, f"prompt {b}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("chunk", [1, 3, W, W + 5], ids=["chunk1", "chunk3", "chunkW", "chunk>W"])
+def test_chunked_prefill_equals_full_prefill(moe: bool, chunk: int) -> None:
+    model = random_model(tiny_args(moe=moe))
+    # Shorter than, equal to and several times longer than the window.
+    lengths = [5, W, 3 * W + 3, 2]
+    prompts = random_prompts(lengths, model.args.vocab_size)
+    got = run_schedule(model, prompts, chunked_schedule(lengths, chunk), max(lengths))
+    assert_close(got, full_logits(model, prompts))
+
+
+def keys_values_of_full_forward(model: Transformer, prompt: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the rotated keys and the values [T, H_kv, Dh] that the no-cache forward computes."""
+    captured: dict[str, torch.Tensor] = {}
+    hooks = []
+    for i, layer in model.layers.items():
+        for name in ("wk", "wv"):
+            module = getattr(layer.attention, name)
+            hooks.append(module.register_forward_hook(lambda m, x, y, key=f"{i}.{name}": captured.__setitem__(key, y)))
+    try:
+        model(torch.tensor(prompt, device=DEVICE), [len(prompt)])
+    finally:
+        for h in hooks:
+            h.remove()
+    T, args = len(prompt), model.args
+    freqs_cis = precompute_freqs_cis(torch.arange(T, device=DEVICE), args.head_dim, args.rope_theta)
+    out = []
+    for i in model.layers:
+        k = captured[f"{i}.wk"].view(T, args.n_kv_heads, args.head_dim)
+        v = captured[f"{i}.wv"].view(T, args.n_kv_heads, args.head_dim)
+        out.append((apply_rotary_emb(k, freqs_cis), v))
+    return out
+
+
+@pytest.mark.parametrize("chunk", [3, W + 5])
+def test_rolling_buffer_wraps_past_window(chunk: int) -> None:
+    model = random_model(tiny_args())
+    # Row 0 wraps the buffer 3+ times during prefill; row 1 less than once.
+    lengths = [3 * W + 5, W - 3]
+    prompts = random_prompts(lengths, model.args.vocab_size, seed=1)
+    cache = model.make_cache(2, 1000)
+    assert cache.size == W
+    fed = [0, 0]
+    for seqlens in chunked_schedule(lengths, chunk):
+        pieces = [p[f : f + s] for p, f, s in zip(prompts, fed, seqlens)]
+        model(torch.tensor(sum(pieces, []), device=DEVICE), seqlens, cache)
+        fed = [f + s for f, s in zip(fed, seqlens)]
+    # Then decode a few steps one token per row, wrapping row 0 once more and row 1 for the first time.
+    extra = random_prompts([W + 2, W + 2], model.args.vocab_size, seed=2)
+    for step in range(W + 2):
+        model(torch.tensor([extra[0][step], extra[1][step]], device=DEVICE), [1, 1], cache)
+    assert cache.lengths == [lengths[0] + W + 2, lengths[1] + W + 2]
+
+    for row, (prompt, more) in enumerate(zip(prompts, extra)):
+        sequence = prompt + more
+        T = len(sequence)
+        reference = keys_values_of_full_forward(model, sequence)
+        live = range(T - W, T)  # the window: exactly what the buffer must hold now
+        slots = [p % W for p in live]
+        assert sorted(slots) == list(range(W))
+        for layer, (k, v) in enumerate(reference):
+            err_k = rel_error(cache.k[layer, row, slots], k[list(live)])
+            err_v = rel_error(cache.v[layer, row, slots], v[list(live)])
+            assert err_k < RTOL and err_v < RTOL, f"row {row} layer {layer}: key error {err_k:.2e}, value error {err_v:.2e}"
+
+
+def test_packed_prompts_do_not_see_each_other(moe: bool) -> None:
+    model = random_model(tiny_args(moe=moe))
+    a, b, b2 = random_prompts([W + 3, 2 * W, 2 * W], model.args.vocab_size, seed=3)
+    alone = full_logits(model, [a])[0]
+    for other in (b, b2):  # a's logits do not depend on whatever is packed next to it
+        for chunk in (3, W):
+            schedule = chunked_schedule([len(other), len(a), len(other)], chunk)
+            got = run_schedule(model, [other, a, other], schedule, 100)
+            assert_close([got[1]], [alone])
+        assert_close([full_logits(model, [other, a])[1]], [alone])
+
+
+@pytest.mark.parametrize("window", [W, None], ids=["window", "full-attention"])
+def test_rows_with_different_cached_lengths_share_a_call(moe: bool, window: Optional[int]) -> None:
+    """Every kind of call: a row may be fresh, mid-prompt or idle (0 new tokens) in any call."""
+    model = random_model(tiny_args(moe=moe, sliding_window=window))
+    schedule = [
+        [5, 0, 2],  # row 1 sits out the first prefill
+        [0, 4, 3],  # row 0 idle, row 1 fresh while row 2 is cached: a mixed chunk
+        [1, 1, 1],  # decode
+        [W + 2, 0, 1],  # row 0 wraps within one chunk, row 2 decodes inside a chunk call
+        [1, 1, 0],  # one token each but a row idle: not a plain decode step
+        [0, 0, 2 * W],
+        [1, 1, 1],
+        [1, 1, 1],
+    ]
+    lengths = [sum(s[b] for s in schedule) for b in range(3)]
+    prompts = random_prompts(lengths, model.args.vocab_size, seed=4)
+    got = run_schedule(model, prompts, schedule, max(lengths))
+    assert_close(got, full_logits(model, prompts))
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 40])
+def test_full_attention_with_cache(chunk: int) -> None:
+    model = random_model(tiny_args(sliding_window=None))
+    lengths = [3 * W, W - 1]
+    prompts = random_prompts(lengths, model.args.vocab_size, seed=5)
+    cache_len = max(lengths)
+    got = run_schedule(model, prompts, chunked_schedule(lengths, chunk), cache_len)
+    assert_close(got, full_logits(model, prompts))
+    # Without a window no token ever leaves: with a slot per position, the buffer did not roll.
+    assert model.make_cache(1, cache_len).size == cache_len
+
+
+def test_window_less_cache_overflow_is_a_clear_error() -> None:
+    model = random_model(tiny_args(sliding_window=None))
+    cache = model.make_cache(2, 10)
+    model(torch.tensor([1] * 8, device=DEVICE), [8], cache)
+    with pytest.raises(MistralError, match="sequence 0 would reach 11 tokens, past the cache's 10 slots"):
+        model(torch.tensor([1] * 3, device=DEVICE), [3], cache)
+    # The failed call changed nothing: the cache still takes what fits.
+    assert cache.lengths == [8, 0]
+    model(torch.tensor([1] * 2, device=DEVICE), [2], cache)
+    with pytest.raises(MistralError, match="past the cache"):
+        model(torch.tensor([1], device=DEVICE), [1], cache)
+
+    # A windowed cache smaller than its window cannot roll either: slots would be overwritten
+    # while still inside the window.
+    windowed = random_model(tiny_args(sliding_window=W))
+    small = windowed.make_cache(1, W - 2)
+    with pytest.raises(MistralError, match="past the cache's 6 slots"):
+        windowed(torch.tensor([1] * (W - 1), device=DEVICE), [W - 1], small)
+
+    with pytest.raises(MistralError, match="3 sequences do not fit a cache of 2 rows"):
+        model(torch.tensor([1, 1, 1], device=DEVICE), [1, 1, 1], cache)
+
+
+# One model per (window, moe): building it is cheap, but hypothesis reruns the body many times.
+_MODELS: dict[tuple[Optional[int], bool], Transformer] = {}
+
+
+def _model(window: Optional[int], moe: bool) -> Transformer:
+    if (window, moe) not in _MODELS:
+        _MODELS[window, moe] = random_model(tiny_args(moe=moe, sliding_window=window, n_layers=2))
+    return _MODELS[window, moe]
+
+
+def ragged_schedule(lengths: Sequence[int], chunk: int, rng: random.Random) -> list[list[int]]:
+    """Calls in which every row takes 0..chunk of its remaining tokens, independently."""
+    left, schedule = list(lengths), []
+    while any(left):
+        seqlens = [rng.randint(0, min(chunk, n)) for n in left]
+        if not any(seqlens):
+            first = next(b for b, n in enumerate(left) if n)
+            seqlens[first] = 1
+        schedule.append(seqlens)
+        left = [n - s for n, s in zip(left, seqlens)]
+    return schedule
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    window=st.sampled_from([1, 2, 3, 5, 8, None]),
+    moe=st.booleans(),
+    lengths=st.lists(st.integers(1, 30), min_size=1, max_size=4),
+    chunk=st.integers(1, 12),
+    ragged=st.booleans(),
+    decode_steps=st.integers(0, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_cached_logits_match_no_cache_forward(
+    window: Optional[int], moe: bool, lengths: list[int], chunk: int, ragged: bool, decode_steps: int, seed: int
+) -> None:
+    """Prefill in generate()'s chunks, or ragged (rows idle or mid-prompt in any call), then decode."""
+    model = _model(window, moe)
+    total = [n + decode_steps for n in lengths]
+    prompts = random_prompts(total, model.args.vocab_size, seed=seed)
+    prefill = ragged_schedule(lengths, chunk, random.Random(seed)) if ragged else chunked_schedule(lengths, chunk)
+    got = run_schedule(model, prompts, prefill + [[1] * len(lengths)] * decode_steps, max(total))
+    assert_close(got, full_logits(model, prompts))

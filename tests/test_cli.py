@@ -1,0 +1,137 @@
+"""The `mistral` command end to end, on a tiny random checkpoint folder.
+
+Only stable things are checked (exit codes, error text, that each completion follows
+its prompt, a tokens/s summary), not the exact layout of the output. A few runs are
+real subprocesses, as a user would start them; the many bad-input cases run the same
+entry point in-process, which saves the ~3 s import of each subprocess.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from make_tiny_model import make_tiny_model
+
+from mistral.checkpoint import PARAMS, TOKENIZER
+from mistral.main import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU, as in the rest of this file
+    return subprocess.run(
+        [sys.executable, "-m", "mistral", *args], input=stdin, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
+    )
+
+
+def run_in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["mistral", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_subprocess(model_dir: Path) -> None:
+    # Prompts that look like Python literals must reach the model as typed, not as 3.1 or quoteless.
+    prompts = ["The json module", "3.10", "'quoted'"]
+    result = run_cli("generate", str(model_dir), *prompts, "--max_tokens", "5", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stdout.splitlines()
+    for prompt in prompts:  # each completion is printed after its prompt
+        assert any(line.startswith(prompt) for line in lines), result.stdout
+    assert "tokens/s" in result.stdout + result.stderr
+
+
+def test_chat_subprocess(model_dir: Path) -> None:
+    result = run_cli("chat", str(model_dir), "--max_tokens", "4", "--device", "cpu", stdin="Hello there\nAnd then?\n")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_input_subprocess_has_no_traceback(tmp_path: Path) -> None:
+    result = run_cli("generate", str(tmp_path / "missing"), "hi")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: model folder not found"]
+
+
+@pytest.fixture(scope="module")
+def no_tokenizer_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("no_tokenizer")
+    for f in model_dir.iterdir():
+        if f.name != TOKENIZER:
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+BAD_INPUTS = {
+    "missing-folder": (["generate", "{missing}", "hi"], "model folder not found"),
+    "no-prompt": (["generate", "{model}"], "no prompt given"),
+    "no-tokenizer": (["generate", "{no_tokenizer}", "hi"], f"no {TOKENIZER} in the model folder"),
+    "empty-prompt": (["generate", "{model}", "hi", ""], "prompt 1 is empty"),
+    "blank-prompt": (["generate", "{model}", "   "], "prompt 0 is empty"),
+    "negative-max-tokens": (["generate", "{model}", "hi", "--max_tokens", "-1"], "max_tokens must be a non-negative integer"),
+    "negative-max-tokens=": (["generate", "{model}", "hi", "--max_tokens=-3"], "max_tokens must be a non-negative integer"),
+    "negative-temperature": (["generate", "{model}", "hi", "--temperature", "-0.5"], "temperature must be >= 0"),
+    "top-p-zero": (["generate", "{model}", "hi", "--top_p", "0"], r"top_p must be in (0, 1]"),
+    "top-p-above-one": (["generate", "{model}", "hi", "--top_p", "1.5"], r"top_p must be in (0, 1]"),
+    "seed-not-an-integer": (["generate", "{model}", "hi", "--seed", "abc"], "seed must be an integer, got 'abc'"),
+    "bad-device": (["generate", "{model}", "hi", "--device", "xyz"], "device must be cpu, cuda or cuda:N, got 'xyz'"),
+    "chat-negative-temperature": (["chat", "{model}", "--temperature", "-1"], "temperature must be >= 0"),
+    "chat-missing-folder": (["chat", "{missing}"], "model folder not found"),
+    "chat-seed-not-an-integer": (["chat", "{model}", "--seed", "x1"], "seed must be an integer, got 'x1'"),
+}
+if not torch.cuda.is_available():
+    BAD_INPUTS["cuda-without-gpu"] = (["generate", "{model}", "hi", "--device", "cuda"], "no CUDA GPU is available")
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_is_a_one_line_error(
+    args: list[str],
+    message: str,
+    model_dir: Path,
+    no_tokenizer_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    folders = dict(model=model_dir, no_tokenizer=no_tokenizer_dir, missing=tmp_path / "missing")
+    code, out, err = run_in_process(monkeypatch, capsys, *(a.format(**folders) for a in args))
+    assert code != 0
+    assert "Traceback" not in out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
+def test_more_prompts_than_max_batch_size_run_in_batches(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    small = tmp_path / "small_batch"
+    shutil.copytree(model_dir, small)
+    params = json.loads((small / PARAMS).read_text())
+    params["max_batch_size"] = 2
+    (small / PARAMS).write_text(json.dumps(params))
+    prompts = ["The first prompt", "A second one", "Third", "Fourth and last"]
+    code, out, err = run_in_process(monkeypatch, capsys, "generate", str(small), *prompts, "--max_tokens", "3", "--device", "cpu")
+    assert code == 0, err
+    assert "2 batches" in out + err and "max_batch_size=2" in out + err
+    lines = out.splitlines()
+    for prompt in prompts:
+        assert any(line.startswith(prompt) for line in lines), out
+    assert "tokens/s" in out + err

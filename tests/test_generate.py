@@ -1,0 +1,185 @@
+"""generate() against greedy decoding that recomputes the whole no-cache forward each step."""
+
+import random
+from typing import Optional, Sequence
+
+import pytest
+import torch
+
+from conftest import DEVICE, DTYPE, RTOL, random_model, rel_error, tiny_args
+from mistral import MistralError, Transformer
+from mistral.generate import generate, sample, stream
+
+W = 8  # tiny_args' sliding window
+
+
+def random_prompts(lengths: Sequence[int], vocab_size: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab_size) for _ in range(n)] for n in lengths]
+
+
+def full_forward(model: Transformer, tokens: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(torch.tensor(tokens, device=DEVICE), [len(tokens)])
+
+
+def recomputed_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
+    """The definition of greedy decoding: the whole no-cache forward again for every new token."""
+    sequence = list(prompt)
+    for _ in range(n):
+        sequence.append(int(full_forward(model, sequence)[-1].argmax()))
+    return sequence[len(prompt) :]
+
+
+def assert_greedy(model: Transformer, prompt: list[int], generated: list[int], n: int) -> None:
+    """generated must be the greedy continuation of prompt under the no-cache forward.
+
+    float32: token for token, exactly. bfloat16: the cached and the full forward round
+    differently (different shapes, different kernels), so where the two best logits are
+    closer than that rounding the argmax may legitimately flip, and once one token differs
+    the sequences part. There we teacher-force: feed the cached path's own tokens to the
+    full forward and require each chosen token's logit to be within a tolerance of the
+    best, the tolerance being RTOL of the logits' largest magnitude (rel_error's scale).
+    """
+    assert len(generated) == n
+    if DTYPE == torch.float32:
+        assert generated == recomputed_greedy(model, prompt, n)
+        return
+    logits = full_forward(model, prompt + generated[:-1])[len(prompt) - 1 :]  # row i predicts generated[i]
+    chosen = logits.gather(-1, torch.tensor(generated, device=DEVICE)[:, None]).squeeze(-1)
+    gap = logits.max(-1).values - chosen
+    tolerance = RTOL * logits.abs().max(-1).values
+    assert (gap <= tolerance).all(), f"gaps {gap.tolist()} exceed tolerances {tolerance.tolist()}"
+
+
+LENGTHS = {"shorter-than-W": 5, "equal-to-W": W, "several-W": 3 * W + 3}
+
+
+@pytest.mark.parametrize("length", LENGTHS.values(), ids=LENGTHS.keys())
+def test_greedy_with_cache_equals_recomputed_greedy(moe: bool, length: int) -> None:
+    model = random_model(tiny_args(moe=moe))
+    n = 2 * W + 3  # decoding alone wraps the buffer twice
+    (prompt,) = random_prompts([length], model.args.vocab_size, seed=length)
+    for chunk in (None, 3):
+        tokens, _ = generate([prompt], model, max_tokens=n, chunk_size=chunk)
+        assert_greedy(model, prompt, tokens[0], n)
+
+
+def test_batch_equals_each_prompt_alone(moe: bool) -> None:
+    model = random_model(tiny_args(moe=moe))
+    prompts = random_prompts([3, W, 1, 3 * W + 1, W + 1], model.args.vocab_size, seed=7)
+    n = W + 4
+    batched, batched_logprobs = generate(prompts, model, max_tokens=n, chunk_size=5)
+    for prompt, tokens, logprobs in zip(prompts, batched, batched_logprobs):
+        alone, alone_logprobs = generate([prompt], model, max_tokens=n)
+        if DTYPE == torch.float32:
+            assert tokens == alone[0]
+            assert rel_error(torch.tensor(logprobs), torch.tensor(alone_logprobs[0])) < RTOL
+        assert_greedy(model, prompt, tokens, n)
+
+
+def test_logprobs_are_log_softmax_of_full_forward(moe: bool) -> None:
+    model = random_model(tiny_args(moe=moe))
+    prompts = random_prompts([4, 2 * W + 1], model.args.vocab_size, seed=8)
+    for temperature in (0.0, 1.0):  # the log-probability is the model's, whatever the sampling
+        tokens, logprobs = generate(prompts, model, max_tokens=W + 2, temperature=temperature, seed=0)
+        for prompt, toks, lps in zip(prompts, tokens, logprobs):
+            logits = full_forward(model, prompt + toks[:-1])[len(prompt) - 1 :]
+            want = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(toks, device=DEVICE)[:, None]).squeeze(-1)
+            assert rel_error(torch.tensor(lps), want.cpu()) < RTOL
+            assert all(lp <= 0 for lp in lps)
+
+
+def test_sampling_is_reproducible_with_a_seed() -> None:
+    model = random_model(tiny_args())
+    prompts = random_prompts([3, 11], model.args.vocab_size, seed=9)
+    options = dict(max_tokens=20, temperature=1.0, top_p=0.9)
+    first, _ = generate(prompts, model, seed=1234, **options)
+    again, _ = generate(prompts, model, seed=1234, **options)
+    other, _ = generate(prompts, model, seed=4321, **options)
+    greedy, _ = generate(prompts, model, max_tokens=20)
+    assert first == again
+    # 40 tokens from ~97: equal draws under another seed, or greedy output, would mean no sampling.
+    assert first != other
+    assert first != greedy
+
+
+def test_tiny_top_p_is_greedy(moe: bool) -> None:
+    model = random_model(tiny_args(moe=moe))
+    prompts = random_prompts([2, W + 3], model.args.vocab_size, seed=10)
+    greedy, _ = generate(prompts, model, max_tokens=12)
+    nucleus, _ = generate(prompts, model, max_tokens=12, temperature=5.0, top_p=1e-6, seed=0)
+    assert nucleus == greedy
+
+
+def test_sample_keeps_the_nucleus_only() -> None:
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().expand(4000, 4)
+    generator = torch.Generator().manual_seed(0)
+    # 0.5 alone is under top_p = 0.7, so the second token joins; the rest are cut.
+    drawn = sample(logits, 1.0, 0.7, generator)
+    counts = torch.bincount(drawn, minlength=4)
+    assert counts[2:].sum() == 0
+    assert abs(counts[0] / 4000 - 0.5 / 0.8) < 0.03  # renormalised inside the nucleus
+    # At top_p = 1 every token can come out, in proportion.
+    counts = torch.bincount(sample(logits, 1.0, 1.0, generator), minlength=4)
+    assert (counts > 0).all() and abs(counts[3] / 4000 - 0.05) < 0.02
+    assert sample(logits[:1], 0.0, 1.0, None).tolist() == [0]
+
+
+def test_eos_stops_a_sequence() -> None:
+    model = random_model(tiny_args())
+    prompts = random_prompts([4, W + 1], model.args.vocab_size, seed=11)
+    greedy, greedy_logprobs = generate(prompts, model, max_tokens=15)
+    eos = greedy[0][3]  # a token prompt 0 produces: it must stop there
+    stop = greedy[0].index(eos)
+    tokens, logprobs = generate(prompts, model, max_tokens=15, eos_id=eos)
+    assert tokens[0] == greedy[0][:stop] and logprobs[0] == pytest.approx(greedy_logprobs[0][:stop])
+    # The other sequence is unaffected, except that it stops at eos too if it produces it.
+    other = greedy[1][: greedy[1].index(eos)] if eos in greedy[1] else greedy[1]
+    assert tokens[1] == other
+    # Once every sequence has produced eos, the stream ends early.
+    steps = list(stream(prompts[:1], model, max_tokens=15, eos_id=eos))
+    assert len(steps) == stop + 1 and int(steps[-1][0][0]) == eos
+
+
+def test_more_prompts_than_max_batch_size_run_in_batches() -> None:
+    model = random_model(tiny_args(max_batch_size=2))
+    prompts = random_prompts([3, 9, 1, 20, 6], model.args.vocab_size, seed=12)
+    with pytest.raises(MistralError, match="5 prompts exceed max_batch_size=2"):
+        next(stream(prompts, model, max_tokens=4))
+    tokens, logprobs = generate(prompts, model, max_tokens=6)
+    assert len(tokens) == len(logprobs) == 5
+    for prompt, toks in zip(prompts, tokens):
+        alone, _ = generate([prompt], model, max_tokens=6)
+        if DTYPE == torch.float32:
+            assert toks == alone[0]
+        assert_greedy(model, prompt, toks, 6)
+
+
+def test_zero_max_tokens_generates_nothing() -> None:
+    model = random_model(tiny_args())
+    assert generate([[1, 2], [3]], model, max_tokens=0) == ([[], []], [[], []])
+
+
+BAD_OPTIONS = {
+    "no-prompts": (dict(encoded_prompts=[]), "no prompts given"),
+    "empty-prompt": (dict(encoded_prompts=[[1, 2], []]), "prompt 1 is empty"),
+    "negative-max-tokens": (dict(max_tokens=-1), "max_tokens must be a non-negative integer, got -1"),
+    "negative-temperature": (dict(temperature=-0.1), r"temperature must be >= 0, got -0.1"),
+    "nan-temperature": (dict(temperature=float("nan")), "temperature must be >= 0, got nan"),
+    "top-p-zero": (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+    "top-p-above-one": (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+    "token-too-large": (dict(encoded_prompts=[[1, 97]]), r"prompt 0 has token ids outside the vocabulary 0..96: \[97\]"),
+    "token-negative": (dict(encoded_prompts=[[-1, 5]]), r"outside the vocabulary 0..96: \[-1\]"),
+    "chunk-size-zero": (dict(chunk_size=0), "chunk_size must be a positive integer, got 0"),
+}
+
+
+@pytest.mark.parametrize("options, message", BAD_OPTIONS.values(), ids=BAD_OPTIONS.keys())
+def test_bad_options_raise_mistral_error(options: dict, message: str) -> None:
+    model = random_model(tiny_args(vocab_size=97))
+    kwargs: dict = dict(encoded_prompts=[[1, 2, 3]], max_tokens=3)
+    kwargs.update(options)
+    prompts: Optional[list[list[int]]] = kwargs.pop("encoded_prompts")
+    with pytest.raises(MistralError, match=message):
+        generate(prompts, model, **kwargs)
