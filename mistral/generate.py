@@ -8,7 +8,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from mistral import decode
+from mistral import decode, pipeline
 from mistral.cache import RotatingBufferCache
 from mistral.errors import MistralError
 from mistral.model import Transformer
@@ -25,6 +25,14 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Op
         probs[probs.cumsum(dim=-1) - probs > top_p] = 0
         return order.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def pick(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: [B, V] -> (tokens [B] as `sample` draws them, their log-probabilities [B])."""
+    tokens = sample(logits, temperature, top_p, generator)
+    return tokens, torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
 def check_options(
@@ -69,6 +77,7 @@ def stream(
     eos_id: Optional[int] = None,
     seed: Optional[int] = None,
     cache: Optional[RotatingBufferCache] = None,
+    micro_batches: Optional[int] = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens [B], logprobs [B]) on the model's device after each step.
 
@@ -80,6 +89,10 @@ def stream(
     already holds the first cache.lengths[b] tokens of encoded_prompts[b]; only the rest
     is prefilled. The last token a stream yields is never fed to the model, so a
     continuation's prompt starts with it.
+
+    micro_batches: a pipelined model (num_pipeline_ranks > 1) splits the batch into this
+    many micro-batches (default: one per rank); see mistral/pipeline.py. Every rank
+    yields the same tokens. Ignored on a single process.
     """
     check_options(
         encoded_prompts, model.args.vocab_size, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
@@ -89,6 +102,15 @@ def stream(
     if B > model.args.max_batch_size:
         raise MistralError(f"{B} prompts exceed max_batch_size={model.args.max_batch_size}")
     if max_tokens == 0:
+        return
+    if model.num_pipeline_ranks > 1:
+        if cache is not None:
+            raise MistralError("continuing sequences from a cache is not supported with num_pipeline_ranks > 1")
+        generator = None if seed is None else torch.Generator(model.device).manual_seed(seed)
+        yield from pipeline.stream(
+            encoded_prompts, model, max_tokens=max_tokens, chunk_size=chunk_size, eos_id=eos_id,
+            micro_batches=micro_batches, pick=lambda logits: pick(logits, temperature, top_p, generator),
+        )
         return
     if cache is None:
         cache = model.make_cache(B, max(len(p) for p in encoded_prompts) + max_tokens)
@@ -118,8 +140,7 @@ def stream(
     # On CUDA the decode steps replay one captured graph (mistral/decode.py).
     decoder = decode.GraphDecoder(model, cache, B) if max_tokens > 1 and decode.usable(model) else None
     for step in range(max_tokens):
-        tokens = sample(logits, temperature, top_p, generator)
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+        tokens, logprobs = pick(logits, temperature, top_p, generator)
         yield tokens, logprobs
         if eos_id is not None:
             done |= tokens == eos_id
@@ -139,12 +160,16 @@ def generate(
     chunk_size: Optional[int] = None,
     eos_id: Optional[int] = None,
     seed: Optional[int] = None,
+    micro_batches: Optional[int] = None,
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Generated tokens (eos excluded) and their log-probabilities, per prompt.
 
     More prompts than max_batch_size run as consecutive batches of that size.
     """
-    options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size, eos_id=eos_id, seed=seed)
+    options = dict(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size, eos_id=eos_id, seed=seed,
+        micro_batches=micro_batches,
+    )
     n = model.args.max_batch_size
     all_tokens: list[list[int]] = []
     all_logprobs: list[list[float]] = []

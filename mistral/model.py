@@ -4,12 +4,14 @@ Shapes: T = tokens of all sequences packed back to back, D = dim, H = n_heads,
 H_kv = n_kv_heads, Dh = head_dim, V = vocab_size.
 """
 
+import zlib
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from mistral import pipeline
 from mistral.args import ModelArgs
 from mistral.attention import BACKENDS, Backend, attend
 from mistral.cache import CacheView, RotatingBufferCache
@@ -112,25 +114,45 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs, *, attention_backend: Backend = "auto"):
+    """The whole model, or with num_pipeline_ranks > 1 one pipeline rank's part of it.
+
+    Rank r builds only its own layers (mistral.pipeline.layer_range), rank 0 also the
+    embeddings, the last rank the final norm and output; forward then runs across all
+    ranks (see mistral/pipeline.py) and returns the same logits on each.
+    """
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        *,
+        pipeline_rank: int = 0,
+        num_pipeline_ranks: int = 1,
+        attention_backend: Backend = "auto",
+    ):
         super().__init__()
         if attention_backend not in BACKENDS:
             raise MistralError(f"attention_backend must be one of {BACKENDS}, got {attention_backend!r}")
+        own_layers = pipeline.layer_range(args.n_layers, pipeline_rank, num_pipeline_ranks)
+        if num_pipeline_ranks > 1:
+            pipeline.check_process_group(pipeline_rank, num_pipeline_ranks)
         self.args = args
         self.attention_backend = attention_backend
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        # A dict keyed by layer index keeps the checkpoint's names (layers.7.attention.wq.weight).
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.pipeline_rank, self.num_pipeline_ranks = pipeline_rank, num_pipeline_ranks
+        if pipeline_rank == 0:
+            self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # A dict keyed by the global layer index keeps the checkpoint's names (layers.7.attention.wq.weight).
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in own_layers})
+        if pipeline_rank == num_pipeline_ranks - 1:
+            self.norm = RMSNorm(args.dim, args.norm_eps)
+            self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 
     @property
     def device(self) -> torch.device:
-        return self.tok_embeddings.weight.device
+        return next(self.parameters()).device  # every rank has layers; only rank 0 has embeddings
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.tok_embeddings.weight.dtype
+        return next(self.parameters()).dtype
 
     def forward(
         self, input_ids: torch.Tensor, seqlens: Sequence[int], cache: Optional[RotatingBufferCache] = None
@@ -143,6 +165,13 @@ class Transformer(nn.Module):
             raise MistralError(
                 f"input_ids must be 1-D with sum(seqlens)={sum(seqlens)} tokens, got shape {tuple(input_ids.shape)}"
             )
+        if self.num_pipeline_ranks > 1:
+            return pipeline.forward(self, input_ids, seqlens, cache)
+        h = self.run_layers(self.tok_embeddings(input_ids), seqlens, cache)  # [T, D]
+        return self.output(self.norm(h)).float()  # [T, V]
+
+    def run_layers(self, h: torch.Tensor, seqlens: Sequence[int], cache: Optional[RotatingBufferCache]) -> torch.Tensor:
+        """h: [T, D] through this model's layers (a pipeline rank's own); advances the cache."""
         if cache is None:
             active = [s for s in seqlens if s > 0]
             positions = torch.cat([torch.arange(s, device=self.device) for s in active])
@@ -151,19 +180,18 @@ class Transformer(nn.Module):
             inputs = cache.prepare(seqlens)
             positions, mask = inputs.positions, inputs.mask
         freqs_cis = precompute_freqs_cis(positions, self.args.head_dim, self.args.rope_theta)
-
-        h = self.tok_embeddings(input_ids)  # [T, D]
-        for i, layer in self.layers.items():
-            view = None if cache is None else cache.view(int(i))
+        # The cache holds this model's layers only: the k-th of them is cache layer k.
+        for k, layer in enumerate(self.layers.values()):
+            view = None if cache is None else cache.view(k)
             h = layer(h, freqs_cis, mask, view, self.attention_backend)
         if cache is not None:
             cache.advance(seqlens)
-        return self.output(self.norm(h)).float()  # [T, V]
+        return h
 
     def make_cache(self, max_batch_size: int, max_seq_len: int) -> RotatingBufferCache:
         """A cache for this model: W slots per row, fewer when max_seq_len < W."""
         return RotatingBufferCache(
-            self.args.n_layers,
+            len(self.layers),
             max_batch_size,
             max_seq_len,
             self.args.sliding_window,
@@ -182,18 +210,56 @@ class Transformer(nn.Module):
         dtype: torch.dtype = torch.float32,
         attention_backend: Backend = "auto",
         progress: Optional[Progress] = None,
+        pipeline_rank: int = 0,
+        num_pipeline_ranks: int = 1,
     ) -> "Transformer":
         """Load params.json and consolidated.safetensors (or consolidated.00.pth) from a folder.
 
         progress: called after each tensor is read (a CLI shows it while a large checkpoint loads).
+        pipeline_rank, num_pipeline_ranks: read only this rank's tensors.
         """
         args = read_args(folder)
         with torch.device("meta"):  # shapes only: the weights are read straight into place
-            model = cls(args, attention_backend=attention_backend)
+            model = cls(
+                args, pipeline_rank=pipeline_rank, num_pipeline_ranks=num_pipeline_ranks, attention_backend=attention_backend
+            )
         expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-        model.load_state_dict(read_weights(folder, expected, device=device, dtype=dtype, progress=progress), assign=True)
+        weights = read_weights(
+            folder, expected, device=device, dtype=dtype, progress=progress, allow_extra=num_pipeline_ranks > 1
+        )
+        model.load_state_dict(weights, assign=True)
         return model
+
+    @classmethod
+    def random(
+        cls,
+        args: ModelArgs,
+        *,
+        seed: int = 0,
+        device: Union[str, torch.device] = "cpu",
+        dtype: torch.dtype = torch.float32,
+        attention_backend: Backend = "auto",
+        pipeline_rank: int = 0,
+        num_pipeline_ranks: int = 1,
+    ) -> "Transformer":
+        """Random weights (normal, std dim^-0.5) made directly on the device: benchmarks need no files.
+
+        Each tensor is drawn from a generator seeded by (seed, its name), so a pipeline
+        rank holds exactly the tensors the whole model would hold on the same device.
+        """
+        with torch.device("meta"):
+            model = cls(
+                args, pipeline_rank=pipeline_rank, num_pipeline_ranks=num_pipeline_ranks, attention_backend=attention_backend
+            )
+        model = model.to(dtype).to_empty(device=device)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                generator = torch.Generator(p.device).manual_seed(seed << 32 | zlib.crc32(name.encode()))
+                p.normal_(std=args.dim**-0.5, generator=generator)
+        return model.eval()
 
     def save(self, folder: Union[str, Path]) -> None:
         """Write params.json and consolidated.safetensors, the layout from_folder reads."""
+        if self.num_pipeline_ranks > 1:
+            raise MistralError(f"pipeline rank {self.pipeline_rank} holds only part of the model: save it from one process")
         write_folder(folder, self.args, self.state_dict())
