@@ -1,15 +1,19 @@
-"""Command line: `mistral generate MODEL_DIR "prompt" ...` and `mistral chat MODEL_DIR`."""
+"""Command line: `mistral generate [MODEL_DIR] "prompt" ...` and `mistral chat [MODEL_DIR]`."""
 
 import inspect
+import json as jsonlib
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import fire
 import torch
 from fire import decorators, parser
 
+from mistral import pipeline
+from mistral.cache import RotatingBufferCache
 from mistral.checkpoint import TOKENIZER
 from mistral.errors import MistralError
 from mistral.generate import check_options, stream
@@ -20,12 +24,24 @@ from mistral.tokenizer import Tokenizer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load(model_dir: str, device: Optional[str], dtype: Optional[str]) -> tuple[Transformer, Tokenizer]:
+# The small model that ships with the package (see default_model/README.md): what
+# `mistral generate "prompt"` and `mistral chat` run when no model folder is given.
+DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
+
+
+def load(
+    model_dir: Union[str, Path], device: Optional[str], dtype: Optional[str], num_pipeline_ranks: int = 1
+) -> tuple[Transformer, Tokenizer]:
     folder = Path(model_dir)
     if not folder.is_dir():
         raise MistralError(f"{folder}: model folder not found")
     if not (folder / TOKENIZER).is_file():
         raise MistralError(f"{folder}: no {TOKENIZER} in the model folder")
+    rank = 0
+    if num_pipeline_ranks != 1:
+        # One process per rank, started by torchrun: each reads and runs its own layers only.
+        rank, local = pipeline.init(num_pipeline_ranks, device)
+        device = str(local)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = str(torch.device(device))  # fire hands "--device 0" over as an int
@@ -37,10 +53,110 @@ def load(model_dir: str, device: Optional[str], dtype: Optional[str]) -> tuple[T
     if dtype not in DTYPES:
         raise MistralError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     tokenizer = Tokenizer(folder / TOKENIZER)
-    model = Transformer.from_folder(folder, device=device, dtype=DTYPES[dtype])
+    model = Transformer.from_folder(
+        folder, device=device, dtype=DTYPES[dtype], progress=LoadProgress(folder) if rank == 0 else None,
+        pipeline_rank=rank, num_pipeline_ranks=num_pipeline_ranks,
+    )
     if tokenizer.n_words != model.args.vocab_size:
         raise MistralError(f"{folder}: {TOKENIZER} has {tokenizer.n_words} tokens but params.json says vocab_size={model.args.vocab_size}")
+    if rank > 0:
+        pipeline.silence()  # rank 0 prints the results
     return model, tokenizer
+
+
+class LoadProgress:
+    """Tensors and bytes read so far, on one stderr line, once loading has taken a second.
+
+    A small model loads before anything is shown; a 7B checkpoint shows its progress.
+    """
+
+    def __init__(self, folder: Path, after_s: float = 1.0):
+        self.folder, self.after_s = folder, after_s
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done: int, total: int, nbytes: int) -> None:
+        now = time.perf_counter()
+        if now - self.start < self.after_s or (done < total and now - self.last < 0.2):
+            return
+        self.last = now
+        print(f"\rloading {self.folder}: {done}/{total} tensors, {nbytes / 2**30:.2f} GiB", end="\n" if done == total else "",
+              file=sys.stderr, flush=True)
+
+
+def split_model_and_prompts(inputs: Sequence[str]) -> tuple[Path, list[str]]:
+    """The first input is a model folder when it is an existing directory, or looks like a
+    path (contains a path separator and no whitespace); otherwise all are prompts for
+    the default model. A mistyped folder such as /nonexistent thus fails clearly."""
+    if inputs:
+        first = inputs[0]
+        separators = [s for s in (os.sep, os.altsep) if s]
+        if Path(first).is_dir() or (any(s in first for s in separators) and not any(c.isspace() for c in first)):
+            return Path(first), list(inputs[1:])
+    return DEFAULT_MODEL, list(inputs)
+
+
+class Completion:
+    """One prompt's completion, growing token by token.
+
+    Its text is decode(prompt + completion) minus the prompt's text: decoding the new
+    tokens alone would lose the space sentencepiece folds into a word's first piece.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_tokens: list[int]):
+        self.tokenizer, self.prompt_tokens = tokenizer, list(prompt_tokens)  # a copy: a chat's history grows
+        self.prompt_text = tokenizer.decode(prompt_tokens)
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.finish_reason: Optional[str] = None  # "eos" or "length"
+        self.shown = 0  # characters of the text already written out
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.prompt_tokens + self.tokens)[len(self.prompt_text) :]
+
+    def unshown(self, final: bool = False) -> str:
+        """The text not written yet. A character spelled by several byte tokens decodes
+        to U+FFFD until its last byte arrives, so a trailing U+FFFD waits unless final."""
+        text = self.text
+        end = len(text) if final else len(text.rstrip("\ufffd"))
+        new, self.shown = text[self.shown : end], max(self.shown, end)
+        return new
+
+
+def complete(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    completions: list[Completion],
+    on_step: Callable[[], None],
+    cache: Optional[RotatingBufferCache] = None,
+    **options: Any,
+) -> tuple[float, float]:
+    """Stream tokens into `completions` (one batch), calling on_step after each step.
+
+    Returns the seconds of prefill (until the first token) and of decoding.
+    """
+    start = time.perf_counter()
+    prefill_s, steps = 0.0, 0
+    for tokens, logprobs in stream([c.prompt_tokens for c in completions], model, eos_id=tokenizer.eos_id, cache=cache, **options):
+        for c, token, logprob in zip(completions, tokens.tolist(), logprobs.tolist()):
+            if c.finish_reason is None:
+                if token == tokenizer.eos_id:
+                    c.finish_reason = "eos"
+                else:
+                    c.tokens.append(token)
+                    c.logprobs.append(logprob)
+        steps += 1
+        if steps == 1:
+            prefill_s, start = time.perf_counter() - start, time.perf_counter()
+        on_step()
+    for c in completions:
+        c.finish_reason = c.finish_reason or "length"
+    return prefill_s, (time.perf_counter() - start if steps else 0.0)
+
+
+def write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def text_arguments(command: Callable) -> Callable:
@@ -50,15 +166,15 @@ def text_arguments(command: Callable) -> Callable:
     arrive as the float 3.1, "1e3" as 1000.0, '"Hi"' without its quotes, and a folder named
     "123" as an int. Parameters with a default (the options) keep fire's parsing.
     """
-    options = [name for name, p in inspect.signature(command).parameters.items() if p.default is not p.empty]
+    params = inspect.signature(command).parameters.items()
+    options = [name for name, p in params if p.default is not p.empty and name != "model_dir"]
     command = decorators.SetParseFn(str)(command)  # default: the positionals and *prompts
     return decorators.SetParseFn(parser.DefaultParseValue, *options)(command)
 
 
 @text_arguments
 def generate(
-    model_dir: str,
-    *prompts: str,
+    *inputs: str,
     max_tokens: int = 64,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -66,12 +182,23 @@ def generate(
     chunk_size: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    json: bool = False,
+    num_pipeline_ranks: int = 1,
+    micro_batches: Optional[int] = None,
 ) -> None:
-    """Complete each prompt and print the completions, then a one-line speed summary.
+    """Complete prompts: [MODEL_DIR] PROMPT [PROMPT ...]. Prints the text as it is generated, then a speed summary on stderr.
+
+    Without MODEL_DIR the small model shipped in the package runs (a Mixtral-style model
+    trained on Python's standard library: try "def fibonacci(n):"). With one prompt the
+    completion streams token by token. Several prompts are packed and decoded together;
+    each completion is printed whole, after its prompt and followed by a line "=====",
+    as soon as it and those before it have finished, so the output keeps the prompts' order.
 
     Args:
-        model_dir: folder with params.json, consolidated.safetensors and tokenizer.model.
-        prompts: one or more prompts; they are packed and decoded together.
+        inputs: [MODEL_DIR] PROMPT [PROMPT ...]. The first is a model folder (params.json,
+            consolidated.safetensors, tokenizer.model) when it is an existing directory, or
+            contains a "/" and no whitespace (so a mistyped folder is an error, not a prompt);
+            otherwise every input is a prompt for the default model.
         max_tokens: most new tokens per prompt.
         temperature: 0 samples greedily; higher values sample more freely.
         top_p: nucleus sampling: sample among the most likely tokens holding this much probability mass.
@@ -79,76 +206,146 @@ def generate(
         chunk_size: prefill prompts in chunks of this many tokens (default: the sliding window).
         device: "cpu", "cuda", "cuda:1", ... (default: cuda when available).
         dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU).
+        json: print one JSON object instead of text: per prompt its completion, token ids and
+            their log-probabilities, and the timings.
+        num_pipeline_ranks: split the layers over this many processes, one per GPU, started by
+            torchrun: torchrun --nproc-per-node 2 -m mistral generate MODEL_DIR "prompt" --num_pipeline_ranks 2
+        micro_batches: with num_pipeline_ranks > 1, decode the prompts in this many groups that
+            follow each other through the ranks (default: one per rank).
     """
+    folder, prompts = split_model_and_prompts([str(i) for i in inputs])
     if not prompts:
-        raise MistralError("no prompt given: mistral generate MODEL_DIR \"prompt\" [more prompts]")
+        raise MistralError('no prompt given: mistral generate [MODEL_DIR] "prompt" [more prompts]')
     for i, p in enumerate(prompts):
-        if not str(p).strip():
+        if not p.strip():
             raise MistralError(f"prompt {i} is empty")
     check_options([[0]], 1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size, seed=seed)
-    model, tokenizer = load(model_dir, device, dtype)
-    encoded = [tokenizer.encode(str(p), bos=True) for p in prompts]
+    start = time.perf_counter()
+    model, tokenizer = load(folder, device, dtype, num_pipeline_ranks)
+    load_s = time.perf_counter() - start
+    completions = [Completion(tokenizer, tokenizer.encode(p, bos=True)) for p in prompts]
     n = model.args.max_batch_size
-    if len(encoded) > n:
-        print(f"note: {len(encoded)} prompts run as {-(-len(encoded) // n)} batches of at most max_batch_size={n}", file=sys.stderr)
+    if len(prompts) > n:
+        print(f"note: {len(prompts)} prompts run as {-(-len(prompts) // n)} batches of at most max_batch_size={n}", file=sys.stderr)
 
-    completions: list[list[int]] = []
+    printed = 0  # completions written so far (several prompts)
+
+    def show(final: bool = False) -> None:
+        nonlocal printed
+        if json:
+            return
+        if len(prompts) == 1:
+            write(completions[0].unshown(final))
+            return
+        while printed < len(prompts) and (final or completions[printed].finish_reason == "eos"):
+            write(f"{prompts[printed]}{completions[printed].unshown(final=True)}\n=====\n")
+            printed += 1
+
+    if len(prompts) == 1 and not json:
+        write(prompts[0])
     prefill_s = decode_s = 0.0
-    for first in range(0, len(encoded), n):
-        batch = encoded[first : first + n]
-        steps = []
-        start = time.perf_counter()
-        for i, (tokens, _) in enumerate(
-            stream(batch, model, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                   chunk_size=chunk_size, eos_id=tokenizer.eos_id, seed=seed)
-        ):
-            steps.append(tokens.tolist())
-            if i == 0:
-                prefill_s += time.perf_counter() - start
-                start = time.perf_counter()
-        decode_s += time.perf_counter() - start if steps else 0.0
-        for b in range(len(batch)):
-            toks = [s[b] for s in steps]
-            completions.append(toks[: toks.index(tokenizer.eos_id)] if tokenizer.eos_id in toks else toks)
+    options = dict(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size, seed=seed, micro_batches=micro_batches
+    )
+    for first in range(0, len(prompts), n):
+        p_s, d_s = complete(model, tokenizer, completions[first : first + n], show, **options)
+        prefill_s, decode_s = prefill_s + p_s, decode_s + d_s
+    show(final=True)
+    if len(prompts) == 1 and not json:
+        write("\n")
 
-    for prompt, completion in zip(prompts, completions):
-        print(f"{prompt}{tokenizer.decode(completion)}")
-        print("=====")
-    n_prompt = sum(len(e) for e in encoded)
-    n_new = sum(len(c) for c in completions)
-    decode_tokens = max(n_new - len(completions), 0)
+    n_prompt = sum(len(c.prompt_tokens) for c in completions)
+    n_new = sum(len(c.tokens) for c in completions)
+    # The first token of each sequence comes out of the prefill; the rest are decoded.
+    timings = dict(
+        load_s=round(load_s, 4),
+        prefill_s=round(prefill_s, 4),
+        decode_s=round(decode_s, 4),
+        prompt_tokens=n_prompt,
+        generated_tokens=n_new,
+        prefill_tokens_per_s=round(n_prompt / max(prefill_s, 1e-9), 1),
+        decode_tokens_per_s=round(max(n_new - len(completions), 0) / max(decode_s, 1e-9), 1),
+    )
+    if json:
+        results = [
+            dict(prompt=p, completion=c.text, prompt_tokens=c.prompt_tokens, tokens=c.tokens, logprobs=c.logprobs,
+                 finish_reason=c.finish_reason)
+            for p, c in zip(prompts, completions)
+        ]
+        print(jsonlib.dumps(dict(model=str(folder), results=results, timings=timings), indent=2))
     print(
-        f"prompt tokens: {n_prompt}, generated tokens: {n_new}, "
-        f"prefill: {n_prompt / max(prefill_s, 1e-9):.1f} tokens/s, "
-        f"decode: {decode_tokens / max(decode_s, 1e-9):.1f} tokens/s",
+        f"prompt tokens: {n_prompt}, generated tokens: {n_new}, load: {load_s:.1f} s, "
+        f"prefill: {timings['prefill_tokens_per_s']} tokens/s, decode: {timings['decode_tokens_per_s']} tokens/s",
         file=sys.stderr,
     )
 
 
+class Conversation:
+    """Mistral's instruct format, kept in the KV cache between turns:
+
+        <s>[INST] question [/INST] answer</s>[INST] next question [/INST] ...
+
+    Each turn reads only what the cache has not seen: the last token of the previous
+    answer (sampled, never fed back) and the new instruction.
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_context: int, **options: Any):
+        self.model, self.tokenizer, self.options = model, tokenizer, options
+        # A windowed model's rolling buffer never needs more than W slots per row.
+        self.cache = model.make_cache(1, max_context)
+        self.max_context = max_context
+        self.tokens: list[int] = []  # the conversation so far, as the model reads it
+
+    def say(self, text: str, on_step: Callable[["Completion"], None] = lambda c: None) -> Completion:
+        """Add a user turn; returns the answer, streamed through on_step as it grows."""
+        self.tokens += self.tokenizer.encode(f"[INST] {text} [/INST]", bos=not self.tokens)
+        if self.model.args.sliding_window is None and len(self.tokens) + self.options["max_tokens"] > self.max_context:
+            raise MistralError(
+                f"the conversation would pass max_context={self.max_context} tokens, which a model without a "
+                "sliding window must keep in its cache: start a new chat or raise --max_context"
+            )
+        answer = Completion(self.tokenizer, self.tokens)
+        complete(self.model, self.tokenizer, [answer], lambda: on_step(answer), cache=self.cache, **self.options)
+        self.tokens += answer.tokens + [self.tokenizer.eos_id]
+        return answer
+
+
 @text_arguments
 def chat(
-    model_dir: str,
+    model_dir: Optional[str] = None,
     max_tokens: int = 256,
     temperature: float = 0.7,
     top_p: float = 0.9,
     seed: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    max_context: int = 32768,
 ) -> None:
-    """Talk with the model; an empty line or end of input quits.
+    """Talk with a model: mistral chat [MODEL_DIR]. Mistral's instruct format; an empty line or end of input quits.
+
+    The conversation stays in the KV cache between turns, so each turn reads only the
+    new message. Answers stream as they are generated. The default model (no MODEL_DIR)
+    was never taught to chat: it continues Python code, so expect code, not answers.
 
     Args:
-        model_dir: folder with params.json, consolidated.safetensors and tokenizer.model.
+        model_dir: folder with params.json, consolidated.safetensors and tokenizer.model
+            (default: the small model shipped in the package).
         max_tokens: most new tokens per answer.
         temperature: 0 samples greedily; higher values sample more freely.
-        top_p: nucleus sampling mass.
-        seed: random seed for sampling.
+        top_p: nucleus sampling: sample among the most likely tokens holding this much probability mass.
+        seed: random seed for sampling (turn i uses seed + i).
         device: "cpu", "cuda", ... (default: cuda when available).
-        dtype: float32, bfloat16 or float16.
+        dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU).
+        max_context: longest conversation in tokens for a model without a sliding window,
+            whose cache keeps every token; a windowed model's rolling cache holds W tokens
+            and the conversation may run on forever.
     """
     check_options([[0]], 1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=None, seed=seed)
-    model, tokenizer = load(model_dir, device, dtype)
-    history: list[int] = []
+    if not isinstance(max_context, int) or max_context < 1:
+        raise MistralError(f"max_context must be a positive integer, got {max_context!r}")
+    model, tokenizer = load(DEFAULT_MODEL if model_dir is None else str(model_dir), device, dtype)
+    conversation = Conversation(model, tokenizer, max_context, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+    turn = 0
     while True:
         try:
             line = input("> ")
@@ -156,16 +353,10 @@ def chat(
             break
         if not line.strip():
             break
-        history += tokenizer.encode(f"[INST] {line} [/INST]", bos=not history)
-        answer: list[int] = []
-        for tokens, _ in stream([history], model, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                eos_id=tokenizer.eos_id, seed=seed):
-            token = int(tokens[0])
-            if token == tokenizer.eos_id:
-                break
-            answer.append(token)
-        print(tokenizer.decode(answer))
-        history += answer + [tokenizer.eos_id]
+        conversation.options["seed"] = None if seed is None else seed + turn
+        answer = conversation.say(line, on_step=lambda c: write(c.unshown()))
+        write(answer.unshown(final=True) + "\n")
+        turn += 1
 
 
 def convert(hf_dir: str, out_dir: str) -> None:
