@@ -128,7 +128,9 @@ def stream(
     for start in range(0, max(lengths), chunk):
         pieces = [p[start : start + chunk] for p in encoded_prompts]
         seqlens = [len(p) for p in pieces]
-        logits = model(torch.tensor(sum(pieces, []), device=device), seqlens, cache)
+        input_ids = torch.tensor(sum(pieces, []), device=device)
+        # On CUDA, the fused pieces of mistral/decode.py compute the same logits.
+        logits = decode.prefill(model, input_ids, seqlens, cache) if decode.usable(model) else model(input_ids, seqlens, cache)
         ends = torch.tensor(seqlens).cumsum(0) - 1
         for b in range(B):
             if seqlens[b] and start + seqlens[b] == lengths[b]:

@@ -16,12 +16,16 @@ class MoeLayer(nn.Module):
         self.gate = gate
         self.num_experts_per_tok = num_experts_per_tok
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, D]
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, D] -> (weights [T, A], chosen experts [T, A])."""
         gate_logits = self.gate(x)  # [T, E]
         weights, chosen = torch.topk(gate_logits, self.num_experts_per_tok, dim=-1)  # [T, A]
         # Renormalising over the chosen k equals HF's softmax-over-all-then-renormalise.
-        weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(x.dtype)
+        return torch.softmax(weights, dim=-1, dtype=torch.float32).to(x.dtype), chosen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, D]
+        weights, chosen = self.route(x)
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             # Each expert runs only on the tokens routed to it; a token picks an expert at most once.
