@@ -13,7 +13,7 @@ sliding-window mask, the same path as a first prefill.
 
 Every 20th module is held out; at the end the script reports the held-out perplexity
 next to a unigram baseline (train-set token frequencies, add-one smoothing, same
-tokenizer) and writes them into the folder's README.md.
+tokenizer) and writes them, with the run's other numbers, into the folder's training.json.
 """
 
 import json
