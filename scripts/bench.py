@@ -8,9 +8,11 @@ memory; the floors (measured copy bandwidth and matmul rate turned into minimum 
 and HF transformers on the same shapes, eager and with a compiled static cache.
 The table of ratios is printed last; everything goes to <out>/bench.json.
 
-    python scripts/bench.py --out $OUT                       # H100: all of it (~10 min with HF)
-    python scripts/bench.py --skip-hf --mixtral-layers 16    # ours only
-    python scripts/bench.py --device cpu --tiny              # this machine, seconds
+    python scripts/bench.py --models mistral --out $OUT                      # H100, with HF: ~5 min
+    python scripts/bench.py --models mixtral --mixtral-layers 16 --skip-hf   # H100: half the layers fit
+    python scripts/bench.py --models mixtral --hf-b1-only --out $OUT         # H200: the whole Mixtral
+    python scripts/bench.py --device cpu --tiny                              # any machine, ~15 s
+    python scripts/bench.py --models mixtral --table-from notes/bench/v4_h200_mixtral.json --device cpu
 """
 
 import argparse
