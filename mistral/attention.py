@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 import xformers.ops.fmha.common
 import xformers.ops.fmha.flash
-from xformers.ops import memory_efficient_attention
+from xformers.ops import memory_efficient_attention_forward
 
 from mistral.masks import AttentionBias
 
@@ -45,7 +45,9 @@ def _xformers(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
     q = xq.view(1, T, H_kv, H // H_kv, D)
     k = keys.view(1, S, H_kv, 1, D).expand(1, S, H_kv, H // H_kv, D)
     v = values.view(1, S, H_kv, 1, D).expand(1, S, H_kv, H // H_kv, D)
-    return memory_efficient_attention(q, k, v, attn_bias=mask).view(T, H, D)
+    # The forward-only entry point: inference needs no backward operator, and xformers
+    # has none for the decode mask, so the autograd entry point would refuse it.
+    return memory_efficient_attention_forward(q, k, v, attn_bias=mask).view(T, H, D)
 
 
 def _reference(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: AttentionBias) -> torch.Tensor:

@@ -224,6 +224,7 @@ def test_torchrun_command_line_prints_once_and_matches_one_process(tmp_path: Pat
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
         "-m", "mistral", "generate", str(folder), *prompts, "--num_pipeline_ranks", "2", "--max_tokens", "10", "--json",
+        "--device", "cpu",  # gloo on any machine: the reference below runs on the CPU too
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, capture_output=True, text=True, timeout=150, env=env)
