@@ -22,7 +22,6 @@ import shutil
 import sys
 import sysconfig
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Optional
 

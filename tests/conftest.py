@@ -12,6 +12,7 @@ from typing import Optional
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from mistral import ModelArgs, MoeArgs, Transformer
 
@@ -69,3 +70,15 @@ def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
 @pytest.fixture(params=[False, True], ids=["mistral", "mixtral"])
 def moe(request: pytest.FixtureRequest) -> bool:
     return request.param
+
+
+def edit_tensors(file: Path, **changes: Optional[torch.Tensor]) -> None:
+    """Rewrite a safetensors file. changes: tensor name with dots as "__" -> new tensor, or None to drop it."""
+    state = load_file(str(file))
+    for key, tensor in changes.items():
+        name = key.replace("__", ".")
+        if tensor is None:
+            del state[name]
+        else:
+            state[name] = tensor
+    save_file(state, str(file), metadata={"format": "pt"})

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from conftest import DEVICE, DTYPE, RTOL, rel_error
+from conftest import DEVICE, DTYPE, RTOL, edit_tensors, rel_error
 from hf_reference import converted, hf_logits, hf_model, random_prompts
 from mistral import MistralError, Transformer
 from mistral.checkpoint import SAFETENSORS, TOKENIZER
@@ -156,18 +156,6 @@ def test_index_names_missing_shard(tmp_path: Path) -> None:
         convert(tmp_path / "hf", tmp_path / "ours")
 
 
-def edit_tensors(hf_dir: Path, **changes: object) -> None:
-    """changes: tensor name with dots as "__" -> new tensor, or None to drop it."""
-    state = load_file(str(hf_dir / "model.safetensors"))
-    for key, tensor in changes.items():
-        name = key.replace("__", ".")
-        if tensor is None:
-            del state[name]
-        else:
-            state[name] = tensor
-    save_file(state, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
-
-
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -187,7 +175,7 @@ def edit_tensors(hf_dir: Path, **changes: object) -> None:
          "fused wrong shape"],
 )
 def test_bad_tensors(hf_dir: Path, tmp_path: Path, changes: dict, message: str) -> None:
-    edit_tensors(hf_dir, **changes)
+    edit_tensors(hf_dir / "model.safetensors", **changes)
     with pytest.raises(MistralError, match=message):
         convert(hf_dir, tmp_path / "ours")
     assert not (tmp_path / "ours").exists(), "a failed conversion writes nothing"

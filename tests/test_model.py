@@ -15,9 +15,9 @@ from typing import Optional
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from conftest import DEVICE, DTYPE, RTOL, random_model, rel_error, tiny_args
+from conftest import DEVICE, DTYPE, RTOL, edit_tensors, random_model, rel_error, tiny_args
 from hf_reference import W, converted, hf_logits, hf_model, random_prompts
 from mistral import MistralError, Transformer
 from mistral.checkpoint import PARAMS, PTH, SAFETENSORS
@@ -158,32 +158,20 @@ def test_unknown_params_key_warns(folder: Path) -> None:
         Transformer.from_folder(folder)
 
 
-def edit_tensors(folder: Path, **changes: Optional[torch.Tensor]) -> None:
-    """changes: tensor name with dots as "__" -> new tensor, or None to drop it."""
-    state = load_file(str(folder / SAFETENSORS))
-    for key, tensor in changes.items():
-        name = key.replace("__", ".")
-        if tensor is None:
-            del state[name]
-        else:
-            state[name] = tensor
-    save_file(state, str(folder / SAFETENSORS))
-
-
 def test_missing_tensor(folder: Path) -> None:
-    edit_tensors(folder, layers__1__feed_forward__experts__3__w2__weight=None)
+    edit_tensors(folder / SAFETENSORS, layers__1__feed_forward__experts__3__w2__weight=None)
     with pytest.raises(MistralError, match=rf"{SAFETENSORS}: missing tensors layers\.1\.feed_forward\.experts\.3\.w2\.weight"):
         Transformer.from_folder(folder)
 
 
 def test_unexpected_tensor(folder: Path) -> None:
-    edit_tensors(folder, layers__2__attention__wq__weight=torch.zeros(64, 64))
+    edit_tensors(folder / SAFETENSORS, layers__2__attention__wq__weight=torch.zeros(64, 64))
     with pytest.raises(MistralError, match=rf"{SAFETENSORS}: unexpected tensors layers\.2\.attention\.wq\.weight"):
         Transformer.from_folder(folder)
 
 
 def test_wrong_shape(folder: Path) -> None:
-    edit_tensors(folder, norm__weight=torch.ones(65))
+    edit_tensors(folder / SAFETENSORS, norm__weight=torch.ones(65))
     with pytest.raises(MistralError, match=rf"{SAFETENSORS}: wrong shapes: norm\.weight is \[65\], {PARAMS} implies \[64\]"):
         Transformer.from_folder(folder)
 
