@@ -166,10 +166,14 @@ def text_arguments(command: Callable) -> Callable:
     arrive as the float 3.1, "1e3" as 1000.0, '"Hi"' without its quotes, and a folder named
     "123" as an int. Parameters with a default (the options) keep fire's parsing.
     """
+    # fire keeps these parse settings in an attribute of the function, which its --help
+    # then lists as a "group" named FIRE_METADATA; a dunder name keeps it out of help.
+    decorators.FIRE_METADATA = "__fire_metadata__"
     params = inspect.signature(command).parameters.items()
     options = [name for name, p in params if p.default is not p.empty and name != "model_dir"]
     command = decorators.SetParseFn(str)(command)  # default: the positionals and *prompts
-    return decorators.SetParseFn(parser.DefaultParseValue, *options)(command)
+    # With no names, SetParseFn would replace the default instead.
+    return decorators.SetParseFn(parser.DefaultParseValue, *options)(command) if options else command
 
 
 @text_arguments
@@ -359,6 +363,7 @@ def chat(
         turn += 1
 
 
+@text_arguments
 def convert(hf_dir: str, out_dir: str) -> None:
     """Convert a Hugging Face MistralForCausalLM / MixtralForCausalLM folder into a model folder.
 

@@ -96,6 +96,8 @@ BAD_INPUTS = {
     "chat-negative-temperature": (["chat", "{model}", "--temperature", "-1"], "temperature must be >= 0"),
     "chat-missing-folder": (["chat", "{missing}"], "model folder not found"),
     "chat-seed-not-an-integer": (["chat", "{model}", "--seed", "x1"], "seed must be an integer, got 'x1'"),
+    # fire would read "123" as an int; the folder name must reach the converter as typed.
+    "convert-numeric-folder-name": (["convert", "123", "{missing}"], "123: HF model folder not found"),
 }
 if not torch.cuda.is_available():
     BAD_INPUTS["cuda-without-gpu"] = (["generate", "{model}", "hi", "--device", "cuda"], "no CUDA GPU is available")
