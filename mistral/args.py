@@ -45,10 +45,8 @@ class ModelArgs:
             raise MistralError(f"ModelArgs.moe must be an object or null, got {self.moe!r}")
         for name in ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size", "max_batch_size"):
             _check_positive_int(self, name)
-        if self.sliding_window is not None and (
-            not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool) or self.sliding_window <= 0
-        ):
-            raise MistralError(f"ModelArgs.sliding_window must be a positive integer or null, got {self.sliding_window!r}")
+        if self.sliding_window is not None:  # null: full attention
+            _check_positive_int(self, "sliding_window")
         if self.n_heads % self.n_kv_heads:
             raise MistralError(f"ModelArgs.n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:

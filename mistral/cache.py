@@ -109,6 +109,34 @@ class CacheInputs:
         )
 
 
+@dataclass
+class PrefillCall:
+    """One forward call of a chunked prefill: chunk c of every prompt, packed back to back."""
+
+    input_ids: list[int]
+    seqlens: list[int]  # per prompt; 0 once a prompt has ended
+    ends: dict[int, int]  # prompt b -> row of its last token in this call's logits, if it ends here
+
+
+def prefill_calls(prompts: Sequence[Sequence[int]], chunk: int) -> list[PrefillCall]:
+    """The calls that read `prompts` into a cache, `chunk` tokens of each per call.
+
+    Prompts of different lengths share every call until they end, so a short prompt's
+    last logits come from an early call.
+    """
+    calls = []
+    for start in range(0, max(len(p) for p in prompts), chunk):
+        pieces = [list(p[start : start + chunk]) for p in prompts]
+        seqlens = [len(piece) for piece in pieces]
+        ends, row = {}, -1
+        for b, (prompt, n) in enumerate(zip(prompts, seqlens)):
+            row += n
+            if n and start + n == len(prompt):
+                ends[b] = row
+        calls.append(PrefillCall(sum(pieces, []), seqlens, ends))
+    return calls
+
+
 class CacheView:
     """One layer's slice of the cache, with the current call's inputs."""
 

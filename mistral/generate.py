@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 import torch
 
 from mistral import decode, pipeline
-from mistral.cache import RotatingBufferCache
+from mistral.cache import RotatingBufferCache, prefill_calls
 from mistral.errors import MistralError
 from mistral.model import Transformer
 
@@ -117,24 +117,21 @@ def stream(
     for b, p in enumerate(encoded_prompts):
         if len(p) <= cache.lengths[b]:
             raise MistralError(f"prompt {b} has {len(p)} tokens, but the cache already holds {cache.lengths[b]}: nothing new to read")
-    encoded_prompts = [p[cache.lengths[b] :] for b, p in enumerate(encoded_prompts)]
-    lengths = [len(p) for p in encoded_prompts]
-    chunk = chunk_size or cache.size
+    unseen = [p[cache.lengths[b] :] for b, p in enumerate(encoded_prompts)]
     device = model.device
 
-    # Prefill: chunk c of every prompt goes in one call, packed back to back. A prompt
-    # that has ended contributes 0 tokens; its last logits were kept when it ended.
+    # Prefill: a prompt that has ended contributes 0 tokens to later calls; its last
+    # logits were kept when it ended.
     last_logits: list[Optional[torch.Tensor]] = [None] * B
-    for start in range(0, max(lengths), chunk):
-        pieces = [p[start : start + chunk] for p in encoded_prompts]
-        seqlens = [len(p) for p in pieces]
-        input_ids = torch.tensor(sum(pieces, []), device=device)
+    for call in prefill_calls(unseen, chunk_size or cache.size):
+        input_ids = torch.tensor(call.input_ids, device=device)
         # On CUDA, the fused pieces of mistral/decode.py compute the same logits.
-        logits = decode.prefill(model, input_ids, seqlens, cache) if decode.usable(model) else model(input_ids, seqlens, cache)
-        ends = torch.tensor(seqlens).cumsum(0) - 1
-        for b in range(B):
-            if seqlens[b] and start + seqlens[b] == lengths[b]:
-                last_logits[b] = logits[ends[b]]
+        if decode.usable(model):
+            logits = decode.prefill(model, input_ids, call.seqlens, cache)
+        else:
+            logits = model(input_ids, call.seqlens, cache)
+        for b, row in call.ends.items():
+            last_logits[b] = logits[row]
     logits = torch.stack(last_logits)  # type: ignore[arg-type]
 
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from mistral.cache import RotatingBufferCache
+from mistral.cache import RotatingBufferCache, prefill_calls
 from mistral.errors import MistralError
 
 if TYPE_CHECKING:
@@ -230,9 +230,9 @@ class _MicroBatch:
     """A slice of the batch with its own cache, and how far its generation has come."""
 
     def __init__(self, prompts: list[list[int]], cache: RotatingBufferCache, chunk: int):
-        self.prompts, self.cache, self.chunk = prompts, cache, chunk
-        self.lengths = [len(p) for p in prompts]
-        self.prefilled = 0  # prompt positions already sent through the model
+        self.prompts, self.cache = prompts, cache
+        self.calls = prefill_calls(prompts, chunk)  # the same calls as generate.stream's
+        self.prefilled = 0  # prefill calls already run
         self.last_logits: list[Optional[torch.Tensor]] = [None] * len(prompts)  # last rank only
         self.tokens: list[torch.Tensor] = []  # one [b] per step
         self.logprobs: list[torch.Tensor] = []
@@ -255,20 +255,15 @@ class _MicroBatch:
 
         Returns whether the call ends in sampling and, on the last rank, the logits [b, V] to sample.
         """
-        if self.prefilled == max(self.lengths):
+        if self.prefilled == len(self.calls):
             return True, _stage(model, self.tokens[-1], [1] * len(self.prompts), self.cache, link)
-        # Chunk c of every prompt goes in one call, packed back to back, as in generate.stream.
-        start = self.prefilled
-        pieces = [p[start : start + self.chunk] for p in self.prompts]
-        seqlens = [len(p) for p in pieces]
-        logits = _stage(model, sum(pieces, []), seqlens, self.cache, link)
-        self.prefilled = min(start + self.chunk, max(self.lengths))
+        call = self.calls[self.prefilled]
+        logits = _stage(model, call.input_ids, call.seqlens, self.cache, link)
+        self.prefilled += 1
         if logits is not None:
-            ends = torch.tensor(seqlens).cumsum(0) - 1
-            for b, n in enumerate(seqlens):
-                if n and start + n == self.lengths[b]:
-                    self.last_logits[b] = logits[ends[b]]
-        if self.prefilled < max(self.lengths):
+            for b, row in call.ends.items():
+                self.last_logits[b] = logits[row]
+        if self.prefilled < len(self.calls):
             return False, None
         return True, None if logits is None else torch.stack(self.last_logits)  # type: ignore[arg-type]
 
