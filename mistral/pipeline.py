@@ -135,9 +135,21 @@ def init(num_pipeline_ranks: int, device: Optional[str] = None) -> tuple[int, to
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=local if use_cuda else None)
-        # NCCL warns at exit about a group left open, which may hide pending operations.
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+        atexit.register(_shutdown)
     return dist.get_rank(), local
+
+
+def _shutdown() -> None:
+    """Close the process groups at exit, while the interpreter is still whole.
+
+    NCCL warns about a group left open, which may hide pending operations. And the
+    tokens group lives in `_tokens_group`'s cache: left there, gloo's destructor ran in
+    interpreter teardown and now and then aborted a finished run with "terminate called
+    without an active exception". So drop it first, then the default group.
+    """
+    _tokens_group.cache_clear()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def silence() -> None:
