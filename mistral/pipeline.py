@@ -135,21 +135,9 @@ def init(num_pipeline_ranks: int, device: Optional[str] = None) -> tuple[int, to
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=local if use_cuda else None)
-        atexit.register(_shutdown)
+        # NCCL warns at exit about a group left open, which may hide pending operations.
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return dist.get_rank(), local
-
-
-def _shutdown() -> None:
-    """Close the process groups at exit, while the interpreter is still whole.
-
-    NCCL warns about a group left open, which may hide pending operations. And the
-    tokens group lives in `_tokens_group`'s cache: left there, gloo's destructor ran in
-    interpreter teardown and now and then aborted a finished run with "terminate called
-    without an active exception". So drop it first, then the default group.
-    """
-    _tokens_group.cache_clear()
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def silence() -> None:
@@ -163,6 +151,11 @@ def silence() -> None:
 @functools.cache
 def _tokens_group(world: dist.ProcessGroup) -> dist.ProcessGroup:
     """All ranks again, on communicators of their own (see the module docstring)."""
+    # Drop the group at exit, before the default group is destroyed (exit handlers run
+    # last registered first). Left in this cache, gloo's destructor ran in interpreter
+    # teardown and now and then aborted a finished run ("terminate called without an
+    # active exception"), also where the caller, not init(), made the default group.
+    atexit.register(_tokens_group.cache_clear)
     return dist.new_group(list(range(dist.get_world_size(world))))
 
 
