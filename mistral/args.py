@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from mistral.errors import MistralError
+from mistral.errors import MistralError, check_positive_int
 
 
 @dataclass
@@ -73,9 +73,7 @@ class ModelArgs:
 
 
 def _check_positive_int(args: Any, name: str) -> None:
-    value = getattr(args, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise MistralError(f"{type(args).__name__}.{name} must be a positive integer, got {value!r}")
+    check_positive_int(getattr(args, name), f"{type(args).__name__}.{name}")
 
 
 def _build(cls: type, params: dict[str, Any], where: str) -> Any:

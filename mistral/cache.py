@@ -30,6 +30,16 @@ from mistral.errors import MistralError
 from mistral.masks import AttentionBias, chunk_mask, decode_mask, prefill_mask
 
 
+def slots(rows: torch.Tensor, positions: torch.Tensor, size: int) -> torch.Tensor:
+    """Flat cache slot of the token at `positions` in row `rows`: row * size + position mod size."""
+    return rows * size + positions % size
+
+
+def key_lengths(positions: torch.Tensor, size: int) -> torch.Tensor:
+    """Cache slots a decode query at `positions` reads (its own token included): min(position + 1, size)."""
+    return (positions + 1).clamp(max=size)
+
+
 @dataclass
 class CacheInputs:
     """Everything one forward call needs from the cache, shared by all layers."""
@@ -37,8 +47,11 @@ class CacheInputs:
     kind: str  # "prefill" (nothing cached), "chunk" (cached + new) or "decode" (1 new token each)
     positions: torch.Tensor  # [T] absolute position of each new token
     mask: AttentionBias
-    write_from: torch.Tensor  # [N] which new tokens are stored (the last `size` of each sequence)
-    write_to: torch.Tensor  # [N] their flat slot, row * size + position % size
+    n_rows: int  # cache rows the call reads: 0..n_rows-1
+    size: int  # slots per row
+    # [N] which new tokens are stored (the last `size` of each sequence); None: all, in order.
+    write_from: Optional[torch.Tensor]
+    write_to: Optional[torch.Tensor]  # [N] their flat slot (`slots`); None without a cache
     # "chunk" only: keys = cached tokens in order + new tokens, per sequence, laid out
     # in a [n_keys] buffer: cached slot `read_from[j]` goes to key `read_to[j]`, and new
     # token t goes to key `new_to[t]`.
@@ -46,6 +59,38 @@ class CacheInputs:
     read_from: Optional[torch.Tensor] = None
     read_to: Optional[torch.Tensor] = None
     new_to: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def uncached(seqlens: Sequence[int], sliding_window: Optional[int], device: torch.device) -> "CacheInputs":
+        """A forward call without a cache: each sequence starts at position 0 and sees only itself."""
+        active = [s for s in seqlens if s > 0]
+        positions = torch.cat([torch.arange(s, device=device) for s in active])
+        mask = prefill_mask(active, sliding_window, device)
+        return CacheInputs("prefill", positions, mask, n_rows=0, size=0, write_from=None, write_to=None)
+
+    @staticmethod
+    def decode(lengths: Sequence[int], size: int, device: torch.device, *, static: bool = False) -> "CacheInputs":
+        """One new token for each of rows 0..B-1, which hold lengths[b] tokens so far.
+
+        static: for a captured graph, whose later steps `advance_decode` computes in
+        place. xformers sizes its split-KV work by the mask's `max_seqlen`, a host int
+        baked into the graph, so it must bound every later length: the mask is built
+        with every row full, and the true lengths go into its device tensor `seqlen`.
+        """
+        positions = torch.tensor(lengths, dtype=torch.long, device=device)
+        B = len(lengths)
+        mask = decode_mask([size] * B if static else key_lengths(positions, size).tolist(), size, device)
+        write_to = slots(torch.arange(B, device=device), positions, size)
+        inputs = CacheInputs("decode", positions, mask, n_rows=B, size=size, write_from=None, write_to=write_to)
+        inputs.mask.k_seqinfo.seqlen.copy_(key_lengths(positions, size))
+        return inputs
+
+    def advance_decode(self) -> None:
+        """The next decode step's inputs, in place on the device, so a captured graph can run it."""
+        assert self.kind == "decode" and self.write_to is not None
+        self.positions += 1
+        self.write_to.copy_(slots(torch.arange(self.n_rows, device=self.positions.device), self.positions, self.size))
+        self.mask.k_seqinfo.seqlen.copy_(key_lengths(self.positions, self.size))
 
     @staticmethod
     def build(
@@ -66,34 +111,37 @@ class CacheInputs:
                         f"sequence {b} would reach {cached[b] + seqlens[b]} tokens, past the cache's {size} slots "
                         f"(sliding_window={sliding_window}): make a larger cache"
                     )
+        if len(rows) == len(seqlens) and all(s == 1 for s in seqlens):
+            return CacheInputs.decode(cached[: len(seqlens)], size, device)
 
-        positions, write_from, write_to = [], [], []
+        def tensor(values: list) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        positions, write_from, write_row, write_pos = [], [], [], []
         start = 0
         for b in rows:
             c, s = cached[b], seqlens[b]
             positions += range(c, c + s)
             keep = min(s, size)  # only the last `size` new tokens survive the call
             write_from += range(start + s - keep, start + s)
-            write_to += (b * size + p % size for p in range(c + s - keep, c + s))
+            write_row += [b] * keep
+            write_pos += range(c + s - keep, c + s)
             start += s
-
-        def tensor(values: list) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
-
-        common = dict(positions=tensor(positions), write_from=tensor(write_from), write_to=tensor(write_to))
-        if len(rows) == len(seqlens) and all(s == 1 for s in seqlens):
-            kv_seqlens = [min(c + 1, size) for c in cached[: len(seqlens)]]
-            return CacheInputs(kind="decode", mask=decode_mask(kv_seqlens, size, device), **common)
+        common = dict(
+            positions=tensor(positions), n_rows=len(seqlens), size=size, write_from=tensor(write_from),
+            write_to=slots(tensor(write_row), tensor(write_pos), size),
+        )  # fmt: skip
         active = [seqlens[b] for b in rows]
         if all(cached[b] == 0 for b in rows):
             return CacheInputs(kind="prefill", mask=prefill_mask(active, sliding_window, device), **common)
 
-        read_from, read_to, new_to, kv_seqlens = [], [], [], []
+        read_row, read_pos, read_to, new_to, kv_seqlens = [], [], [], [], []
         key = 0
         for b in rows:
             c, s = cached[b], seqlens[b]
             n = min(c, size)
-            read_from += (b * size + p % size for p in range(c - n, c))
+            read_row += [b] * n
+            read_pos += range(c - n, c)
             read_to += range(key, key + n)
             new_to += range(key + n, key + n + s)
             kv_seqlens.append(n + s)
@@ -102,50 +150,23 @@ class CacheInputs:
             kind="chunk",
             mask=chunk_mask(active, kv_seqlens, sliding_window, device),
             n_keys=key,
-            read_from=tensor(read_from),
+            read_from=slots(tensor(read_row), tensor(read_pos), size),
             read_to=tensor(read_to),
             new_to=tensor(new_to),
             **common,
         )
 
 
-@dataclass
-class PrefillCall:
-    """One forward call of a chunked prefill: chunk c of every prompt, packed back to back."""
-
-    input_ids: list[int]
-    seqlens: list[int]  # per prompt; 0 once a prompt has ended
-    ends: dict[int, int]  # prompt b -> row of its last token in this call's logits, if it ends here
-
-
-def prefill_calls(prompts: Sequence[Sequence[int]], chunk: int) -> list[PrefillCall]:
-    """The calls that read `prompts` into a cache, `chunk` tokens of each per call.
-
-    Prompts of different lengths share every call until they end, so a short prompt's
-    last logits come from an early call.
-    """
-    calls = []
-    for start in range(0, max(len(p) for p in prompts), chunk):
-        pieces = [list(p[start : start + chunk]) for p in prompts]
-        seqlens = [len(piece) for piece in pieces]
-        ends, row = {}, -1
-        for b, (prompt, n) in enumerate(zip(prompts, seqlens)):
-            row += n
-            if n and start + n == len(prompt):
-                ends[b] = row
-        calls.append(PrefillCall(sum(pieces, []), seqlens, ends))
-    return calls
-
-
 class CacheView:
     """One layer's slice of the cache, with the current call's inputs."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, inputs: CacheInputs, n_rows: int):
-        self.k, self.v, self.inputs, self.n_rows = k, v, inputs, n_rows
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, inputs: CacheInputs):
+        self.k, self.v, self.inputs = k, v, inputs
 
     def update(self, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys/values; return the keys/values the new queries attend to."""
         inputs = self.inputs
+        assert inputs.write_to is not None
         flat_k, flat_v = self.k.flatten(0, 1), self.v.flatten(0, 1)  # [rows * size, H_kv, D]
         if inputs.kind == "chunk":
             # Read the cached keys before the write below can overwrite them.
@@ -155,13 +176,15 @@ class CacheView:
             values[inputs.read_to] = flat_v[inputs.read_from]
             keys[inputs.new_to] = xk
             values[inputs.new_to] = xv
-        flat_k.index_copy_(0, inputs.write_to, xk[inputs.write_from])
-        flat_v.index_copy_(0, inputs.write_to, xv[inputs.write_from])
+        stored_k = xk if inputs.write_from is None else xk[inputs.write_from]
+        stored_v = xv if inputs.write_from is None else xv[inputs.write_from]
+        flat_k.index_copy_(0, inputs.write_to, stored_k)
+        flat_v.index_copy_(0, inputs.write_to, stored_v)
         if inputs.kind == "prefill":
             return xk, xv
         if inputs.kind == "decode":
-            size = self.k.shape[1]
-            return flat_k[: self.n_rows * size], flat_v[: self.n_rows * size]
+            # Each query reads its row's slots in place (mask 3 of masks.py).
+            return flat_k[: inputs.n_rows * inputs.size], flat_v[: inputs.n_rows * inputs.size]
         return keys, values
 
 
@@ -190,30 +213,24 @@ class RotatingBufferCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = [0] * max_batch_size  # tokens seen so far, per row
-        self.inputs: Optional[CacheInputs] = None
 
     @property
     def max_batch_size(self) -> int:
         return self.k.shape[1]
 
     def prepare(self, seqlens: Sequence[int]) -> CacheInputs:
-        """Compute this call's metadata; seqlens[b] new tokens go to row b (0 allowed)."""
+        """This call's metadata; seqlens[b] new tokens go to row b (0 allowed)."""
         if len(seqlens) > self.max_batch_size:
             raise MistralError(f"{len(seqlens)} sequences do not fit a cache of {self.max_batch_size} rows")
-        self.inputs = CacheInputs.build(seqlens, self.lengths, self.size, self.sliding_window, self.k.device)
-        self.n_rows = len(seqlens)
-        return self.inputs
+        return CacheInputs.build(seqlens, self.lengths, self.size, self.sliding_window, self.k.device)
 
-    def view(self, layer: int) -> CacheView:
-        assert self.inputs is not None, "call prepare() first"
-        return CacheView(self.k[layer], self.v[layer], self.inputs, self.n_rows)
+    def view(self, layer: int, inputs: CacheInputs) -> CacheView:
+        return CacheView(self.k[layer], self.v[layer], inputs)
 
     def advance(self, seqlens: Sequence[int]) -> None:
-        """Record that the prepared call has run."""
+        """Record that a prepared call has run."""
         for b, s in enumerate(seqlens):
             self.lengths[b] += s
-        self.inputs = None
 
     def reset(self) -> None:
         self.lengths = [0] * self.max_batch_size
-        self.inputs = None

@@ -11,6 +11,7 @@ from typing import Callable, Optional, Union
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from mistral.args import ModelArgs
 from mistral.errors import MistralError
@@ -40,26 +41,48 @@ def weights_path(folder: Union[str, Path]) -> Path:
     raise MistralError(f"{folder}: no {SAFETENSORS} (or {PTH}) in the model folder")
 
 
-def read_weights(
+# Per checkpoint tensor: the view of the model it is read into, and the dimension along
+# which a tensor-parallel rank holds one of T equal slices of it (None: the whole tensor).
+Slices = dict[str, tuple[torch.Tensor, Optional[int]]]
+
+
+def load_into(
     folder: Union[str, Path],
-    expected: Shapes,
+    slices: Slices,
+    tensor_rank: int = 0,
+    num_tensor_ranks: int = 1,
     *,
-    device: Union[str, torch.device] = "cpu",
-    dtype: torch.dtype = torch.float32,
     allow_extra: bool = False,
     progress: Optional[Progress] = None,
-) -> dict[str, torch.Tensor]:
-    """Read the tensors named in `expected`, after checking every name and shape.
+) -> None:
+    """Read each named tensor (or this rank's slice of it) into its view, after checking every name and shape.
 
-    allow_extra: tolerate tensors the caller did not ask for (a pipeline rank reads
-    only its own layers from the shared file).
+    Only the slice is read from the file (safetensors reads slices without the whole
+    tensor), and each goes straight into place: loading never holds a second copy of the
+    model. allow_extra: tolerate tensors not asked for (a pipeline stage reads only its
+    own layers from the shared file).
     """
+    T = num_tensor_ranks
+    expected: Shapes = {}
+    for name, (view, dim) in slices.items():
+        shape = list(view.shape)
+        if dim is not None:
+            shape[dim] *= T
+        expected[name] = tuple(shape)
+
+    def part(name: str) -> tuple[slice, ...]:
+        view, dim = slices[name]
+        if dim is None:
+            return ()
+        n = view.shape[dim]
+        return (slice(None),) * dim + (slice(tensor_rank * n, (tensor_rank + 1) * n),)
+
     path = weights_path(folder)
     if path.suffix == ".safetensors":
         try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
+            with safe_open(str(path), framework="pt", device=str(next(iter(slices.values()))[0].device)) as f:
                 _check(path, {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}, expected, allow_extra)
-                return _read_each(expected, lambda n: f.get_tensor(n).to(dtype), progress)
+                return _copy_each(slices, lambda n: f.get_slice(n)[part(n)] if part(n) else f.get_tensor(n), progress)
         except SafetensorError as e:
             raise MistralError(f"{path}: unreadable safetensors file ({e})") from None
     try:
@@ -69,17 +92,17 @@ def read_weights(
     if not isinstance(state, dict):
         raise MistralError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
     _check(path, {n: tuple(t.shape) for n, t in state.items()}, expected, allow_extra)
-    return _read_each(expected, lambda n: state[n].to(device=device, dtype=dtype), progress)
+    _copy_each(slices, lambda n: state[n][part(n)], progress)
 
 
-def _read_each(names: Shapes, read: Callable[[str], torch.Tensor], progress: Optional[Progress]) -> dict[str, torch.Tensor]:
-    tensors, nbytes = {}, 0
-    for n in names:
-        tensors[n] = read(n)
-        nbytes += tensors[n].nbytes
-        if progress is not None:
-            progress(len(tensors), len(names), nbytes)
-    return tensors
+def _copy_each(slices: Slices, read: Callable[[str], torch.Tensor], progress: Optional[Progress]) -> None:
+    nbytes = 0
+    with torch.no_grad():
+        for i, (name, (view, _)) in enumerate(slices.items()):
+            view.copy_(read(name))
+            nbytes += view.nbytes
+            if progress is not None:
+                progress(i + 1, len(slices), nbytes)
 
 
 def _check(path: Path, found: Shapes, expected: Shapes, allow_extra: bool) -> None:
@@ -104,3 +127,40 @@ def write_folder(folder: Union[str, Path], args: ModelArgs, state_dict: dict[str
     folder.mkdir(parents=True, exist_ok=True)
     args.to_json(folder / PARAMS)
     save_file({n: t.detach().contiguous().cpu() for n, t in state_dict.items()}, str(folder / SAFETENSORS))
+
+
+class CheckpointNames(nn.Module):
+    """A module whose parameters fuse several checkpoint tensors.
+
+    `state_dict()` lists the checkpoint's tensors instead of the fused parameters, each
+    a view into its parameter, so `save()` writes Mistral's names and writing into the
+    views loads the model in place; `load_state_dict()` takes the checkpoint's names.
+    Subclasses say where each checkpoint tensor lives in `checkpoint_views`.
+    """
+
+    fused: tuple[str, ...] = ()  # names of the fused parameters
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._register_state_dict_hook(CheckpointNames._unfuse)
+        self._register_load_state_dict_pre_hook(self._fuse)
+
+    def checkpoint_views(self, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _unfuse(module: "CheckpointNames", state: dict, prefix: str, metadata: dict) -> None:
+        fused = {name: state.pop(prefix + name) for name in module.fused}
+        for name, view in module.checkpoint_views(fused).items():
+            state[prefix + name] = view
+
+    def _fuse(self, state: dict, prefix: str, *args: object) -> None:
+        own = {name: getattr(self, name) for name in self.fused}
+        fused = {name: torch.empty_like(p) for name, p in own.items()}
+        views = self.checkpoint_views(fused)
+        if not all(prefix + name in state for name in views):
+            return  # load_state_dict reports what is missing
+        for name, view in views.items():
+            view.copy_(state.pop(prefix + name))
+        for name, tensor in fused.items():
+            state[prefix + name] = tensor

@@ -1,17 +1,21 @@
 """Generation: chunked prefill of packed prompts, then decoding all sequences together.
 
-The model maps tokens to logits; this module owns the cache's lifetime, sampling and
-stopping.
+The model maps tokens to logits; this module owns the caches' lifetime, the prefill
+schedule, sampling and stopping. One loop serves a single process and every rank of
+a parallel model (mistral/parallel.py): each rank runs the same calls in the same
+order, so the messages between ranks pair up, and the sampler's tokens reach all.
 """
 
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
 
 import torch
 
-from mistral import decode, pipeline
-from mistral.cache import RotatingBufferCache, prefill_calls
-from mistral.errors import MistralError
+from mistral.cache import RotatingBufferCache
+from mistral.decode import Runner
+from mistral.errors import MistralError, check_positive_int
 from mistral.model import Transformer
+from mistral.parallel import Link, split
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -59,10 +63,93 @@ def check_options(
         raise MistralError(f"temperature must be >= 0, got {temperature!r}")
     if not 0 < top_p <= 1:
         raise MistralError(f"top_p must be in (0, 1], got {top_p!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise MistralError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if chunk_size is not None:
+        check_positive_int(chunk_size, "chunk_size")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise MistralError(f"seed must be an integer, got {seed!r}")
+
+
+@dataclass
+class PrefillCall:
+    """One forward call of a chunked prefill: chunk c of every prompt, packed back to back."""
+
+    input_ids: list[int]
+    seqlens: list[int]  # per prompt; 0 once a prompt has ended
+    ends: dict[int, int]  # prompt b -> row of its last token in this call's logits, if it ends here
+
+
+def prefill_calls(prompts: Sequence[Sequence[int]], chunk: int) -> list[PrefillCall]:
+    """The calls that read `prompts` into a cache, `chunk` tokens of each per call.
+
+    Prompts of different lengths share every call until they end, so a short prompt's
+    last logits come from an early call.
+    """
+    calls = []
+    for start in range(0, max(len(p) for p in prompts), chunk):
+        pieces = [list(p[start : start + chunk]) for p in prompts]
+        seqlens = [len(piece) for piece in pieces]
+        ends, row = {}, -1
+        for b, (prompt, n) in enumerate(zip(prompts, seqlens)):
+            row += n
+            if n and start + n == len(prompt):
+                ends[b] = row
+        calls.append(PrefillCall(sum(pieces, []), seqlens, ends))
+    return calls
+
+
+class MicroBatch:
+    """Some of the batch's sequences with their own cache, and how far their generation has come.
+
+    A single process runs the whole batch as one; a pipeline splits it so that the
+    stages work on different micro-batches at once (see mistral/parallel.py).
+    """
+
+    def __init__(self, prompts: list[list[int]], runner: Runner, chunk: int):
+        self.prompts, self.runner = prompts, runner
+        self.calls = prefill_calls(prompts, chunk)
+        self.prefilled = 0  # prefill calls already run
+        self.last_logits: list[Optional[torch.Tensor]] = [None] * len(prompts)  # last stage only
+        self.tokens: list[torch.Tensor] = []  # one [b] per step
+        self.logprobs: list[torch.Tensor] = []
+        self.done: Optional[torch.Tensor] = None  # [b], the sequence has produced eos
+        self.unseen = False  # the last call sampled, and this rank has not received the tokens yet
+        self.finished = False
+
+    def record(self, tokens: torch.Tensor, logprobs: torch.Tensor, eos_id: Optional[int]) -> None:
+        self.tokens.append(tokens)
+        self.logprobs.append(logprobs)
+        if eos_id is not None:
+            self.done = (tokens == eos_id) if self.done is None else self.done | (tokens == eos_id)
+
+    def stopped(self, max_tokens: int) -> bool:
+        """max_tokens steps, or eos everywhere."""
+        return len(self.tokens) == max_tokens or (self.done is not None and bool(self.done.all()))
+
+    def run(self, model: Transformer, link: Link) -> tuple[bool, Optional[torch.Tensor]]:
+        """This rank's share of the next forward call: a prefill chunk of every prompt, or a decode step.
+
+        Returns whether the call ends in sampling and, on the last stage, the logits [b, V] to sample.
+        """
+        device, runner = model.device, self.runner
+        if self.prefilled == len(self.calls):
+            B = len(self.prompts)
+            x = self.tokens[-1] if model.layout.is_first else link.recv_activations(B)
+            out = runner.decode(x)
+            samples, logits = True, out
+        else:
+            call = self.calls[self.prefilled]
+            x = torch.tensor(call.input_ids, device=device) if model.layout.is_first else link.recv_activations(len(call.input_ids))
+            out = runner.prefill(x, call.seqlens)
+            self.prefilled += 1
+            samples = self.prefilled == len(self.calls)
+            if model.layout.is_last:
+                for b, row in call.ends.items():
+                    self.last_logits[b] = out[row]
+                logits = torch.stack(self.last_logits) if samples else None  # type: ignore[arg-type]
+        if not model.layout.is_last:
+            link.send_activations(out)
+            return samples, None
+        return samples, logits if samples else None
 
 
 @torch.inference_mode()
@@ -78,6 +165,8 @@ def stream(
     seed: Optional[int] = None,
     cache: Optional[RotatingBufferCache] = None,
     micro_batches: Optional[int] = None,
+    compile: Optional[bool] = None,
+    cuda_graphs: Optional[bool] = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens [B], logprobs [B]) on the model's device after each step.
 
@@ -90,63 +179,89 @@ def stream(
     is prefilled. The last token a stream yields is never fed to the model, so a
     continuation's prompt starts with it.
 
-    micro_batches: a pipelined model (num_pipeline_ranks > 1) splits the batch into this
-    many micro-batches (default: one per rank); see mistral/pipeline.py. Every rank
-    yields the same tokens. Ignored on a single process.
+    micro_batches: split the batch into this many micro-batches, each with its own
+    cache, that follow each other through the pipeline stages (default 1). They keep
+    every stage busy where the work is compute-bound (long prompts, large batches); a
+    decode step is bound by reading the weights, which each micro-batch reads again.
+    A micro-batch that has finished yields eos (log-probability 0) until the others do.
+
+    compile, cuda_graphs: the fast path on CUDA (mistral/decode.py); None: where it pays.
+
+    Every rank of a parallel model yields the same tokens.
     """
     check_options(
         encoded_prompts, model.args.vocab_size, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
         chunk_size=chunk_size, seed=seed,
     )
+    M = 1 if micro_batches is None else check_positive_int(micro_batches, "micro_batches")
     B = len(encoded_prompts)
     if B > model.args.max_batch_size:
         raise MistralError(f"{B} prompts exceed max_batch_size={model.args.max_batch_size}")
+    if cache is not None and model.layout.world_size > 1:
+        raise MistralError("continuing sequences from a cache is not supported on several processes")
     if max_tokens == 0:
         return
-    if model.num_pipeline_ranks > 1:
-        if cache is not None:
-            raise MistralError("continuing sequences from a cache is not supported with num_pipeline_ranks > 1")
-        generator = None if seed is None else torch.Generator(model.device).manual_seed(seed)
-        yield from pipeline.stream(
-            encoded_prompts, model, max_tokens=max_tokens, chunk_size=chunk_size, eos_id=eos_id,
-            micro_batches=micro_batches, pick=lambda logits: pick(logits, temperature, top_p, generator),
-        )
-        return
-    if cache is None:
-        cache = model.make_cache(B, max(len(p) for p in encoded_prompts) + max_tokens)
-    for b, p in enumerate(encoded_prompts):
-        if len(p) <= cache.lengths[b]:
-            raise MistralError(f"prompt {b} has {len(p)} tokens, but the cache already holds {cache.lengths[b]}: nothing new to read")
-    unseen = [p[cache.lengths[b] :] for b, p in enumerate(encoded_prompts)]
-    device = model.device
+    M = min(M, B)  # a last, short batch of generate() may have fewer prompts
+    fast = dict(compile=compile, cuda_graphs=cuda_graphs)
+    if cache is not None:
+        if M > 1:
+            raise MistralError("continuing sequences from a cache takes one micro-batch")
+        for b, p in enumerate(encoded_prompts):
+            if len(p) <= cache.lengths[b]:
+                raise MistralError(f"prompt {b} has {len(p)} tokens, but the cache already holds {cache.lengths[b]}: nothing new to read")
+        unseen = [p[cache.lengths[b] :] for b, p in enumerate(encoded_prompts)]
+        mbs = [MicroBatch(unseen, Runner(model, cache, B, **fast), chunk_size or cache.size)]
+    else:
+        # Every cache gets the whole batch's length, so chunks split prompts alike whatever M.
+        max_seq_len = max(len(p) for p in encoded_prompts) + max_tokens
+        mbs = []
+        for i in range(M):
+            rows = split(B, M, i)
+            mb_cache = model.make_cache(len(rows), max_seq_len)
+            runner = Runner(model, mb_cache, len(rows), **fast)
+            mbs.append(MicroBatch(encoded_prompts[rows.start : rows.stop], runner, chunk_size or mb_cache.size))
 
-    # Prefill: a prompt that has ended contributes 0 tokens to later calls; its last
-    # logits were kept when it ended.
-    last_logits: list[Optional[torch.Tensor]] = [None] * B
-    for call in prefill_calls(unseen, chunk_size or cache.size):
-        input_ids = torch.tensor(call.input_ids, device=device)
-        # On CUDA, the fused pieces of mistral/decode.py compute the same logits.
-        if decode.usable(model):
-            logits = decode.prefill(model, input_ids, call.seqlens, cache)
-        else:
-            logits = model(input_ids, call.seqlens, cache)
-        for b, row in call.ends.items():
-            last_logits[b] = logits[row]
-    logits = torch.stack(last_logits)  # type: ignore[arg-type]
+    generator = None if seed is None else torch.Generator(model.device).manual_seed(seed)
+    link = model.link
+    yielded = 0
+    while not all(mb.finished for mb in mbs):
+        for mb in mbs:  # the same order on every rank: messages pair up
+            if mb.finished:
+                continue
+            if mb.unseen:
+                mb.record(*link.recv_tokens(len(mb.prompts)), eos_id)
+                mb.unseen = False
+            if mb.stopped(max_tokens):
+                mb.finished = True
+                continue
+            samples, logits = mb.run(model, link)
+            if samples and link.samples:
+                assert logits is not None
+                tokens, logprobs = pick(logits, temperature, top_p, generator)
+                link.send_tokens(tokens, logprobs)
+                mb.record(tokens, logprobs, eos_id)
+            elif samples:
+                mb.unseen = True
+        # Step s is complete once every micro-batch still running has its tokens.
+        running = [len(mb.tokens) for mb in mbs if not mb.finished]
+        ready = min(running) if running else max(len(mb.tokens) for mb in mbs)
+        for step in range(yielded, ready):
+            yield _gather(mbs, step, eos_id)
+        yielded = ready
+    link.flush()
 
-    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    # On CUDA the decode steps replay one captured graph (mistral/decode.py).
-    decoder = decode.GraphDecoder(model, cache, B) if max_tokens > 1 and decode.usable(model) else None
-    for step in range(max_tokens):
-        tokens, logprobs = pick(logits, temperature, top_p, generator)
-        yield tokens, logprobs
-        if eos_id is not None:
-            done |= tokens == eos_id
-            if done.all():
-                return
-        if step + 1 < max_tokens:
-            logits = model(tokens, [1] * B, cache) if decoder is None else decoder.step(tokens)
+
+def _gather(mbs: list[MicroBatch], step: int, eos_id: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens, logprobs = [], []
+    for mb in mbs:
+        if step < len(mb.tokens):
+            tokens.append(mb.tokens[step])
+            logprobs.append(mb.logprobs[step])
+        else:  # stopped early: every sequence has produced eos
+            assert eos_id is not None
+            tokens.append(torch.full_like(mb.tokens[-1], eos_id))
+            logprobs.append(torch.zeros_like(mb.logprobs[-1]))
+    return torch.cat(tokens), torch.cat(logprobs)
 
 
 def generate(
@@ -160,6 +275,8 @@ def generate(
     eos_id: Optional[int] = None,
     seed: Optional[int] = None,
     micro_batches: Optional[int] = None,
+    compile: Optional[bool] = None,
+    cuda_graphs: Optional[bool] = None,
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Generated tokens (eos excluded) and their log-probabilities, per prompt.
 
@@ -167,7 +284,7 @@ def generate(
     """
     options = dict(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size, eos_id=eos_id, seed=seed,
-        micro_batches=micro_batches,
+        micro_batches=micro_batches, compile=compile, cuda_graphs=cuda_graphs,
     )
     n = model.args.max_batch_size
     all_tokens: list[list[int]] = []

@@ -12,10 +12,10 @@ import fire
 import torch
 from fire import decorators, parser
 
-from mistral import pipeline
+from mistral import parallel
 from mistral.cache import RotatingBufferCache
 from mistral.checkpoint import TOKENIZER
-from mistral.errors import MistralError
+from mistral.errors import MistralError, check_positive_int
 from mistral.generate import check_options, stream
 from mistral.hf import convert as convert_hf
 from mistral.model import Transformer
@@ -30,7 +30,11 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
 
 
 def load(
-    model_dir: Union[str, Path], device: Optional[str], dtype: Optional[str], num_pipeline_ranks: int = 1
+    model_dir: Union[str, Path],
+    device: Optional[str],
+    dtype: Optional[str],
+    num_pipeline_ranks: int = 1,
+    num_tensor_ranks: int = 1,
 ) -> tuple[Transformer, Tokenizer]:
     folder = Path(model_dir)
     if not folder.is_dir():
@@ -38,10 +42,10 @@ def load(
     if not (folder / TOKENIZER).is_file():
         raise MistralError(f"{folder}: no {TOKENIZER} in the model folder")
     rank = 0
-    if num_pipeline_ranks != 1:
-        # One process per rank, started by torchrun: each reads and runs its own layers only.
-        rank, local = pipeline.init(num_pipeline_ranks, device)
-        device = str(local)
+    if num_pipeline_ranks != 1 or num_tensor_ranks != 1:
+        # One process per rank, started by torchrun: each reads and runs its own part only.
+        layout, local = parallel.init(num_pipeline_ranks, num_tensor_ranks, device)
+        rank, device = layout.world_rank, str(local)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = str(torch.device(device))  # fire hands "--device 0" over as an int
@@ -55,12 +59,12 @@ def load(
     tokenizer = Tokenizer(folder / TOKENIZER)
     model = Transformer.from_folder(
         folder, device=device, dtype=DTYPES[dtype], progress=LoadProgress(folder) if rank == 0 else None,
-        pipeline_rank=rank, num_pipeline_ranks=num_pipeline_ranks,
+        num_pipeline_ranks=num_pipeline_ranks, num_tensor_ranks=num_tensor_ranks,
     )
     if tokenizer.n_words != model.args.vocab_size:
         raise MistralError(f"{folder}: {TOKENIZER} has {tokenizer.n_words} tokens but params.json says vocab_size={model.args.vocab_size}")
     if rank > 0:
-        pipeline.silence()  # rank 0 prints the results
+        parallel.silence()  # rank 0 prints the results
     return model, tokenizer
 
 
@@ -188,6 +192,7 @@ def generate(
     dtype: Optional[str] = None,
     json: bool = False,
     num_pipeline_ranks: int = 1,
+    num_tensor_ranks: int = 1,
     micro_batches: Optional[int] = None,
 ) -> None:
     """Complete prompts: [MODEL_DIR] PROMPT [PROMPT ...]. Prints the text as it is generated, then a speed summary on stderr.
@@ -212,10 +217,14 @@ def generate(
         dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU).
         json: print one JSON object instead of text: per prompt its completion, token ids and
             their log-probabilities, and the timings.
-        num_pipeline_ranks: split the layers over this many processes, one per GPU, started by
-            torchrun: torchrun --nproc-per-node 2 -m mistral generate MODEL_DIR "prompt" --num_pipeline_ranks 2
-        micro_batches: with num_pipeline_ranks > 1, decode the prompts in this many groups that
-            follow each other through the ranks (default: one per rank).
+        num_pipeline_ranks: split the layers over this many pipeline stages, one process per
+            GPU, started by torchrun: torchrun --nproc-per-node 2 -m mistral generate MODEL_DIR "prompt" --num_pipeline_ranks 2
+        num_tensor_ranks: split every layer's heads and hidden units over this many processes
+            (tensor parallelism, one GPU each, within one node), which read the weights together:
+            torchrun --nproc-per-node 2 -m mistral generate MODEL_DIR "prompt" --num_tensor_ranks 2.
+            With both, torchrun starts num_pipeline_ranks x num_tensor_ranks processes.
+        micro_batches: with num_pipeline_ranks > 1, run the prompts as this many groups that
+            follow each other through the stages (default 1; pays for long prompts and large batches).
     """
     folder, prompts = split_model_and_prompts([str(i) for i in inputs])
     if not prompts:
@@ -225,7 +234,7 @@ def generate(
             raise MistralError(f"prompt {i} is empty")
     check_options([[0]], 1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size, seed=seed)
     start = time.perf_counter()
-    model, tokenizer = load(folder, device, dtype, num_pipeline_ranks)
+    model, tokenizer = load(folder, device, dtype, num_pipeline_ranks, num_tensor_ranks)
     load_s = time.perf_counter() - start
     completions = [Completion(tokenizer, tokenizer.encode(p, bos=True)) for p in prompts]
     n = model.args.max_batch_size
@@ -345,8 +354,7 @@ def chat(
             and the conversation may run on forever.
     """
     check_options([[0]], 1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=None, seed=seed)
-    if not isinstance(max_context, int) or max_context < 1:
-        raise MistralError(f"max_context must be a positive integer, got {max_context!r}")
+    check_positive_int(max_context, "max_context")
     model, tokenizer = load(DEFAULT_MODEL if model_dir is None else str(model_dir), device, dtype)
     conversation = Conversation(model, tokenizer, max_context, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
     turn = 0

@@ -1,37 +1,50 @@
 """The Mistral / Mixtral Transformer: tokens in, logits out.
 
 Shapes: T = tokens of all sequences packed back to back, D = dim, H = n_heads,
-H_kv = n_kv_heads, Dh = head_dim, V = vocab_size.
+H_kv = n_kv_heads, Dh = head_dim, F = hidden_dim, V = vocab_size.
+
+This file is the only definition of the math. Every way of running it is this code:
+on CUDA, mistral/decode.py compiles `TransformerBlock.forward` and replays a CUDA graph
+of `Transformer.step`; on several processes, mistral/parallel.py's `Layout` decides
+which layers and which heads a `Transformer` holds.
+
+Weights are kept in the layout the fast path wants (wq|wk|wv as one matrix, w1|w3 as
+one, Mixtral's experts stacked), while `state_dict()` shows them under the names and
+shapes of Mistral's checkpoints, as views: see `checkpoint.CheckpointNames`.
 """
 
 import zlib
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from mistral import pipeline
 from mistral.args import ModelArgs
 from mistral.attention import BACKENDS, Backend, attend
-from mistral.cache import CacheView, RotatingBufferCache
-from mistral.checkpoint import Progress, read_args, read_weights, write_folder
+from mistral.cache import CacheInputs, CacheView, RotatingBufferCache
+from mistral.checkpoint import CheckpointNames, Progress, load_into, read_args, write_folder
 from mistral.errors import MistralError
-from mistral.masks import AttentionBias, prefill_mask
+from mistral.masks import AttentionBias
 from mistral.moe import MoeLayer
+from mistral.parallel import Layout, Link, add_all_reduces, check_tensor_split
 
 
-def precompute_freqs_cis(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
-    """Rotations e^(i * p * theta^(-2j/Dh)) for each position p and pair j: complex [T, Dh/2]."""
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """cos and sin of the angle p * theta^(-2j/Dh) for each position p and pair j: float32 [T, Dh/2, 2]."""
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = positions.float()[:, None] * freqs[None, :]
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)
 
 
-def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate each interleaved pair (x[2j], x[2j+1]) of x: [T, H, Dh] as one complex number."""
-    x_complex = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(x_complex * freqs_cis[:, None, :]).flatten(-2).type_as(x)
+def apply_rotary_emb(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate each interleaved pair (x[2j], x[2j+1]) of x: [T, H, Dh] by its angle.
+
+    The complex product (a + ib)(cos + i sin), in real arithmetic, which torch.compile fuses.
+    """
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [T, H, Dh/2]
+    cos, sin = rope[:, None, :, 0], rope[:, None, :, 1]
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -45,114 +58,158 @@ class RMSNorm(nn.Module):
         return (x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+class Attention(CheckpointNames):
+    """Grouped-query attention: H query heads share H_kv key-value heads (H / H_kv each).
+
+    n_heads, n_kv_heads: this module's heads (all of them, or a tensor-parallel rank's share).
+    """
+
+    fused = ("wqkv",)
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.wqkv = nn.Parameter(torch.empty((n_heads + 2 * n_kv_heads) * head_dim, dim))  # wq | wk | wv
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+        nn.init.normal_(self.wqkv, std=dim**-0.5)
+
+    def checkpoint_views(self, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return dict(zip(("wq.weight", "wk.weight", "wv.weight"), fused["wqkv"].split([q, kv, kv])))
 
     def forward(
-        self,
-        x: torch.Tensor,
-        freqs_cis: torch.Tensor,
-        mask: AttentionBias,
-        cache: Optional[CacheView],
-        backend: Backend,
+        self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionBias, cache: Optional[CacheView], backend: Backend
     ) -> torch.Tensor:
         T = x.shape[0]
-        xq = self.wq(x).view(T, self.n_heads, self.head_dim)
-        xk = self.wk(x).view(T, self.n_kv_heads, self.head_dim)
-        xv = self.wv(x).view(T, self.n_kv_heads, self.head_dim)
-        xq, xk = apply_rotary_emb(xq, freqs_cis), apply_rotary_emb(xk, freqs_cis)
-        keys, values = (xk, xv) if cache is None else cache.update(xk, xv)
-        out = attend(xq, keys, values, mask, backend)  # [T, H, Dh]
-        return self.wo(out.reshape(T, self.n_heads * self.head_dim))
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        xq, xk, xv = nn.functional.linear(x, self.wqkv).split([q, kv, kv], dim=-1)
+        xq = apply_rotary_emb(xq.view(T, self.n_heads, self.head_dim), rope)
+        xk = apply_rotary_emb(xk.view(T, self.n_kv_heads, self.head_dim), rope)
+        out = _cached_attention(xq, xk, xv.view(T, self.n_kv_heads, self.head_dim), mask, cache, backend)  # [T, H, Dh]
+        return self.wo(out.flatten(1))
 
 
-class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+# The cache's index bookkeeping and xformers' bias objects are opaque to torch.compile:
+# this part runs eagerly between two compiled pieces (and inside a CUDA graph all the same).
+@torch.compiler.disable
+def _cached_attention(
+    xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, mask: AttentionBias, cache: Optional[CacheView], backend: Backend
+) -> torch.Tensor:
+    keys, values = (xk, xv) if cache is None else cache.update(xk, xv)
+    return attend(xq, keys, values, mask, backend)
 
-    def __init__(self, args: ModelArgs):
+
+class FeedForward(CheckpointNames):
+    """SwiGLU: w2(silu(w1 x) * w3 x), with w1 | w3 as one matrix."""
+
+    fused = ("w13",)
+
+    def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
-        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
-        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w13 = nn.Parameter(torch.empty(2 * hidden_dim, dim))
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        nn.init.normal_(self.w13, std=dim**-0.5)
+
+    def checkpoint_views(self, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(zip(("w1.weight", "w3.weight"), fused["w13"].chunk(2)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+        h1, h3 = nn.functional.linear(x, self.w13).chunk(2, dim=-1)
+        return self.w2(nn.functional.silu(h1) * h3)
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, num_tensor_ranks: int = 1):
         super().__init__()
+        T = num_tensor_ranks
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args)
+        self.attention = Attention(args.dim, args.n_heads // T, args.n_kv_heads // T, args.head_dim)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward: nn.Module
         if args.moe is None:
-            self.feed_forward = FeedForward(args)
+            self.feed_forward = FeedForward(args.dim, args.hidden_dim // T)
         else:
-            self.feed_forward = MoeLayer(
-                experts=[FeedForward(args) for _ in range(args.moe.num_experts)],
-                gate=nn.Linear(args.dim, args.moe.num_experts, bias=False),
-                num_experts_per_tok=args.moe.num_experts_per_tok,
-            )
+            self.feed_forward = MoeLayer(args.dim, args.hidden_dim // T, args.moe.num_experts, args.moe.num_experts_per_tok)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        freqs_cis: torch.Tensor,
-        mask: AttentionBias,
-        cache: Optional[CacheView],
-        backend: Backend,
+        self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionBias, cache: Optional[CacheView], backend: Backend
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, cache, backend)
+        h = x + self.attention(self.attention_norm(x), rope, mask, cache, backend)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class Transformer(nn.Module):
-    """The whole model, or with num_pipeline_ranks > 1 one pipeline rank's part of it.
+# How Transformer.step runs a block: plainly, or (mistral/decode.py) compiled.
+RunBlock = Callable[..., torch.Tensor]
 
-    Rank r builds only its own layers (mistral.pipeline.layer_range), rank 0 also the
-    embeddings, the last rank the final norm and output; forward then runs across all
-    ranks (see mistral/pipeline.py) and returns the same logits on each.
+# Tensor parallelism's split of each checkpoint tensor, by its name's last part
+# (Megatron-LM): wq, wk, wv, w1, w3 by output rows (whole heads, hidden units); wo, w2
+# by input columns. Everything else (embeddings, norms, the router, output) is whole on every rank.
+TENSOR_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1}
+
+
+class Transformer(nn.Module):
+    """The whole model, or one parallel rank's part of it (`layout`, see mistral/parallel.py).
+
+    A pipeline stage builds only its own layers (the first also the embeddings, the
+    last the final norm and output); a tensor-parallel rank builds its share of the
+    heads and hidden units of each. `forward` then runs across all ranks and returns
+    the same logits on each.
     """
 
-    def __init__(
-        self,
-        args: ModelArgs,
-        *,
-        pipeline_rank: int = 0,
-        num_pipeline_ranks: int = 1,
-        attention_backend: Backend = "auto",
-    ):
+    def __init__(self, args: ModelArgs, *, layout: Optional[Layout] = None, attention_backend: Backend = "auto"):
         super().__init__()
         if attention_backend not in BACKENDS:
             raise MistralError(f"attention_backend must be one of {BACKENDS}, got {attention_backend!r}")
-        own_layers = pipeline.layer_range(args.n_layers, pipeline_rank, num_pipeline_ranks)
-        if num_pipeline_ranks > 1:
-            pipeline.check_process_group(pipeline_rank, num_pipeline_ranks)
-        self.args = args
-        self.attention_backend = attention_backend
-        self.pipeline_rank, self.num_pipeline_ranks = pipeline_rank, num_pipeline_ranks
-        if pipeline_rank == 0:
-            self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        layout = layout or Layout()
+        check_tensor_split(layout.num_tensor_ranks, args.n_heads, args.n_kv_heads, args.hidden_dim)
+        own_layers = layout.layers(args.n_layers)
+        self.args, self.layout, self.attention_backend = args, layout, attention_backend
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim) if layout.is_first else None
         # A dict keyed by the global layer index keeps the checkpoint's names (layers.7.attention.wq.weight).
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in own_layers})
-        if pipeline_rank == num_pipeline_ranks - 1:
-            self.norm = RMSNorm(args.dim, args.norm_eps)
-            self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, layout.num_tensor_ranks) for i in own_layers})
+        self.norm = RMSNorm(args.dim, args.norm_eps) if layout.is_last else None
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False) if layout.is_last else None
+        if layout.num_tensor_ranks > 1:
+            add_all_reduces(list(self.layers.values()), layout)
+        self._link: Optional[Link] = None
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device  # every rank has layers; only rank 0 has embeddings
+        return next(self.parameters()).device  # every stage has layers; only the first has embeddings
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+    @property
+    def link(self) -> Link:
+        """This rank's messages to the others (nothing to send on a single process)."""
+        if self._link is None or self._link.device != self.device or self._link.dtype != self.dtype:
+            self._link = Link(self.layout, self.args.dim, self.device, self.dtype)
+        return self._link
+
+    def step(
+        self,
+        x: torch.Tensor,
+        inputs: CacheInputs,
+        cache: Optional[RotatingBufferCache],
+        run_block: RunBlock = TransformerBlock.__call__,
+    ) -> torch.Tensor:
+        """This rank's share of one forward call, for a prepared cache call (or none).
+
+        x: token ids [T] on the first stage, else the previous stage's activations [T, D].
+        Returns activations [T, D], or on the last stage float logits [T, V].
+        """
+        h = x if self.tok_embeddings is None else self.tok_embeddings(x)
+        rope = rotary_cos_sin(inputs.positions, self.args.head_dim, self.args.rope_theta)
+        # The cache holds this stage's layers only: the k-th of them is cache layer k.
+        for k, layer in enumerate(self.layers.values()):
+            view = None if cache is None else cache.view(k, inputs)
+            h = run_block(layer, h, rope, inputs.mask, view, self.attention_backend)
+        if self.output is None:
+            return h
+        assert self.norm is not None
+        return self.output(self.norm(h)).float()
 
     def forward(
         self, input_ids: torch.Tensor, seqlens: Sequence[int], cache: Optional[RotatingBufferCache] = None
@@ -161,45 +218,54 @@ class Transformer(nn.Module):
 
         With a cache, seqlens[b] tokens continue the sequence in cache row b (0 = none this call).
         """
-        if input_ids.dim() != 1 or input_ids.shape[0] != sum(seqlens):
-            raise MistralError(
-                f"input_ids must be 1-D with sum(seqlens)={sum(seqlens)} tokens, got shape {tuple(input_ids.shape)}"
-            )
-        if self.num_pipeline_ranks > 1:
-            return pipeline.forward(self, input_ids, seqlens, cache)
-        h = self.run_layers(self.tok_embeddings(input_ids), seqlens, cache)  # [T, D]
-        return self.output(self.norm(h)).float()  # [T, V]
-
-    def run_layers(self, h: torch.Tensor, seqlens: Sequence[int], cache: Optional[RotatingBufferCache]) -> torch.Tensor:
-        """h: [T, D] through this model's layers (a pipeline rank's own); advances the cache."""
-        if cache is None:
-            active = [s for s in seqlens if s > 0]
-            positions = torch.cat([torch.arange(s, device=self.device) for s in active])
-            mask = prefill_mask(active, self.args.sliding_window, self.device)
-        else:
-            inputs = cache.prepare(seqlens)
-            positions, mask = inputs.positions, inputs.mask
-        freqs_cis = precompute_freqs_cis(positions, self.args.head_dim, self.args.rope_theta)
-        # The cache holds this model's layers only: the k-th of them is cache layer k.
-        for k, layer in enumerate(self.layers.values()):
-            view = None if cache is None else cache.view(k)
-            h = layer(h, freqs_cis, mask, view, self.attention_backend)
+        T = sum(seqlens)
+        if input_ids.dim() != 1 or input_ids.shape[0] != T:
+            raise MistralError(f"input_ids must be 1-D with sum(seqlens)={T} tokens, got shape {tuple(input_ids.shape)}")
+        inputs = CacheInputs.uncached(seqlens, self.args.sliding_window, self.device) if cache is None else cache.prepare(seqlens)
+        x = input_ids if self.layout.is_first else self.link.recv_activations(T)
+        out = self.step(x, inputs, cache)
         if cache is not None:
             cache.advance(seqlens)
-        return h
+        return self.link.share_logits(out, T, self.args.vocab_size)
 
     def make_cache(self, max_batch_size: int, max_seq_len: int) -> RotatingBufferCache:
-        """A cache for this model: W slots per row, fewer when max_seq_len < W."""
+        """A cache for this rank's layers and KV heads: W slots per row, fewer when max_seq_len < W."""
+        attention = next(iter(self.layers.values())).attention
         return RotatingBufferCache(
             len(self.layers),
             max_batch_size,
             max_seq_len,
             self.args.sliding_window,
-            self.args.n_kv_heads,
+            attention.n_kv_heads,
             self.args.head_dim,
             device=self.device,
             dtype=self.dtype,
         )
+
+    def checkpoint_slices(self) -> dict[str, tuple[torch.Tensor, Optional[int]]]:
+        """Per checkpoint tensor: the view of this rank's part of it, and the dimension it is split along (or None)."""
+        T = self.layout.num_tensor_ranks
+        return {
+            name: (view, TENSOR_SPLIT_DIM.get(name.split(".")[-2]) if T > 1 else None)
+            for name, view in self.state_dict().items()
+        }
+
+    @classmethod
+    def _empty(
+        cls,
+        args: ModelArgs,
+        device: Union[str, torch.device],
+        dtype: torch.dtype,
+        attention_backend: Backend,
+        ranks: tuple[int, int, Optional[int], Optional[int]],
+    ) -> "Transformer":
+        """This process's part of the model, its memory allocated on the device but not written."""
+        P, T, pipeline_rank, tensor_rank = ranks
+        check_tensor_split(T, args.n_heads, args.n_kv_heads, args.hidden_dim)  # before anything is loaded
+        layout = Layout.of(P, T, pipeline_rank, tensor_rank)
+        with torch.device("meta"):  # shapes only: the weights are written straight into place
+            model = cls(args, layout=layout, attention_backend=attention_backend)
+        return model.to(dtype).to_empty(device=device).eval()
 
     @classmethod
     def from_folder(
@@ -210,24 +276,23 @@ class Transformer(nn.Module):
         dtype: torch.dtype = torch.float32,
         attention_backend: Backend = "auto",
         progress: Optional[Progress] = None,
-        pipeline_rank: int = 0,
         num_pipeline_ranks: int = 1,
+        num_tensor_ranks: int = 1,
+        pipeline_rank: Optional[int] = None,
+        tensor_rank: Optional[int] = None,
     ) -> "Transformer":
         """Load params.json and consolidated.safetensors (or consolidated.00.pth) from a folder.
 
         progress: called after each tensor is read (a CLI shows it while a large checkpoint loads).
-        pipeline_rank, num_pipeline_ranks: read only this rank's tensors.
+        num_pipeline_ranks, num_tensor_ranks: this process holds one part of the model
+        (see mistral/parallel.py) and reads only its own tensors and slices; its place is
+        pipeline_rank and tensor_rank, or, when not given, its rank in the process group.
         """
         args = read_args(folder)
-        with torch.device("meta"):  # shapes only: the weights are read straight into place
-            model = cls(
-                args, pipeline_rank=pipeline_rank, num_pipeline_ranks=num_pipeline_ranks, attention_backend=attention_backend
-            )
-        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-        weights = read_weights(
-            folder, expected, device=device, dtype=dtype, progress=progress, allow_extra=num_pipeline_ranks > 1
-        )
-        model.load_state_dict(weights, assign=True)
+        model = cls._empty(args, device, dtype, attention_backend, (num_pipeline_ranks, num_tensor_ranks, pipeline_rank, tensor_rank))
+        layout = model.layout
+        load_into(folder, model.checkpoint_slices(), layout.tensor_rank, layout.num_tensor_ranks, progress=progress,
+                  allow_extra=layout.world_size > 1)  # fmt: skip
         return model
 
     @classmethod
@@ -239,27 +304,32 @@ class Transformer(nn.Module):
         device: Union[str, torch.device] = "cpu",
         dtype: torch.dtype = torch.float32,
         attention_backend: Backend = "auto",
-        pipeline_rank: int = 0,
         num_pipeline_ranks: int = 1,
+        num_tensor_ranks: int = 1,
+        pipeline_rank: Optional[int] = None,
+        tensor_rank: Optional[int] = None,
     ) -> "Transformer":
         """Random weights (normal, std dim^-0.5) made directly on the device: benchmarks need no files.
 
-        Each tensor is drawn from a generator seeded by (seed, its name), so a pipeline
-        rank holds exactly the tensors the whole model would hold on the same device.
+        Each checkpoint tensor is drawn whole from a generator seeded by (seed, its name),
+        then this rank's slice kept, so every parallel rank holds exactly its part of the
+        model that one process would hold on the same device.
         """
-        with torch.device("meta"):
-            model = cls(
-                args, pipeline_rank=pipeline_rank, num_pipeline_ranks=num_pipeline_ranks, attention_backend=attention_backend
-            )
-        model = model.to(dtype).to_empty(device=device)
+        model = cls._empty(args, device, dtype, attention_backend, (num_pipeline_ranks, num_tensor_ranks, pipeline_rank, tensor_rank))
+        layout, T = model.layout, model.layout.num_tensor_ranks
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                generator = torch.Generator(p.device).manual_seed(seed << 32 | zlib.crc32(name.encode()))
-                p.normal_(std=args.dim**-0.5, generator=generator)
-        return model.eval()
+            for name, (view, dim) in model.checkpoint_slices().items():
+                shape = list(view.shape)
+                if dim is not None:
+                    shape[dim] *= T
+                # One 32-bit number: the CPU's generator keeps only the low 32 bits of a seed.
+                generator = torch.Generator(view.device).manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+                whole = torch.empty(shape, device=view.device, dtype=dtype).normal_(std=args.dim**-0.5, generator=generator)
+                view.copy_(whole if dim is None else whole.chunk(T, dim)[layout.tensor_rank])
+        return model
 
     def save(self, folder: Union[str, Path]) -> None:
         """Write params.json and consolidated.safetensors, the layout from_folder reads."""
-        if self.num_pipeline_ranks > 1:
-            raise MistralError(f"pipeline rank {self.pipeline_rank} holds only part of the model: save it from one process")
+        if self.layout.world_size > 1:
+            raise MistralError(f"rank {self.layout.world_rank} holds only part of the model: save it from one process")
         write_folder(folder, self.args, self.state_dict())

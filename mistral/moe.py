@@ -1,20 +1,44 @@
-"""Sparse mixture of experts (Mixtral): each token runs through k of E feed-forwards."""
+"""Sparse mixture of experts (Mixtral): each token runs through k of E feed-forwards.
+
+T = tokens, D = model dim, E = experts, A = activated experts per token (k), F = hidden dim.
+"""
 
 import torch
 from torch import nn
 
+from mistral.checkpoint import CheckpointNames
+from mistral.kernels import expert_matvec
 
-class MoeLayer(nn.Module):
+
+class MoeLayer(CheckpointNames):
     """gate logits -> top-k experts -> softmax over those k only -> weighted sum.
 
-    T = tokens, D = model dim, E = experts, A = activated experts per token (k).
+    The experts' weights are stacked, w1 | w3 as w13 [E, 2F, D] and w2 [E, D, F], so the
+    experts of a forward call run with shapes that do not depend on the routing (a CUDA
+    graph needs static shapes), and each chosen expert's weights are read once, the
+    others not at all:
+    - few (token, expert) pairs (decoding a small batch): one matrix-vector product per
+      pair (kernels.expert_matvec), the expert index read on the device;
+    - more pairs: they are sorted by expert, and a grouped matmul runs each expert on
+      its contiguous group of rows.
+    `reference` is the plain loop over experts, for the tests.
     """
 
-    def __init__(self, experts: list[nn.Module], gate: nn.Linear, num_experts_per_tok: int):
+    fused = ("w13", "w2")
+
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, num_experts_per_tok: int):
         super().__init__()
-        self.experts = nn.ModuleList(experts)
-        self.gate = gate
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.w13 = nn.Parameter(torch.randn(num_experts, 2 * hidden_dim, dim) * dim**-0.5)
+        self.w2 = nn.Parameter(torch.randn(num_experts, dim, hidden_dim) * hidden_dim**-0.5)
         self.num_experts_per_tok = num_experts_per_tok
+
+    def checkpoint_views(self, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        views = {}
+        for e, (w13, w2) in enumerate(zip(fused["w13"], fused["w2"])):
+            w1, w3 = w13.chunk(2)
+            views |= {f"experts.{e}.w1.weight": w1, f"experts.{e}.w2.weight": w2, f"experts.{e}.w3.weight": w3}
+        return views
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, D] -> (weights [T, A], chosen experts [T, A])."""
@@ -23,12 +47,36 @@ class MoeLayer(nn.Module):
         # Renormalising over the chosen k equals HF's softmax-over-all-then-renormalise.
         return torch.softmax(weights, dim=-1, dtype=torch.float32).to(x.dtype), chosen
 
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e alone, SwiGLU: w2(silu(w1 x) * w3 x). x: [T, D]."""
+        h1, h3 = nn.functional.linear(x, self.w13[e]).chunk(2, dim=-1)
+        return nn.functional.linear(nn.functional.silu(h1) * h3, self.w2[e])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, D]
+        weights, chosen = self.route(x)  # [T, A]
+        (T, A), E = chosen.shape, self.w13.shape[0]
+        pair_expert = chosen.flatten()  # [T * A], pair p is (token p // A, slot p % A)
+        if T * A <= E:
+            h1, h3 = expert_matvec(x.repeat_interleave(A, dim=0), self.w13, pair_expert).chunk(2, dim=-1)
+            y = expert_matvec(nn.functional.silu(h1) * h3, self.w2, pair_expert) * weights.flatten()[:, None]
+            return y.view(T, A, -1).sum(dim=1)
+        if x.is_cuda and x.dtype != torch.bfloat16:
+            return self.reference(x)  # CUDA's grouped matmul takes bfloat16 only
+        order = pair_expert.argsort(stable=True)  # pairs grouped by expert, tokens ascending
+        token = order // A
+        # Group e is rows ends[e-1] .. ends[e]-1; counting by comparison keeps shapes static.
+        ends = (pair_expert[:, None] == torch.arange(E, device=x.device)).sum(0).cumsum(0).to(torch.int32)
+        xs = x[token]  # [T * A, D]
+        h1, h3 = torch._grouped_mm(xs, self.w13.mT, offs=ends).chunk(2, dim=-1)
+        y = torch._grouped_mm(nn.functional.silu(h1) * h3, self.w2.mT, offs=ends) * weights.flatten()[order, None]
+        # A token's pairs are added in expert order, as `reference` adds them.
+        return torch.zeros_like(x).index_add_(0, token, y)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """forward, as a loop: each expert runs on the tokens routed to it."""
         weights, chosen = self.route(x)
         out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            # Each expert runs only on the tokens routed to it; a token picks an expert at most once.
-            token, slot = torch.where(chosen == e)
-            out.index_add_(0, token, weights[token, slot, None] * expert(x[token]))
+        for e in range(self.w13.shape[0]):
+            token, slot = torch.where(chosen == e)  # a token picks an expert at most once
+            out.index_add_(0, token, weights[token, slot, None] * self.expert(e, x[token]))
         return out

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from conftest import DEVICE, RTOL, random_model, rel_error, tiny_args
 from mistral import MistralError, Transformer
-from mistral.model import apply_rotary_emb, precompute_freqs_cis
+from mistral.model import apply_rotary_emb, rotary_cos_sin
 
 W = 8  # tiny_args' sliding window
 
@@ -74,23 +74,23 @@ def test_chunked_prefill_equals_full_prefill(moe: bool, chunk: int) -> None:
 def keys_values_of_full_forward(model: Transformer, prompt: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, the rotated keys and the values [T, H_kv, Dh] that the no-cache forward computes."""
     captured: dict[str, torch.Tensor] = {}
-    hooks = []
-    for i, layer in model.layers.items():
-        for name in ("wk", "wv"):
-            module = getattr(layer.attention, name)
-            hooks.append(module.register_forward_hook(lambda m, x, y, key=f"{i}.{name}": captured.__setitem__(key, y)))
+    hooks = [
+        layer.attention.register_forward_pre_hook(lambda m, args, key=i: captured.__setitem__(key, args[0]))
+        for i, layer in model.layers.items()
+    ]
     try:
         model(torch.tensor(prompt, device=DEVICE), [len(prompt)])
     finally:
         for h in hooks:
             h.remove()
-    T, args = len(prompt), model.args
-    freqs_cis = precompute_freqs_cis(torch.arange(T, device=DEVICE), args.head_dim, args.rope_theta)
+    T, args, weights = len(prompt), model.args, model.state_dict()
+    rope = rotary_cos_sin(torch.arange(T, device=DEVICE), args.head_dim, args.rope_theta)
     out = []
     for i in model.layers:
-        k = captured[f"{i}.wk"].view(T, args.n_kv_heads, args.head_dim)
-        v = captured[f"{i}.wv"].view(T, args.n_kv_heads, args.head_dim)
-        out.append((apply_rotary_emb(k, freqs_cis), v))
+        x = captured[i]  # the attention's input, after its norm
+        k = (x @ weights[f"layers.{i}.attention.wk.weight"].T).view(T, args.n_kv_heads, args.head_dim)
+        v = (x @ weights[f"layers.{i}.attention.wv.weight"].T).view(T, args.n_kv_heads, args.head_dim)
+        out.append((apply_rotary_emb(k, rope), v))
     return out
 
 

@@ -46,15 +46,15 @@ class Recorder:
 
 
 def run_main(monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[Recorder, list[int]]:
-    """Run `mistral ARGS` in-process, counting forward calls of the real model."""
+    """Run `mistral ARGS` in-process, counting forward calls of the real model (each runs Transformer.step once)."""
     calls = [0]
-    forward = Transformer.forward
+    step = Transformer.step
 
-    def counting_forward(self: Transformer, *a: Any, **kw: Any) -> torch.Tensor:
+    def counting_step(self: Transformer, *a: Any, **kw: Any) -> torch.Tensor:
         calls[0] += 1
-        return forward(self, *a, **kw)
+        return step(self, *a, **kw)
 
-    monkeypatch.setattr(Transformer, "forward", counting_forward)
+    monkeypatch.setattr(Transformer, "step", counting_step)
     out = Recorder(calls)
     monkeypatch.setattr(sys, "stdout", out)
     monkeypatch.setattr(sys, "argv", ["mistral", *args])
@@ -96,7 +96,8 @@ def test_chat_keeps_conversation_in_cache(default_model: tuple) -> None:
     model, tokenizer = default_model
     chat = Conversation(model, tokenizer, max_context=4096, max_tokens=40, temperature=0.0, top_p=1.0)
     fed: list[int] = []
-    hook = model.register_forward_pre_hook(lambda module, args: fed.append(args[0].numel()))
+    first_layer = next(iter(model.layers.values()))
+    hook = first_layer.register_forward_pre_hook(lambda module, args: fed.append(args[0].shape[0]))  # tokens of each call
     try:
         first = chat.say("Write a function that parses a path.")
         held = chat.cache.lengths[0]

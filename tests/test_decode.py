@@ -1,109 +1,149 @@
-"""The fast path (mistral/decode.py) computes what the reference path computes.
+"""The fast path (mistral/decode.py) runs the model's own modules, and their pieces are right.
 
-On the CPU its pieces run uncompiled and without graphs; MISTRAL_TEST_DEVICE=cuda runs
-them compiled and, for decoding, replayed from a CUDA graph.
+On the CPU the Runner calls Transformer.step uncompiled; MISTRAL_TEST_DEVICE=cuda runs
+it compiled and, for decoding, replayed from a CUDA graph.
 """
+
+import math
 
 import pytest
 import torch
-from conftest import DEVICE, RTOL, random_model, rel_error, tiny_args
+from conftest import DEVICE, DTYPE, RTOL, random_model, rel_error, tiny_args
 
-from mistral import decode
+from mistral import Transformer
 from mistral.cache import CacheInputs
-from mistral.decode import GraphDecoder, fused_weights, moe_static, rotary
-from mistral.model import apply_rotary_emb, precompute_freqs_cis
+from mistral.decode import Runner
+from mistral.model import apply_rotary_emb, rotary_cos_sin
 from mistral.moe import MoeLayer
 
 
-@pytest.fixture(autouse=True)
-def compile_on_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    # torch.compile on the CPU needs a C++ toolchain and minutes; the CPU checks the math.
-    monkeypatch.setattr(decode, "COMPILE", DEVICE.type == "cuda")
-
-
-def test_rotary_equals_complex_rotary() -> None:
+@pytest.mark.parametrize("theta", [1e4, 1e6, 1e8])
+def test_rotary_matches_closed_form(theta: float) -> None:
+    """Pair j of the head at position p turns by p * theta^(-2j/Dh), written out in float64."""
     torch.manual_seed(0)
-    x = torch.randn(7, 4, 16, device=DEVICE, dtype=torch.float32)
-    freqs_cis = precompute_freqs_cis(torch.arange(100, 107, device=DEVICE), 16, 1e6)
-    assert rel_error(rotary(x, torch.view_as_real(freqs_cis)), apply_rotary_emb(x, freqs_cis)) < 1e-6
+    T, H, Dh = 6, 3, 16
+    positions = torch.tensor([0, 1, 7, 100, 2047, 4095])
+    x = torch.randn(T, H, Dh, dtype=torch.float64)
+    want = torch.empty_like(x)
+    for t, p in enumerate(positions.tolist()):
+        for j in range(Dh // 2):
+            angle = p * theta ** (-2 * j / Dh)
+            a, b = x[t, :, 2 * j], x[t, :, 2 * j + 1]
+            want[t, :, 2 * j] = a * math.cos(angle) - b * math.sin(angle)
+            want[t, :, 2 * j + 1] = a * math.sin(angle) + b * math.cos(angle)
+    got = apply_rotary_emb(x.float().to(DEVICE), rotary_cos_sin(positions.to(DEVICE), Dh, theta))
+    # Angles are float32, as in HF and Mistral's code: at position 4095 they are off by up to 2.4e-4.
+    assert rel_error(got.cpu(), want) < 1e-3
+    assert rel_error(got.cpu(), x) > 0.5  # it did rotate
 
 
 @pytest.mark.parametrize("T", [1, 2, 3, 16])  # T * 2 <= 4 experts: matrix-vector products; more: grouped
-def test_static_moe_equals_moe_layer(T: int) -> None:
-    model = random_model(tiny_args(moe=True))
-    moe = model.layers["0"].feed_forward
+def test_moe_forward_equals_reference_loop(T: int) -> None:
+    moe = random_model(tiny_args(moe=True)).layers["0"].feed_forward
     assert isinstance(moe, MoeLayer)
     torch.manual_seed(T)
-    x = torch.randn(T, model.args.dim, device=DEVICE, dtype=model.dtype)
-    want = moe(x)
-    stacks = fused_weights(model)[0][2]
-    assert stacks is not None
-    assert rel_error(moe_static(moe, x, stacks), want) < RTOL
-
-
-def test_fused_weights_keep_the_checkpoint(moe: bool) -> None:
-    model = random_model(tiny_args(moe=moe))
-    before = {n: t.clone() for n, t in model.state_dict().items()}
-    first = fused_weights(model)
-    after = model.state_dict()
-    assert list(after) == list(before) and all(torch.equal(after[n], before[n]) for n in before)
-    assert fused_weights(model)[0][0].data_ptr() == first[0][0].data_ptr()  # fused once, then found in place
-    # The parameters are views of the fused tensors: an update of one is seen by the other.
+    x = torch.randn(T, 64, device=DEVICE, dtype=DTYPE)
     with torch.no_grad():
-        model.layers["0"].attention.wk.weight.fill_(0.5)
-    q_rows, kv_rows = model.args.n_heads * model.args.head_dim, model.args.n_kv_heads * model.args.head_dim
-    assert bool((first[0][0][q_rows : q_rows + kv_rows] == 0.5).all())
+        assert rel_error(moe(x), moe.reference(x)) < RTOL
 
 
-def test_fast_path_equals_model_forward(moe: bool) -> None:
+def test_state_dict_shows_checkpoint_tensors_as_views(moe: bool) -> None:
+    model = random_model(tiny_args(moe=moe))
+    names = list(model.state_dict())
+    ffn = ["experts.0.w1", "experts.0.w2", "experts.0.w3", "experts.3.w3"] if moe else ["w1", "w2", "w3"]
+    for name in ["wq", "wk", "wv", "wo"]:
+        assert f"layers.1.attention.{name}.weight" in names
+    for name in ffn:
+        assert f"layers.1.feed_forward.{name}.weight" in names
+    assert not any("wqkv" in n or "w13" in n for n in names)
+    args = model.args
+    assert model.state_dict()["layers.0.attention.wk.weight"].shape == (args.n_kv_heads * args.head_dim, args.dim)
+    # Writing into a view writes into the model: how from_folder loads in place.
+    ids = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6], device=DEVICE)
+    with torch.no_grad():
+        before = model(ids, [8])
+        model.state_dict()["layers.1.attention.wv.weight"].mul_(3)
+        after = model(ids, [8])
+    assert rel_error(after, before) > 100 * RTOL
+    # load_state_dict takes the checkpoint's names.
+    other = random_model(tiny_args(moe=moe), seed=1)
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(other(ids, [8]), after)
+
+
+def test_runner_equals_model_forward(moe: bool) -> None:
     """Packed prefill, a chunk on top of it, then decode steps past the window: same logits."""
     model = random_model(tiny_args(moe=moe, sliding_window=8))
-    weights = fused_weights(model)
     ref, fast = model.make_cache(2, 64), model.make_cache(2, 64)
+    runner = Runner(model, fast, 2)
     torch.manual_seed(1)
     with torch.inference_mode():
-        for seqlens in ([5, 3], [4, 6], [1, 1], [1, 1], [1, 1], [1, 1], [1, 1], [1, 1]):
+        for seqlens in ([5, 3], [4, 6]):
             ids = torch.randint(0, model.args.vocab_size, (sum(seqlens),), device=DEVICE)
-            want = model(ids, seqlens, ref)
-            inputs = fast.prepare(seqlens)
-            got = decode.run(model, ids, inputs, fast, len(seqlens), weights)
-            fast.advance(seqlens)
-            assert rel_error(got, want) < RTOL, (seqlens, inputs.kind)
+            assert rel_error(runner.prefill(ids, seqlens), model(ids, seqlens, ref)) < RTOL
+        tokens = torch.tensor([4, 6], device=DEVICE)
+        for _ in range(12):  # past the window: the rolling buffer wraps (inside the graph on CUDA)
+            want = model(tokens, [1, 1], ref)
+            assert rel_error(runner.decode(tokens), want) < RTOL
+            tokens = want.argmax(-1)
     assert fast.lengths == ref.lengths
+    assert (runner.graph is not None) == (DEVICE.type == "cuda")
 
 
-def test_decoder_slots_equal_cache_inputs() -> None:
-    """The decoder's in-place slot arithmetic is CacheInputs.build's decode case, step after step."""
-    args = tiny_args(sliding_window=4)
-    model = random_model(args)
-    cache = model.make_cache(3, 64)
-    cache.lengths[:3] = [0, 2, 5]
-    decoder = GraphDecoder(model, cache, 3)
-    lengths = list(cache.lengths)
+def test_decode_inputs_advance_like_build() -> None:
+    """A captured graph's in-place step (advance_decode) is CacheInputs.build's decode case, step after step."""
+    size, lengths = 4, [0, 2, 5]
+    static = CacheInputs.decode(lengths, size, DEVICE, static=True)
     for _ in range(6):  # rows wrap past the window of 4
-        want = CacheInputs.build([1, 1, 1], lengths, cache.size, args.sliding_window, model.device)
-        assert decoder.positions.tolist() == want.positions.tolist()
-        assert decoder.inputs.write_to.tolist() == want.write_to.tolist()
-        assert decoder.kv_seqlen.tolist() == want.mask.k_seqinfo.seqlen.tolist()
-        decoder.positions += 1
-        decoder._set_slots()
+        want = CacheInputs.build([1, 1, 1], lengths, size, size, DEVICE)
+        assert want.kind == "decode"
+        assert static.positions.tolist() == want.positions.tolist()
+        assert static.write_to.tolist() == want.write_to.tolist()  # type: ignore[union-attr]
+        assert static.mask.k_seqinfo.seqlen.tolist() == want.mask.k_seqinfo.seqlen.tolist()
+        static.advance_decode()
         lengths = [n + 1 for n in lengths]
 
 
-@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs run on CUDA only; the CPU path is the reference")
-def test_graph_decode_equals_eager_decode(moe: bool) -> None:
+def test_hooks_on_attention_and_feed_forward_reach_the_fast_path(moe: bool) -> None:
+    """A forward hook that changes a module's output changes the Runner's logits exactly as model.forward's."""
     model = random_model(tiny_args(moe=moe, sliding_window=8))
-    assert decode.usable(model)
-    prompts = [[5, 9, 2, 7, 1], [3, 3, 8]]
-    eager, graphed = model.make_cache(2, 64), model.make_cache(2, 64)
-    with torch.inference_mode():
-        for cache in (eager, graphed):
-            model(torch.tensor(sum(prompts, []), device=DEVICE), [len(p) for p in prompts], cache)
-        decoder = GraphDecoder(model, graphed, 2)
-        tokens = torch.tensor([4, 6], device=DEVICE)
-        for _ in range(12):  # past the window: the rolling buffer wraps inside the graph
-            want = model(tokens, [1, 1], eager)
-            got = decoder.step(tokens)
-            assert rel_error(got, want) < RTOL
-            tokens = want.argmax(-1)
-    assert graphed.lengths == eager.lengths
+    prompts = torch.randint(0, model.args.vocab_size, (9,), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+
+    def run(fast: bool) -> list[torch.Tensor]:
+        cache = model.make_cache(1, 32)
+        runner = Runner(model, cache, 1)
+        call = runner.prefill if fast else lambda ids, seqlens: model(ids, seqlens, cache)
+        step = runner.decode if fast else lambda ids: model(ids, [1], cache)
+        with torch.inference_mode():
+            out = [call(prompts, [9])[-1:].clone()]
+            tokens = out[0].argmax(-1)
+            for _ in range(4):
+                out.append(step(tokens).clone())
+                tokens = out[-1].argmax(-1)
+        return out
+
+    plain = run(fast=False)
+    layer = model.layers["1"]
+    hooks = [
+        layer.attention.register_forward_hook(lambda m, args, out: out * 0.5),
+        layer.feed_forward.register_forward_hook(lambda m, args, out: out + 0.25),
+    ]
+    try:
+        want, got = run(fast=False), run(fast=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    for g, w, p in zip(got, want, plain, strict=True):
+        assert rel_error(w, p) > 10 * RTOL  # the hooks matter
+        assert rel_error(g, w) < RTOL
+
+
+def test_random_weights_are_seeded_by_name() -> None:
+    """Transformer.random draws each checkpoint tensor from (seed, its name): reproducible, and new for a new seed."""
+    args = tiny_args(moe=True)
+    a = Transformer.random(args, seed=5, device=DEVICE, dtype=DTYPE).state_dict()
+    b = Transformer.random(args, seed=5, device=DEVICE, dtype=DTYPE).state_dict()
+    c = Transformer.random(args, seed=6, device=DEVICE, dtype=DTYPE).state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not any(torch.equal(a[n], c[n]) for n in a)

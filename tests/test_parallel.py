@@ -1,0 +1,302 @@
+"""Parallel runs (mistral/parallel.py) against the single-process model.
+
+Pipeline stages, tensor-parallel ranks and both together run on the CPU over gloo,
+whatever MISTRAL_TEST_DEVICE says: spawning a group is the slow part, so each group
+runs every check in one go (the `group` fixture) and the tests below compare what each
+rank saw with the plain model. 5 layers; P pipeline stages x T tensor ranks; five
+prompts, the longest past the window of 8, in a cache that wraps.
+"""
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import random_model, rel_error, tiny_args
+from mistral import MistralError, ModelArgs, Transformer, parallel
+from mistral.generate import generate
+from mistral.model import TENSOR_SPLIT_DIM
+from mistral.tokenizer import Tokenizer
+
+# Both sides compute in float32 on the CPU: the logits agree to rounding (summed in another order across ranks).
+RTOL = 1e-5
+KINDS = ("mistral", "mixtral")
+N_LAYERS = 5
+PROMPTS = [
+    [1, 5, 7, 9, 11, 3, 4, 5, 6, 7, 8, 9, 10, 2, 30, 31, 32, 33, 34],  # past the window of 8
+    [1, 2, 3],
+    [1, 50, 60, 70, 80, 90, 91, 92, 93, 94, 95, 96],
+    [1, 40, 41, 42, 43, 44, 45, 46, 47],
+    [1],
+]
+MAX_TOKENS = 12
+MICRO_BATCHES = (1, 2, 5, None)  # None: the default
+SAMPLING = dict(temperature=0.9, top_p=0.95, seed=123)
+# (P, T): pipeline stages x tensor ranks. T = 3 needs heads that 3 divides.
+LAYOUTS = [(2, 1), (3, 1), (1, 2), (1, 3), (2, 2)]
+
+
+def heads(T: int) -> tuple[int, int]:
+    return (6, 3) if T == 3 else (4, 2)
+
+
+def model_args(kind: str, T: int) -> ModelArgs:
+    n_heads, n_kv_heads = heads(T)
+    return dataclasses.replace(tiny_args(moe=kind == "mixtral", n_layers=N_LAYERS), n_heads=n_heads, n_kv_heads=n_kv_heads)
+
+
+def packed(prompts: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+    return torch.tensor(sum(prompts, [])), [len(p) for p in prompts]
+
+
+def cached_calls() -> list[tuple[torch.Tensor, list[int]]]:
+    """Two prefill chunks (rows 1 and 4 get none in the second), then two decode steps."""
+    calls = [packed([p[:6] for p in PROMPTS]), packed([p[6:] for p in PROMPTS])]
+    return calls + [packed([[b + 3] for b in range(len(PROMPTS))]), packed([[b + 7] for b in range(len(PROMPTS))])]
+
+
+def run_checks(model: Transformer) -> dict[str, Any]:
+    """Everything we compare, computed by a parallel rank or by the single-process model."""
+    out: dict[str, Any] = {"logits": model(*packed(PROMPTS))}
+    cache = model.make_cache(len(PROMPTS), 40)
+    out["cache_shape"] = tuple(cache.k.shape)
+    out["cached_logits"] = [model(ids, seqlens, cache) for ids, seqlens in cached_calls()]
+    for m in MICRO_BATCHES:
+        out[f"greedy_{m}"] = generate(PROMPTS, model, max_tokens=MAX_TOKENS, micro_batches=m)
+    out["chunked"] = generate(PROMPTS, model, max_tokens=MAX_TOKENS, chunk_size=5, micro_batches=2)
+    # An eos that greedy decoding reaches early in prompt 1 and late in prompt 2 (or never).
+    out["eos_id"] = eos_id = out["greedy_1"][0][1][2]
+    out["eos"] = generate(PROMPTS, model, max_tokens=MAX_TOKENS, eos_id=eos_id, micro_batches=2)
+    out["sampled_1"] = generate(PROMPTS, model, max_tokens=MAX_TOKENS, micro_batches=1, **SAMPLING)
+    out["sampled_2"] = generate(PROMPTS, model, max_tokens=MAX_TOKENS, micro_batches=2, **SAMPLING)
+    return out
+
+
+def worker(rank: int, P: int, T: int, port: int, folders: dict[str, Path], out_dir: Path) -> None:
+    """One rank of a group: run the checks on every model kind, save what it saw."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(P * T), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    layout, device = parallel.init(P, T, "cpu")
+    assert (layout.world_rank, device) == (rank, torch.device("cpu"))
+    results: dict[str, Any] = {"layout": layout}
+    for kind, folder in folders.items():
+        model = Transformer.from_folder(folder, num_pipeline_ranks=P, num_tensor_ranks=T)
+        r = results[kind] = run_checks(model)
+        r["shapes"] = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+        shard = Transformer.random(model.args, seed=5, num_pipeline_ranks=P, num_tensor_ranks=T).state_dict()
+        whole = Transformer.random(model.args, seed=5).state_dict()
+        r["random_shard_is_whole"] = all(
+            torch.equal(t, whole[n] if T == 1 or n.split(".")[-2] not in TENSOR_SPLIT_DIM
+                        else whole[n].chunk(T, TENSOR_SPLIT_DIM[n.split(".")[-2]])[layout.tensor_rank])
+            for n, t in shard.items()
+        )  # fmt: skip
+    errors = results["errors"] = {}
+    for name, bad in {
+        "world": lambda: Transformer.random(model_args("mistral", T), num_pipeline_ranks=P * T + 1),
+        "init": lambda: parallel.init(P * T + 1),
+        "split": lambda: Transformer.random(model_args("mistral", 2), num_tensor_ranks=3),
+        "micro_batches": lambda: generate(PROMPTS, model, max_tokens=2, micro_batches=0),
+    }.items():
+        try:
+            bad()
+        except MistralError as e:
+            errors[name] = str(e)
+    torch.save(results, out_dir / f"rank{rank}.pt")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], Path]:
+    """A model folder per kind and head count (T = 3 needs 6 / 3 heads)."""
+    out = {}
+    for kind in KINDS:
+        for T in (1, 3):
+            folder = out[kind, T] = tmp_path_factory.mktemp(f"{kind}{T}")
+            random_model(model_args(kind, T)).to("cpu").save(folder)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(folders: dict[tuple[str, int], Path]) -> dict[tuple[str, int], dict[str, Any]]:
+    return {key: run_checks(Transformer.from_folder(folder)) for key, folder in folders.items()}
+
+
+@pytest.fixture(scope="module", params=LAYOUTS, ids=[f"P{P}xT{T}" for P, T in LAYOUTS])
+def group(request: pytest.FixtureRequest, folders: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, int, list[dict]]:
+    """(P, T, what each rank of a P x T process group saw)."""
+    P, T = request.param
+    out_dir = tmp_path_factory.mktemp(f"group{P}x{T}")
+    mine = {kind: folders[kind, 3 if T == 3 else 1] for kind in KINDS}
+    context = mp.start_processes(worker, args=(P, T, free_port(), mine, out_dir), nprocs=P * T, join=False, start_method="spawn")
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=1):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"the {P} x {T} ranks did not finish: a send without its receive?")
+    return P, T, [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(P * T)]
+
+
+def want(reference: dict, kind: str, T: int) -> dict[str, Any]:
+    return reference[kind, 3 if T == 3 else 1]
+
+
+def test_layers_split_as_evenly_as_possible() -> None:
+    assert [list(parallel.Layout(r, 3).layers(5)) for r in range(3)] == [[0, 1], [2, 3], [4]]
+    for n in range(1, 9):
+        for P in range(1, n + 1):
+            ranges = [list(parallel.Layout(r, P).layers(n)) for r in range(P)]
+            assert sum(ranges, []) == list(range(n))
+            assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
+
+
+def test_bad_layouts_are_errors_before_any_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(MistralError, match="num_pipeline_ranks=3 exceeds the model's n_layers=2"):
+        Transformer(tiny_args(n_layers=2), layout=parallel.Layout(0, 3))
+    with pytest.raises(MistralError, match="^num_tensor_ranks=3 does not divide the model's n_kv_heads=2$"):
+        Transformer.random(tiny_args(), num_tensor_ranks=3)
+    with pytest.raises(MistralError, match="^num_tensor_ranks=4 does not divide the model's hidden_dim=98$"):
+        Transformer.random(dataclasses.replace(tiny_args(), n_heads=8, n_kv_heads=4, hidden_dim=96 + 2), num_tensor_ranks=4)
+    with pytest.raises(MistralError, match="needs a torch.distributed process group of 2 processes"):
+        Transformer.random(tiny_args(n_layers=2), num_pipeline_ranks=2)
+    with pytest.raises(MistralError, match="tensor_rank must be in 0..1, got 2"):
+        parallel.Layout(0, 1, 2, 2)
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(MistralError, match=r"torchrun --nproc-per-node 4 -m mistral generate MODEL_DIR \.\.\. --num_pipeline_ranks 2 --num_tensor_ranks 2"):
+        parallel.init(2, 2)
+
+
+def test_each_rank_holds_only_its_part(group: tuple) -> None:
+    P, T, ranks = group
+    for kind in KINDS:
+        args = model_args(kind, T)
+        H, H_kv = heads(T)
+        for rank, r in enumerate(ranks):
+            layout = r["layout"]
+            assert (layout.pipeline_rank, layout.tensor_rank) == divmod(rank, T)
+            shapes = r[kind]["shapes"]
+            layers = {int(n.split(".")[1]) for n in shapes if n.startswith("layers.")}
+            assert layers == set(layout.layers(N_LAYERS))
+            assert ("tok_embeddings.weight" in shapes) == layout.is_first
+            assert ("output.weight" in shapes) == ("norm.weight" in shapes) == layout.is_last
+            L = min(layers)
+            assert shapes[f"layers.{L}.attention.wq.weight"] == (H // T * args.head_dim, args.dim)
+            assert shapes[f"layers.{L}.attention.wk.weight"] == (H_kv // T * args.head_dim, args.dim)
+            assert shapes[f"layers.{L}.attention.wo.weight"] == (args.dim, H // T * args.head_dim)
+            w2 = f"layers.{L}.feed_forward." + ("experts.0.w2.weight" if kind == "mixtral" else "w2.weight")
+            assert shapes[w2] == (args.dim, args.hidden_dim // T)
+            # Its cache: its layers, its KV heads.
+            assert r[kind]["cache_shape"] == (len(layers), len(PROMPTS), 8, H_kv // T, args.head_dim)
+        # Every tensor of the checkpoint is on some rank.
+        assert {n for r in ranks for n in r[kind]["shapes"]} == set(Transformer.random(args).state_dict())
+
+
+def test_random_shards_are_the_whole_models_slices(group: tuple) -> None:
+    assert all(r[kind]["random_shard_is_whole"] for r in group[2] for kind in KINDS)
+
+
+def test_logits_equal_single_process(group: tuple, reference: dict) -> None:
+    P, T, ranks = group
+    for kind in KINDS:
+        expected = want(reference, kind, T)
+        for r in ranks:
+            assert rel_error(r[kind]["logits"], expected["logits"]) < RTOL
+            for got, w in zip(r[kind]["cached_logits"], expected["cached_logits"], strict=True):
+                assert rel_error(got, w) < RTOL
+
+
+@pytest.mark.parametrize("check", [f"greedy_{m}" for m in MICRO_BATCHES] + ["chunked", "eos"])
+def test_greedy_tokens_equal_single_process(group: tuple, reference: dict, check: str) -> None:
+    P, T, ranks = group
+    for kind in KINDS:
+        expected = want(reference, kind, T)
+        tokens, logprobs = expected[check]
+        for r in ranks:
+            assert r[kind]["eos_id"] == expected["eos_id"]
+            assert r[kind][check][0] == tokens
+            for got, w in zip(r[kind][check][1], logprobs):
+                assert got == pytest.approx(w, rel=1e-4, abs=1e-4)
+    assert any(len(t) < MAX_TOKENS for t in want(reference, "mistral", T)["eos"][0])  # eos did stop a sequence
+
+
+def test_sampling_is_the_same_on_every_rank(group: tuple, reference: dict) -> None:
+    P, T, ranks = group
+    for kind in KINDS:
+        expected = want(reference, kind, T)
+        # One micro-batch draws exactly as the single process does.
+        assert all(r[kind]["sampled_1"][0] == expected["sampled_1"][0] for r in ranks)
+        # Micro-batches draw in another order, but every rank returns the sampler's draws.
+        sampler = ranks[(P - 1) * T][kind]["sampled_2"][0]
+        assert all(r[kind]["sampled_2"][0] == sampler for r in ranks)
+        assert expected["sampled_1"][0] != expected["greedy_1"][0]
+
+
+def test_bad_parallel_options_are_clear_errors(group: tuple) -> None:
+    P, T, ranks = group
+    n = P * T
+    for r in ranks:
+        errors = r["errors"]
+        assert errors["world"] == (
+            f"num_pipeline_ranks={n + 1} x num_tensor_ranks=1 needs {n + 1} processes, but the process group has {n}: "
+            f"torchrun --nproc-per-node {n + 1} -m mistral generate MODEL_DIR ... --num_pipeline_ranks {n + 1}"
+        )
+        assert errors["init"] == (
+            f"num_pipeline_ranks={n + 1} x num_tensor_ranks=1 needs {n + 1} processes, but torchrun started {n} "
+            "(nodes x --nproc-per-node)"
+        )
+        assert errors["split"] == "num_tensor_ranks=3 does not divide the model's n_kv_heads=2"
+        assert errors["micro_batches"] == "micro_batches must be a positive integer, got 0"
+
+
+@pytest.mark.parametrize("flag", ["--num_pipeline_ranks", "--num_tensor_ranks"])
+def test_torchrun_command_line_prints_once_and_matches_one_process(tmp_path: Path, flag: str) -> None:
+    from make_tiny_model import make_tiny_model
+
+    folder = make_tiny_model(str(tmp_path / "model"), n_layers=3, moe=True)
+    prompts = ["def fibonacci(n):", "import os", "class Path:"]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+        "-m", "mistral", "generate", str(folder), *prompts, flag, "2", "--max_tokens", "10", "--json",
+        "--device", "cpu",  # gloo on any machine: the reference below runs on the CPU too
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=150, env=env)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)["results"]  # one JSON object: rank 1 printed nothing
+
+    tokenizer = Tokenizer(folder / "tokenizer.model")
+    model = Transformer.from_folder(folder)
+    encoded = [tokenizer.encode(p, bos=True) for p in prompts]
+    tokens, _ = generate(encoded, model, max_tokens=10, eos_id=tokenizer.eos_id, seed=0)
+    assert [r["tokens"] for r in results] == tokens
+    assert [r["prompt_tokens"] for r in results] == encoded
+
+
+def test_gpu_script_runs_on_cpu(tmp_path: Path) -> None:
+    """scripts/pipeline_gpu.py with tiny shapes over gloo: its 1-rank vs 2-rank check holds."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "pipeline_gpu.py"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+        str(script), "--tiny", "--device", "cpu", "--out", str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=150, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "pipeline.json").read_text())
+    check = results["check"]
+    assert check["tokens_equal_micro_batches_1"] and check["tokens_equal_micro_batches_2"]
+    assert check["logits_rel_error"] < RTOL
+    assert results["b4"]["micro"]["micro_batches"] == 2 and results["b4"]["plain"]["e2e_tok_s"] > 0
