@@ -2,8 +2,8 @@
 
 Random weights of the real shapes are built directly on the device (no files). One run
 measures, for each model: prefill of one long prompt and of packed prompts, time to
-first token, decode tok/s at several batch sizes (the CUDA-graph path of
-mistral/decode.py, and the eager path for comparison), end-to-end generation, peak
+first token, decode tok/s at several batch sizes (the compiled CUDA-graph path of
+mistral/decode.py, and uncompiled / eager for comparison), end-to-end generation, peak
 memory; the floors (measured copy bandwidth and matmul rate turned into minimum times);
 and HF transformers on the same shapes, eager and with a compiled static cache.
 The table of ratios is printed last; everything goes to <out>/bench.json.
@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from mistral import ModelArgs, MoeArgs, Transformer
-from mistral import decode as fast
+from mistral.decode import Runner, compiled_block, usable
 from mistral.generate import generate
 
 MISTRAL_7B = dict(
@@ -152,19 +152,7 @@ def prefill_floor(args: ModelArgs, seqlens: list[int], ceil: dict, bytes_per: in
 
 def build_ours(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
     """Random weights straight on the device, in dtype: no float32 copy of 7B parameters."""
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = Transformer(args)
-    finally:
-        torch.set_default_dtype(default)
-    model = model.to_empty(device=device)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(std=args.dim**-0.5)
-    return model.eval()
+    return Transformer.random(args, device=device, dtype=dtype)
 
 
 def build_hf(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -202,45 +190,44 @@ def bench_ours(name: str, args: ModelArgs, cfg: argparse.Namespace, device: torc
         for label, seqlens in ((f"1x{cfg.prefill_len}", [cfg.prefill_len]), (f"8x{cfg.prefill_len // 8}", [cfg.prefill_len // 8] * 8)):
             ids = torch.randint(0, V, (sum(seqlens),), device=device)
             cache = model.make_cache(len(seqlens), max(seqlens))
-            t = timed(lambda: (cache.reset(), model(ids, seqlens, cache)), device, reps=cfg.reps)
+            eager, fast = Runner(model, cache, len(seqlens), compile=False), Runner(model, cache, len(seqlens))
+            t = timed(lambda: (cache.reset(), eager.prefill(ids, seqlens)), device, reps=cfg.reps)
             r[f"eager_prefill_{label}_tok_s"] = sum(seqlens) / t
-            if fast.usable(model):  # what generate runs on CUDA
-                t = timed(lambda: (cache.reset(), fast.prefill(model, ids, seqlens, cache)), device, reps=cfg.reps, warmup=2)
+            t = timed(lambda: (cache.reset(), fast.prefill(ids, seqlens)), device, reps=cfg.reps, warmup=2)  # what generate runs
             r[f"prefill_{label}_tok_s"] = sum(seqlens) / t
         if device.type == "cuda" and cfg.profile:
             ids = torch.randint(0, V, (cfg.prefill_len,), device=device)
             cache = model.make_cache(1, cfg.prefill_len)
-            r["profile_prefill"] = profile(lambda: (cache.reset(), fast.prefill(model, ids, [cfg.prefill_len], cache)))
+            runner = Runner(model, cache, 1)
+            r["profile_prefill"] = profile(lambda: (cache.reset(), runner.prefill(ids, [cfg.prefill_len])))
     with section(f"{name}/ours/ttft", out) as r:
         for length in (P, cfg.prefill_len):
             prompts = random_prompts(1, length, V)
             r[f"ttft_{length}_ms"] = 1e3 * timed(lambda: generate(prompts, model, max_tokens=1), device, reps=cfg.reps)
-            if fast.usable(model):
-                fast.CUDA_GRAPHS = False  # the eager reference path
-                r[f"eager_ttft_{length}_ms"] = 1e3 * timed(lambda: generate(prompts, model, max_tokens=1), device, reps=cfg.reps)
-                fast.CUDA_GRAPHS = True
+            if usable(model):
+                eager = dict(compile=False, cuda_graphs=False)
+                r[f"eager_ttft_{length}_ms"] = 1e3 * timed(lambda: generate(prompts, model, max_tokens=1, **eager), device, reps=cfg.reps)
     with section(f"{name}/ours/check_graph_vs_eager", out) as r:
-        if fast.usable(model):
+        if usable(model):
             r.update(check_graph(model, device, V, B=4, steps=16))
     for B in cfg.batches:
         if B > args.max_batch_size:
             continue
         with section(f"{name}/ours/decode_b{B}", out) as r:
             prompts = random_prompts(B, P, V, seed=B)
-            variants = [("graph", True, True)]
+            variants: list[tuple[str, Optional[bool], Optional[bool]]] = [("graph", None, None)]  # the defaults
             if B in (1, max(cfg.batches)) and device.type == "cuda":
                 variants += [("graph_nocompile", True, False), ("eager", False, False)]
             for label, graphs, compiled in variants:
-                fast.CUDA_GRAPHS, fast.COMPILE = graphs, compiled
-                if fast.usable(model):
-                    r[f"{label}_step_ms"] = 1e3 * step_time(model, prompts, device, steps=cfg.steps)
-                t1 = timed(lambda: generate(prompts, model, max_tokens=1), device, reps=1)
-                tn = timed(lambda: generate(prompts, model, max_tokens=N), device, reps=1)
+                fast = dict(compile=compiled, cuda_graphs=graphs)
+                if graphs is not False and usable(model):
+                    r[f"{label}_step_ms"] = 1e3 * step_time(model, prompts, device, steps=cfg.steps, **fast)
+                t1 = timed(lambda: generate(prompts, model, max_tokens=1, **fast), device, reps=1)
+                tn = timed(lambda: generate(prompts, model, max_tokens=N, **fast), device, reps=1)
                 r[f"{label}_decode_tok_s"] = B * (N - 1) / (tn - t1)  # capture included
                 r[f"{label}_e2e_{B}x{N}_tok_s"] = B * N / tn
-                if label == "graph" and fast.usable(model):
+                if label == "graph" and usable(model):
                     r["graph_steady_tok_s"] = B / (r["graph_step_ms"] / 1e3)
-            fast.CUDA_GRAPHS, fast.COMPILE = True, True
     if not args.moe:
         with section(f"{name}/ours/throughput_32x{N}", out) as r:
             B = min(32, args.max_batch_size)
@@ -251,9 +238,9 @@ def bench_ours(name: str, args: ModelArgs, cfg: argparse.Namespace, device: torc
         with section(f"{name}/ours/profile_decode_b1", out) as r, torch.inference_mode():
             cache = model.make_cache(1, P + 8)
             model(torch.randint(0, V, (P,), device=device), [P], cache)
-            decoder = fast.GraphDecoder(model, cache, 1)
-            decoder._forward()
-            r["profile_decode_b1"] = profile(decoder._forward)
+            tokens = torch.zeros(1, dtype=torch.long, device=device)
+            # One step of the compiled blocks, uncaptured (a graph's kernels do not show one by one).
+            r["profile_decode_b1"] = profile(lambda: model.step(tokens, cache.prepare([1]), cache, compiled_block()))
     if cfg.micro and not args.moe and device.type == "cuda":
         with section(f"{name}/ours/micro_gemv", out) as r:
             r.update(micro_gemv(model, device))
@@ -262,24 +249,24 @@ def bench_ours(name: str, args: ModelArgs, cfg: argparse.Namespace, device: torc
 
 
 @torch.inference_mode()
-def step_time(model: Transformer, prompts: list[list[int]], device: torch.device, steps: int) -> float:
+def step_time(model: Transformer, prompts: list[list[int]], device: torch.device, steps: int, **fast: Any) -> float:
     """Seconds per replayed decode step (steady state: capture excluded)."""
     B, P = len(prompts), len(prompts[0])
     cache = model.make_cache(B, P + steps + 8)
     model(torch.tensor(sum(prompts, []), device=device), [P] * B, cache)
-    decoder = fast.GraphDecoder(model, cache, B)
+    runner = Runner(model, cache, B, **fast)
     tokens = torch.zeros(B, dtype=torch.long, device=device)
     sync(device)
     t0 = time.perf_counter()
-    decoder.step(tokens)  # capture
+    runner.decode(tokens)  # capture
     sync(device)
-    RESULTS.setdefault("capture_s", {})[f"B{B}_graphs{int(fast.CUDA_GRAPHS)}_compile{int(fast.COMPILE)}"] = time.perf_counter() - t0
+    RESULTS.setdefault("capture_s", {})[f"B{B}_{fast}"] = time.perf_counter() - t0
     for _ in range(3):
-        decoder.step(tokens)
+        runner.decode(tokens)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(steps):
-        decoder.step(tokens)
+        runner.decode(tokens)
     end.record()
     sync(device)
     return start.elapsed_time(end) / 1e3 / steps
@@ -292,12 +279,12 @@ def check_graph(model: Transformer, device: torch.device, V: int, B: int, steps:
     caches = [model.make_cache(B, 100 + steps + 1) for _ in range(2)]
     for cache in caches:
         model(torch.tensor(sum(prompts, []), device=device), [100] * B, cache)
-    decoder = fast.GraphDecoder(model, caches[1], B)
+    runner = Runner(model, caches[1], B)
     tokens = torch.randint(0, V, (B,), device=device)
     errors, agree = [], 0
     for _ in range(steps):
         want = model(tokens, [1] * B, caches[0])
-        got = decoder.step(tokens)
+        got = runner.decode(tokens)
         errors.append(((got - want).norm() / want.norm()).item())
         agree += int((got.argmax(-1) == want.argmax(-1)).sum())
         tokens = want.argmax(-1)
@@ -326,12 +313,11 @@ def profile(fn: Callable[[], Any], top: int = 12) -> list[dict[str, Any]]:
 def micro_gemv(model: Transformer, device: torch.device) -> dict[str, float]:
     """Batch-1 matmuls of one layer: separate wq/wk/wv and w1/w3 against fused, in GB/s."""
     layer = model.layers["0"]
-    a, f = layer.attention, layer.feed_forward
-    wqkv = torch.cat([a.wq.weight, a.wk.weight, a.wv.weight])
-    w13 = torch.cat([f.w1.weight, f.w3.weight])
+    w = layer.state_dict()  # the checkpoint's tensors: views into the fused ones
     res = {}
-    for label, ws in (("qkv_separate", [a.wq.weight, a.wk.weight, a.wv.weight]), ("qkv_fused", [wqkv]),
-                      ("w13_separate", [f.w1.weight, f.w3.weight]), ("w13_fused", [w13]), ("w2", [f.w2.weight]),
+    for label, ws in (("qkv_separate", [w["attention.wq.weight"], w["attention.wk.weight"], w["attention.wv.weight"]]),
+                      ("qkv_fused", [layer.attention.wqkv]), ("w13_separate", [w["feed_forward.w1.weight"], w["feed_forward.w3.weight"]]),
+                      ("w13_fused", [layer.feed_forward.w13]), ("w2", [w["feed_forward.w2.weight"]]),
                       ("output", [model.output.weight])):  # fmt: skip
         x = torch.randn(1, ws[0].shape[1], device=device, dtype=model.dtype)
         graph = torch.cuda.CUDAGraph()

@@ -100,9 +100,9 @@ def plot_rolling_buffer(window: int, path: Path, steps: Sequence[int] = (3, 4, 6
     cache = RotatingBufferCache(1, 1, 10**6, window, 1, 1)
     snapshots = {}
     for n in range(1, max(steps) + 1):
-        cache.prepare([1])
+        inputs = cache.prepare([1])
         position = torch.tensor([[[n - 1.0]]])  # [T=1, H_kv=1, D=1]
-        cache.view(0).update(position, position)
+        cache.view(0, inputs).update(position, position)
         cache.advance([1])
         if n in steps:
             filled = min(n, window)
