@@ -7,7 +7,7 @@ order, so the messages between ranks pair up, and the sampler's tokens reach all
 """
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -265,33 +265,23 @@ def _gather(mbs: list[MicroBatch], step: int, eos_id: Optional[int]) -> tuple[to
 
 
 def generate(
-    encoded_prompts: list[list[int]],
-    model: Transformer,
-    *,
-    max_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    chunk_size: Optional[int] = None,
-    eos_id: Optional[int] = None,
-    seed: Optional[int] = None,
-    micro_batches: Optional[int] = None,
-    compile: Optional[bool] = None,
-    cuda_graphs: Optional[bool] = None,
+    encoded_prompts: list[list[int]], model: Transformer, *, max_tokens: int, **options: Any
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Generated tokens (eos excluded) and their log-probabilities, per prompt.
 
-    More prompts than max_batch_size run as consecutive batches of that size.
+    options: those of `stream` (temperature, top_p, chunk_size, eos_id, seed,
+    micro_batches, compile, cuda_graphs), except `cache`. More prompts than
+    max_batch_size run as consecutive batches of that size.
     """
-    options = dict(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size, eos_id=eos_id, seed=seed,
-        micro_batches=micro_batches, compile=compile, cuda_graphs=cuda_graphs,
-    )
+    if "cache" in options:
+        raise MistralError("generate() makes its own caches: continue a cache with stream(..., cache=...)")
+    eos_id = options.get("eos_id")
     n = model.args.max_batch_size
     all_tokens: list[list[int]] = []
     all_logprobs: list[list[float]] = []
     for first in range(0, max(len(encoded_prompts), 1), n):
         batch = encoded_prompts[first : first + n]
-        steps = list(stream(batch, model, **options))  # type: ignore[arg-type]
+        steps = list(stream(batch, model, max_tokens=max_tokens, **options))
         tokens = torch.stack([t for t, _ in steps], dim=1).tolist() if steps else [[] for _ in batch]
         logprobs = torch.stack([lp for _, lp in steps], dim=1).tolist() if steps else [[] for _ in batch]
         for toks, lps in zip(tokens, logprobs):

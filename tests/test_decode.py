@@ -64,7 +64,7 @@ def test_state_dict_shows_checkpoint_tensors_as_views(moe: bool) -> None:
         before = model(ids, [8])
         model.state_dict()["layers.1.attention.wv.weight"].mul_(3)
         after = model(ids, [8])
-    assert rel_error(after, before) > 100 * RTOL
+    assert rel_error(after, before) > 0.1  # far above RTOL in float32 (1e-4) and bfloat16 (3e-2)
     # load_state_dict takes the checkpoint's names.
     other = random_model(tiny_args(moe=moe), seed=1)
     other.load_state_dict(model.state_dict())
