@@ -45,6 +45,10 @@ def compiled_block() -> RunBlock:
     # parameters to inputs rather than specialising on each module. It guards on the
     # modules' hooks too, so a hook added later recompiles rather than being skipped.
     torch._dynamo.config.skip_nnmodule_hook_guards = False
+    # Legitimate variants of one frame: each mask type (prefill, chunk, decode), with a
+    # cache or without, each layer's own hooks (tensor parallelism), each model shape.
+    # Past the default limit of 8 a frame silently runs eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     return torch.compile(TransformerBlock.forward)
 
 

@@ -180,10 +180,11 @@ def stream(
     continuation's prompt starts with it.
 
     micro_batches: split the batch into this many micro-batches, each with its own
-    cache, that follow each other through the pipeline stages (default 1). They keep
-    every stage busy where the work is compute-bound (long prompts, large batches); a
-    decode step is bound by reading the weights, which each micro-batch reads again.
-    A micro-batch that has finished yields eos (log-probability 0) until the others do.
+    cache, that follow each other through the pipeline stages (default: one per stage,
+    so every stage is busy; 1 on a single process). Each micro-batch reads a stage's
+    weights again, but on 2 stages this was never slower than one batch, and faster
+    for prefill and for mid-sized batches (README's table). A micro-batch that has
+    finished yields eos (log-probability 0) until the others do.
 
     compile, cuda_graphs: the fast path on CUDA (mistral/decode.py); None: where it pays.
 
@@ -193,7 +194,7 @@ def stream(
         encoded_prompts, model.args.vocab_size, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
         chunk_size=chunk_size, seed=seed,
     )
-    M = 1 if micro_batches is None else check_positive_int(micro_batches, "micro_batches")
+    M = model.layout.num_pipeline_ranks if micro_batches is None else check_positive_int(micro_batches, "micro_batches")
     B = len(encoded_prompts)
     if B > model.args.max_batch_size:
         raise MistralError(f"{B} prompts exceed max_batch_size={model.args.max_batch_size}")

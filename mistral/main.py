@@ -224,7 +224,7 @@ def generate(
             torchrun --nproc-per-node 2 -m mistral generate MODEL_DIR "prompt" --num_tensor_ranks 2.
             With both, torchrun starts num_pipeline_ranks x num_tensor_ranks processes.
         micro_batches: with num_pipeline_ranks > 1, run the prompts as this many groups that
-            follow each other through the stages (default 1; pays for long prompts and large batches).
+            follow each other through the stages (default: one per stage).
     """
     folder, prompts = split_model_and_prompts([str(i) for i in inputs])
     if not prompts:

@@ -208,8 +208,11 @@ def silence() -> None:
 
 
 @functools.cache
-def _groups(P: int, T: int) -> tuple[Any, Any]:
-    """(this rank's tensor-parallel group, the tokens group of all ranks).
+def _groups(P: int, T: int) -> tuple[Any, Any, Any]:
+    """(this rank's tensor-parallel group, the tokens group, the activations group).
+
+    The last two hold all ranks, each on communicators of its own: NCCL serializes a
+    point-to-point message with every other operation of its group.
 
     Every rank must create every group, in the same order. Dropped at exit, before the
     default group is destroyed (exit handlers run last registered first): left in this
@@ -223,7 +226,7 @@ def _groups(P: int, T: int) -> tuple[Any, Any]:
         group = dist.new_group(ranks)
         if rank in ranks:
             tensor_group = group
-    return tensor_group, dist.new_group(list(range(P * T)))
+    return tensor_group, dist.new_group(list(range(P * T))), dist.new_group(list(range(P * T)))
 
 
 def _all_reduce(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
@@ -247,7 +250,8 @@ class Link:
 
     def __init__(self, layout: Layout, dim: int, device: torch.device, dtype: torch.dtype):
         self.layout, self.dim, self.device, self.dtype = layout, dim, device, dtype
-        self.tokens_group = _groups(layout.num_pipeline_ranks, layout.num_tensor_ranks)[1] if layout.world_size > 1 else None
+        groups = _groups(layout.num_pipeline_ranks, layout.num_tensor_ranks) if layout.world_size > 1 else (None,) * 3
+        _, self.tokens_group, self.activations_group = groups
         self.sends: deque[Any] = deque()
 
     @property
@@ -256,11 +260,11 @@ class Link:
 
     def recv_activations(self, n_tokens: int) -> torch.Tensor:
         h = torch.empty(n_tokens, self.dim, device=self.device, dtype=self.dtype)
-        dist.recv(h, self.layout.world_rank - self.layout.num_tensor_ranks)
+        dist.recv(h, self.layout.world_rank - self.layout.num_tensor_ranks, group=self.activations_group)
         return h
 
     def send_activations(self, h: torch.Tensor) -> None:
-        self._post(dist.isend(h, self.layout.world_rank + self.layout.num_tensor_ranks))
+        self._post(dist.isend(h, self.layout.world_rank + self.layout.num_tensor_ranks, group=self.activations_group))
 
     def send_tokens(self, tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
         # One message, not two: token ids are exact in float64.

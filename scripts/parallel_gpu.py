@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from bench import MISTRAL_7B, MIXTRAL_8X7B, TINY, TINY_MOE, decode_floor, measure_ceilings, random_prompts, sync
 from mistral import ModelArgs, Transformer, parallel
+from mistral.decode import Runner
 from mistral.generate import generate, stream
 
 # The small model of the check: Mixtral-shaped, big enough for real kernels.
@@ -66,12 +67,15 @@ def check(args: ModelArgs, N: int, device: torch.device) -> dict[str, Any]:
         fast = None
         if device.type == "cuda":  # the bf16 fast path: compiled blocks, graphs with NCCL inside
             fast = generate(prompts, sharded.to(torch.bfloat16), max_tokens=48)[0]
+            if P == 1:
+                out[name] = {"bf16_fast_vs_eager_max_rel_error": fast_vs_eager(sharded, prompts)}
         if dist.get_rank() == 0:  # the single-process reference, while the other ranks wait
             whole = Transformer.random(args, seed=3, device=device)
             want = generate(prompts, whole, max_tokens=48)[0]
             with torch.inference_mode():
                 reference = whole(ids, seqlens)
-            r = out[name] = {f"tokens_equal_micro_batches_{M}": tokens == want for M, tokens in got.items()}
+            r = out.setdefault(name, {})
+            r |= {f"tokens_equal_micro_batches_{M}": tokens == want for M, tokens in got.items()}
             r["logits_rel_error"] = ((logits - reference).norm() / reference.norm()).item()
             if fast is not None:
                 want_fast = generate(prompts, whole.to(torch.bfloat16), max_tokens=48)[0]
@@ -108,6 +112,25 @@ def run(model: Transformer, prompts: list[list[int]], new_tokens: int, micro_bat
         "e2e_tok_s": B * new_tokens / total,
         "peak_gib_per_gpu": [round(p, 2) for p in peaks],
     }
+
+
+@torch.inference_mode()
+def fast_vs_eager(model: Transformer, prompts: list[list[int]], steps: int = 16) -> float:
+    """Teacher-forced, on one stage's ranks: logits of the captured graph (the all-reduces
+    inside) against the eager forward of the same sharded model, same tokens, step after step."""
+    B, n = len(prompts), max(len(p) for p in prompts)
+    prompts = [p[:n] + [1] * (n - len(p)) for p in prompts]
+    caches = [model.make_cache(B, n + steps + 1) for _ in range(2)]
+    ids = torch.tensor(sum(prompts, []), device=model.device)
+    runner = Runner(model, caches[1], B)
+    want, got = model(ids, [n] * B, caches[0]), runner.prefill(ids, [n] * B)
+    errors = [((got - want).norm() / want.norm()).item()]
+    tokens = want.view(B, n, -1)[:, -1].argmax(-1)
+    for _ in range(steps):
+        want, got = model(tokens, [1] * B, caches[0]), runner.decode(tokens)
+        errors.append(((got - want).norm() / want.norm()).item())
+        tokens = want.argmax(-1)
+    return max(errors)
 
 
 def timed_run(model: Transformer, prompts: list[list[int]], new_tokens: int, micro_batches: int, device: torch.device) -> dict:
