@@ -192,6 +192,9 @@ def init(num_pipeline_ranks: int = 1, num_tensor_ranks: int = 1, device: Optiona
             raise MistralError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}")
         local = torch.device("cuda", local_rank)
         torch.cuda.set_device(local)
+    # Our point-to-point messages have process groups of their own (_groups), so NCCL's
+    # warning that it serializes them with the rest of their group is moot.
+    os.environ.setdefault("TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING", "false")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=local if use_cuda else None)
         # NCCL warns at exit about a group left open, which may hide pending operations.
