@@ -54,6 +54,39 @@ def layouts(N: int) -> dict[str, tuple[int, int]]:
     return {f"T={N}": (1, N), f"P={N}": (N, 1)}
 
 
+@torch.inference_mode()
+def check_all_reduce(N: int, device: torch.device) -> dict[str, Any]:
+    """The tensor-parallel sum (one-shot in symmetric memory on CUDA, else the process group)
+    against NCCL's all-reduce, eagerly and replayed from a CUDA graph, at decode's and prefill's sizes."""
+    from mistral.parallel import _AllReduce, _groups
+
+    reducer = _AllReduce(_groups(1, N)[0])
+    out: dict[str, Any] = {}
+    for rows in (1, 32, 1024):
+        g = torch.Generator(device).manual_seed(dist.get_rank() * 100 + rows)
+        x = torch.randn(rows, 4096, device=device, dtype=torch.bfloat16, generator=g)
+        want = x.clone()
+        dist.all_reduce(want)
+        got = reducer(None, (), x.clone())  # type: ignore[arg-type]
+        out[f"eager_{rows}_max_abs_diff"] = (got.float() - want.float()).abs().max().item()
+        if device.type == "cuda" and rows <= 32:
+            static = torch.zeros_like(x)
+            reducer(None, (), static.clone())  # warm-up outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                result = reducer(None, (), static)
+            diffs = []
+            for k in range(3):
+                static.copy_(x * (k + 1))
+                graph.replay()
+                expected = (x * (k + 1)).clone()
+                dist.all_reduce(expected)
+                diffs.append((result.float() - expected.float()).abs().max().item())
+            out[f"graph_{rows}_max_abs_diff"] = max(diffs)
+    out["one_shot"] = reducer.buffers.get(torch.bfloat16) is not None
+    return out
+
+
 def check(args: ModelArgs, N: int, device: torch.device) -> dict[str, Any]:
     """Greedy tokens and logits of N ranks against one rank's whole model (same weights)."""
     prompts = random_prompts(6, 40, args.vocab_size, seed=1) + random_prompts(2, 100, args.vocab_size, seed=2)
@@ -191,6 +224,9 @@ def main() -> None:
             (out / "parallel.json").write_text(json.dumps(results, indent=2) + "\n")
 
     skip = set(cfg.skip.split(","))
+    results["all_reduce"] = check_all_reduce(N, device)
+    log("all-reduce:", json.dumps(results["all_reduce"]))
+    save()
     if "check" not in skip:
         results["check"] = check(ModelArgs(**(TINY_CHECK if cfg.tiny else CHECK)), N, device)
         log(f"check (1 rank vs {N} ranks):", json.dumps(results["check"]))
