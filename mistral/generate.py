@@ -130,26 +130,21 @@ class MicroBatch:
 
         Returns whether the call ends in sampling and, on the last stage, the logits [b, V] to sample.
         """
-        device, runner = model.device, self.runner
-        if self.prefilled == len(self.calls):
-            B = len(self.prompts)
-            x = self.tokens[-1] if model.layout.is_first else link.recv_activations(B)
-            out = runner.decode(x)
-            samples, logits = True, out
-        else:
-            call = self.calls[self.prefilled]
-            x = torch.tensor(call.input_ids, device=device) if model.layout.is_first else link.recv_activations(len(call.input_ids))
-            out = runner.prefill(x, call.seqlens)
-            self.prefilled += 1
-            samples = self.prefilled == len(self.calls)
-            if model.layout.is_last:
-                for b, row in call.ends.items():
-                    self.last_logits[b] = out[row]
-                logits = torch.stack(self.last_logits) if samples else None  # type: ignore[arg-type]
+        decoding = self.prefilled == len(self.calls)
+        call = None if decoding else self.calls[self.prefilled]
+        ids = self.tokens[-1] if call is None else call.input_ids
+        x = torch.as_tensor(ids, device=model.device) if model.layout.is_first else link.recv_activations(len(ids))
+        out = self.runner.decode(x) if call is None else self.runner.prefill(x, call.seqlens)
+        self.prefilled += call is not None
+        samples = self.prefilled == len(self.calls)
         if not model.layout.is_last:
             link.send_activations(out)
             return samples, None
-        return samples, logits if samples else None
+        if call is None:
+            return True, out
+        for b, row in call.ends.items():  # a prompt's last logits come from the call where it ends
+            self.last_logits[b] = out[row]
+        return samples, torch.stack(self.last_logits) if samples else None  # type: ignore[arg-type]
 
 
 @torch.inference_mode()
