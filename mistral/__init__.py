@@ -14,6 +14,7 @@ logging.getLogger("xformers").setLevel(logging.ERROR)
 from mistral.args import ModelArgs, MoeArgs
 from mistral.cache import RotatingBufferCache
 from mistral.errors import MistralError
+from mistral.generation import generate, stream
 from mistral.model import Transformer
 
-__all__ = ["ModelArgs", "MoeArgs", "MistralError", "RotatingBufferCache", "Transformer"]
+__all__ = ["ModelArgs", "MoeArgs", "MistralError", "RotatingBufferCache", "Transformer", "generate", "stream"]

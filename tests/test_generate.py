@@ -8,7 +8,7 @@ import torch
 
 from conftest import DEVICE, DTYPE, RTOL, random_model, rel_error, tiny_args
 from mistral import MistralError, Transformer
-from mistral.generate import generate, sample, stream
+from mistral.generation import generate, sample, stream
 
 W = 8  # tiny_args' sliding window
 
