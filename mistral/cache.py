@@ -194,7 +194,7 @@ class CacheTooLarge(MistralError):
     def __init__(self, needed: int, free: int, fits: int, device: torch.device):
         super().__init__(
             f"the KV cache needs {needed:,} bytes ({needed / 2**30:.1f} GiB) but {device} has {free:,} bytes free: "
-            f"at most {fits:,} tokens per sequence fit"
+            f"{fits:,} tokens per sequence fit"
         )
         self.fits = fits
 

@@ -23,7 +23,8 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Op
     """logits: [B, V] -> tokens [B]. Greedy at temperature 0, else temperature + nucleus (top-p)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # Subtracting the max first keeps a tiny temperature from turning logits into inf - inf.
+    probs = torch.softmax((logits - logits.max(dim=-1, keepdim=True).values) / temperature, dim=-1)
     if top_p < 1:
         # Keep the most likely tokens until their mass reaches top_p; the first always stays.
         probs, order = probs.sort(dim=-1, descending=True)
@@ -235,7 +236,7 @@ def stream(
                 mb_cache = model.make_cache(len(rows), max_seq_len)
             except CacheTooLarge as e:
                 longest = max_seq_len - max_tokens
-                raise MistralError(f"{e}: prompt ({longest}) + max_tokens ({max_tokens}); max_tokens={max(e.fits - longest, 0)} fits") from None
+                raise MistralError(f"{e}, so max_tokens={max(e.fits - longest, 0)} at most after a prompt of {longest}") from None
             runner = Runner(model, mb_cache, len(rows), **fast)
             mbs.append(MicroBatch(encoded_prompts[rows.start : rows.stop], runner, chunk_size or mb_cache.size))
 

@@ -265,14 +265,17 @@ def generate(
         if json:
             return
         if len(prompts) == 1:
+            # The prompt is echoed with the first token, not before: an error while reading
+            # it (the cache does not fit, the logits are NaN) comes before any output.
+            if not printed:
+                write(prompts[0])
+                printed = 1
             write(completions[0].unshown(final))
             return
         while printed < len(prompts) and (final or completions[printed].finish_reason == "eos"):
             write(f"{prompts[printed]}{completions[printed].unshown(final=True)}\n=====\n")
             printed += 1
 
-    if len(prompts) == 1 and not json:
-        write(prompts[0])
     prefill_s = decode_s = 0.0
     options = dict(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size, seed=seed, micro_batches=micro_batches
@@ -452,7 +455,8 @@ def main() -> None:
     try:
         run(sys.argv[1:])
     except MistralError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # The message may quote bytes that were not UTF-8 (lone surrogates): print them escaped.
+        print(f"error: {e}".encode(errors="backslashreplace").decode(), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C: stop quietly, as a shell command does
         print(file=sys.stderr)
