@@ -16,5 +16,6 @@ from mistral.cache import RotatingBufferCache
 from mistral.errors import MistralError
 from mistral.generation import generate, stream
 from mistral.model import Transformer
+from mistral.tokenizer import Tokenizer
 
-__all__ = ["ModelArgs", "MoeArgs", "MistralError", "RotatingBufferCache", "Transformer", "generate", "stream"]
+__all__ = ["ModelArgs", "MoeArgs", "MistralError", "RotatingBufferCache", "Tokenizer", "Transformer", "generate", "stream"]
