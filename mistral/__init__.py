@@ -14,6 +14,8 @@ logging.getLogger("xformers").setLevel(logging.ERROR)
 from mistral.args import ModelArgs, MoeArgs
 from mistral.cache import RotatingBufferCache
 from mistral.errors import MistralError
+from mistral.generation import generate, stream
 from mistral.model import Transformer
+from mistral.tokenizer import Tokenizer
 
-__all__ = ["ModelArgs", "MoeArgs", "MistralError", "RotatingBufferCache", "Transformer"]
+__all__ = ["ModelArgs", "MoeArgs", "MistralError", "RotatingBufferCache", "Tokenizer", "Transformer", "generate", "stream"]

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,12 @@ class ModelArgs:
             raise MistralError(f"ModelArgs.moe must be an object or null, got {self.moe!r}")
         for name in ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size", "max_batch_size"):
             _check_positive_int(self, name)
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            # JSON reads 10000 as an int and Infinity as a float: one is a fine theta, the other garbage.
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise MistralError(f"ModelArgs.{name} must be a finite positive number, got {value!r}")
+            setattr(self, name, float(value))
         if self.sliding_window is not None:  # null: full attention
             _check_positive_int(self, "sliding_window")
         if self.n_heads % self.n_kv_heads:
@@ -58,18 +65,27 @@ class ModelArgs:
 
     @classmethod
     def from_json(cls, path: Path) -> "ModelArgs":
-        try:
-            params = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise MistralError(f"{path}: file not found") from None
-        except json.JSONDecodeError as e:
-            raise MistralError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(params, dict):
-            raise MistralError(f"{path}: expected a JSON object, got {type(params).__name__}")
-        return _build(cls, params, str(path))
+        return _build(cls, read_json(Path(path)), str(path))
 
     def to_json(self, path: Path) -> None:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in a file, or a MistralError naming the file and what is wrong with it."""
+    try:
+        params = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MistralError(f"{path}: file not found") from None
+    except OSError as e:  # a folder, unreadable, ...
+        raise MistralError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise MistralError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise MistralError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise MistralError(f"{path}: expected a JSON object, got {type(params).__name__}")
+    return params
 
 
 def _check_positive_int(args: Any, name: str) -> None:
@@ -87,12 +103,6 @@ def _build(cls: type, params: dict[str, Any], where: str) -> Any:
     if missing:
         raise MistralError(f"{where}: missing required keys {missing}")
     known = {k: v for k, v in params.items() if k in fields}
-    for name in ("norm_eps", "rope_theta"):
-        if name in known and isinstance(known[name], int) and not isinstance(known[name], bool):
-            known[name] = float(known[name])
-    for name, value in known.items():
-        if name in ("norm_eps", "rope_theta") and not (isinstance(value, float) and value > 0):
-            raise MistralError(f"{where}: '{name}' must be a positive number, got {value!r}")
     try:
         return cls(**known)
     except MistralError as e:  # name the file too

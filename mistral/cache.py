@@ -188,6 +188,30 @@ class CacheView:
         return keys, values
 
 
+class CacheTooLarge(MistralError):
+    """The cache would not fit the device's free memory; `fits` positions per row would."""
+
+    def __init__(self, needed: int, free: int, fits: int, device: torch.device):
+        super().__init__(
+            f"the KV cache needs {needed:,} bytes ({needed / 2**30:.1f} GiB) but {device} has {free:,} bytes free: "
+            f"{fits:,} tokens per sequence fit"
+        )
+        self.fits = fits
+
+
+def free_memory(device: torch.device) -> Optional[int]:
+    """Bytes that can still be allocated on device, or None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:  # MemAvailable counts the page cache that the system would give back
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):  # not Linux: no check
+        return None
+
+
 class RotatingBufferCache:
     """Keys and values of every layer: [n_layers, max_batch_size, size, n_kv_heads, head_dim].
 
@@ -210,6 +234,12 @@ class RotatingBufferCache:
         self.sliding_window = sliding_window
         self.size = max_seq_len if sliding_window is None else min(sliding_window, max_seq_len)
         shape = (n_layers, max_batch_size, self.size, n_kv_heads, head_dim)
+        # Keys and values of one position in every row: a window-less model with a huge
+        # max_seq_len would otherwise die in torch.zeros asking for hundreds of GB.
+        per_position = 2 * n_layers * max_batch_size * n_kv_heads * head_dim * dtype.itemsize
+        free = free_memory(torch.device(device))
+        if free is not None and per_position * self.size > free:
+            raise CacheTooLarge(per_position * self.size, free, free // per_position, torch.device(device))
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = [0] * max_batch_size  # tokens seen so far, per row

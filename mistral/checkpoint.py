@@ -5,6 +5,8 @@ unchanged. Older folders hold consolidated.00.pth instead; it is read only throu
 torch.load(weights_only=True), which cannot run code hidden in the pickle.
 """
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -122,11 +124,33 @@ def _check(path: Path, found: Shapes, expected: Shapes, allow_extra: bool) -> No
         raise MistralError(f"{path}: wrong shapes: {detail}" + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""))
 
 
-def write_folder(folder: Union[str, Path], args: ModelArgs, state_dict: dict[str, torch.Tensor]) -> None:
+def write_folder(
+    folder: Union[str, Path], args: ModelArgs, state_dict: dict[str, torch.Tensor], tokenizer: Optional[Path] = None
+) -> None:
+    """Write params.json and consolidated.safetensors (and a copy of `tokenizer`) into folder.
+
+    The files are written into a temporary folder beside it and moved in at the end: a
+    failure (a full disk) leaves no folder that looks like a model but holds only params.json.
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    args.to_json(folder / PARAMS)
-    save_file({n: t.detach().contiguous().cpu() for n, t in state_dict.items()}, str(folder / SAFETENSORS))
+    if folder.exists() and not folder.is_dir():
+        raise MistralError(f"{folder}: exists and is not a folder")
+    tmp = None
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        args.to_json(tmp / PARAMS)
+        save_file({n: t.detach().contiguous().cpu() for n, t in state_dict.items()}, str(tmp / SAFETENSORS))
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER)
+        folder.mkdir(exist_ok=True)
+        for file in tmp.iterdir():
+            file.replace(folder / file.name)  # a rename on the same file system: nothing left to fail
+    except OSError as e:
+        raise MistralError(f"{folder}: cannot write ({e.strerror or e})") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class CheckpointNames(nn.Module):

@@ -19,16 +19,14 @@ Two things differ from a rename:
   fused layout to disk, so both are read.
 """
 
-import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from mistral.args import ModelArgs, MoeArgs
+from mistral.args import ModelArgs, MoeArgs, read_json
 from mistral.checkpoint import TOKENIZER, write_folder
 from mistral.errors import MistralError
 from mistral.model import Transformer
@@ -151,9 +149,8 @@ def args_from_hf_config(config: dict[str, Any], source: str = CONFIG) -> ModelAr
 def _weight_files(hf_dir: Path) -> list[Path]:
     if (hf_dir / HF_INDEX).is_file():
         try:
-            weight_map = json.loads((hf_dir / HF_INDEX).read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            files = sorted(set(read_json(hf_dir / HF_INDEX)["weight_map"].values()))
+        except (KeyError, TypeError, AttributeError) as e:
             raise MistralError(f"{hf_dir / HF_INDEX}: not a safetensors index ({type(e).__name__}: {e})") from None
     elif (hf_dir / HF_SAFETENSORS).is_file():
         files = [HF_SAFETENSORS]
@@ -210,13 +207,7 @@ def convert(hf_dir: Union[str, Path], out_dir: Union[str, Path]) -> ModelArgs:
         raise MistralError(f"{hf_dir}: HF model folder not found")
     if not (hf_dir / CONFIG).is_file():
         raise MistralError(f"{hf_dir}: no {CONFIG} in the HF model folder")
-    try:
-        config = json.loads((hf_dir / CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise MistralError(f"{hf_dir / CONFIG}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise MistralError(f"{hf_dir / CONFIG}: expected a JSON object, got {type(config).__name__}")
-    args = args_from_hf_config(config, str(hf_dir / CONFIG))
+    args = args_from_hf_config(read_json(hf_dir / CONFIG), str(hf_dir / CONFIG))
     with torch.device("meta"):
         expected = {n: tuple(t.shape) for n, t in Transformer(args).state_dict().items()}
 
@@ -245,8 +236,6 @@ def convert(hf_dir: Union[str, Path], out_dir: Union[str, Path]) -> ModelArgs:
     if missing:
         shown = ", ".join(hf_name(n) or n for n in missing[:5])
         raise MistralError(f"{hf_dir}: missing tensors {shown}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    write_folder(out_dir, args, state)
-    if (hf_dir / TOKENIZER).is_file():
-        shutil.copyfile(hf_dir / TOKENIZER, out_dir / TOKENIZER)
+    write_folder(out_dir, args, state, tokenizer=hf_dir / TOKENIZER if (hf_dir / TOKENIZER).is_file() else None)
     return args
 

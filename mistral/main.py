@@ -1,10 +1,12 @@
 """Command line: `mistral generate [MODEL_DIR] "prompt" ...` and `mistral chat [MODEL_DIR]`."""
 
+import functools
 import inspect
 import json as jsonlib
 import os
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -16,10 +18,11 @@ from mistral import parallel
 from mistral.cache import RotatingBufferCache
 from mistral.checkpoint import TOKENIZER
 from mistral.errors import MistralError, check_positive_int
-from mistral.generate import check_options, stream
+from mistral.generation import check_options, stream
+from mistral.options import HELP, check_arguments
 from mistral.hf import convert as convert_hf
 from mistral.model import Transformer
-from mistral.tokenizer import Tokenizer
+from mistral.tokenizer import Tokenizer, check_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,7 +40,7 @@ def load(
     num_tensor_ranks: int = 1,
 ) -> tuple[Transformer, Tokenizer]:
     folder = Path(model_dir)
-    if not folder.is_dir():
+    if not is_dir(folder):
         raise MistralError(f"{folder}: model folder not found")
     if not (folder / TOKENIZER).is_file():
         raise MistralError(f"{folder}: no {TOKENIZER} in the model folder")
@@ -87,6 +90,14 @@ class LoadProgress:
               file=sys.stderr, flush=True)
 
 
+def is_dir(path: Path) -> bool:
+    """Path.is_dir, but False for a name the system refuses (too long, say): a prompt may be one."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def split_model_and_prompts(inputs: Sequence[str]) -> tuple[Path, list[str]]:
     """The first input is a model folder when it is an existing directory, or looks like a
     path (contains a path separator and no whitespace); otherwise all are prompts for
@@ -94,7 +105,7 @@ def split_model_and_prompts(inputs: Sequence[str]) -> tuple[Path, list[str]]:
     if inputs:
         first = inputs[0]
         separators = [s for s in (os.sep, os.altsep) if s]
-        if Path(first).is_dir() or (any(s in first for s in separators) and not any(c.isspace() for c in first)):
+        if is_dir(Path(first)) or (any(s in first for s in separators) and not any(c.isspace() for c in first)):
             return Path(first), list(inputs[1:])
     return DEFAULT_MODEL, list(inputs)
 
@@ -175,6 +186,11 @@ def text_arguments(command: Callable) -> Callable:
     decorators.FIRE_METADATA = "__fire_metadata__"
     params = inspect.signature(command).parameters.items()
     options = [name for name, p in params if p.default is not p.empty and name != "model_dir"]
+    # --help writes Optional[...] around the type of an option whose default is None: give
+    # it "int" for "int | None", or it shows Optional[int | None].
+    for name, p in params:
+        if p.default is None:
+            command.__annotations__[name] = next(t for t in typing.get_args(p.annotation) if t is not type(None))
     command = decorators.SetParseFn(str)(command)  # default: the positionals and *prompts
     # With no names, SetParseFn would replace the default instead.
     return decorators.SetParseFn(parser.DefaultParseValue, *options)(command) if options else command
@@ -186,14 +202,14 @@ def generate(
     max_tokens: int = 64,
     temperature: float = 0.0,
     top_p: float = 1.0,
-    seed: Optional[int] = 0,
-    chunk_size: Optional[int] = None,
-    device: Optional[str] = None,
-    dtype: Optional[str] = None,
+    seed: int | None = 0,
+    chunk_size: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
     json: bool = False,
     num_pipeline_ranks: int = 1,
     num_tensor_ranks: int = 1,
-    micro_batches: Optional[int] = None,
+    micro_batches: int | None = None,
 ) -> None:
     """Complete prompts: [MODEL_DIR] PROMPT [PROMPT ...]. Prints the text as it is generated, then a speed summary on stderr.
 
@@ -232,6 +248,7 @@ def generate(
     for i, p in enumerate(prompts):
         if not p.strip():
             raise MistralError(f"prompt {i} is empty")
+        check_text(p, f"prompt {i}")
     check_options([[0]], 1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size, seed=seed)
     start = time.perf_counter()
     model, tokenizer = load(folder, device, dtype, num_pipeline_ranks, num_tensor_ranks)
@@ -248,14 +265,17 @@ def generate(
         if json:
             return
         if len(prompts) == 1:
+            # The prompt is echoed with the first token, not before: an error while reading
+            # it (the cache does not fit, the logits are NaN) comes before any output.
+            if not printed:
+                write(prompts[0])
+                printed = 1
             write(completions[0].unshown(final))
             return
         while printed < len(prompts) and (final or completions[printed].finish_reason == "eos"):
             write(f"{prompts[printed]}{completions[printed].unshown(final=True)}\n=====\n")
             printed += 1
 
-    if len(prompts) == 1 and not json:
-        write(prompts[0])
     prefill_s = decode_s = 0.0
     options = dict(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size, seed=seed, micro_batches=micro_batches
@@ -276,8 +296,8 @@ def generate(
         decode_s=round(decode_s, 4),
         prompt_tokens=n_prompt,
         generated_tokens=n_new,
-        prefill_tokens_per_s=round(n_prompt / max(prefill_s, 1e-9), 1),
-        decode_tokens_per_s=round(max(n_new - len(completions), 0) / max(decode_s, 1e-9), 1),
+        prefill_tokens_per_s=rate(n_prompt, prefill_s),
+        decode_tokens_per_s=rate(max(n_new - len(completions), 0), decode_s),
     )
     if json:
         results = [
@@ -291,6 +311,11 @@ def generate(
         f"prefill: {timings['prefill_tokens_per_s']} tokens/s, decode: {timings['decode_tokens_per_s']} tokens/s",
         file=sys.stderr,
     )
+
+
+def rate(tokens: int, seconds: float) -> float:
+    """Tokens per second; 0 when nothing ran (--max_tokens 0 has no prefill to time)."""
+    return round(tokens / seconds, 1) if seconds > 0 else 0.0
 
 
 class Conversation:
@@ -325,13 +350,14 @@ class Conversation:
 
 @text_arguments
 def chat(
-    model_dir: Optional[str] = None,
+    model_dir: str | None = None,
+    *,
     max_tokens: int = 256,
     temperature: float = 0.7,
     top_p: float = 0.9,
-    seed: Optional[int] = None,
-    device: Optional[str] = None,
-    dtype: Optional[str] = None,
+    seed: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
     max_context: int = 32768,
 ) -> None:
     """Talk with a model: mistral chat [MODEL_DIR]. Mistral's instruct format; an empty line or end of input quits.
@@ -363,9 +389,12 @@ def chat(
             line = input("> ")
         except EOFError:
             break
+        except UnicodeDecodeError:
+            raise MistralError(f"line {turn + 1} of the input is not UTF-8 text") from None
         if not line.strip():
             break
-        conversation.options["seed"] = None if seed is None else seed + turn
+        check_text(line, f"line {turn + 1} of the input")
+        conversation.options["seed"] = None if seed is None else (seed + turn) % 2**64
         answer = conversation.say(line, on_step=lambda c: write(c.unshown()))
         write(answer.unshown(final=True) + "\n")
         turn += 1
@@ -386,12 +415,56 @@ def convert(hf_dir: str, out_dir: str) -> None:
     print(f"wrote {out_dir}: {kind}, {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}", file=sys.stderr)
 
 
+COMMANDS = {"generate": generate, "chat": chat, "convert": convert}
+
+
+def run(args: list[str]) -> None:
+    """Check the whole command line, then let fire call the command (or show its help)."""
+    if not args or args[0] in ("--help", "-h") or any(a in HELP for a in args[1:] if a != "--"):
+        fire.Fire(COMMANDS, command=args)
+        return
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        raise MistralError(f"{name!r}: no such command: mistral {{{', '.join(COMMANDS)}}} ..., or mistral --help")
+    command = COMMANDS[name]
+    prompts: list[str] = []
+    if name == "generate" and "--" in rest:  # what follows "--" is prompts, even "-x"
+        rest, prompts = rest[: rest.index("--")], rest[rest.index("--") + 1 :]
+    fire_args = check_arguments(command, name, rest)
+    if prompts:
+        command = with_inputs(command, prompts)
+    fire.Fire({name: command}, command=[name, *fire_args])
+
+
+def with_inputs(command: Callable, extra: list[str]) -> Callable:
+    """command with `extra` after the positional arguments fire gives it.
+
+    fire reads "-x" as a flag wherever it stands, and what follows "--" as its own
+    flags, so prompts given after "--" bypass it.
+    """
+
+    @functools.wraps(command)  # keeps fire's parse settings (text_arguments)
+    def run(*inputs: str, **options: Any) -> None:
+        command(*inputs, *extra, **options)
+
+    return run
+
+
 def main() -> None:
+    """`mistral COMMAND ...`: exit 2 with one line for what the user typed wrong."""
     try:
-        fire.Fire({"generate": generate, "chat": chat, "convert": convert})
+        run(sys.argv[1:])
     except MistralError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # The message may quote bytes that were not UTF-8 (lone surrogates): print them escaped.
+        print(f"error: {e}".encode(errors="backslashreplace").decode(), file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly, as a shell command does
+        print(file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # `mistral generate ... | head` stopped reading
+        # Python flushes stdout again at exit; point it at /dev/null so that does not fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

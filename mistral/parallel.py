@@ -10,7 +10,7 @@ Pipeline (layers split). Stage p owns a contiguous group of layers (5 layers on 
 stages: 0-1, 2-3, 4); the first also embeds the tokens, the last applies the final
 norm and output. Activations h [T, D] travel p -> p+1, rank t to rank t. One batch
 keeps one stage busy at a time; micro-batches a and b (each with its own cache) keep
-both busy, GPipe-style (generate.py runs the schedule; [ab] = one step):
+both busy, GPipe-style (generation.py runs the schedule; [ab] = one step):
 
     stage 0   [ab]      [ab]             stage 0   [a][b][a][b][a][b]
     stage 1       [ab]      [ab]         stage 1      [a][b][a][b][a][b]

@@ -8,6 +8,15 @@ from sentencepiece import SentencePieceProcessor
 from mistral.errors import MistralError
 
 
+def check_text(text: str, what: str) -> None:
+    """A MistralError naming `what` unless text is valid Unicode: bytes that were not UTF-8
+    reach Python's argv and stdin as lone surrogates, which sentencepiece cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MistralError(f"{what} is not UTF-8 text") from None
+
+
 class Tokenizer:
     def __init__(self, path: Union[str, Path]):
         path = Path(path)
@@ -32,6 +41,7 @@ class Tokenizer:
         return self.sp.eos_id()
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        check_text(text, "the text to encode")
         return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
 
     def decode(self, ids: list[int]) -> str:

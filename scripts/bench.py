@@ -31,7 +31,7 @@ import torch
 
 from mistral import ModelArgs, MoeArgs, Transformer
 from mistral.decode import Runner, compiled_block, usable
-from mistral.generate import generate
+from mistral.generation import generate
 
 MISTRAL_7B = dict(
     dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8, norm_eps=1e-5, vocab_size=32000,

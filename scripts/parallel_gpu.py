@@ -38,7 +38,7 @@ import torch.distributed as dist
 from bench import MISTRAL_7B, MIXTRAL_8X7B, TINY, TINY_MOE, decode_floor, measure_ceilings, random_prompts, sync
 from mistral import ModelArgs, Transformer, parallel
 from mistral.decode import Runner
-from mistral.generate import generate, stream
+from mistral.generation import generate, stream
 
 # The small model of the check: Mixtral-shaped, big enough for real kernels.
 CHECK = dict(MIXTRAL_8X7B, dim=256, n_layers=4, head_dim=32, hidden_dim=512, n_heads=8, n_kv_heads=2, sliding_window=64)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from mistral.generate import generate
+from mistral.generation import generate
 from mistral.main import DEFAULT_MODEL, Completion, Conversation, load, main, split_model_and_prompts
 from mistral.model import Transformer
 

@@ -8,7 +8,7 @@ import torch
 
 from conftest import DEVICE, DTYPE, RTOL, random_model, rel_error, tiny_args
 from mistral import MistralError, Transformer
-from mistral.generate import generate, sample, stream
+from mistral.generation import generate, sample, stream
 
 W = 8  # tiny_args' sliding window
 
@@ -165,8 +165,8 @@ BAD_OPTIONS = {
     "no-prompts": (dict(encoded_prompts=[]), "no prompts given"),
     "empty-prompt": (dict(encoded_prompts=[[1, 2], []]), "prompt 1 is empty"),
     "negative-max-tokens": (dict(max_tokens=-1), "max_tokens must be a non-negative integer, got -1"),
-    "negative-temperature": (dict(temperature=-0.1), r"temperature must be >= 0, got -0.1"),
-    "nan-temperature": (dict(temperature=float("nan")), "temperature must be >= 0, got nan"),
+    "negative-temperature": (dict(temperature=-0.1), r"temperature must be >= 0 and finite, got -0.1"),
+    "nan-temperature": (dict(temperature=float("nan")), "temperature must be >= 0 and finite, got nan"),
     "top-p-zero": (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
     "top-p-above-one": (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
     "token-too-large": (dict(encoded_prompts=[[1, 97]]), r"prompt 0 has token ids outside the vocabulary 0..96: \[97\]"),

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 from conftest import random_model, rel_error, tiny_args
 from mistral import MistralError, ModelArgs, Transformer, parallel
-from mistral.generate import generate
+from mistral.generation import generate
 from mistral.model import TENSOR_SPLIT_DIM
 from mistral.tokenizer import Tokenizer
 

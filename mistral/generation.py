@@ -6,12 +6,13 @@ a parallel model (mistral/parallel.py): each rank runs the same calls in the sam
 order, so the messages between ranks pair up, and the sampler's tokens reach all.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from mistral.cache import RotatingBufferCache
+from mistral.cache import CacheTooLarge, RotatingBufferCache
 from mistral.decode import Runner
 from mistral.errors import MistralError, check_positive_int
 from mistral.model import Transformer
@@ -22,7 +23,8 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Op
     """logits: [B, V] -> tokens [B]. Greedy at temperature 0, else temperature + nucleus (top-p)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # Subtracting the max first keeps a tiny temperature from turning logits into inf - inf.
+    probs = torch.softmax((logits - logits.max(dim=-1, keepdim=True).values) / temperature, dim=-1)
     if top_p < 1:
         # Keep the most likely tokens until their mass reaches top_p; the first always stays.
         probs, order = probs.sort(dim=-1, descending=True)
@@ -35,6 +37,9 @@ def pick(
     logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits: [B, V] -> (tokens [B] as `sample` draws them, their log-probabilities [B])."""
+    # NaN or inf would decode as garbage (greedy) or fail inside torch.multinomial (sampling).
+    if not bool(torch.isfinite(logits).all()):
+        raise MistralError("the model's logits are not finite (NaN or inf): are its weights or params.json corrupt?")
     tokens = sample(logits, temperature, top_p, generator)
     return tokens, torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
 
@@ -57,16 +62,25 @@ def check_options(
         bad = [t for t in prompt if not 0 <= t < vocab_size]
         if bad:
             raise MistralError(f"prompt {i} has token ids outside the vocabulary 0..{vocab_size - 1}: {bad[:5]}")
-    if not isinstance(max_tokens, int) or max_tokens < 0:
+    if not _is_int(max_tokens) or max_tokens < 0:
         raise MistralError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
-    if not temperature >= 0:
-        raise MistralError(f"temperature must be >= 0, got {temperature!r}")
-    if not 0 < top_p <= 1:
+    # The command line hands over "nan", "abc" or 1e999 as typed: a str, or a float that is not finite.
+    if not _is_number(temperature) or not 0 <= temperature < math.inf:
+        raise MistralError(f"temperature must be >= 0 and finite, got {temperature!r}")
+    if not _is_number(top_p) or not 0 < top_p <= 1:
         raise MistralError(f"top_p must be in (0, 1], got {top_p!r}")
     if chunk_size is not None:
         check_positive_int(chunk_size, "chunk_size")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise MistralError(f"seed must be an integer, got {seed!r}")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
+        raise MistralError(f"seed must be an integer, got {seed!r} (0 to 2**64-1, what torch.Generator takes)")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -213,7 +227,11 @@ def stream(
         mbs = []
         for i in range(M):
             rows = split(B, M, i)
-            mb_cache = model.make_cache(len(rows), max_seq_len)
+            try:
+                mb_cache = model.make_cache(len(rows), max_seq_len)
+            except CacheTooLarge as e:
+                longest = max_seq_len - max_tokens
+                raise MistralError(f"{e}, so max_tokens={max(e.fits - longest, 0)} at most after a prompt of {longest}") from None
             runner = Runner(model, mb_cache, len(rows), **fast)
             mbs.append(MicroBatch(encoded_prompts[rows.start : rows.stop], runner, chunk_size or mb_cache.size))
 
