@@ -21,6 +21,23 @@ class MoeArgs:
             _check_positive_int(self, name)
 
 
+# Weight-only quantization methods this code reads (params.json "quantization": {"method": ...}).
+# int8: each linear layer's weight as int8, with one scale per output row (W = q * scale).
+QUANTIZATION_METHODS = ("int8",)
+
+
+@dataclass
+class QuantArgs:
+    method: str
+
+    def __post_init__(self) -> None:
+        if self.method not in QUANTIZATION_METHODS:
+            raise MistralError(
+                f"quantization method {self.method!r} is not one this version reads ({', '.join(QUANTIZATION_METHODS)}): "
+                "re-quantize the original folder with `mistral quantize`"
+            )
+
+
 @dataclass
 class ModelArgs:
     dim: int
@@ -38,12 +55,15 @@ class ModelArgs:
     max_batch_size: int = 32
     # Mixtral: a sparse mixture of experts replaces each feed-forward.
     moe: Optional[MoeArgs] = None
+    # A folder written by `mistral quantize`: its linear layers' weights are quantized.
+    quantization: Optional[QuantArgs] = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.moe, dict):
-            self.moe = _build(MoeArgs, self.moe, "'moe'")
-        if self.moe is not None and not isinstance(self.moe, MoeArgs):
-            raise MistralError(f"ModelArgs.moe must be an object or null, got {self.moe!r}")
+        for name, cls in (("moe", MoeArgs), ("quantization", QuantArgs)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, _build(cls, getattr(self, name), f"'{name}'"))
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), cls):
+                raise MistralError(f"ModelArgs.{name} must be an object or null, got {getattr(self, name)!r}")
         for name in ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size", "max_batch_size"):
             _check_positive_int(self, name)
         for name in ("norm_eps", "rope_theta"):

@@ -84,6 +84,7 @@ def load_into(
         try:
             with safe_open(str(path), framework="pt", device=str(next(iter(slices.values()))[0].device)) as f:
                 _check(path, {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}, expected, allow_extra)
+                _check_int8(path, {n: f.get_slice(n).get_dtype() == "I8" for n in slices}, slices)
                 return _copy_each(slices, lambda n: f.get_slice(n)[part(n)] if part(n) else f.get_tensor(n), progress)
         except SafetensorError as e:
             raise MistralError(f"{path}: unreadable safetensors file ({e})") from None
@@ -94,6 +95,7 @@ def load_into(
     if not isinstance(state, dict):
         raise MistralError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
     _check(path, {n: tuple(t.shape) for n, t in state.items()}, expected, allow_extra)
+    _check_int8(path, {n: state[n].dtype == torch.int8 for n in slices}, slices)
     _copy_each(slices, lambda n: state[n][part(n)], progress)
 
 
@@ -122,6 +124,15 @@ def _check(path: Path, found: Shapes, expected: Shapes, allow_extra: bool) -> No
     if wrong:
         detail = ", ".join(f"{n} is {list(found[n])}, params.json implies {list(expected[n])}" for n in wrong[:5])
         raise MistralError(f"{path}: wrong shapes: {detail}" + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""))
+
+
+def _check_int8(path: Path, int8: dict[str, bool], slices: Slices) -> None:
+    """A quantized tensor goes only where params.json says one is (copying it into a float weight would run, wrongly)."""
+    wrong = [n for n, (view, _) in slices.items() if int8[n] != (view.dtype == torch.int8)]
+    if wrong:
+        n = wrong[0]
+        found, implied = ("int8", "a float tensor") if int8[n] else ("a float tensor", "int8")
+        raise MistralError(f"{path}: {n} is {found}, but params.json's 'quantization' implies {implied}")
 
 
 def write_folder(
@@ -153,16 +164,27 @@ def write_folder(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-class CheckpointNames(nn.Module):
-    """A module whose parameters fuse several checkpoint tensors.
+def split_views(fused: dict[str, torch.Tensor], name: str, parts: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors `part.weight` (and `part.scales` when quantized) as views of
+    consecutive rows of `name.weight` (`name.scales`); parts: part -> its rows."""
+    views = {}
+    for kind in ("weight", "scales"):
+        if f"{name}.{kind}" in fused:
+            pieces = fused[f"{name}.{kind}"].split(list(parts.values()))
+            views |= {f"{part}.{kind}": piece for part, piece in zip(parts, pieces)}
+    return views
 
-    `state_dict()` lists the checkpoint's tensors instead of the fused parameters, each
-    a view into its parameter, so `save()` writes Mistral's names and writing into the
-    views loads the model in place; `load_state_dict()` takes the checkpoint's names.
+
+class CheckpointNames(nn.Module):
+    """A module whose weights fuse several checkpoint tensors.
+
+    `state_dict()` lists the checkpoint's tensors instead of the fused ones, each a view
+    into its parameter, so `save()` writes Mistral's names and writing into the views
+    loads the model in place; `load_state_dict()` takes the checkpoint's names.
     Subclasses say where each checkpoint tensor lives in `checkpoint_views`.
     """
 
-    fused: tuple[str, ...] = ()  # names of the fused parameters
+    fused: tuple[str, ...] = ()  # the submodules whose parameters (weight, and scales if quantized) are fused
 
     def __init__(self) -> None:
         super().__init__()
@@ -172,15 +194,17 @@ class CheckpointNames(nn.Module):
     def checkpoint_views(self, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def _fused_parameters(self) -> dict[str, torch.Tensor]:
+        return {f"{sub}.{kind}": p for sub in self.fused for kind, p in getattr(self, sub).named_parameters()}
+
     @staticmethod
     def _unfuse(module: "CheckpointNames", state: dict, prefix: str, metadata: dict) -> None:
-        fused = {name: state.pop(prefix + name) for name in module.fused}
+        fused = {name: state.pop(prefix + name) for name in module._fused_parameters()}
         for name, view in module.checkpoint_views(fused).items():
             state[prefix + name] = view
 
     def _fuse(self, state: dict, prefix: str, *args: object) -> None:
-        own = {name: getattr(self, name) for name in self.fused}
-        fused = {name: torch.empty_like(p) for name, p in own.items()}
+        fused = {name: torch.empty_like(p) for name, p in self._fused_parameters().items()}
         views = self.checkpoint_views(fused)
         if not all(prefix + name in state for name in views):
             return  # load_state_dict reports what is missing

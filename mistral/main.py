@@ -22,6 +22,7 @@ from mistral.generation import check_options, stream
 from mistral.options import HELP, check_arguments
 from mistral.hf import convert as convert_hf
 from mistral.model import Transformer
+from mistral.quantize import quantize_folder
 from mistral.tokenizer import Tokenizer, check_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -415,7 +416,23 @@ def convert(hf_dir: str, out_dir: str) -> None:
     print(f"wrote {out_dir}: {kind}, {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}", file=sys.stderr)
 
 
-COMMANDS = {"generate": generate, "chat": chat, "convert": convert}
+@text_arguments
+def quantize(model_dir: str, out_dir: str, method: str = "int8") -> None:
+    """Quantize a model folder's weights into a new folder, which generate and chat run unchanged.
+
+    Args:
+        model_dir: folder with params.json and consolidated.safetensors (or consolidated.00.pth).
+        out_dir: folder to write: params.json records the method, consolidated.safetensors holds
+            the quantized weights with their scales, and the tokenizer files are copied.
+        method: int8, the one method: each projection weight (attention, feed-forward, experts)
+            as int8 with one scale per output row; embeddings, norms, router and output unchanged.
+    """
+    start = time.perf_counter()
+    quantize_folder(model_dir, out_dir, method, progress=LoadProgress(Path(model_dir)))
+    print(f"wrote {out_dir} ({method}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+COMMANDS = {"generate": generate, "chat": chat, "convert": convert, "quantize": quantize}
 
 
 def run(args: list[str]) -> None:

@@ -23,11 +23,13 @@ from torch import nn
 from mistral.args import ModelArgs
 from mistral.attention import BACKENDS, Backend, attend
 from mistral.cache import CacheInputs, CacheView, RotatingBufferCache
-from mistral.checkpoint import CheckpointNames, Progress, load_into, read_args, write_folder
+from mistral.checkpoint import CheckpointNames, Progress, load_into, read_args, split_views, write_folder
 from mistral.errors import MistralError
+from mistral.linear import Linear
 from mistral.masks import AttentionBias
 from mistral.moe import MoeLayer
 from mistral.parallel import Layout, Link, add_all_reduces, check_tensor_split
+from mistral.quantize import quantize_int8
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
@@ -66,23 +68,22 @@ class Attention(CheckpointNames):
 
     fused = ("wqkv",)
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, quantized: bool = False):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.wqkv = nn.Parameter(torch.empty((n_heads + 2 * n_kv_heads) * head_dim, dim))  # wq | wk | wv
-        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
-        nn.init.normal_(self.wqkv, std=dim**-0.5)
+        self.wqkv = Linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, quantized=quantized)  # wq | wk | wv
+        self.wo = Linear(n_heads * head_dim, dim, quantized=quantized)
 
     def checkpoint_views(self, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        return dict(zip(("wq.weight", "wk.weight", "wv.weight"), fused["wqkv"].split([q, kv, kv])))
+        return split_views(fused, "wqkv", {"wq": q, "wk": kv, "wv": kv})
 
     def forward(
         self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionBias, cache: Optional[CacheView], backend: Backend
     ) -> torch.Tensor:
         T = x.shape[0]
         q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        xq, xk, xv = nn.functional.linear(x, self.wqkv).split([q, kv, kv], dim=-1)
+        xq, xk, xv = self.wqkv(x).split([q, kv, kv], dim=-1)
         xq = apply_rotary_emb(xq.view(T, self.n_heads, self.head_dim), rope)
         xk = apply_rotary_emb(xk.view(T, self.n_kv_heads, self.head_dim), rope)
         out = _cached_attention(xq, xk, xv.view(T, self.n_kv_heads, self.head_dim), mask, cache, backend)  # [T, H, Dh]
@@ -104,32 +105,33 @@ class FeedForward(CheckpointNames):
 
     fused = ("w13",)
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, quantized: bool = False):
         super().__init__()
-        self.w13 = nn.Parameter(torch.empty(2 * hidden_dim, dim))
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        nn.init.normal_(self.w13, std=dim**-0.5)
+        self.hidden_dim = hidden_dim
+        self.w13 = Linear(dim, 2 * hidden_dim, quantized=quantized)
+        self.w2 = Linear(hidden_dim, dim, quantized=quantized)
 
     def checkpoint_views(self, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return dict(zip(("w1.weight", "w3.weight"), fused["w13"].chunk(2)))
+        return split_views(fused, "w13", {"w1": self.hidden_dim, "w3": self.hidden_dim})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h1, h3 = nn.functional.linear(x, self.w13).chunk(2, dim=-1)
+        h1, h3 = self.w13(x).chunk(2, dim=-1)
         return self.w2(nn.functional.silu(h1) * h3)
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, num_tensor_ranks: int = 1):
         super().__init__()
-        T = num_tensor_ranks
+        T, quantized = num_tensor_ranks, args.quantization is not None
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args.dim, args.n_heads // T, args.n_kv_heads // T, args.head_dim)
+        self.attention = Attention(args.dim, args.n_heads // T, args.n_kv_heads // T, args.head_dim, quantized)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward: nn.Module
         if args.moe is None:
-            self.feed_forward = FeedForward(args.dim, args.hidden_dim // T)
+            self.feed_forward = FeedForward(args.dim, args.hidden_dim // T, quantized)
         else:
-            self.feed_forward = MoeLayer(args.dim, args.hidden_dim // T, args.moe.num_experts, args.moe.num_experts_per_tok)
+            moe = args.moe
+            self.feed_forward = MoeLayer(args.dim, args.hidden_dim // T, moe.num_experts, moe.num_experts_per_tok, quantized)
 
     def forward(
         self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionBias, cache: Optional[CacheView], backend: Backend
@@ -145,6 +147,16 @@ RunBlock = Callable[..., torch.Tensor]
 # (Megatron-LM): wq, wk, wv, w1, w3 by output rows (whole heads, hidden units); wo, w2
 # by input columns. Everything else (embeddings, norms, the router, output) is whole on every rank.
 TENSOR_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1}
+
+
+def tensor_split_dim(name: str) -> Optional[int]:
+    """The dimension along which tensor parallelism splits a checkpoint tensor, or None (whole on every rank).
+
+    A quantized weight's scales (one per output row) follow its rows: split with wq's, whole with wo's.
+    """
+    part, kind = name.split(".")[-2:]
+    dim = TENSOR_SPLIT_DIM.get(part)
+    return None if kind == "scales" and dim != 0 else dim
 
 
 class Transformer(nn.Module):
@@ -246,7 +258,7 @@ class Transformer(nn.Module):
         """Per checkpoint tensor: the view of this rank's part of it, and the dimension it is split along (or None)."""
         T = self.layout.num_tensor_ranks
         return {
-            name: (view, TENSOR_SPLIT_DIM.get(name.split(".")[-2]) if T > 1 else None)
+            name: (view, tensor_split_dim(name) if T > 1 else None)
             for name, view in self.state_dict().items()
         }
 
@@ -317,15 +329,24 @@ class Transformer(nn.Module):
         """
         model = cls._empty(args, device, dtype, attention_backend, (num_pipeline_ranks, num_tensor_ranks, pipeline_rank, tensor_rank))
         layout, T = model.layout, model.layout.num_tensor_ranks
+        slices = model.checkpoint_slices()
         with torch.no_grad():
-            for name, (view, dim) in model.checkpoint_slices().items():
+            for name, (view, dim) in slices.items():
+                if name.endswith(".scales"):
+                    continue  # written with its weight
                 shape = list(view.shape)
                 if dim is not None:
                     shape[dim] *= T
                 # One 32-bit number: the CPU's generator keeps only the low 32 bits of a seed.
                 generator = torch.Generator(view.device).manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-                whole = torch.empty(shape, device=view.device, dtype=dtype).normal_(std=args.dim**-0.5, generator=generator)
-                view.copy_(whole if dim is None else whole.chunk(T, dim)[layout.tensor_rank])
+                whole = torch.empty(shape, device=view.device).normal_(std=args.dim**-0.5, generator=generator)
+                mine = {name: whole}
+                if view.dtype == torch.int8:  # a quantized model: what `mistral quantize` makes of that weight
+                    scales = name.removesuffix("weight") + "scales"
+                    mine[name], mine[scales] = quantize_int8(whole)
+                for n, t in mine.items():
+                    part, part_dim = slices[n]
+                    part.copy_(t if part_dim is None else t.chunk(T, part_dim)[layout.tensor_rank])
         return model
 
     def save(self, folder: Union[str, Path]) -> None:

@@ -6,14 +6,18 @@ T = tokens, D = model dim, E = experts, A = activated experts per token (k), F =
 import torch
 from torch import nn
 
-from mistral.checkpoint import CheckpointNames
+from mistral.checkpoint import CheckpointNames, split_views
 from mistral.kernels import expert_matvec
+from mistral.linear import Linear
+
+INT8_MATVEC_MAX_PAIRS = 64
 
 
 class MoeLayer(CheckpointNames):
     """gate logits -> top-k experts -> softmax over those k only -> weighted sum.
 
-    The experts' weights are stacked, w1 | w3 as w13 [E, 2F, D] and w2 [E, D, F], so the
+    The experts' weights are stacked, w1 | w3 as w13 [E, 2F, D] and w2 [E, D, F] (each with
+    its scales [E, rows] when quantized), so the
     experts of a forward call run with shapes that do not depend on the routing (a CUDA
     graph needs static shapes), and each chosen expert's weights are read once, the
     others not at all:
@@ -26,18 +30,19 @@ class MoeLayer(CheckpointNames):
 
     fused = ("w13", "w2")
 
-    def __init__(self, dim: int, hidden_dim: int, num_experts: int, num_experts_per_tok: int):
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, num_experts_per_tok: int, quantized: bool = False):
         super().__init__()
-        self.gate = nn.Linear(dim, num_experts, bias=False)
-        self.w13 = nn.Parameter(torch.randn(num_experts, 2 * hidden_dim, dim) * dim**-0.5)
-        self.w2 = nn.Parameter(torch.randn(num_experts, dim, hidden_dim) * hidden_dim**-0.5)
-        self.num_experts_per_tok = num_experts_per_tok
+        self.gate = nn.Linear(dim, num_experts, bias=False)  # the router stays in the model's dtype
+        self.w13 = Linear(dim, 2 * hidden_dim, experts=num_experts, quantized=quantized)
+        self.w2 = Linear(hidden_dim, dim, experts=num_experts, quantized=quantized)
+        self.hidden_dim, self.num_experts_per_tok = hidden_dim, num_experts_per_tok
 
     def checkpoint_views(self, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        views = {}
-        for e, (w13, w2) in enumerate(zip(fused["w13"], fused["w2"])):
-            w1, w3 = w13.chunk(2)
-            views |= {f"experts.{e}.w1.weight": w1, f"experts.{e}.w2.weight": w2, f"experts.{e}.w3.weight": w3}
+        views, F, D = {}, self.hidden_dim, self.w2.weight.shape[1]
+        for e in range(self.w13.weight.shape[0]):
+            expert = {name: t[e] for name, t in fused.items()}
+            views |= split_views(expert, "w13", {f"experts.{e}.w1": F, f"experts.{e}.w3": F})
+            views |= split_views(expert, "w2", {f"experts.{e}.w2": D})
         return views
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,26 +54,31 @@ class MoeLayer(CheckpointNames):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e alone, SwiGLU: w2(silu(w1 x) * w3 x). x: [T, D]."""
-        h1, h3 = nn.functional.linear(x, self.w13[e]).chunk(2, dim=-1)
-        return nn.functional.linear(nn.functional.silu(h1) * h3, self.w2[e])
+        h1, h3 = _linear(x, self.w13, e).chunk(2, dim=-1)
+        return _linear(nn.functional.silu(h1) * h3, self.w2, e)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, chosen = self.route(x)  # [T, A]
-        (T, A), E = chosen.shape, self.w13.shape[0]
+        (T, A), E = chosen.shape, self.w13.weight.shape[0]
         pair_expert = chosen.flatten()  # [T * A], pair p is (token p // A, slot p % A)
-        if T * A <= E:
-            h1, h3 = expert_matvec(x.repeat_interleave(A, dim=0), self.w13, pair_expert).chunk(2, dim=-1)
-            y = expert_matvec(nn.functional.silu(h1) * h3, self.w2, pair_expert) * weights.flatten()[:, None]
+        w13, w2 = self.w13, self.w2
+        # int8 experts take no grouped matmul: a decode batch of up to 32 tokens keeps to the
+        # matrix-vector products (static shapes for the CUDA graph), each pair reading its expert's rows.
+        if T * A <= (E if w13.scales is None else INT8_MATVEC_MAX_PAIRS):
+            h1, h3 = expert_matvec(x.repeat_interleave(A, dim=0), w13.weight, pair_expert, w13.scales).chunk(2, dim=-1)
+            y = expert_matvec(nn.functional.silu(h1) * h3, w2.weight, pair_expert, w2.scales) * weights.flatten()[:, None]
             return y.view(T, A, -1).sum(dim=1)
-        if x.is_cuda and x.dtype != torch.bfloat16:
-            return self.reference(x)  # CUDA's grouped matmul takes bfloat16 only
+        if w13.scales is not None or (x.is_cuda and x.dtype != torch.bfloat16):
+            # CUDA's grouped matmul takes bfloat16 only; int8 experts (a prefill) are turned
+            # into x's dtype one at a time, where all at once would not fit beside them.
+            return self.reference(x)
         order = pair_expert.argsort(stable=True)  # pairs grouped by expert, tokens ascending
         token = order // A
         # Group e is rows ends[e-1] .. ends[e]-1; counting by comparison keeps shapes static.
         ends = (pair_expert[:, None] == torch.arange(E, device=x.device)).sum(0).cumsum(0).to(torch.int32)
         xs = x[token]  # [T * A, D]
-        h1, h3 = torch._grouped_mm(xs, self.w13.mT, offs=ends).chunk(2, dim=-1)
-        y = torch._grouped_mm(nn.functional.silu(h1) * h3, self.w2.mT, offs=ends) * weights.flatten()[order, None]
+        h1, h3 = torch._grouped_mm(xs, w13.weight.mT, offs=ends).chunk(2, dim=-1)
+        y = torch._grouped_mm(nn.functional.silu(h1) * h3, w2.weight.mT, offs=ends) * weights.flatten()[order, None]
         # A token's pairs are added in expert order, as `reference` adds them.
         return torch.zeros_like(x).index_add_(0, token, y)
 
@@ -76,7 +86,14 @@ class MoeLayer(CheckpointNames):
         """forward, as a loop: each expert runs on the tokens routed to it."""
         weights, chosen = self.route(x)
         out = torch.zeros_like(x)
-        for e in range(self.w13.shape[0]):
+        for e in range(self.w13.weight.shape[0]):
             token, slot = torch.where(chosen == e)  # a token picks an expert at most once
             out.index_add_(0, token, weights[token, slot, None] * self.expert(e, x[token]))
         return out
+
+
+def _linear(x: torch.Tensor, stack: Linear, e: int) -> torch.Tensor:
+    """x @ W[e]^T for expert e of a stacked Linear."""
+    w = stack.weight[e].to(x.dtype)
+    y = nn.functional.linear(x, w)
+    return y if stack.scales is None else y * stack.scales[e]

@@ -1,0 +1,29 @@
+"""The linear layer of every projection: a float weight, or int8 with one scale per output row."""
+
+import torch
+from torch import nn
+
+from mistral.kernels import int8_linear
+
+
+class Linear(nn.Module):
+    """y = x W^T, W: [out, in] (a Mixtral layer stacks its experts': [E, out, in]).
+
+    Quantized (weight-only int8, `mistral quantize`): W = weight * scales[..., None], with
+    weight int8 and one scale per output row, so a decode step reads 1 byte per weight.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, experts: int = 0, quantized: bool = False):
+        super().__init__()
+        shape = (experts, out_features, in_features) if experts else (out_features, in_features)
+        if quantized:
+            self.weight = nn.Parameter(torch.zeros(shape, dtype=torch.int8), requires_grad=False)
+            self.scales = nn.Parameter(torch.ones(shape[:-1]))
+        else:
+            self.weight = nn.Parameter(torch.randn(shape) * in_features**-0.5)
+            self.register_parameter("scales", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scales is None:
+            return nn.functional.linear(x, self.weight)
+        return int8_linear(x.flatten(0, -2), self.weight, self.scales).view(*x.shape[:-1], -1)
