@@ -34,6 +34,7 @@ def load(
     dtype: Optional[str],
     num_pipeline_ranks: int = 1,
     num_tensor_ranks: int = 1,
+    lora: Optional[str] = None,
 ) -> tuple[Transformer, ChatTokenizer]:
     folder = Path(model_dir)
     if not folder.is_dir():
@@ -56,7 +57,7 @@ def load(
         raise MistralError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     model = Transformer.from_folder(
         folder, device=device, dtype=DTYPES[dtype], progress=LoadProgress(folder) if rank == 0 else None,
-        num_pipeline_ranks=num_pipeline_ranks, num_tensor_ranks=num_tensor_ranks,
+        num_pipeline_ranks=num_pipeline_ranks, num_tensor_ranks=num_tensor_ranks, lora_path=lora,
     )
     if tokenizer.n_words != model.args.vocab_size:
         raise MistralError(
@@ -354,6 +355,7 @@ def chat(
     dtype: Optional[str] = None,
     max_context: int = 32768,
     system: Optional[str] = None,
+    lora: Optional[str] = None,
 ) -> None:
     """Talk with a model: mistral chat [MODEL_DIR]. The folder's own chat format; an empty line or end of input quits.
 
@@ -375,10 +377,13 @@ def chat(
             whose cache keeps every token; a windowed model's rolling cache holds W tokens
             and the conversation may run on forever.
         system: a system prompt, placed where the folder's format puts it.
+        lora: a LoRA adapter (lora.safetensors, with the rank and scaling in the `lora` section
+            of the params.json beside it) to merge into the weights at load.
     """
     check_options([[0]], 1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=None, seed=seed)
     check_positive_int(max_context, "max_context")
-    model, tokenizer = load(DEFAULT_MODEL if model_dir is None else str(model_dir), device, dtype)
+    model, tokenizer = load(DEFAULT_MODEL if model_dir is None else str(model_dir), device, dtype,
+                            lora=None if lora is None else str(lora))
     system = None if system is None else str(system)  # fire reads --system 42 as an int
     conversation = Conversation(
         model, tokenizer, max_context, system=system, max_tokens=max_tokens, temperature=temperature, top_p=top_p
