@@ -39,6 +39,28 @@ class QuantArgs:
 
 
 @dataclass
+class LoraArgs:
+    """The `lora` section of a LoRA adapter's params.json: its rank, and the factor on B @ A."""
+
+    rank: int
+    scaling: float
+
+    def __post_init__(self) -> None:
+        _check_positive_int(self, "rank")
+        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) or self.scaling <= 0:
+            raise MistralError(f"LoraArgs.scaling must be a positive number, got {self.scaling!r}")
+
+
+# Keys of released params.json files that describe something this model does not need
+# (max_seq_len: the context it was trained for; our cache is sized by the caller).
+IGNORED_KEYS = ("max_seq_len", "model_type")
+# Keys of released params.json files for checkpoints this code cannot run, and why.
+UNSUPPORTED_KEYS = {
+    "vision_encoder": "a multimodal checkpoint (its image encoder is not supported, only text models)",
+}
+
+
+@dataclass
 class ModelArgs:
     dim: int
     n_layers: int
@@ -55,15 +77,19 @@ class ModelArgs:
     max_batch_size: int = 32
     # Mixtral: a sparse mixture of experts replaces each feed-forward.
     moe: Optional[MoeArgs] = None
-    # A folder written by `mistral quantize`: its linear layers' weights are quantized.
+    # A LoRA adapter's params.json: the rank and scaling of its lora.safetensors.
+    lora: Optional[LoraArgs] = None
+    # A folder written by `mistral quantize`: its projections' weights are quantized.
     quantization: Optional[QuantArgs] = None
 
     def __post_init__(self) -> None:
-        for name, cls in (("moe", MoeArgs), ("quantization", QuantArgs)):
-            if isinstance(getattr(self, name), dict):
-                setattr(self, name, _build(cls, getattr(self, name), f"'{name}'"))
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), cls):
-                raise MistralError(f"ModelArgs.{name} must be an object or null, got {getattr(self, name)!r}")
+        for name, kind in (("moe", MoeArgs), ("lora", LoraArgs), ("quantization", QuantArgs)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                value = _build(kind, value, f"'{name}'")
+                setattr(self, name, value)
+            if value is not None and not isinstance(value, kind):
+                raise MistralError(f"ModelArgs.{name} must be an object or null, got {value!r}")
         for name in ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size", "max_batch_size"):
             _check_positive_int(self, name)
         for name in ("norm_eps", "rope_theta"):
@@ -85,7 +111,17 @@ class ModelArgs:
 
     @classmethod
     def from_json(cls, path: Path) -> "ModelArgs":
-        return _build(cls, read_json(Path(path)), str(path))
+        params = read_json(Path(path))
+        for key, why in UNSUPPORTED_KEYS.items():
+            if params.get(key):
+                raise MistralError(f"{path}: '{key}' makes this {why}")
+        quantization = params.get("quantization")
+        if quantization and not (isinstance(quantization, dict) and "method" in quantization):  # a released fp8 folder, say
+            raise MistralError(
+                f"{path}: 'quantization' makes this a quantized checkpoint of a format this code does not read "
+                f"(it reads those of `mistral quantize`: {', '.join(QUANTIZATION_METHODS)})"
+            )
+        return _build(cls, {k: v for k, v in params.items() if k not in IGNORED_KEYS}, str(path))
 
     def to_json(self, path: Path) -> None:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")

@@ -264,3 +264,14 @@ class RotatingBufferCache:
 
     def reset(self) -> None:
         self.lengths = [0] * self.max_batch_size
+
+    def rewind(self, row: int, length: int) -> None:
+        """Keep the first `length` tokens of a row only, so that its sequence goes on otherwise from there.
+
+        The next token reads positions length-W+1 .. length-1, which the buffer still
+        holds unless later tokens overwrote them: when it has wrapped (more tokens than
+        slots) only a rewind of one token keeps them, and otherwise the row starts over.
+        """
+        held = self.lengths[row]
+        assert 0 <= length <= held
+        self.lengths[row] = length if held <= self.size or length >= held - 1 else 0

@@ -153,7 +153,7 @@ def write_folder(
         args.to_json(tmp / PARAMS)
         save_file({n: t.detach().contiguous().cpu() for n, t in state_dict.items()}, str(tmp / SAFETENSORS))
         if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER)
+            shutil.copyfile(tokenizer, tmp / tokenizer.name)
         folder.mkdir(exist_ok=True)
         for file in tmp.iterdir():
             file.replace(folder / file.name)  # a rename on the same file system: nothing left to fail

@@ -3,7 +3,7 @@
 This module is the one place that knows Hugging Face's names. An HF folder holds
 config.json and model.safetensors (or shards model-0000x-of-0000y.safetensors listed
 in model.safetensors.index.json); `convert` streams its tensors one at a time into
-our folder: params.json + consolidated.safetensors (+ tokenizer.model).
+our folder: params.json + consolidated.safetensors (+ its tokenizer file).
 
 Two things differ from a rename:
 
@@ -27,9 +27,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mistral.args import ModelArgs, MoeArgs, read_json
-from mistral.checkpoint import TOKENIZER, write_folder
+from mistral.checkpoint import write_folder
 from mistral.errors import MistralError
 from mistral.model import Transformer
+from mistral.tokenizer import TOKENIZER_FILES
 
 CONFIG = "config.json"
 HF_SAFETENSORS = "model.safetensors"
@@ -236,6 +237,10 @@ def convert(hf_dir: Union[str, Path], out_dir: Union[str, Path]) -> ModelArgs:
     if missing:
         shown = ", ".join(hf_name(n) or n for n in missing[:5])
         raise MistralError(f"{hf_dir}: missing tensors {shown}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    write_folder(out_dir, args, state, tokenizer=hf_dir / TOKENIZER if (hf_dir / TOKENIZER).is_file() else None)
+    # Mistral's HF repos may hold several (7B v0.3: tokenizer.model and tokenizer.model.v3,
+    # one vocabulary): the newest format is the one the model was tuned on, and a model
+    # folder holds one.
+    newest = next((name for name in reversed(TOKENIZER_FILES) if (hf_dir / name).is_file()), None)
+    write_folder(out_dir, args, state, tokenizer=None if newest is None else hf_dir / newest)
     return args
 

@@ -16,14 +16,13 @@ from fire import decorators, parser
 
 from mistral import parallel
 from mistral.cache import RotatingBufferCache
-from mistral.checkpoint import TOKENIZER
 from mistral.errors import MistralError, check_positive_int
 from mistral.generation import check_options, stream
 from mistral.options import HELP, check_arguments
 from mistral.hf import convert as convert_hf
 from mistral.model import Transformer
 from mistral.quantize import quantize_folder
-from mistral.tokenizer import Tokenizer, check_text
+from mistral.tokenizer import ChatTokenizer, Message, check_text, load_tokenizer, tokenizer_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,12 +38,12 @@ def load(
     dtype: Optional[str],
     num_pipeline_ranks: int = 1,
     num_tensor_ranks: int = 1,
-) -> tuple[Transformer, Tokenizer]:
+    lora: Optional[str] = None,
+) -> tuple[Transformer, ChatTokenizer]:
     folder = Path(model_dir)
     if not is_dir(folder):
         raise MistralError(f"{folder}: model folder not found")
-    if not (folder / TOKENIZER).is_file():
-        raise MistralError(f"{folder}: no {TOKENIZER} in the model folder")
+    tokenizer = load_tokenizer(folder)  # before the weights: a folder without one fails at once
     rank = 0
     if num_pipeline_ranks != 1 or num_tensor_ranks != 1:
         # One process per rank, started by torchrun: each reads and runs its own part only.
@@ -60,13 +59,14 @@ def load(
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     if dtype not in DTYPES:
         raise MistralError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    tokenizer = Tokenizer(folder / TOKENIZER)
     model = Transformer.from_folder(
         folder, device=device, dtype=DTYPES[dtype], progress=LoadProgress(folder) if rank == 0 else None,
-        num_pipeline_ranks=num_pipeline_ranks, num_tensor_ranks=num_tensor_ranks,
+        num_pipeline_ranks=num_pipeline_ranks, num_tensor_ranks=num_tensor_ranks, lora_path=lora,
     )
     if tokenizer.n_words != model.args.vocab_size:
-        raise MistralError(f"{folder}: {TOKENIZER} has {tokenizer.n_words} tokens but params.json says vocab_size={model.args.vocab_size}")
+        raise MistralError(
+            f"{tokenizer_file(folder)}: {tokenizer.n_words} tokens but params.json says vocab_size={model.args.vocab_size}"
+        )
     if rank > 0:
         parallel.silence()  # rank 0 prints the results
     return model, tokenizer
@@ -118,7 +118,7 @@ class Completion:
     tokens alone would lose the space sentencepiece folds into a word's first piece.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_tokens: list[int]):
+    def __init__(self, tokenizer: ChatTokenizer, prompt_tokens: list[int]):
         self.tokenizer, self.prompt_tokens = tokenizer, list(prompt_tokens)  # a copy: a chat's history grows
         self.prompt_text = tokenizer.decode(prompt_tokens)
         self.tokens: list[int] = []
@@ -141,7 +141,7 @@ class Completion:
 
 def complete(
     model: Transformer,
-    tokenizer: Tokenizer,
+    tokenizer: ChatTokenizer,
     completions: list[Completion],
     on_step: Callable[[], None],
     cache: Optional[RotatingBufferCache] = None,
@@ -222,7 +222,7 @@ def generate(
 
     Args:
         inputs: [MODEL_DIR] PROMPT [PROMPT ...]. The first is a model folder (params.json,
-            consolidated.safetensors, tokenizer.model) when it is an existing directory, or
+            consolidated.safetensors, a tokenizer file) when it is an existing directory, or
             contains a "/" and no whitespace (so a mistyped folder is an error, not a prompt);
             otherwise every input is a prompt for the default model.
         max_tokens: most new tokens per prompt.
@@ -320,32 +320,53 @@ def rate(tokens: int, seconds: float) -> float:
 
 
 class Conversation:
-    """Mistral's instruct format, kept in the KV cache between turns:
+    """A chat in the model folder's own format (its tokenizer's encode_chat), kept in
+    the KV cache between turns.
 
-        <s>[INST] question [/INST] answer</s>[INST] next question [/INST] ...
-
-    Each turn reads only what the cache has not seen: the last token of the previous
-    answer (sampled, never fed back) and the new instruction.
+    Each turn encodes the whole conversation as the format has it, with the answers so
+    far as the model sampled them (the format's encoding of their text could split
+    them otherwise), and reads only what the cache has not seen: the last token of the
+    previous answer (sampled, never fed back), its eos and the new instruction. Where
+    the format rewrites an earlier turn (v2 and v3 put the system prompt before the
+    last user message) the cache rewinds to where the two encodings part.
     """
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_context: int, **options: Any):
+    def __init__(self, model: Transformer, tokenizer: ChatTokenizer, max_context: int, system: Optional[str] = None,
+                 **options: Any):
         self.model, self.tokenizer, self.options = model, tokenizer, options
         # A windowed model's rolling buffer never needs more than W slots per row.
         self.cache = model.make_cache(1, max_context)
         self.max_context = max_context
-        self.tokens: list[int] = []  # the conversation so far, as the model reads it
+        self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
+        self.prompt: list[int] = []  # the last turn's prompt, then its sampled answer:
+        self.answer: list[int] = []  # the cache holds a prefix of the two
 
     def say(self, text: str, on_step: Callable[["Completion"], None] = lambda c: None) -> Completion:
         """Add a user turn; returns the answer, streamed through on_step as it grows."""
-        self.tokens += self.tokenizer.encode(f"[INST] {text} [/INST]", bos=not self.tokens)
-        if self.model.args.sliding_window is None and len(self.tokens) + self.options["max_tokens"] > self.max_context:
+        messages = self.messages + [{"role": "user", "content": text}]
+        tokens = self.tokenizer.encode_chat(messages)
+        if self.answer and tokens[: len(self.prompt)] == self.prompt:
+            # The format kept the previous prompt: the answer's text follows up to its eos.
+            tokens = self.prompt + self.answer + tokens[tokens.index(self.tokenizer.eos_id, len(self.prompt)) :]
+        if self.model.args.sliding_window is None and len(tokens) + self.options["max_tokens"] > self.max_context:
             raise MistralError(
                 f"the conversation would pass max_context={self.max_context} tokens, which a model without a "
                 "sliding window must keep in its cache: start a new chat or raise --max_context"
             )
-        answer = Completion(self.tokenizer, self.tokens)
+        cached = (self.prompt + self.answer)[: self.cache.lengths[0]]
+        same = next((i for i, (a, b) in enumerate(zip(tokens, cached)) if a != b), min(len(tokens) - 1, len(cached)))
+        self.cache.rewind(0, same)
+        answer = Completion(self.tokenizer, tokens)
         complete(self.model, self.tokenizer, [answer], lambda: on_step(answer), cache=self.cache, **self.options)
-        self.tokens += answer.tokens + [self.tokenizer.eos_id]
+        self.messages, self.prompt, self.answer = messages, tokens, answer.tokens
+        # The answer's text as mistral-inference's chat keeps it: its tokens decoded alone.
+        # An empty one is left out, and the next user message joins this one, as
+        # mistral_common joins neighbouring messages of one role.
+        content = self.tokenizer.decode(answer.tokens)
+        if content.strip():
+            self.messages.append({"role": "assistant", "content": content})
+        else:
+            self.answer = []
         return answer
 
 
@@ -360,16 +381,19 @@ def chat(
     device: str | None = None,
     dtype: str | None = None,
     max_context: int = 32768,
+    system: Optional[str] = None,
+    lora: Optional[str] = None,
 ) -> None:
-    """Talk with a model: mistral chat [MODEL_DIR]. Mistral's instruct format; an empty line or end of input quits.
+    """Talk with a model: mistral chat [MODEL_DIR]. The folder's own chat format; an empty line or end of input quits.
 
     The conversation stays in the KV cache between turns, so each turn reads only the
     new message. Answers stream as they are generated. The default model (no MODEL_DIR)
     was never taught to chat: it continues Python code, so expect code, not answers.
 
     Args:
-        model_dir: folder with params.json, consolidated.safetensors and tokenizer.model
-            (default: the small model shipped in the package).
+        model_dir: folder with params.json, consolidated.safetensors and one tokenizer file
+            (tokenizer.model, tokenizer.model.v1/v2/v3/v7 or tekken.json), whose version
+            decides the chat format (default: the small model shipped in the package).
         max_tokens: most new tokens per answer.
         temperature: 0 samples greedily; higher values sample more freely.
         top_p: nucleus sampling: sample among the most likely tokens holding this much probability mass.
@@ -379,11 +403,18 @@ def chat(
         max_context: longest conversation in tokens for a model without a sliding window,
             whose cache keeps every token; a windowed model's rolling cache holds W tokens
             and the conversation may run on forever.
+        system: a system prompt, placed where the folder's format puts it.
+        lora: a LoRA adapter (lora.safetensors, with the rank and scaling in the `lora` section
+            of the params.json beside it) to merge into the weights at load.
     """
     check_options([[0]], 1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=None, seed=seed)
     check_positive_int(max_context, "max_context")
-    model, tokenizer = load(DEFAULT_MODEL if model_dir is None else str(model_dir), device, dtype)
-    conversation = Conversation(model, tokenizer, max_context, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+    model, tokenizer = load(DEFAULT_MODEL if model_dir is None else str(model_dir), device, dtype,
+                            lora=None if lora is None else str(lora))
+    system = None if system is None else str(system)  # fire reads --system 42 as an int
+    conversation = Conversation(
+        model, tokenizer, max_context, system=system, max_tokens=max_tokens, temperature=temperature, top_p=top_p
+    )
     turn = 0
     while True:
         try:
@@ -408,8 +439,9 @@ def convert(hf_dir: str, out_dir: str) -> None:
     Args:
         hf_dir: HF folder with config.json and model.safetensors (or model-0000x-of-0000y.safetensors
             shards with model.safetensors.index.json), as save_pretrained writes it.
-        out_dir: folder to write params.json and consolidated.safetensors into; tokenizer.model is
-            copied too when hf_dir has one. Tensors keep their dtype.
+        out_dir: folder to write params.json and consolidated.safetensors into; the tokenizer
+            file (tekken.json, tokenizer.model.v7/v3/v2/v1 or tokenizer.model, the first found)
+            is copied too when hf_dir has one. Tensors keep their dtype.
     """
     args = convert_hf(hf_dir, out_dir)
     kind = "Mixtral" if args.moe else "Mistral"

@@ -26,6 +26,7 @@ from mistral.cache import CacheInputs, CacheView, RotatingBufferCache
 from mistral.checkpoint import CheckpointNames, Progress, load_into, read_args, split_views, write_folder
 from mistral.errors import MistralError
 from mistral.linear import Linear
+from mistral.lora import merge_lora
 from mistral.masks import AttentionBias
 from mistral.moe import MoeLayer
 from mistral.parallel import Layout, Link, add_all_reduces, check_tensor_split
@@ -292,6 +293,7 @@ class Transformer(nn.Module):
         num_tensor_ranks: int = 1,
         pipeline_rank: Optional[int] = None,
         tensor_rank: Optional[int] = None,
+        lora_path: Optional[Union[str, Path]] = None,
     ) -> "Transformer":
         """Load params.json and consolidated.safetensors (or consolidated.00.pth) from a folder.
 
@@ -299,12 +301,17 @@ class Transformer(nn.Module):
         num_pipeline_ranks, num_tensor_ranks: this process holds one part of the model
         (see mistral/parallel.py) and reads only its own tensors and slices; its place is
         pipeline_rank and tensor_rank, or, when not given, its rank in the process group.
+        lora_path: a LoRA adapter (lora.safetensors) to merge into the weights (see mistral/lora.py).
         """
         args = read_args(folder)
         model = cls._empty(args, device, dtype, attention_backend, (num_pipeline_ranks, num_tensor_ranks, pipeline_rank, tensor_rank))
         layout = model.layout
         load_into(folder, model.checkpoint_slices(), layout.tensor_rank, layout.num_tensor_ranks, progress=progress,
                   allow_extra=layout.world_size > 1)  # fmt: skip
+        if lora_path is not None:
+            if layout.world_size > 1:
+                raise MistralError(f"{lora_path}: LoRA adapters are not supported on several processes")
+            merge_lora(model, lora_path)
         return model
 
     @classmethod

@@ -1,11 +1,73 @@
-"""A thin sentencepiece wrapper: the tokenizer.model of a Mistral folder."""
+"""The tokenizer of a model folder, and the chat format of its version.
+
+Mistral's releases ship one of six tokenizer files. Version 1 (tokenizer.model,
+tokenizer.model.v1) is a plain sentencepiece model whose instruct format spells
+"[INST]" in text; we encode it ourselves, so that v1 folders and the default model
+need nothing more. The later versions put control tokens around each turn and place
+the system prompt each their own way (v2 and v3: before the last user message, v7:
+in [SYSTEM_PROMPT] tokens at the start), and tekken.json is not sentencepiece at all:
+those come from mistral_common, Mistral's own reference for its formats, an optional
+extra (`pip install -e '.[mistral-common]'`).
+
+Both kinds offer the same methods: encode, decode, bos_id, eos_id, n_words and
+encode_chat(messages), the token ids of a conversation ready for the assistant's answer.
+"""
 
 from pathlib import Path
-from typing import Union
+from typing import Protocol, Sequence, Union
 
 from sentencepiece import SentencePieceProcessor
 
 from mistral.errors import MistralError
+
+# The tokenizer files of Mistral's releases; a model folder holds exactly one.
+SENTENCEPIECE_V1 = ("tokenizer.model", "tokenizer.model.v1")
+TOKENIZER_FILES = (*SENTENCEPIECE_V1, "tokenizer.model.v2", "tokenizer.model.v3", "tokenizer.model.v7", "tekken.json")
+INSTALL = "pip install -e '.[mistral-common]' (or pip install mistral-common)"
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
+
+
+class ChatTokenizer(Protocol):
+    n_words: int
+    bos_id: int
+    eos_id: int
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]: ...
+
+
+def tokenizer_file(folder: Union[str, Path]) -> Path:
+    """The one tokenizer file of a model folder."""
+    folder = Path(folder)
+    found = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    if len(found) != 1:
+        what = "no tokenizer file" if not found else f"{len(found)} tokenizer files ({', '.join(found)})"
+        raise MistralError(f"{folder}: {what} in the model folder, expected exactly one of {', '.join(TOKENIZER_FILES)}")
+    return folder / found[0]
+
+
+def load_tokenizer(folder: Union[str, Path]) -> ChatTokenizer:
+    """The tokenizer of a model folder, with the chat format of its version."""
+    path = tokenizer_file(folder)
+    return Tokenizer(path) if path.name in SENTENCEPIECE_V1 else MistralCommonTokenizer(path)
+
+
+def check_messages(messages: Sequence[Message]) -> None:
+    """A conversation the assistant can answer: known roles, text contents, the user's turn last."""
+    if not messages:
+        raise MistralError("encode_chat: no messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+            raise MistralError(f"encode_chat: message {i} must be {{'role': 'system' | 'user' | 'assistant', 'content': str}}, got {m!r}")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise MistralError(f"encode_chat: message {i} is an empty assistant message")
+    last = [m["role"] for m in messages if m["role"] != "system"][-1:]
+    if last != ["user"]:
+        raise MistralError(f"encode_chat: the last message (but system ones) must be the user's, got {last}")
 
 
 def check_text(text: str, what: str) -> None:
@@ -18,6 +80,14 @@ def check_text(text: str, what: str) -> None:
 
 
 class Tokenizer:
+    """A sentencepiece model, and Mistral's v1 instruct format:
+
+        <s>[INST] system\\n\\nquestion [/INST] answer</s>[INST] next question [/INST]
+
+    Each turn is encoded on its own (so each "[INST]" starts a word), exactly as
+    mistral_common's InstructTokenizerV1 does; tests check the two agree.
+    """
+
     def __init__(self, path: Union[str, Path]):
         path = Path(path)
         if not path.is_file():
@@ -46,3 +116,81 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
+
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        check_messages(messages)
+        # mistral_common's normalization: the system messages make one system prompt,
+        # neighbours of one role one message (joined by a blank line), and a
+        # conversation that does not open with the user opens with an empty user turn.
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        turns: list[Message] = []
+        for m in messages:
+            if m["role"] == "system":
+                continue
+            if turns and turns[-1]["role"] == m["role"]:
+                turns[-1] = {"role": m["role"], "content": turns[-1]["content"] + "\n\n" + m["content"]}
+            else:
+                turns.append(dict(m))
+        if turns[0]["role"] != "user":
+            turns.insert(0, {"role": "user", "content": ""})
+        if system:
+            turns[0]["content"] = system + "\n\n" + turns[0]["content"]
+        tokens = [self.bos_id]
+        for turn in turns:
+            if turn["role"] == "user":
+                tokens += self.encode(f"[INST] {turn['content']} [/INST]", bos=False)
+            else:
+                tokens += self.encode(turn["content"], bos=False, eos=True)
+        return tokens
+
+
+class MistralCommonTokenizer:
+    """tokenizer.model.v2 / v3 / v7 or tekken.json, through mistral_common.
+
+    decode drops control tokens ([INST], ...), as mistral_common does by default: the
+    text of an answer is what the user reads.
+    """
+
+    def __init__(self, path: Path):
+        try:
+            from mistral_common.exceptions import MistralCommonException
+            from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+        except ImportError:
+            raise MistralError(f"{path}: this tokenizer needs the mistral_common package: {INSTALL}") from None
+        self._errors = (MistralCommonException, ValueError, AssertionError)
+        try:
+            self.mistral = MistralTokenizer.from_file(str(path))
+        except (*self._errors, OSError, RuntimeError) as e:
+            raise MistralError(f"{path}: unreadable tokenizer ({type(e).__name__}: {e})".splitlines()[0]) from None
+        self.raw = self.mistral.instruct_tokenizer.tokenizer
+        self.version = self.raw.version.value
+
+    @property
+    def n_words(self) -> int:
+        return self.raw.n_words
+
+    @property
+    def bos_id(self) -> int:
+        return self.raw.bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self.raw.eos_id
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return self.raw.encode(text, bos=bos, eos=eos)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.mistral.decode(ids)
+
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        check_messages(messages)
+        kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+        request = ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in messages])
+        try:
+            return self.mistral.encode_chat_completion(request).tokens
+        except self._errors as e:
+            raise MistralError(f"encode_chat: {type(e).__name__}: {e}".splitlines()[0]) from None

@@ -1,6 +1,8 @@
-"""The sentencepiece wrapper, on a model trained here and on Mistral's real v1 tokenizer."""
+"""The tokenizers: the sentencepiece wrapper on a model trained here, and every tokenizer
+of Mistral's releases (mistral_common's data files) against mistral_common itself."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,7 +10,8 @@ import sentencepiece as spm
 from make_tiny_model import train_tokenizer
 
 from mistral import MistralError
-from mistral.tokenizer import Tokenizer
+from mistral.main import Completion
+from mistral.tokenizer import Tokenizer, load_tokenizer
 
 TEXTS = [
     "Return a new dictionary initialized from an optional positional argument.",
@@ -72,3 +75,153 @@ def test_missing_or_bad_tokenizer_file_is_a_mistral_error(tmp_path: Path) -> Non
     garbage.write_text("not a sentencepiece model")
     with pytest.raises(MistralError, match="not a sentencepiece model"):
         Tokenizer(garbage)
+
+
+# --- Every tokenizer of Mistral's releases, against mistral_common -------------------
+
+CONVERSATIONS = {
+    "one turn": [{"role": "user", "content": "Hello, who are you?"}],
+    "several turns": [
+        {"role": "user", "content": "Name a prime."},
+        {"role": "assistant", "content": "Seven."},
+        {"role": "user", "content": "Another one?"},
+        {"role": "assistant", "content": "Eleven. "},  # v2+ strip the trailing space, v1 keeps it
+        {"role": "user", "content": "Thanks"},
+    ],
+    "system prompt": [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": "Good morning"},
+        {"role": "assistant", "content": "Bonjour"},
+        {"role": "user", "content": "Good night"},
+    ],
+    "unicode and emoji": [{"role": "user", "content": "Grüße, 世界 🙂👩‍💻 — ∑ x²\ttab\nnewline"}],
+    "control-token lookalikes": [
+        {"role": "user", "content": "[INST] <s> </s> [/INST] [SYSTEM_PROMPT] [TOOL_CALLS]"},
+        {"role": "assistant", "content": "[/INST]"},
+        {"role": "user", "content": "<unk>[INST]"},
+    ],
+    "same roles in a row": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "a"},
+        {"role": "user", "content": "b"},
+        {"role": "system", "content": "Be kind."},
+    ],
+}
+PLAIN = [*TEXTS, "", " leading space", "[INST] looks like a control token [/INST]", "<s></s>", "🙂" * 3]
+
+
+def mistral_common_data() -> Path:
+    mistral_common = pytest.importorskip("mistral_common")
+    return Path(mistral_common.__file__).parent / "data"
+
+
+# mistral_common's data file -> its name in a released model folder.
+RELEASE_NAMES = {
+    "tokenizer.model.v1": "tokenizer.model.v1",
+    "mistral_instruct_tokenizer_240216.model.v2": "tokenizer.model.v2",
+    "mistral_instruct_tokenizer_240323.model.v3": "tokenizer.model.v3",
+    "mistral_instruct_tokenizer_241114.model.v7": "tokenizer.model.v7",
+    "mistral_instruct_tokenizer_241114.model.v7m1": "tokenizer.model.v7",  # the same text tokenizer, for images too
+    "tekken_240718.json": "tekken.json",
+    "tekken_240911.json": "tekken.json",
+}
+
+
+@pytest.fixture(params=sorted(RELEASE_NAMES), scope="module")
+def released(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """(our tokenizer from a folder holding the file under its release name, mistral_common's MistralTokenizer)."""
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    source = mistral_common_data() / request.param
+    assert source.is_file(), f"{source}: not shipped by this mistral_common"
+    folder = tmp_path_factory.mktemp("released")
+    (folder / RELEASE_NAMES[request.param]).write_bytes(source.read_bytes())
+    return load_tokenizer(folder), MistralTokenizer.from_file(str(source))
+
+
+def test_encode_and_special_ids_equal_mistral_common(released: tuple) -> None:
+    ours, reference = released
+    raw = reference.instruct_tokenizer.tokenizer
+    assert (ours.n_words, ours.bos_id, ours.eos_id) == (raw.n_words, raw.bos_id, raw.eos_id)
+    for text in PLAIN:
+        for bos, eos in [(True, False), (False, False), (True, True)]:
+            assert ours.encode(text, bos=bos, eos=eos) == raw.encode(text, bos=bos, eos=eos), text
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_encode_chat_equals_mistral_common(released: tuple, name: str) -> None:
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    ours, reference = released
+    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+    messages = CONVERSATIONS[name]
+    request = ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in messages])
+    assert ours.encode_chat(messages) == reference.encode_chat_completion(request).tokens
+
+
+def test_decode_round_trips(released: tuple) -> None:
+    ours, _ = released
+    for text in [TEXTS[0], TEXTS[1], "[INST] not a control token"]:
+        assert ours.decode(ours.encode(text, bos=True, eos=True)) == text
+    # Control tokens are not text: an encoded conversation decodes to its contents.
+    ids = ours.encode_chat([{"role": "user", "content": "Hi"}])
+    assert ours.decode(ids).replace("[INST]", "").replace("[/INST]", "").strip() == "Hi"
+
+
+def test_streamed_answer_never_splits_a_character(released: tuple) -> None:
+    """main.Completion: decode(prompt + answer) minus the prompt's text, byte tokens held back until whole."""
+    ours, _ = released
+    prompt = ours.encode_chat([{"role": "user", "content": "Say it"}])
+    text = "Grüße 🙂 naïve → 世界"
+    answer = Completion(ours, prompt)
+    pieces = []
+    for token in ours.encode(text, bos=False):
+        answer.tokens.append(token)
+        pieces.append(answer.unshown())
+    pieces.append(answer.unshown(final=True))
+    assert "".join(pieces).strip() == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        ([], "no messages"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], r"last message \(but system ones\) must be the user's"),
+        ([{"role": "bot", "content": "a"}], "message 0 must be"),
+        ([{"role": "user", "content": 3}], "message 0 must be"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}, {"role": "user", "content": "c"}],
+         "message 1 is an empty assistant message"),
+    ],
+    ids=["empty", "assistant last", "bad role", "not text", "empty answer"],
+)
+def test_bad_conversation_is_a_mistral_error(released: tuple, messages: list, message: str) -> None:
+    ours, _ = released
+    with pytest.raises(MistralError, match=message):
+        ours.encode_chat(messages)
+
+
+def test_folder_must_hold_exactly_one_tokenizer(tmp_path: Path, trained: Path) -> None:
+    with pytest.raises(MistralError, match=r"no tokenizer file in the model folder, expected exactly one of tokenizer\.model, "):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(trained.read_bytes())
+    assert isinstance(load_tokenizer(tmp_path), Tokenizer)
+    (tmp_path / "tekken.json").write_text("{}")
+    with pytest.raises(MistralError, match=r"2 tokenizer files \(tokenizer\.model, tekken\.json\) in the model folder"):
+        load_tokenizer(tmp_path)
+
+
+def test_without_mistral_common_v1_works_and_others_say_how_to_install(
+    tmp_path: Path, trained: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "mistral_common", None)  # import mistral_common now fails
+    monkeypatch.setitem(sys.modules, "mistral_common.tokens.tokenizers.mistral", None)
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "tokenizer.model").write_bytes(trained.read_bytes())
+    tok = load_tokenizer(tmp_path / "v1")
+    assert tok.encode_chat([{"role": "user", "content": "hi"}])[:1] == [tok.bos_id]
+    (tmp_path / "v3").mkdir()
+    (tmp_path / "v3" / "tokenizer.model.v3").write_bytes(trained.read_bytes())
+    with pytest.raises(MistralError, match=r"tokenizer\.model\.v3: this tokenizer needs the mistral_common package: pip install"):
+        load_tokenizer(tmp_path / "v3")
