@@ -11,6 +11,8 @@ The table of ratios is printed last; everything goes to <out>/bench.json.
     python scripts/bench.py --models mistral --out $OUT                      # H100, with HF: ~5 min
     python scripts/bench.py --models mixtral --mixtral-layers 16 --skip-hf   # H100: half the layers fit
     python scripts/bench.py --models mixtral --hf-b1-only --out $OUT         # H200: the whole Mixtral
+    python scripts/bench.py --models mistral --int8 also --skip-hf --out $OUT # H100: bf16 and int8 side by side
+    python scripts/bench.py --models mixtral --int8 only --skip-hf --out $OUT # H100: Mixtral int8 fits one
     python scripts/bench.py --device cpu --tiny                              # any machine, ~15 s
     python scripts/bench.py --models mixtral --table-from notes/bench/v4_h200_mixtral.json --device cpu
 """
@@ -115,21 +117,26 @@ def measure_ceilings(device: torch.device) -> dict[str, float]:
 
 
 def param_counts(args: ModelArgs) -> dict[str, float]:
-    """Parameters read per token: shared (attention, norms, gate, output) and per expert."""
+    """Parameters read per token: shared (attention, norms, gate, output) and per expert; attention's share of the shared."""
     D, F, L = args.dim, args.hidden_dim, args.n_layers
     attn = D * args.n_heads * args.head_dim * 2 + D * args.n_kv_heads * args.head_dim * 2
     ffn = 3 * D * F
     E = args.moe.num_experts if args.moe else 1
     shared = L * (attn + 2 * D + (D * E if args.moe else 0)) + D + args.vocab_size * D  # + output matrix
-    return {"shared": shared, "ffn": L * ffn, "experts": E, "k": args.moe.num_experts_per_tok if args.moe else 1}
+    return {"shared": shared, "attn": L * attn, "ffn": L * ffn, "experts": E, "k": args.moe.num_experts_per_tok if args.moe else 1}
 
 
 def decode_floor(args: ModelArgs, B: int, context: float, ceil: dict, bytes_per: int = 2) -> dict[str, float]:
-    """Fewest seconds per step: every weight read once (expected experts touched by B tokens), the KV read once."""
+    """Fewest seconds per step: every weight read once (expected experts touched by B tokens), the KV read once.
+
+    An int8 model (args.quantization) reads its projections (attention, experts) at 1 byte a weight.
+    """
     p = param_counts(args)
     E, k = p["experts"], p["k"]
     touched = E * (1 - (1 - k / E) ** B) if E > 1 else 1  # experts read per layer, random routing
-    weights = (p["shared"] + p["ffn"] * touched) * bytes_per + B * args.dim * bytes_per  # + embedding rows
+    projection_bytes = 1 if args.quantization else bytes_per
+    weights = ((p["shared"] - p["attn"]) * bytes_per + (p["attn"] + p["ffn"] * touched) * projection_bytes
+               + B * args.dim * bytes_per)  # + embedding rows; fmt: skip
     kv = B * context * args.n_layers * 2 * args.n_kv_heads * args.head_dim * bytes_per
     flops = 2 * B * (p["shared"] + p["ffn"] * k) + 4 * B * context * args.n_heads * args.head_dim * args.n_layers
     t = max((weights + kv) / ceil["copy_bytes_per_s"], flops / ceil["matmul_flop_per_s"])
@@ -241,7 +248,7 @@ def bench_ours(name: str, args: ModelArgs, cfg: argparse.Namespace, device: torc
             tokens = torch.zeros(1, dtype=torch.long, device=device)
             # One step of the compiled blocks, uncaptured (a graph's kernels do not show one by one).
             r["profile_decode_b1"] = profile(lambda: model.step(tokens, cache.prepare([1]), cache, compiled_block()))
-    if cfg.micro and not args.moe and device.type == "cuda":
+    if cfg.micro and not args.moe and not args.quantization and device.type == "cuda":
         with section(f"{name}/ours/micro_gemv", out) as r:
             r.update(micro_gemv(model, device))
     del model
@@ -316,8 +323,8 @@ def micro_gemv(model: Transformer, device: torch.device) -> dict[str, float]:
     w = layer.state_dict()  # the checkpoint's tensors: views into the fused ones
     res = {}
     for label, ws in (("qkv_separate", [w["attention.wq.weight"], w["attention.wk.weight"], w["attention.wv.weight"]]),
-                      ("qkv_fused", [layer.attention.wqkv]), ("w13_separate", [w["feed_forward.w1.weight"], w["feed_forward.w3.weight"]]),
-                      ("w13_fused", [layer.feed_forward.w13]), ("w2", [w["feed_forward.w2.weight"]]),
+                      ("qkv_fused", [layer.attention.wqkv.weight]), ("w13_separate", [w["feed_forward.w1.weight"], w["feed_forward.w3.weight"]]),
+                      ("w13_fused", [layer.feed_forward.w13.weight]), ("w2", [w["feed_forward.w2.weight"]]),
                       ("output", [model.output.weight])):  # fmt: skip
         x = torch.randn(1, ws[0].shape[1], device=device, dtype=model.dtype)
         graph = torch.cuda.CUDAGraph()
@@ -430,6 +437,7 @@ def main() -> None:
     p.add_argument("--models", default="mistral,mixtral")
     p.add_argument("--mixtral-layers", type=int, default=0, help="0: all 32; fewer where memory is short (say so and scale)")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--int8", choices=("no", "also", "only"), default="no", help="int8 weight-only models (mistral quantize) too, or only")
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--skip-hf-static", action="store_true")
     p.add_argument("--hf-b1-only", action="store_true", help="HF decode at batch 1 only (time)")
@@ -466,22 +474,23 @@ def main() -> None:
             ceil = measure_ceilings(device)
             r.update(ceil)
     cfgs: dict[str, ModelArgs] = {}
-    for name in cfg.models.split(","):
-        params = dict(TINY if cfg.tiny else MISTRAL_7B) if name == "mistral" else dict(TINY_MOE if cfg.tiny else MIXTRAL_8X7B)
-        if name == "mixtral" and cfg.mixtral_layers:
+    for model in cfg.models.split(","):
+        params = dict(TINY if cfg.tiny else MISTRAL_7B) if model == "mistral" else dict(TINY_MOE if cfg.tiny else MIXTRAL_8X7B)
+        if model == "mixtral" and cfg.mixtral_layers:
             params["n_layers"] = cfg.mixtral_layers
-        args = ModelArgs(**params)
-        cfgs[name] = args
-        cfg.batches = batches if name == "mistral" else [int(b) for b in cfg.mixtral_batches.split(",")]
-        if not cfg.skip_ours:
-            bench_ours(name, args, cfg, device, dtype, out)
-        if not cfg.skip_hf:
-            bench_hf(name, args, cfg, device, dtype, out)
+        variants = {"no": [model], "also": [model, f"{model}-int8"], "only": [f"{model}-int8"]}[cfg.int8]
+        for name in variants:
+            args = cfgs[name] = ModelArgs(**params, quantization={"method": "int8"} if name.endswith("int8") else None)
+            cfg.batches = batches if model == "mistral" else [int(b) for b in cfg.mixtral_batches.split(",")]
+            if not cfg.skip_ours:
+                bench_ours(name, args, cfg, device, dtype, out)
+            if not cfg.skip_hf and not args.quantization:
+                bench_hf(name, args, cfg, device, dtype, out)
     cfg.batches = batches
     RESULTS["dynamo_counters"] = {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if k in ("stats", "graph_break")}
     rows = []
     for name in cfgs:
-        cfg.batches = batches if name == "mistral" else [int(b) for b in cfg.mixtral_batches.split(",")]
+        cfg.batches = batches if name.startswith("mistral") else [int(b) for b in cfg.mixtral_batches.split(",")]
         rows += table([name], ceil, cfgs, cfg)[(1 if rows else 0) :]
     RESULTS["table"] = rows
     if not cfg.table_from:

@@ -85,7 +85,7 @@ def test_bad_quantization_is_a_clear_error(tmp_path: Path) -> None:
         quantize_folder(tmp_path / "float", tmp_path / "int4", method="int4")
     params = json.loads((tmp_path / "int8" / PARAMS).read_text())
     (tmp_path / "int8" / PARAMS).write_text(json.dumps(params | {"quantization": {"method": "nf4"}}))
-    with pytest.raises(MistralError, match=r"params.json: quantization method 'nf4' is not one this version reads"):
+    with pytest.raises(MistralError, match=r"params.json: 'quantization': quantization method 'nf4' is not one this version reads"):
         Transformer.from_folder(tmp_path / "int8")
     # int8 tensors where params.json promises float ones would load as garbage: refused.
     (tmp_path / "int8" / PARAMS).write_text(json.dumps(params | {"quantization": None}))
