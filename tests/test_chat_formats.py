@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import random_model, tiny_args
-from mistral.generate import generate
+from mistral.generation import generate
 from mistral.main import Conversation, load, main
 from test_tokenizer import RELEASE_NAMES, mistral_common_data
 
