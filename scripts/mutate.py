@@ -121,6 +121,9 @@ MUTATIONS = [
              "test_generate.py::test_eos_stops_a_sequence", "one sequence's eos ends every sequence"),
     Mutation("eos-kept-in-output", "generate.py", r"stop = toks\.index\(eos_id\) if", "stop = toks.index(eos_id) + 1 if",
              "test_generate.py::test_eos_stops_a_sequence", "generate() returns the eos token"),
+    Mutation("micro-batches-gathered-in-reverse", "generate.py", r"for mb in mbs:\n        if step < len\(mb\.tokens\):",
+             "for mb in reversed(mbs):\n        if step < len(mb.tokens):",
+             "test_generate.py::test_micro_batches_on_one_process_change_nothing", "a step's tokens come out in the wrong rows"),
     # --- parallel ----------------------------------------------------------------------
     Mutation("layer-split-shifted", "parallel.py", r"start = index \* base \+ min\(index, extra\)",
              "start = index * base + min(index + 1, extra)",
@@ -128,7 +131,10 @@ MUTATIONS = [
     Mutation("tensor-parallel-no-ffn-all-reduce", "parallel.py", r"for module in \(block\.attention, block\.feed_forward\):",
              "for module in (block.attention,):",
              "test_parallel.py -k 'P1xT2 and logits_equal'", "tensor ranks never sum their feed-forward halves"),
-    # --- tokenizer, CLI streaming ------------------------------------------------------
+    Mutation("pipeline-logprobs-are-token-ids", "parallel.py", r"return message\[0\]\.long\(\), message\[1\]\.float\(\)",
+             "return message[0].long(), message[0].float()",
+             "test_parallel.py -k 'P2xT1 and greedy_tokens_equal'", "ranks other than the sampler receive wrong log-probabilities"),
+    # --- tokenizer, CLI ----------------------------------------------------------------
     Mutation("tokenizer-always-bos", "tokenizer.py", r"\[self\.bos_id\] \* bos", "[self.bos_id]",
              "test_tokenizer.py", "encode(bos=False) still starts with <s>"),
     Mutation("stream-splits-characters", "main.py", r'len\(text\.rstrip\("\\ufffd"\)\)', "len(text)",
@@ -138,6 +144,12 @@ MUTATIONS = [
              "self.tokenizer.decode(self.tokens)",
              "test_cli_stream.py::test_streamed_text_never_splits_a_character",
              "the completion decoded alone loses the space sentencepiece folds into its first word"),
+    Mutation("cli-output-without-prompts", "main.py", r'write\(f"\{prompts\[printed\]\}\{', 'write(f"{',
+             "test_cli.py::test_more_prompts_than_max_batch_size_run_in_batches", "several prompts: completions printed without their prompts"),
+    Mutation("chat-forgets-closing-eos", "main.py", r"self\.tokens \+= answer\.tokens \+ \[self\.tokenizer\.eos_id\]",
+             # (test_cli's tiny model has a window of 8: the missing eos is out of reach of the next answer)
+             "self.tokens += answer.tokens", "test_cli_stream.py::test_chat_keeps_conversation_in_cache",
+             "a chat's history lacks the eos that closes each answer"),
     # --- the fast path -----------------------------------------------------------------
     Mutation("runner-prefill-does-not-advance", "decode.py", r"\n        self\.cache\.advance\(seqlens\)\n", "\n",
              "test_decode.py::test_runner_equals_model_forward", "the Runner's prefill leaves the cache lengths behind"),

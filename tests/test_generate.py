@@ -177,6 +177,25 @@ def test_eos_stops_a_sequence() -> None:
     assert len(steps) == stop + 1 and int(steps[-1][0][0]) == eos
 
 
+def test_micro_batches_on_one_process_change_nothing(moe: bool) -> None:
+    """The pipeline's schedule (each micro-batch with its own cache, mistral/parallel.py)
+    runs on one process too: the same tokens and log-probabilities as one batch, also
+    when a whole micro-batch reaches eos before the others."""
+    if DTYPE != torch.float32:
+        pytest.skip("token-for-token equality across batch shapes needs float32")
+    model = random_model(tiny_args(moe=moe))
+    prompts = random_prompts([3, W + 2, 1, 2 * W, 5], model.args.vocab_size, seed=13)
+    greedy, _ = generate(prompts, model, max_tokens=10)
+    eos = greedy[4][2]  # with 3 micro-batches, prompt 4 is the last one, alone
+    want, want_logprobs = generate(prompts, model, max_tokens=10, eos_id=eos)
+    assert len(want[4]) < 10 and any(len(t) == 10 for t in want)
+    for m in (2, 3):
+        tokens, logprobs = generate(prompts, model, max_tokens=10, eos_id=eos, micro_batches=m)
+        assert tokens == want
+        for got, expected in zip(logprobs, want_logprobs):
+            assert got == pytest.approx(expected, rel=RTOL, abs=RTOL)
+
+
 def test_more_prompts_than_max_batch_size_run_in_batches() -> None:
     model = random_model(tiny_args(max_batch_size=2))
     prompts = random_prompts([3, 9, 1, 20, 6], model.args.vocab_size, seed=12)
