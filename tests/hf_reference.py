@@ -20,8 +20,18 @@ HFModel = Union[MistralForCausalLM, MixtralForCausalLM]
 W = 8  # sliding window: prompts run past it, and past n_layers * (W - 1), the reach of two windowed layers
 
 
-def hf_model(*, moe: bool, sliding_window: Optional[int] = W, seed: int = 0, attn: str = "eager") -> HFModel:
-    """float32 on the CPU, weights ~ N(0, dim^-0.5) (norm weights included) so logits are far from uniform."""
+# Mixtral's rope theta, and Mistral's since v0.2; tests pass 1e4 (HF's default) too.
+ROPE_THETA = 1e6
+
+
+def hf_model(
+    *, moe: bool, sliding_window: Optional[int] = W, seed: int = 0, attn: str = "eager", rope_theta: float = ROPE_THETA
+) -> HFModel:
+    """float32 on the CPU, weights ~ N(0, dim^-0.5) (norm weights included) so logits are far from uniform.
+
+    rope_theta: not HF's default of 1e4 unless asked, so that a theta lost on the way
+    (in conversion or in our model) shows as wrong logits.
+    """
     common = dict(
         vocab_size=97,
         hidden_size=64,
@@ -34,10 +44,10 @@ def hf_model(*, moe: bool, sliding_window: Optional[int] = W, seed: int = 0, att
         attn_implementation=attn,
     )
     if moe:
-        config = MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6)
+        config = MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, rope_theta=rope_theta)
         cls = MixtralForCausalLM
     else:
-        config = MistralConfig(**common, head_dim=32, rope_theta=10000.0)
+        config = MistralConfig(**common, head_dim=32, rope_theta=rope_theta)
         cls = MistralForCausalLM
     torch.manual_seed(seed)
     model = cls(config)

@@ -145,7 +145,7 @@ def test_default_model_writes_python() -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(
         [sys.executable, "-m", "mistral", "generate", PROMPT, "--max_tokens", "24", "--json"],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
+        capture_output=True, text=True, env=env, timeout=120,  # cwd inherited: the installed (or mutated) package
     )
     assert result.returncode == 0, result.stderr
     (answer,) = json.loads(result.stdout)["results"]

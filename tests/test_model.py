@@ -49,6 +49,18 @@ def test_logits_match_hf(tmp_path: Path, moe: bool, sliding_window: Optional[int
         assert rel_error(got, want) < RTOL
 
 
+@pytest.mark.parametrize("rope_theta", [1e4, 1e6, 1e8])
+def test_rope_theta_reaches_the_model(tmp_path: Path, moe: bool, rope_theta: float) -> None:
+    """HF's default theta (1e4) and others: a theta fixed anywhere on the way (the
+    converter, params.json, the rotary call) would give other logits than HF's."""
+    hf = hf_model(moe=moe, rope_theta=rope_theta)
+    ours = converted(hf, tmp_path)
+    assert ours.args.rope_theta == rope_theta
+    prompts = random_prompts(LENGTHS[:1])
+    for got, want in zip(logits_alone(ours, prompts), hf_logits(hf, prompts)):
+        assert rel_error(got, want) < RTOL
+
+
 @pytest.mark.parametrize("other_window", [None, W - 1, W + 1], ids=["full", "W-1", "W+1"])
 def test_other_windows_differ_from_hf(tmp_path: Path, other_window: Optional[int]) -> None:
     """HF applies its window, and with our semantics (query i sees keys i-W+1 .. i): an

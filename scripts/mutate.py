@@ -1,0 +1,276 @@
+"""Plant known bugs, one at a time, and check that the tests see each of them.
+
+A mutation is a regex edit of one file of a copy of mistral/ in a temporary folder;
+the tests it names then run with that folder as their working directory and first on
+PYTHONPATH, so `import mistral` finds the mutant, in pytest and in the subprocesses
+that some tests start (the CLI, torchrun, spawned ranks). This tree is never modified.
+
+A mutation is caught when one of its tests fails on an assertion: an AssertionError,
+or pytest's own failure (pytest.raises that did not raise). A test that fails with
+any other exception crashed: the bug broke the code rather than being seen by a
+check, and does not count. The first assertion stops the run.
+
+    python scripts/mutate.py                        # all mutations
+    python scripts/mutate.py --list                 # names, files, tests; checks every pattern applies
+    python scripts/mutate.py temperature-ignored eos-stops-whole-batch
+    python scripts/mutate.py --baseline             # the same test runs unmutated: all must pass
+    python scripts/mutate.py --env MISTRAL_TEST_DEVICE=cuda   # (the environment is passed on anyway)
+
+This module is also the pytest plugin (`-p mutate`) that records how each test failed.
+"""
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE, TESTS = ROOT / "mistral", ROOT / "tests"
+REPORT = "MUTATE_REPORT"  # environment variable: the JSON-lines file the plugin appends to
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str  # relative to mistral/
+    pattern: str  # a regex that must match exactly once
+    replacement: str
+    tests: str  # pytest arguments; test_*.py paths are relative to tests/
+    bug: str
+
+    def mutated(self, source: str) -> str:
+        """source (of mistral/{file}) with the bug planted; ValueError unless the pattern matches exactly once."""
+        text, n = re.subn(self.pattern, self.replacement, source)
+        if n != 1:
+            raise ValueError(f"{self.name}: pattern {self.pattern!r} matched {n} times in mistral/{self.file}, not once")
+        return text
+
+    def apply(self, package: Path) -> None:
+        path = package / self.file
+        path.write_text(self.mutated(path.read_text()))
+
+    def pytest_args(self) -> list[str]:
+        return [str(TESTS / a) if a.startswith("test_") else a for a in shlex.split(self.tests)]
+
+
+MUTATIONS = [
+    # --- masks -------------------------------------------------------------------------
+    Mutation("window-one-wider", "masks.py", r"make_local_attention\(sliding_window\)", "make_local_attention(sliding_window + 1)",
+             "test_attention.py test_model.py::test_logits_match_hf", "prefill: query i sees keys i-W .. i"),
+    Mutation("chunk-window-one-wider", "masks.py", r"make_local_attention_from_bottomright\(sliding_window\)",
+             "make_local_attention_from_bottomright(sliding_window + 1)",
+             "test_attention.py test_cache.py::test_chunked_prefill_equals_full_prefill", "a later chunk sees one cached key too many"),
+    Mutation("chunk-causal-from-top-left", "masks.py", r"make_causal_from_bottomright\(\)", "make_causal()",
+             "test_cache.py::test_full_attention_with_cache", "a chunk's queries aligned with the cached keys, not the new ones"),
+    Mutation("no-window-in-prefill", "masks.py", r"return mask if sliding_window is None else mask\.make_local_attention\(sliding_window\)",
+             "return mask", "test_model.py::test_logits_match_hf", "the first prefill ignores the sliding window"),
+    # --- cache -------------------------------------------------------------------------
+    Mutation("slot-shifted", "cache.py", r"rows \* size \+ positions % size", "rows * size + (positions + 1) % size",
+             "test_cache.py::test_rolling_buffer_wraps_past_window", "position p stored in slot (p + 1) mod W"),
+    Mutation("decode-keys-one-short", "cache.py", r"\(positions \+ 1\)\.clamp\(max=size\)", "positions.clamp(max=size)",
+             "test_cache.py::test_rows_with_different_cached_lengths_share_a_call", "a decode query misses its newest key"),
+    # A chunk's first query sees only the last W - 1 cached tokens, and the oldest of the W
+    # a row holds is overwritten by the next write before a query could read it: so
+    # reading or storing one token fewer is harmless, and these take two.
+    Mutation("chunk-reads-too-few-cached-keys", "cache.py", r"n = min\(c, size\)", "n = min(c, size - 2)",
+             "test_cache.py::test_chunked_prefill_equals_full_prefill", "a chunk reads W - 2 cached tokens: its first query misses one"),
+    Mutation("cache-stores-too-few", "cache.py", r"keep = min\(s, size\)", "keep = min(s, size - 2)",
+             "test_cache.py::test_chunked_prefill_equals_full_prefill", "a long chunk stores only W - 2 of its last tokens"),
+    # --- model, attention --------------------------------------------------------------
+    Mutation("rope-theta-fixed", "model.py", r"self\.args\.head_dim, self\.args\.rope_theta\)", "self.args.head_dim, 10000.0)",
+             "test_model.py -k 'mistral and (hf or rope)'", "the rotary call ignores params.json's theta (Mistral tests only)"),
+    Mutation("rope-theta-fixed-1e6", "model.py", r"self\.args\.head_dim, self\.args\.rope_theta\)", "self.args.head_dim, 1e6)",
+             "test_model.py -k 'mistral and (hf or rope)'", "the same, fixed at Mixtral's theta"),
+    Mutation("hf-convert-drops-rope-theta", "hf.py", r"rope_theta=float\(rope_theta\)", "rope_theta=10000.0",
+             "test_model.py -k 'mistral and (hf or rope)'", "the converter writes the default theta"),
+    Mutation("rotary-halves-not-pairs", "model.py", r"x\.float\(\)\.unflatten\(-1, \(-1, 2\)\)\.unbind\(-1\)", "x.float().chunk(2, dim=-1)",
+             "test_decode.py::test_rotary_matches_closed_form", "rotary rotates (x[j], x[j + Dh/2]) instead of interleaved pairs"),
+    Mutation("gqa-heads-tiled", "attention.py", r"keys = keys\.repeat_interleave\(H // H_kv, dim=1\)", "keys = keys.repeat(1, H // H_kv, 1)",
+             "test_attention.py", "query head h reads key head h mod H_kv, not h // (H / H_kv)"),
+    # --- MoE ---------------------------------------------------------------------------
+    Mutation("moe-softmax-before-topk", "moe.py", r"torch\.topk\(gate_logits,", "torch.topk(torch.softmax(gate_logits, dim=-1),",
+             "test_model.py -k 'logits_match_hf and mixtral'", "gate weights: softmax over all experts, then again over the top k"),
+    Mutation("moe-grouped-weights-unsorted", "moe.py", r"weights\.flatten\(\)\[order, None\]", "weights.flatten()[:, None]",
+             "test_decode.py::test_moe_forward_equals_reference_loop", "grouped path: gate weights not sorted with their pairs"),
+    Mutation("moe-matvec-pairs-tiled", "moe.py", r"x\.repeat_interleave\(A, dim=0\)", "x.repeat(A, 1)",
+             "test_decode.py::test_moe_forward_equals_reference_loop", "fast decode path: pair p gets token p mod T"),
+    # --- sampling, generation ----------------------------------------------------------
+    Mutation("temperature-ignored", "generate.py", r"torch\.softmax\(logits / temperature, dim=-1\)", "torch.softmax(logits, dim=-1)",
+             "test_generate.py -k sample", "sampling at temperature 1 whatever was asked"),
+    Mutation("top-p-drops-crossing-token", "generate.py", r"probs\.cumsum\(dim=-1\) - probs > top_p", "probs.cumsum(dim=-1) > top_p",
+             "test_generate.py -k sample", "the token that reaches top_p is cut (and a top token above top_p)"),
+    Mutation("top-p-keeps-least-likely", "generate.py", r"descending=True", "descending=False",
+             "test_generate.py -k sample", "the nucleus is taken from the unlikely end"),
+    Mutation("logprob-normalised-over-batch", "generate.py", r"torch\.log_softmax\(logits, dim=-1\)\.gather",
+             "torch.log_softmax(logits, dim=0).gather",
+             "test_generate.py::test_logprobs_are_log_softmax_of_full_forward", "log-probabilities normalised over the batch"),
+    Mutation("prefill-last-logits-off-by-one", "generate.py", r"self\.last_logits\[b\] = out\[row\]", "self.last_logits[b] = out[row - 1]",
+             "test_generate.py::test_batch_equals_each_prompt_alone", "the first token is sampled from the prompt's next-to-last logits"),
+    Mutation("eos-stops-whole-batch", "generate.py", r"self\.done\.all\(\)", "self.done.any()",
+             "test_generate.py::test_eos_stops_a_sequence", "one sequence's eos ends every sequence"),
+    Mutation("eos-kept-in-output", "generate.py", r"stop = toks\.index\(eos_id\) if", "stop = toks.index(eos_id) + 1 if",
+             "test_generate.py::test_eos_stops_a_sequence", "generate() returns the eos token"),
+    Mutation("micro-batches-gathered-in-reverse", "generate.py", r"for mb in mbs:\n        if step < len\(mb\.tokens\):",
+             "for mb in reversed(mbs):\n        if step < len(mb.tokens):",
+             "test_generate.py::test_micro_batches_on_one_process_change_nothing", "a step's tokens come out in the wrong rows"),
+    # --- parallel ----------------------------------------------------------------------
+    Mutation("layer-split-shifted", "parallel.py", r"start = index \* base \+ min\(index, extra\)",
+             "start = index * base + min(index + 1, extra)",
+             "test_parallel.py::test_layers_split_as_evenly_as_possible", "pipeline stages' layers shifted by one"),
+    Mutation("tensor-parallel-no-ffn-all-reduce", "parallel.py", r"for module in \(block\.attention, block\.feed_forward\):",
+             "for module in (block.attention,):",
+             "test_parallel.py -k 'P1xT2 and logits_equal'", "tensor ranks never sum their feed-forward halves"),
+    Mutation("pipeline-logprobs-are-token-ids", "parallel.py", r"return message\[0\]\.long\(\), message\[1\]\.float\(\)",
+             "return message[0].long(), message[0].float()",
+             "test_parallel.py -k 'P2xT1 and greedy_tokens_equal'", "ranks other than the sampler receive wrong log-probabilities"),
+    # --- tokenizer, CLI ----------------------------------------------------------------
+    Mutation("tokenizer-always-bos", "tokenizer.py", r"\[self\.bos_id\] \* bos", "[self.bos_id]",
+             "test_tokenizer.py", "encode(bos=False) still starts with <s>"),
+    Mutation("stream-splits-characters", "main.py", r'len\(text\.rstrip\("\\ufffd"\)\)', "len(text)",
+             "test_cli_stream.py::test_streamed_text_never_splits_a_character", "a half-received UTF-8 character is printed as U+FFFD"),
+    Mutation("completion-decoded-alone", "main.py",
+             r"self\.tokenizer\.decode\(self\.prompt_tokens \+ self\.tokens\)\[len\(self\.prompt_text\) :\]",
+             "self.tokenizer.decode(self.tokens)",
+             "test_cli_stream.py::test_streamed_text_never_splits_a_character",
+             "the completion decoded alone loses the space sentencepiece folds into its first word"),
+    Mutation("cli-output-without-prompts", "main.py", r'write\(f"\{prompts\[printed\]\}\{', 'write(f"{',
+             "test_cli.py::test_more_prompts_than_max_batch_size_run_in_batches", "several prompts: completions printed without their prompts"),
+    Mutation("chat-forgets-closing-eos", "main.py", r"self\.tokens \+= answer\.tokens \+ \[self\.tokenizer\.eos_id\]",
+             # (test_cli's tiny model has a window of 8: the missing eos is out of reach of the next answer)
+             "self.tokens += answer.tokens", "test_cli_stream.py::test_chat_keeps_conversation_in_cache",
+             "a chat's history lacks the eos that closes each answer"),
+    # --- the fast path -----------------------------------------------------------------
+    Mutation("runner-prefill-does-not-advance", "decode.py", r"\n        self\.cache\.advance\(seqlens\)\n", "\n",
+             "test_decode.py::test_runner_equals_model_forward", "the Runner's prefill leaves the cache lengths behind"),
+    Mutation("graph-step-key-lengths-stale", "cache.py",
+             r"self\.mask\.k_seqinfo\.seqlen\.copy_\(key_lengths\(self\.positions, self\.size\)\)",
+             "self.mask.k_seqinfo.seqlen.copy_(key_lengths(self.positions - 1, self.size))",
+             "test_decode.py::test_decode_inputs_advance_like_build", "a captured decode step reads one key too few"),
+]
+
+
+@dataclass
+class Outcome:
+    name: str
+    verdict: str  # "caught", or why not: "NOT CAUGHT (...)"; with --baseline "passes" / "FAILS"
+    detail: str
+    seconds: float
+
+
+def run(mutation: Mutation, env: dict[str, str], baseline: bool) -> Outcome:
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mutant-") as tmp:
+        copy = Path(tmp) / "mistral"
+        # The shipped model's folder is data: linked, not copied.
+        shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__", "default_model"))
+        (copy / "default_model").symlink_to(PACKAGE / "default_model")
+        if not baseline:
+            mutation.apply(copy)
+        report = Path(tmp) / "report.jsonl"
+        path = os.pathsep.join(filter(None, [tmp, str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "mutate", "-p", "no:cacheprovider", *mutation.pytest_args()]
+        try:
+            done = subprocess.run(command, cwd=tmp, env={**os.environ, **env, "PYTHONPATH": path, REPORT: str(report)},
+                                  capture_output=True, text=True, timeout=600)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return Outcome(mutation.name, "NOT CAUGHT (timeout)" if not baseline else "FAILS (timeout)", "", time.perf_counter() - start)
+        records = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
+        imported = next((r["mistral"] for r in records if "mistral" in r), None)
+        if imported is None or not Path(imported).is_relative_to(copy):
+            raise SystemExit(f"{mutation.name}: the tests imported mistral from {imported}, not the copy in {tmp}\n{done.stdout[-3000:]}")
+    seconds = time.perf_counter() - start
+    failures = [r for r in records if "test" in r]
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr.strip()[-300:]
+    if baseline:
+        ok = done.returncode == 0
+        return Outcome(mutation.name, "passes" if ok else "FAILS", summary if ok else done.stdout[-3000:], seconds)
+    caught = [r for r in failures if r["how"] == "assert"]
+    if caught:
+        return Outcome(mutation.name, "caught", f"{caught[0]['test']}: {caught[0]['error']}", seconds)
+    if failures:
+        crashes = ", ".join(sorted({f"{r['error']} in {r['test']}" for r in failures}))
+        return Outcome(mutation.name, "NOT CAUGHT (crashed)", crashes, seconds)
+    if done.returncode != 0:  # no test failed, yet pytest did not pass: a collection error, a bad -k
+        return Outcome(mutation.name, "NOT CAUGHT (pytest error)", done.stdout[-2000:] + done.stderr[-2000:], seconds)
+    return Outcome(mutation.name, "NOT CAUGHT (all passed)", summary, seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutations, after checking that each pattern applies")
+    parser.add_argument("--baseline", action="store_true", help="run each mutation's tests on the unmutated copy: they must pass")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="set for the test runs, e.g. MISTRAL_TEST_DEVICE=cuda")
+    options = parser.parse_args()
+    by_name = {m.name: m for m in MUTATIONS}
+    unknown = [n for n in options.names if n not in by_name]
+    if unknown:
+        parser.error(f"unknown mutations {unknown}; --list shows them")
+    chosen = [by_name[n] for n in options.names] or MUTATIONS
+    env = dict(item.split("=", 1) for item in options.env)
+
+    try:  # every pattern applies, before anything runs
+        for m in chosen:
+            m.mutated((PACKAGE / m.file).read_text())
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if options.list:
+        for m in chosen:
+            print(f"{m.name:36} mistral/{m.file:13} {m.bug}\n{'':36} tests: {m.tests}")
+        return
+
+    outcomes = []
+    for m in chosen:
+        outcome = run(m, env, options.baseline)
+        outcomes.append(outcome)
+        print(f"{outcome.verdict:26} {m.name:36} {outcome.seconds:5.1f} s  {outcome.detail[:160]}", flush=True)
+    good = "passes" if options.baseline else "caught"
+    n_good = sum(o.verdict == good for o in outcomes)
+    print(f"\n{n_good} of {len(outcomes)} {good}")
+    for o in outcomes:
+        if o.verdict != good:
+            print(f"\n--- {o.name}: {o.verdict}\n{o.detail}")
+    sys.exit(0 if n_good == len(outcomes) else 1)
+
+
+# --- the pytest plugin (-p mutate), active only in the runs above --------------------
+
+
+def _record(entry: dict[str, Any]) -> None:
+    with open(os.environ[REPORT], "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if REPORT in os.environ:
+        import mistral
+
+        _record({"mistral": mistral.__file__})
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    report = yield
+    excinfo: Optional[pytest.ExceptionInfo] = call.excinfo
+    if REPORT in os.environ and report.failed and excinfo is not None:
+        assertion = call.when == "call" and excinfo.errisinstance((AssertionError, pytest.fail.Exception))
+        message = str(excinfo.value).strip().splitlines()[0][:200] if str(excinfo.value).strip() else ""
+        _record({"test": item.nodeid, "how": "assert" if assertion else "crash", "error": f"{excinfo.typename}: {message}"})
+        if assertion:
+            item.session.shouldstop = "an assertion saw the mutation"
+    return report
+
+
+if __name__ == "__main__":
+    main()
