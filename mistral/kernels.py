@@ -48,6 +48,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch
     """x: [M, K], q: [N, K] int8, scales: [N] -> [M, N] = x @ (q * scales[:, None])^T."""
     # float32 stays in PyTorch: tl.dot would round it to tf32.
     if x.is_cuda and triton is not None and x.dtype != torch.float32 and x.shape[0] <= INT8_KERNEL_MAX_ROWS:
+        if x.shape[0] == 1:  # one row: the matrix-vector kernel keeps more programs reading at once than 16-row tiles
+            return _triton_expert_matvec(x, q[None], torch.zeros(1, dtype=torch.long, device=x.device), scales[None])
         return _triton_int8_linear(x, q, scales)
     return nn.functional.linear(x, q.to(x.dtype)) * scales
 

@@ -52,7 +52,7 @@ def load(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = str(torch.device(device))  # fire hands "--device 0" over as an int
-    except RuntimeError:
+    except (RuntimeError, TypeError):  # and '--device 1e999' as a float
         raise MistralError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MistralError(f"device {device!r}: no CUDA GPU is available")

@@ -180,7 +180,7 @@ def init(num_pipeline_ranks: int = 1, num_tensor_ranks: int = 1, device: Optiona
         )
     try:
         use_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-    except RuntimeError:
+    except (RuntimeError, TypeError):
         raise MistralError(f"device must be cpu or cuda, got {device!r}") from None
     if use_cuda and not torch.cuda.is_available():
         raise MistralError(f"device {device!r}: no CUDA GPU is available")
