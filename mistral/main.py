@@ -504,8 +504,10 @@ def main() -> None:
     try:
         run(sys.argv[1:])
     except MistralError as e:
-        # The message may quote bytes that were not UTF-8 (lone surrogates): print them escaped.
-        print(f"error: {e}".encode(errors="backslashreplace").decode(), file=sys.stderr)
+        # The message may quote bytes that were not UTF-8 (lone surrogates) or control
+        # characters (a \r or \n typed in an option): print them escaped, on one line.
+        message = f"error: {e}".encode(errors="backslashreplace").decode()
+        print("".join(c if c.isprintable() else repr(c)[1:-1] for c in message), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C: stop quietly, as a shell command does
         print(file=sys.stderr)

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from make_tiny_model import make_tiny_model
 from safetensors.torch import load_file, save_file
-from test_cli import ROOT, run_in_process
+from test_cli import run_in_process
 
 import mistral
 from conftest import tiny_args
@@ -218,7 +218,7 @@ def test_ctrl_c_in_chat_is_quiet(cli: Any, monkeypatch: pytest.MonkeyPatch) -> N
 def test_closed_pipe_is_quiet() -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "mistral", "generate", "def f():", "--max_tokens", "200", "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     assert process.stdout is not None and process.stderr is not None
     process.stdout.read(1)  # as `| head -c 1` does
@@ -230,7 +230,7 @@ def test_closed_pipe_is_quiet() -> None:
 
 def test_help_names_the_types() -> None:
     result = subprocess.run([sys.executable, "-m", "mistral", "generate", "--help"], capture_output=True, text=True,
-                            cwd=ROOT, env={**os.environ, "PAGER": "cat"}, timeout=120)
+                            env={**os.environ, "PAGER": "cat"}, timeout=120)
     code, out = result.returncode, result.stdout + result.stderr  # fire writes help to stderr when not a tty
     assert code == 0
     assert "Optional[int]" in out and "Optional[Optional" not in out and "| None]" not in out

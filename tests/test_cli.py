@@ -18,7 +18,7 @@ import torch
 from make_tiny_model import make_tiny_model
 
 from mistral.checkpoint import PARAMS, TOKENIZER
-from mistral.generate import generate
+from mistral.generation import generate
 from mistral.main import main
 from mistral.model import Transformer
 from mistral.tokenizer import Tokenizer
