@@ -211,6 +211,7 @@ def generate(
     num_pipeline_ranks: int = 1,
     num_tensor_ranks: int = 1,
     micro_batches: int | None = None,
+    lora: str | None = None,
 ) -> None:
     """Complete prompts: [MODEL_DIR] PROMPT [PROMPT ...]. Prints the text as it is generated, then a speed summary on stderr.
 
@@ -242,6 +243,8 @@ def generate(
             With both, torchrun starts num_pipeline_ranks x num_tensor_ranks processes.
         micro_batches: with num_pipeline_ranks > 1, run the prompts as this many groups that
             follow each other through the stages (default: one per stage).
+        lora: a LoRA adapter (lora.safetensors, with the rank and scaling in the `lora` section
+            of the params.json beside it) to merge into the weights at load.
     """
     folder, prompts = split_model_and_prompts([str(i) for i in inputs])
     if not prompts:
@@ -252,7 +255,7 @@ def generate(
         check_text(p, f"prompt {i}")
     check_options([[0]], 1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size, seed=seed)
     start = time.perf_counter()
-    model, tokenizer = load(folder, device, dtype, num_pipeline_ranks, num_tensor_ranks)
+    model, tokenizer = load(folder, device, dtype, num_pipeline_ranks, num_tensor_ranks, None if lora is None else str(lora))
     load_s = time.perf_counter() - start
     completions = [Completion(tokenizer, tokenizer.encode(p, bos=True)) for p in prompts]
     n = model.args.max_batch_size

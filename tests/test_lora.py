@@ -12,9 +12,10 @@ from safetensors.torch import save_file
 
 from conftest import DEVICE, DTYPE, RTOL, random_model, rel_error, tiny_args
 from hf_reference import random_prompts
-from mistral import MistralError, Transformer
+from mistral import MistralError, Transformer, generate
 from mistral.checkpoint import PARAMS
 from mistral.main import main
+from mistral.tokenizer import load_tokenizer
 
 RANK, SCALING = 4, 2.0
 TARGETS = ["layers.0.attention.wq.weight", "layers.1.attention.wv.weight", "layers.1.attention.wk.weight"]
@@ -84,6 +85,22 @@ def test_chat_with_lora_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
     main()
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_generate_with_lora_option_runs_the_merged_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from make_tiny_model import train_tokenizer
+
+    base = random_model(tiny_args(vocab_size=512, sliding_window=None))
+    base.save(tmp_path)
+    train_tokenizer(tmp_path / "tokenizer.model", vocab_size=512)
+    write_adapter(tmp_path, TARGETS, {n: t.shape for n, t in base.state_dict().items()})
+    monkeypatch.setattr(sys, "argv", ["mistral", "generate", str(tmp_path), "def f():", "--lora", str(tmp_path / "lora.safetensors"),
+                                      "--max_tokens", "5", "--device", "cpu", "--json"])  # fmt: skip
+    main()
+    result = json.loads(capsys.readouterr().out)["results"][0]
+    merged = Transformer.from_folder(tmp_path, lora_path=tmp_path / "lora.safetensors")
+    eos_id = load_tokenizer(tmp_path).eos_id
+    assert [result["tokens"]] == generate([result["prompt_tokens"]], merged, max_tokens=5, eos_id=eos_id)[0]
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from mistral import MistralError, Transformer, generate
 from mistral.checkpoint import PARAMS, SAFETENSORS
 from mistral.model import tensor_split_dim
 from mistral.quantize import is_quantized, quantize_folder
+from mistral.tokenizer import load_tokenizer
 
 # Relative error of logits between a tiny float model and its int8 copy (measured 0.6-0.7%).
 QUANT_RTOL = 2e-2
@@ -108,7 +109,8 @@ def test_command_line_quantizes_and_generates(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)["results"][0]
     model = Transformer.from_folder(tmp_path / "q")
-    assert [result["tokens"]] == generate([result["prompt_tokens"]], model, max_tokens=6, eos_id=2)[0]
+    eos_id = load_tokenizer(tmp_path / "q").eos_id
+    assert [result["tokens"]] == generate([result["prompt_tokens"]], model, max_tokens=6, eos_id=eos_id)[0]
 
 
 def test_default_model_keeps_its_quality(tmp_path: Path) -> None:
@@ -117,7 +119,6 @@ def test_default_model_keeps_its_quality(tmp_path: Path) -> None:
     from train_tiny import CONTEXT, evaluate
 
     from mistral.main import DEFAULT_MODEL
-    from mistral.tokenizer import load_tokenizer
 
     quantize_folder(DEFAULT_MODEL, tmp_path / "q")
     text = (Path(sysconfig.get_paths()["stdlib"]) / "copy.py").read_text()
