@@ -7,6 +7,7 @@ import os
 import sys
 import time
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -20,6 +21,7 @@ from mistral.errors import MistralError, check_positive_int
 from mistral.generation import check_options, stream
 from mistral.options import HELP, check_arguments
 from mistral.hf import convert as convert_hf
+from mistral.decode import usable
 from mistral.model import Transformer
 from mistral.quantize import quantize_folder
 from mistral.tokenizer import ChatTokenizer, Message, check_text, load_tokenizer, tokenizer_file
@@ -146,14 +148,18 @@ def complete(
     on_step: Callable[[], None],
     cache: Optional[RotatingBufferCache] = None,
     **options: Any,
-) -> tuple[float, float]:
+) -> tuple[float, float, float, int]:
     """Stream tokens into `completions` (one batch), calling on_step after each step.
 
-    Returns the seconds of prefill (until the first token) and of decoding.
+    Returns the seconds of prefill (until the first token), of warm-up (on CUDA, the
+    first decode step, which compiles and captures the CUDA graph) and of decoding after
+    it, and the tokens those later steps produced.
     """
+    warm_up = usable(model)
     start = time.perf_counter()
-    prefill_s, steps = 0.0, 0
+    times, decoded = [], 0
     for tokens, logprobs in stream([c.prompt_tokens for c in completions], model, eos_id=tokenizer.eos_id, cache=cache, **options):
+        new = 0
         for c, token, logprob in zip(completions, tokens.tolist(), logprobs.tolist()):
             if c.finish_reason is None:
                 if token == tokenizer.eos_id:
@@ -161,13 +167,15 @@ def complete(
                 else:
                     c.tokens.append(token)
                     c.logprobs.append(logprob)
-        steps += 1
-        if steps == 1:
-            prefill_s, start = time.perf_counter() - start, time.perf_counter()
+                    new += 1
+        times.append(time.perf_counter() - start)
+        decoded += new if len(times) > 1 + warm_up else 0
         on_step()
     for c in completions:
         c.finish_reason = c.finish_reason or "length"
-    return prefill_s, (time.perf_counter() - start if steps else 0.0)
+    prefill_s = times[0] if times else 0.0
+    warm_up_s = times[1] - times[0] if warm_up and len(times) > 1 else 0.0
+    return prefill_s, warm_up_s, (times[-1] - prefill_s - warm_up_s if times else 0.0), decoded
 
 
 def write(text: str) -> None:
@@ -280,28 +288,31 @@ def generate(
             write(f"{prompts[printed]}{completions[printed].unshown(final=True)}\n=====\n")
             printed += 1
 
-    prefill_s = decode_s = 0.0
+    prefill_s = warm_up_s = decode_s = 0.0
+    decoded = 0
     options = dict(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size, seed=seed, micro_batches=micro_batches
     )
     for first in range(0, len(prompts), n):
-        p_s, d_s = complete(model, tokenizer, completions[first : first + n], show, **options)
-        prefill_s, decode_s = prefill_s + p_s, decode_s + d_s
+        p_s, w_s, d_s, tokens = complete(model, tokenizer, completions[first : first + n], show, **options)
+        prefill_s, warm_up_s, decode_s, decoded = prefill_s + p_s, warm_up_s + w_s, decode_s + d_s, decoded + tokens
     show(final=True)
     if len(prompts) == 1 and not json:
         write("\n")
 
     n_prompt = sum(len(c.prompt_tokens) for c in completions)
     n_new = sum(len(c.tokens) for c in completions)
-    # The first token of each sequence comes out of the prefill; the rest are decoded.
+    # The first token of each sequence comes out of the prefill; the rest are decoded
+    # (on CUDA the first decode step is warm-up: it compiles and captures the graph).
     timings = dict(
         load_s=round(load_s, 4),
         prefill_s=round(prefill_s, 4),
+        warm_up_s=round(warm_up_s, 4),
         decode_s=round(decode_s, 4),
         prompt_tokens=n_prompt,
         generated_tokens=n_new,
         prefill_tokens_per_s=rate(n_prompt, prefill_s),
-        decode_tokens_per_s=rate(max(n_new - len(completions), 0), decode_s),
+        decode_tokens_per_s=rate(decoded, decode_s),
     )
     if json:
         results = [
@@ -312,7 +323,8 @@ def generate(
         print(jsonlib.dumps(dict(model=str(folder), results=results, timings=timings), indent=2))
     print(
         f"prompt tokens: {n_prompt}, generated tokens: {n_new}, load: {load_s:.1f} s, "
-        f"prefill: {timings['prefill_tokens_per_s']} tokens/s, decode: {timings['decode_tokens_per_s']} tokens/s",
+        f"prefill: {timings['prefill_tokens_per_s']} tokens/s, decode: {timings['decode_tokens_per_s']} tokens/s"
+        + (f", warm-up: {warm_up_s:.1f} s" if warm_up_s else ""),
         file=sys.stderr,
     )
 
@@ -504,6 +516,9 @@ def with_inputs(command: Callable, extra: list[str]) -> Callable:
 
 def main() -> None:
     """`mistral COMMAND ...`: exit 2 with one line for what the user typed wrong."""
+    # What torch.compile and Triton tell their own developers ("Online softmax is
+    # disabled on the fly ...") is no news to a user of the command.
+    warnings.filterwarnings("ignore", module=r"torch\._inductor|triton")
     try:
         run(sys.argv[1:])
     except MistralError as e:

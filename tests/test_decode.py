@@ -12,8 +12,8 @@ from conftest import DEVICE, DTYPE, RTOL, random_model, rel_error, tiny_args
 
 from mistral import Transformer
 from mistral.cache import CacheInputs
-from mistral.decode import Runner
-from mistral.model import apply_rotary_emb, rotary_cos_sin
+from mistral.decode import Runner, compiled_block
+from mistral.model import TransformerBlock, apply_rotary_emb, rotary_cos_sin
 from mistral.moe import MoeLayer
 
 
@@ -89,6 +89,14 @@ def test_runner_equals_model_forward(moe: bool) -> None:
             tokens = want.argmax(-1)
     assert fast.lengths == ref.lengths
     assert (runner.graph is not None) == (DEVICE.type == "cuda")
+
+
+def test_small_models_run_uncompiled_unless_asked() -> None:
+    """Compiling costs seconds that a small model never earns back in a one-off run (on
+    CUDA the default model decoded slower than on the CPU); graphs still pay."""
+    model = random_model(tiny_args())
+    assert Runner(model, model.make_cache(1, 8), 1).run_block is TransformerBlock.__call__
+    assert Runner(model, model.make_cache(1, 8), 1, compile=True).run_block is compiled_block()
 
 
 def test_decode_inputs_advance_like_build() -> None:
