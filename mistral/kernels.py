@@ -13,7 +13,7 @@ Both take int8 weights with one scale per output row, or weights in x's dtype. E
 (the CPU, no Triton) the same operators run in plain PyTorch: the reference.
 """
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -61,17 +61,12 @@ def _(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 if triton is not None:
 
-    @triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4),
-            triton.Config({"BLOCK_N": 8, "BLOCK_K": 512}, num_warps=4),
-            triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4),
-            triton.Config({"BLOCK_N": 16, "BLOCK_K": 512}, num_warps=8),
-            triton.Config({"BLOCK_N": 4, "BLOCK_K": 1024}, num_warps=4),
-        ],
-        key=["N", "K", "HAS_SCALES"],
-    )
-    @triton.jit
+    def _tuned(key: list[str], *blocks: tuple[int, int, int]) -> Callable:
+        """A Triton kernel, autotuned (per distinct `key` arguments) over candidates (BLOCK_N, BLOCK_K, warps)."""
+        configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in blocks]
+        return lambda kernel: triton.autotune(configs=configs, key=key)(triton.jit(kernel))
+
+    @_tuned(["N", "K", "HAS_SCALES"], (16, 256, 4), (8, 512, 4), (32, 128, 4), (16, 512, 8), (4, 1024, 4))
     def _expert_matvec_kernel(
         x_ptr, w_ptr, e_ptr, s_ptr, y_ptr, N, K, HAS_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
     ):
@@ -107,17 +102,7 @@ if triton is not None:
         _expert_matvec_kernel[grid](x, w, experts, s, y, N, K, HAS_SCALES=scales is not None)
         return y
 
-    @triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_N": 32, "BLOCK_K": 256}, num_warps=4),
-            triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4),
-            triton.Config({"BLOCK_N": 16, "BLOCK_K": 512}, num_warps=4),
-            triton.Config({"BLOCK_N": 64, "BLOCK_K": 256}, num_warps=8),
-            triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8),
-        ],
-        key=["N", "K", "BLOCK_M"],
-    )
-    @triton.jit
+    @_tuned(["N", "K", "BLOCK_M"], (32, 256, 4), (64, 128, 4), (16, 512, 4), (64, 256, 8), (128, 128, 8))
     def _int8_linear_kernel(
         x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
     ):

@@ -121,32 +121,6 @@ def check(args: ModelArgs, N: int, device: torch.device) -> dict[str, Any]:
     return out
 
 
-def run(model: Transformer, prompts: list[list[int]], new_tokens: int, micro_batches: int, device: torch.device) -> dict:
-    """One timed generation; every rank takes part, rank 0's clock counts."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    dist.barrier()
-    sync(device)
-    start = time.perf_counter()
-    first = 0.0
-    for step, _ in enumerate(stream(prompts, model, max_tokens=new_tokens, micro_batches=micro_batches)):
-        if step == 0:
-            sync(device)
-            first = time.perf_counter() - start
-    sync(device)
-    total = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    peaks: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(peaks, peak / 2**30)
-    B = len(prompts)
-    return {
-        "ttft_ms": 1e3 * first,
-        "decode_tok_s": B * (new_tokens - 1) / (total - first),
-        "e2e_tok_s": B * new_tokens / total,
-        "peak_gib_per_gpu": [round(p, 2) for p in peaks],
-    }
-
-
 @torch.inference_mode()
 def fast_vs_eager(model: Transformer, prompts: list[list[int]], steps: int = 16) -> float:
     """Teacher-forced, on one stage's ranks: logits of the captured graph (the all-reduces

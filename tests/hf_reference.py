@@ -7,7 +7,7 @@ converter's head_dim handling is exercised too.
 
 import random
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
@@ -49,6 +49,11 @@ def hf_model(
     else:
         config = MistralConfig(**common, head_dim=32, rope_theta=rope_theta)
         cls = MistralForCausalLM
+    return random_hf(cls, config, seed)
+
+
+def random_hf(cls: type, config: Any, seed: int) -> torch.nn.Module:
+    """An HF model of this config with random weights ~ N(0, dim^-0.5), as ours get."""
     torch.manual_seed(seed)
     model = cls(config)
     with torch.no_grad():

@@ -16,7 +16,7 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from conftest import RTOL, rel_error
-from hf_reference import converted, hf_logits, random_prompts
+from hf_reference import converted, hf_logits, random_hf, random_prompts
 from mistral import MistralError, ModelArgs, Transformer
 from mistral.checkpoint import PARAMS
 
@@ -103,12 +103,7 @@ def hf_from_params(params: dict[str, Any], seed: int = 0) -> torch.nn.Module:
                                     num_experts_per_tok=moe["num_experts_per_tok"]), MixtralForCausalLM
     else:
         config, cls = MistralConfig(**common), MistralForCausalLM
-    torch.manual_seed(seed)
-    model = cls(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(std=config.hidden_size**-0.5)
-    return model.eval()
+    return random_hf(cls, config, seed)
 
 
 @pytest.mark.parametrize("name", TINY)
