@@ -79,7 +79,8 @@ class CacheInputs:
         """
         positions = torch.tensor(lengths, dtype=torch.long, device=device)
         B = len(lengths)
-        mask = decode_mask([size] * B if static else key_lengths(positions, size).tolist(), size, device)
+        # The lengths from the host's list: reading them back from the device would sync every step.
+        mask = decode_mask([size] * B if static else key_lengths(torch.tensor(lengths), size).tolist(), size, device)
         write_to = slots(torch.arange(B, device=device), positions, size)
         inputs = CacheInputs("decode", positions, mask, n_rows=B, size=size, write_from=None, write_to=write_to)
         inputs.mask.k_seqinfo.seqlen.copy_(key_lengths(positions, size))

@@ -15,8 +15,9 @@ alone:
   graph and replayed for every token. Its inputs live in static device buffers that
   the graph itself advances after each step (`CacheInputs.advance_decode`): the
   tokens or activations, their positions, the cache slots they are written to, and
-  the key lengths of the decode mask. Nothing in the loop reads a device value on the
-  host. NCCL's all-reduces are captured with the rest.
+  the key lengths of the decode mask. Nothing in the step reads a device value on the
+  host (the generation loop around it does, once per step: the sampled tokens, to stop
+  at eos and to check the logits are finite). NCCL's all-reduces are captured with the rest.
 
 Elsewhere (the CPU, float32) the Runner calls the same `step` uncompiled, eagerly.
 """

@@ -216,6 +216,16 @@ def stream(
     if cache is not None:
         if M > 1:
             raise MistralError("continuing sequences from a cache takes one micro-batch")
+        if B > cache.max_batch_size:
+            raise MistralError(f"{B} prompts do not fit the given cache of {cache.max_batch_size} rows")
+        # A cache that cannot roll must hold every token fed (checked here: a captured decode step could not).
+        if cache.sliding_window is None or cache.size < cache.sliding_window:
+            longest = max(len(p) for p in encoded_prompts) + max_tokens - 1
+            if longest > cache.size:
+                raise MistralError(
+                    f"the prompts and max_tokens={max_tokens} reach {longest} tokens, past the given cache's {cache.size} "
+                    f"slots (sliding_window={cache.sliding_window}): make a larger cache"
+                )
         for b, p in enumerate(encoded_prompts):
             if len(p) <= cache.lengths[b]:
                 raise MistralError(f"prompt {b} has {len(p)} tokens, but the cache already holds {cache.lengths[b]}: nothing new to read")

@@ -11,6 +11,8 @@ class Linear(nn.Module):
 
     Quantized (weight-only int8, `mistral quantize`): W = weight * scales[..., None], with
     weight int8 and one scale per output row, so a decode step reads 1 byte per weight.
+    The scales are written in float32 and held in the model's dtype (a bfloat16 model
+    rounds each row's scale by at most 2^-9, well below int8's own rounding).
     """
 
     def __init__(self, in_features: int, out_features: int, *, experts: int = 0, quantized: bool = False):

@@ -10,7 +10,10 @@ from mistral.checkpoint import CheckpointNames, split_views
 from mistral.kernels import expert_matvec
 from mistral.linear import Linear
 
-INT8_MATVEC_MAX_PAIRS = 64
+# Pairs up to which experts without a grouped matmul (int8 ones, float16 ones on CUDA)
+# run as matrix-vector products, static shapes that a CUDA graph can capture: every
+# decode batch up to 64 sequences at 2 experts each.
+MATVEC_MAX_PAIRS = 128
 
 
 class MoeLayer(CheckpointNames):
@@ -62,15 +65,16 @@ class MoeLayer(CheckpointNames):
         (T, A), E = chosen.shape, self.w13.weight.shape[0]
         pair_expert = chosen.flatten()  # [T * A], pair p is (token p // A, slot p % A)
         w13, w2 = self.w13, self.w2
-        # int8 experts take no grouped matmul: a decode batch of up to 32 tokens keeps to the
-        # matrix-vector products (static shapes for the CUDA graph), each pair reading its expert's rows.
-        if T * A <= (E if w13.scales is None else INT8_MATVEC_MAX_PAIRS):
+        # CUDA's grouped matmul takes bfloat16 only, and int8 experts none; those keep to the
+        # matrix-vector products up to MATVEC_MAX_PAIRS (each pair reading its expert's rows).
+        grouped = w13.scales is None and (not x.is_cuda or x.dtype == torch.bfloat16)
+        if T * A <= (E if grouped else MATVEC_MAX_PAIRS):
             h1, h3 = expert_matvec(x.repeat_interleave(A, dim=0), w13.weight, pair_expert, w13.scales).chunk(2, dim=-1)
             y = expert_matvec(nn.functional.silu(h1) * h3, w2.weight, pair_expert, w2.scales) * weights.flatten()[:, None]
             return y.view(T, A, -1).sum(dim=1)
-        if w13.scales is not None or (x.is_cuda and x.dtype != torch.bfloat16):
-            # CUDA's grouped matmul takes bfloat16 only; int8 experts (a prefill) are turned
-            # into x's dtype one at a time, where all at once would not fit beside them.
+        if not grouped:
+            # A prefill: int8 experts are turned into x's dtype one at a time, where all at
+            # once would not fit beside them.
             return self.reference(x)
         order = pair_expert.argsort(stable=True)  # pairs grouped by expert, tokens ascending
         token = order // A

@@ -4,6 +4,7 @@ On the CPU the Runner calls Transformer.step uncompiled; MISTRAL_TEST_DEVICE=cud
 it compiled and, for decoding, replayed from a CUDA graph.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -97,6 +98,27 @@ def test_small_models_run_uncompiled_unless_asked() -> None:
     model = random_model(tiny_args())
     assert Runner(model, model.make_cache(1, 8), 1).run_block is TransformerBlock.__call__
     assert Runner(model, model.make_cache(1, 8), 1, compile=True).run_block is compiled_block()
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs and float16 kernels: CUDA only")
+@pytest.mark.parametrize("quantized", [False, True], ids=["float16", "int8"])
+def test_experts_without_grouped_matmul_decode_in_a_graph(quantized: bool) -> None:
+    """float16 and int8 experts take no grouped matmul: a decode batch of 8 (16 pairs > 4 experts)
+    must still have static shapes, which the graph captures, and the same logits as eagerly."""
+    args = dataclasses.replace(tiny_args(moe=True), quantization={"method": "int8"} if quantized else None)
+    model = Transformer.random(args, device=DEVICE, dtype=torch.float16)
+    ref, fast = model.make_cache(8, 32), model.make_cache(8, 32)
+    runner = Runner(model, fast, 8)
+    ids = torch.randint(0, args.vocab_size, (8 * 5,), device=DEVICE)
+    with torch.inference_mode():
+        model(ids, [5] * 8, ref)
+        runner.prefill(ids, [5] * 8)
+        tokens = ids[:8]
+        for _ in range(4):
+            want = model(tokens, [1] * 8, ref)
+            assert rel_error(runner.decode(tokens), want) < RTOL
+            tokens = want.argmax(-1)
+    assert runner.graph is not None
 
 
 def test_decode_inputs_advance_like_build() -> None:

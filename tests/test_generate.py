@@ -237,3 +237,14 @@ def test_bad_options_raise_mistral_error(options: dict, message: str) -> None:
     prompts: Optional[list[list[int]]] = kwargs.pop("encoded_prompts")
     with pytest.raises(MistralError, match=message):
         generate(prompts, model, **kwargs)
+
+
+def test_a_given_cache_that_cannot_hold_the_run_is_an_error() -> None:
+    """Checked before anything runs: on CUDA a captured decode step could not check it, and would wrap."""
+    model = random_model(tiny_args(sliding_window=None))
+    cache = model.make_cache(2, 16)
+    with pytest.raises(MistralError, match=r"reach 19 tokens, past the given cache's 16 slots \(sliding_window=None\)"):
+        list(stream([[1] * 10], model, max_tokens=10, cache=cache))
+    with pytest.raises(MistralError, match="3 prompts do not fit the given cache of 2 rows"):
+        list(stream([[1], [2], [3]], model, max_tokens=2, cache=cache))
+    assert cache.lengths == [0, 0]  # nothing ran
