@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
 
-from conftest import DEVICE, DTYPE
+from conftest import DEVICE
 from mistral import Transformer
 from mistral.hf import convert
 
@@ -69,16 +69,16 @@ def random_prompts(lengths: Sequence[int], vocab_size: int = 97, seed: int = 0) 
 
 @torch.no_grad()
 def hf_logits(model: HFModel, prompts: list[list[int]]) -> list[torch.Tensor]:
-    """Each prompt alone (batch of one, no padding), on the test device and dtype: [len, V] each.
+    """Each prompt alone (batch of one, no padding), on the test device in float32: [len, V] each.
 
-    Moves the model to the test device and dtype: save it before, not after.
+    Moves the model to the test device: save it before, not after.
     """
-    model = model.to(device=DEVICE, dtype=DTYPE)
+    model = model.to(device=DEVICE, dtype=torch.float32)
     return [model(torch.tensor([p], device=DEVICE)).logits[0].float() for p in prompts]
 
 
 def converted(model: HFModel, tmp_path: Path, **save_kwargs) -> Transformer:
-    """model -> save_pretrained -> mistral.hf.convert -> Transformer.from_folder, on the test device."""
+    """model -> save_pretrained -> mistral.hf.convert -> Transformer.from_folder, on the test device in float32."""
     model.save_pretrained(tmp_path / "hf", **save_kwargs)
     convert(tmp_path / "hf", tmp_path / "ours")
-    return Transformer.from_folder(tmp_path / "ours", device=DEVICE, dtype=DTYPE).eval()
+    return Transformer.from_folder(tmp_path / "ours", device=DEVICE, dtype=torch.float32).eval()

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import DEVICE, DTYPE, RTOL, edit_tensors, rel_error
+from conftest import DEVICE, F32_RTOL, edit_tensors, rel_error
 from hf_reference import converted, hf_logits, hf_model, random_prompts
 from mistral import MistralError, Transformer
 from mistral.checkpoint import SAFETENSORS, TOKENIZER
@@ -28,7 +28,7 @@ def assert_same_logits(ours: Transformer, hf: torch.nn.Module) -> None:
     for prompt, want in zip(PROMPTS, hf_logits(hf, PROMPTS)):
         with torch.no_grad():
             got = ours(torch.tensor(prompt, device=DEVICE), [len(prompt)])
-        assert rel_error(got, want) < RTOL
+        assert rel_error(got, want) < F32_RTOL
 
 
 def test_sharded_checkpoint_converts_from_the_command_line(tmp_path: Path) -> None:
@@ -43,7 +43,7 @@ def test_sharded_checkpoint_converts_from_the_command_line(tmp_path: Path) -> No
     )
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "ours" / TOKENIZER).read_bytes() == b"a sentencepiece model"
-    assert_same_logits(Transformer.from_folder(tmp_path / "ours", device=DEVICE, dtype=DTYPE), hf)
+    assert_same_logits(Transformer.from_folder(tmp_path / "ours", device=DEVICE), hf)
 
 
 def test_sharded_mixtral_converts(tmp_path: Path) -> None:

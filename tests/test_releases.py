@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
 
-from conftest import RTOL, rel_error
+from conftest import DEVICE, F32_RTOL, rel_error
 from hf_reference import converted, hf_logits, random_hf, random_prompts
 from mistral import MistralError, ModelArgs, Transformer
 from mistral.checkpoint import PARAMS
@@ -118,5 +118,5 @@ def test_tiny_release_converts_and_matches_hf(name: str, tmp_path: Path) -> None
     prompts = random_prompts([12, 21], params["vocab_size"], seed=3)  # past the window of v0.1's tiny twin
     for prompt, want in zip(prompts, hf_logits(hf, prompts)):
         with torch.no_grad():
-            got = ours(torch.tensor(prompt), [len(prompt)])
-        assert rel_error(got, want) < RTOL
+            got = ours(torch.tensor(prompt, device=DEVICE), [len(prompt)])
+        assert rel_error(got, want) < F32_RTOL
