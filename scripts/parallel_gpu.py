@@ -87,9 +87,13 @@ def check_all_reduce(N: int, device: torch.device) -> dict[str, Any]:
     return out
 
 
+def check_prompts(args: ModelArgs) -> list[list[int]]:
+    return random_prompts(6, 40, args.vocab_size, seed=1) + random_prompts(2, 100, args.vocab_size, seed=2)
+
+
 def check(args: ModelArgs, N: int, device: torch.device) -> dict[str, Any]:
     """Greedy tokens and logits of N ranks against one rank's whole model (same weights)."""
-    prompts = random_prompts(6, 40, args.vocab_size, seed=1) + random_prompts(2, 100, args.vocab_size, seed=2)
+    prompts = check_prompts(args)
     ids, seqlens = torch.tensor(sum(prompts, []), device=device), [len(p) for p in prompts]
     out: dict[str, Any] = {}
     for name, (P, T) in layouts(N).items():
@@ -109,6 +113,7 @@ def check(args: ModelArgs, N: int, device: torch.device) -> dict[str, Any]:
                 reference = whole(ids, seqlens)
             r = out.setdefault(name, {})
             r |= {f"tokens_equal_micro_batches_{M}": tokens == want for M, tokens in got.items()}
+            r["tokens"] = got[1]  # for a check outside this script
             r["logits_rel_error"] = ((logits - reference).norm() / reference.norm()).item()
             if fast is not None:
                 want_fast = generate(prompts, whole.to(torch.bfloat16), max_tokens=48)[0]
