@@ -86,9 +86,10 @@ class Runner:
         self.cuda_graphs = (fast if cuda_graphs is None else cuda_graphs) and model.device.type == "cuda"
         self.graph: Optional[torch.cuda.CUDAGraph] = None
 
-    def prefill(self, x: torch.Tensor, seqlens: Sequence[int]) -> torch.Tensor:
+    def prefill(self, x: torch.Tensor, seqlens: Sequence[int], rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """model.step for cache.prepare(seqlens); on the last stage the logits of `rows` only, when given."""
         inputs = self.cache.prepare(seqlens)
-        out = self.model.step(x, inputs, self.cache, self.run_block)
+        out = self.model.step(x, inputs, self.cache, self.run_block, rows)
         self.cache.advance(seqlens)
         return out
 

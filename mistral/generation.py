@@ -89,7 +89,7 @@ class PrefillCall:
 
     input_ids: list[int]
     seqlens: list[int]  # per prompt; 0 once a prompt has ended
-    ends: dict[int, int]  # prompt b -> row of its last token in this call's logits, if it ends here
+    ends: dict[int, int]  # prompt b -> row of its last token among this call's tokens, if it ends here
 
 
 def prefill_calls(prompts: Sequence[Sequence[int]], chunk: int) -> list[PrefillCall]:
@@ -148,7 +148,8 @@ class MicroBatch:
         call = None if decoding else self.calls[self.prefilled]
         ids = self.tokens[-1] if call is None else call.input_ids
         x = torch.as_tensor(ids, device=model.device) if model.layout.is_first else link.recv_activations(len(ids))
-        out = self.runner.decode(x) if call is None else self.runner.prefill(x, call.seqlens)
+        rows = None if call is None else list(call.ends.values())  # the last token of each prompt ending here
+        out = self.runner.decode(x) if call is None else self.runner.prefill(x, call.seqlens, rows)
         self.prefilled += call is not None
         samples = self.prefilled == len(self.calls)
         if not model.layout.is_last:
@@ -156,8 +157,8 @@ class MicroBatch:
             return samples, None
         if call is None:
             return True, out
-        for b, row in call.ends.items():  # a prompt's last logits come from the call where it ends
-            self.last_logits[b] = out[row]
+        for i, b in enumerate(call.ends):  # a prompt's last logits come from the call where it ends
+            self.last_logits[b] = out[i]
         return samples, torch.stack(self.last_logits) if samples else None  # type: ignore[arg-type]
 
 

@@ -207,11 +207,13 @@ class Transformer(nn.Module):
         inputs: CacheInputs,
         cache: Optional[RotatingBufferCache],
         run_block: RunBlock = TransformerBlock.__call__,
+        rows: Optional[Sequence[int]] = None,
     ) -> torch.Tensor:
         """This rank's share of one forward call, for a prepared cache call (or none).
 
         x: token ids [T] on the first stage, else the previous stage's activations [T, D].
-        Returns activations [T, D], or on the last stage float logits [T, V].
+        Returns activations [T, D], or on the last stage float logits [T, V]: of the
+        tokens `rows` only, when given (a prefill needs each prompt's last).
         """
         h = x if self.tok_embeddings is None else self.tok_embeddings(x)
         rope = rotary_cos_sin(inputs.positions, self.args.head_dim, self.args.rope_theta)
@@ -222,6 +224,8 @@ class Transformer(nn.Module):
         if self.output is None:
             return h
         assert self.norm is not None
+        if rows is not None:  # [T, V] float32 logits of a long prefill would take gigabytes
+            h = h[torch.tensor(rows, dtype=torch.long, device=h.device)]
         return self.output(self.norm(h)).float()
 
     def forward(

@@ -115,7 +115,7 @@ MUTATIONS = [
     Mutation("logprob-normalised-over-batch", "generation.py", r"torch\.log_softmax\(logits, dim=-1\)\.gather",
              "torch.log_softmax(logits, dim=0).gather",
              "test_generate.py::test_logprobs_are_log_softmax_of_full_forward", "log-probabilities normalised over the batch"),
-    Mutation("prefill-last-logits-off-by-one", "generation.py", r"self\.last_logits\[b\] = out\[row\]", "self.last_logits[b] = out[row - 1]",
+    Mutation("prefill-last-logits-off-by-one", "generation.py", r"list\(call\.ends\.values\(\)\)", "[row - 1 for row in call.ends.values()]",
              "test_generate.py::test_batch_equals_each_prompt_alone", "the first token is sampled from the prompt's next-to-last logits"),
     Mutation("eos-stops-whole-batch", "generation.py", r"self\.done\.all\(\)", "self.done.any()",
              "test_generate.py::test_eos_stops_a_sequence", "one sequence's eos ends every sequence"),
