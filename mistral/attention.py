@@ -13,6 +13,7 @@ import xformers.ops.fmha.common
 import xformers.ops.fmha.flash
 from xformers.ops import memory_efficient_attention_forward
 
+from mistral import kernels
 from mistral.masks import AttentionBias
 
 # When xformers' own C++ extension does not load (a wheel built for another torch),
@@ -26,11 +27,27 @@ Backend = Literal["auto", "xformers", "reference"]
 BACKENDS = ("auto", "xformers", "reference")
 
 
+def _half_on_cuda(xq: torch.Tensor) -> bool:
+    # xformers' flash kernels take half precision only; float32 on a GPU runs the reference.
+    return xq.is_cuda and xq.dtype in (torch.float16, torch.bfloat16)
+
+
+def decode_kernel_applies(xq: torch.Tensor, backend: Backend) -> bool:
+    """Whether a decode step writes the cache and attends in one kernel (kernels.decode_attention).
+
+    Only for backend "auto", on CUDA in half precision with Triton: xformers' decode takes
+    two index copies and two flash-decoding kernels per layer where this takes one. The
+    kernel reads the key lengths from the decode mask itself (mask 3), and "xformers" keeps
+    xformers' kernel for every mask, to compare the two.
+    """
+    head_dim = xq.shape[-1]
+    return backend == "auto" and _half_on_cuda(xq) and kernels.triton is not None and head_dim in (16, 32, 64, 128, 256)
+
+
 def attend(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: AttentionBias, backend: Backend) -> torch.Tensor:
     """xq: [T, H, D] queries; keys, values: [S, H_kv, D]. Returns [T, H, D]."""
     if backend == "auto":
-        # xformers' flash kernels take half precision only; float32 on a GPU runs the reference.
-        backend = "xformers" if xq.is_cuda and xq.dtype in (torch.float16, torch.bfloat16) else "reference"
+        backend = "xformers" if _half_on_cuda(xq) else "reference"
     if backend == "xformers":
         return _xformers(xq, keys, values, mask)
     return _reference(xq, keys, values, mask)

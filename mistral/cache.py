@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 from mistral.errors import MistralError
+from mistral.kernels import decode_attention
 from mistral.masks import AttentionBias, chunk_mask, decode_mask, prefill_mask
 
 
@@ -187,6 +188,17 @@ class CacheView:
             # Each query reads its row's slots in place (mask 3 of masks.py).
             return flat_k[: inputs.n_rows * inputs.size], flat_v[: inputs.n_rows * inputs.size]
         return keys, values
+
+
+    def attend_decode(self, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor) -> torch.Tensor:
+        """A decode call's update and attention as one kernel (kernels.decode_attention, on CUDA).
+
+        xq: [B, H, Dh] and xk, xv: [B, H_kv, Dh], one new token for each of rows 0..B-1;
+        each query attends over its row's first mask.k_seqinfo.seqlen[b] slots (mask 3).
+        """
+        inputs = self.inputs
+        assert inputs.kind == "decode" and inputs.write_to is not None
+        return decode_attention(xq, xk, xv, self.k, self.v, inputs.write_to, inputs.mask.k_seqinfo.seqlen)
 
 
 class CacheTooLarge(MistralError):

@@ -6,8 +6,11 @@
   token, so on an H200 it is bound by that wasted tensor work rather than by the reads.
   This is a plain matrix-vector product that reads each chosen expert's rows once, with
   the expert index read on the device (so shapes stay static for the CUDA graph).
-- `int8_linear`: x @ (q * scales)^T for int8 weights q (weight-only quantization), the
-  int8 rows turned into x's dtype in registers: a decode step reads 1 byte per weight.
+- `linear`: x @ (w * scales)^T. One row of x (a batch-1 decode step): the same
+  matrix-vector kernel, which reads the weights faster than cuBLAS does (measured per
+  shape by scripts/kernel_bench.py). int8 weights w (weight-only quantization) with up
+  to 64 rows: their rows are turned into x's dtype in registers, so a decode step
+  reads 1 byte per weight.
 
 Both take int8 weights with one scale per output row, or weights in x's dtype. Elsewhere
 (the CPU, no Triton) the same operators run in plain PyTorch: the reference.
@@ -24,7 +27,7 @@ try:
 except ImportError:  # the CPU install: the references below run instead
     triton = None
 
-# Rows of x up to which int8_linear runs the Triton kernel on CUDA; past it, the weight is
+# Rows of x up to which `linear` of int8 weights runs the Triton kernel on CUDA; past it, the weight is
 # turned into x's dtype whole and multiplied by cuBLAS (prefill: compute-bound anyway).
 INT8_KERNEL_MAX_ROWS = 64
 
@@ -33,7 +36,7 @@ INT8_KERNEL_MAX_ROWS = 64
 def expert_matvec(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x: [P, K], w: [E, N, K], experts: [P], scales: [E, N] for int8 w -> [P, N], row p = w[experts[p]] @ x[p]."""
     if x.is_cuda and triton is not None:
-        return _triton_expert_matvec(x, w, experts, scales)
+        return _triton_matvec(x, w, experts, scales)
     y = torch.einsum("pnk,pk->pn", w[experts].to(x.dtype), x)
     return y if scales is None else y * scales[experts]
 
@@ -43,20 +46,61 @@ def _(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, scales: Optional[
     return x.new_empty(x.shape[0], w.shape[1])
 
 
-@torch.library.custom_op("mistral::int8_linear", mutates_args=())
-def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x: [M, K], q: [N, K] int8, scales: [N] -> [M, N] = x @ (q * scales[:, None])^T."""
+@torch.library.custom_op("mistral::linear", mutates_args=())
+def linear(x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x: [M, K], w: [N, K] in x's dtype, or int8 with scales [N] -> [M, N] = x @ (w * scales[:, None])^T."""
     # float32 stays in PyTorch: tl.dot would round it to tf32.
-    if x.is_cuda and triton is not None and x.dtype != torch.float32 and x.shape[0] <= INT8_KERNEL_MAX_ROWS:
-        if x.shape[0] == 1:  # one row: the matrix-vector kernel keeps more programs reading at once than 16-row tiles
-            return _triton_expert_matvec(x, q[None], torch.zeros(1, dtype=torch.long, device=x.device), scales[None])
-        return _triton_int8_linear(x, q, scales)
-    return nn.functional.linear(x, q.to(x.dtype)) * scales
+    if x.is_cuda and triton is not None and x.dtype != torch.float32:
+        if x.shape[0] == 1:
+            return _triton_matvec(x, w[None], None, None if scales is None else scales[None])
+        if scales is not None and x.shape[0] <= INT8_KERNEL_MAX_ROWS:
+            return _triton_int8_linear(x, w, scales)
+    y = nn.functional.linear(x, w.to(x.dtype))
+    return y if scales is None else y * scales
 
 
-@int8_linear.register_fake
-def _(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], q.shape[0])
+def linear_applies(x: torch.Tensor, scales: Optional[torch.Tensor]) -> bool:
+    """Whether `linear` runs a kernel of its own for x [M, K]; where not, F.linear is the same and stays visible to torch.compile."""
+    return scales is not None or (x.is_cuda and triton is not None and x.dtype != torch.float32 and x.shape[0] == 1)
+
+
+@linear.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+@torch.library.custom_op("mistral::decode_attention", mutates_args=("cache_k", "cache_v"))
+def decode_attention(
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    slots: torch.Tensor,
+    key_lengths: torch.Tensor,
+) -> torch.Tensor:
+    """A decode step's cache write and attention in one (mask 3 of masks.py), for rows b < B:
+
+    store xk[b], xv[b] at flat cache slot slots[b] (row b's slots are b*S .. b*S+S-1), then
+    attend xq[b]'s heads over the first key_lengths[b] slots of row b, the new one included.
+    xq: [B, H, Dh]; xk, xv: [B, H_kv, Dh]; cache_k, cache_v: [rows, S, H_kv, Dh] -> [B, H, Dh].
+    """
+    if xq.is_cuda and triton is not None:
+        return _triton_decode_attention(xq, xk, xv, cache_k, cache_v, slots, key_lengths)
+    (B, H, Dh), (S, H_kv) = xq.shape, cache_k.shape[1:3]
+    cache_k.flatten(0, 1).index_copy_(0, slots, xk)
+    cache_v.flatten(0, 1).index_copy_(0, slots, xv)
+    keys = cache_k[:B].repeat_interleave(H // H_kv, dim=2).float()  # [B, S, H, Dh]
+    values = cache_v[:B].repeat_interleave(H // H_kv, dim=2).float()
+    scores = torch.einsum("bhd,bshd->bhs", xq.float(), keys) * Dh**-0.5
+    unread = torch.arange(S, device=xq.device)[None, :] >= key_lengths[:, None]  # [B, S]
+    probs = torch.softmax(scores.masked_fill(unread[:, None, :], float("-inf")), dim=-1)
+    return torch.einsum("bhs,bshd->bhd", probs, values).to(xq.dtype)
+
+
+@decode_attention.register_fake
+def _(xq, xk, xv, cache_k, cache_v, slots, key_lengths):  # type: ignore[no-untyped-def]
+    return torch.empty_like(xq)
 
 
 if triton is not None:
@@ -64,17 +108,32 @@ if triton is not None:
     def _tuned(key: list[str], *blocks: tuple[int, int, int]) -> Callable:
         """A Triton kernel, autotuned (per distinct `key` arguments) over candidates (BLOCK_N, BLOCK_K, warps)."""
         configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in blocks]
-        return lambda kernel: triton.autotune(configs=configs, key=key)(triton.jit(kernel))
+        # Short timings (the kernels run for microseconds), kept on disk for the next process.
+        bench = lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)  # noqa: E731
+        tune = triton.autotune(configs=configs, key=key, do_bench=bench, cache_results=True)
+        return lambda kernel: tune(triton.jit(kernel))
 
-    @_tuned(["N", "K", "HAS_SCALES"], (16, 256, 4), (8, 512, 4), (32, 128, 4), (16, 512, 8), (4, 1024, 4))
-    def _expert_matvec_kernel(
-        x_ptr, w_ptr, e_ptr, s_ptr, y_ptr, N, K, HAS_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
-    ):
-        # Program (n, p): rows n*BLOCK_N .. of pair p's expert. A [BLOCK_N, BLOCK_K] float32
-        # accumulator is reduced once at the end, so the loop only loads and multiplies.
+    # Matrix-vector products are bound by the weights' reads, which want many bytes in
+    # flight: few rows per program and long runs of each row (blocks of 1-8 rows by
+    # 512-4096 columns beat cuBLAS's GEMV by 5-20% per Mistral shape on an H100).
+    @_tuned(
+        ["N", "K", "HAS_SCALES", "EXPERTS"],
+        (1, 2048, 4), (1, 4096, 8), (2, 1024, 4), (2, 2048, 8), (4, 512, 4), (4, 1024, 4), (4, 1024, 8),
+        (4, 2048, 8), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8), (32, 128, 4),
+    )  # fmt: skip
+    def _matvec_kernel(
+        x_ptr, w_ptr, e_ptr, s_ptr, y_ptr, N, K,
+        HAS_SCALES: tl.constexpr, EXPERTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        # Program (n, p): rows n*BLOCK_N .. of pair p's expert (of the one matrix without
+        # EXPERTS). A [BLOCK_N, BLOCK_K] float32 accumulator is reduced once at the end,
+        # so the loop only loads and multiplies.
         pid_n = tl.program_id(0)
         p = tl.program_id(1)
-        e = tl.load(e_ptr + p).to(tl.int64)
+        if EXPERTS:
+            e = tl.load(e_ptr + p).to(tl.int64)
+        else:
+            e = 0
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         w_rows = w_ptr + e * N * K + rows.to(tl.int64)[:, None] * K
@@ -90,16 +149,18 @@ if triton is not None:
             y *= tl.load(s_ptr + e * N + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + p * N + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
-    def _triton_expert_matvec(
-        x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, scales: Optional[torch.Tensor]
+    def _triton_matvec(
+        x: torch.Tensor, w: torch.Tensor, experts: Optional[torch.Tensor], scales: Optional[torch.Tensor]
     ) -> torch.Tensor:
+        """y[p] = w[experts[p]] @ x[p]; without experts, w: [1, N, K] is every row's."""
         x, w = x.contiguous(), w.contiguous()
         P, K = x.shape
         N = w.shape[1]
         y = x.new_empty(P, N)
         s = w if scales is None else scales.contiguous()  # an unused pointer without scales
+        e = w if experts is None else experts
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), P)  # noqa: E731
-        _expert_matvec_kernel[grid](x, w, experts, s, y, N, K, HAS_SCALES=scales is not None)
+        _matvec_kernel[grid](x, w, e, s, y, N, K, HAS_SCALES=scales is not None, EXPERTS=experts is not None)
         return y
 
     @_tuned(["N", "K", "BLOCK_M"], (32, 256, 4), (64, 128, 4), (16, 512, 4), (64, 256, 8), (128, 128, 8))
@@ -132,3 +193,111 @@ if triton is not None:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         _int8_linear_kernel[grid](x, q, scales, y, M, N, K, BLOCK_M=block_m)
         return y
+
+    @triton.jit
+    def _decode_attention_kernel(
+        q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, slot_ptr, len_ptr, o_ptr, part_ptr, count_ptr,
+        q_stride, kn_stride, vn_stride, S, H_KV, qk_scale,
+        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
+    ):  # fmt: skip
+        # Program (b * H_KV + h, split): the G query heads of row b that share key head h,
+        # over one of SPLITS equal runs of the row's key_lengths[b] slots (flash-decoding).
+        # The new key and value are stored by the program whose run holds their slot, and
+        # substituted in its own reads, so no program reads a slot another one writes.
+        # Each program leaves its unnormalised (output, max, sum) in `part`; the last of
+        # the SPLITS to finish (an atomic count) merges them and resets the count.
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // H_KV
+        h = bh % H_KV
+        length = tl.load(len_ptr + b)
+        new = tl.load(slot_ptr + b) - b * S  # slot of the new token in row b
+        chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_S) * BLOCK_S
+        start = split * chunk
+        end = tl.minimum(start + chunk, length)
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D)
+        # tl.dot needs 16 rows: query rows past G are zeros, their results never stored.
+        q = tl.load(q_ptr + b * q_stride + (h * G + g)[:, None] * D + d[None, :], mask=(g < G)[:, None], other=0.0)
+        kn = tl.load(kn_ptr + b * kn_stride + h * D + d)
+        vn = tl.load(vn_ptr + b * vn_stride + h * D + d)
+        row = (b * S).to(tl.int64)
+        if (start <= new) & (new < end):
+            tl.store(k_ptr + ((row + new) * H_KV + h) * D + d, kn)
+            tl.store(v_ptr + ((row + new) * H_KV + h) * D + d, vn)
+        m = tl.full([G_PAD], float("-inf"), tl.float32)
+        l = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D], tl.float32)
+        for s0 in range(start, end, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            ok = s < end
+            at = ((row + s) * H_KV + h)[:, None] * D + d[None, :]
+            is_new = (s == new)[:, None]
+            k = tl.where(is_new, kn[None, :], tl.load(k_ptr + at, mask=ok[:, None], other=0.0))
+            scores = tl.dot(q, tl.trans(k)) * qk_scale  # [G_PAD, BLOCK_S], log2 units
+            scores = tl.where(ok[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            p = tl.exp2(scores - m_new[:, None])
+            alpha = tl.exp2(m - m_new)
+            v = tl.where(is_new, vn[None, :], tl.load(v_ptr + at, mask=ok[:, None], other=0.0))
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            l = l * alpha + tl.sum(p, axis=1)
+            m = m_new
+        # part[bh, split]: G * D outputs, then G maxima, then G sums (float32)
+        per_split = G * (D + 2)
+        real = g < G
+        mine = part_ptr + (bh * SPLITS + split).to(tl.int64) * per_split
+        tl.store(mine + g[:, None] * D + d[None, :], acc, mask=real[:, None])
+        tl.store(mine + G * D + g, m, mask=real)
+        tl.store(mine + G * (D + 1) + g, l, mask=real)
+        tl.debug_barrier()  # every thread's stores are made before the count says so
+        if tl.atomic_add(count_ptr + bh, 1, sem="acq_rel") == SPLITS - 1:
+            # The runs that hold keys (the first always does); the rest are empty.
+            runs = tl.cdiv(length, chunk)
+            ours = part_ptr + (bh * SPLITS).to(tl.int64) * per_split
+            i = tl.arange(0, SPLITS)
+            at = ours + i[:, None] * per_split + G * D + g[None, :]
+            ms = tl.load(at, mask=(i < runs)[:, None] & real[None, :], other=float("-inf"), cache_modifier=".cg")
+            m_all = tl.max(ms, axis=0)  # [G_PAD]
+            out = tl.zeros([G_PAD, D], tl.float32)
+            total = tl.zeros([G_PAD], tl.float32)
+            for r in range(runs):
+                theirs = ours + r * per_split
+                w = tl.exp2(tl.load(theirs + G * D + g, mask=real, other=0.0, cache_modifier=".cg") - m_all)
+                o = tl.load(theirs + g[:, None] * D + d[None, :], mask=real[:, None], other=0.0, cache_modifier=".cg")
+                out += w[:, None] * o
+                total += w * tl.load(theirs + G * (D + 1) + g, mask=real, other=0.0, cache_modifier=".cg")
+            out = out / total[:, None]
+            tl.store(o_ptr + (b * G * H_KV + h * G + g)[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=real[:, None])
+            tl.store(count_ptr + bh, 0)
+
+    # Per device: one arrival count per (row, key head) for _decode_attention_kernel,
+    # zeros between calls (its last program resets its own). Made outside graph capture:
+    # a decode step's warm-up call precedes its capture.
+    _counts: dict[torch.device, torch.Tensor] = {}
+
+    def _triton_decode_attention(
+        xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+        slots: torch.Tensor, key_lengths: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        (B, H, Dh), (S, H_kv) = xq.shape, cache_k.shape[1:3]
+        assert xq.stride(1) == Dh and xk.stride(1) == Dh and xv.stride(1) == Dh and xq.stride(2) == 1
+        assert cache_k.is_contiguous() and cache_v.is_contiguous()
+        counts = _counts.get(xq.device)
+        if counts is None or counts.numel() < B * H_kv:
+            counts = _counts[xq.device] = torch.zeros(max(B * H_kv, 4096), dtype=torch.int32, device=xq.device)
+        block_s = 32
+        sms = torch.cuda.get_device_properties(xq.device).multi_processor_count
+        # About two programs per multiprocessor (a power of two, for the merge's tl.arange),
+        # but no more runs than blocks of keys in a full row.
+        splits = min(triton.next_power_of_2(triton.cdiv(2 * sms, B * H_kv)), triton.next_power_of_2(triton.cdiv(S, block_s)))
+        G = H // H_kv
+        g_pad = max(16, triton.next_power_of_2(G))
+        part = torch.empty(B * H_kv * splits * G * (Dh + 2), dtype=torch.float32, device=xq.device)
+        out = torch.empty_like(xq)
+        _decode_attention_kernel[(B * H_kv, splits)](
+            xq, xk, xv, cache_k, cache_v, slots, key_lengths, out, part, counts,
+            xq.stride(0), xk.stride(0), xv.stride(0), S, H_kv, Dh**-0.5 * 1.4426950408889634,
+            G=G, G_PAD=g_pad, D=Dh, BLOCK_S=block_s, SPLITS=splits,
+        )  # fmt: skip
+        return out

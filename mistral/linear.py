@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from mistral.kernels import int8_linear
+from mistral import kernels
 
 
 class Linear(nn.Module):
@@ -26,6 +26,7 @@ class Linear(nn.Module):
             self.register_parameter("scales", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scales is None:
+        rows = x.flatten(0, -2)
+        if not kernels.linear_applies(rows, self.scales):
             return nn.functional.linear(x, self.weight)
-        return int8_linear(x.flatten(0, -2), self.weight, self.scales).view(*x.shape[:-1], -1)
+        return kernels.linear(rows, self.weight, self.scales).view(*x.shape[:-1], -1)

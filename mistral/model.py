@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mistral.args import ModelArgs
-from mistral.attention import BACKENDS, Backend, attend
+from mistral.attention import BACKENDS, Backend, attend, decode_kernel_applies
 from mistral.cache import CacheInputs, CacheView, RotatingBufferCache
 from mistral.checkpoint import CheckpointNames, Progress, load_into, read_args, split_views, write_folder
 from mistral.errors import MistralError
@@ -97,6 +97,8 @@ class Attention(CheckpointNames):
 def _cached_attention(
     xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, mask: AttentionBias, cache: Optional[CacheView], backend: Backend
 ) -> torch.Tensor:
+    if cache is not None and cache.inputs.kind == "decode" and decode_kernel_applies(xq, backend):
+        return cache.attend_decode(xq, xk, xv)
     keys, values = (xk, xv) if cache is None else cache.update(xk, xv)
     return attend(xq, keys, values, mask, backend)
 
@@ -181,7 +183,7 @@ class Transformer(nn.Module):
         # A dict keyed by the global layer index keeps the checkpoint's names (layers.7.attention.wq.weight).
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args, layout.num_tensor_ranks) for i in own_layers})
         self.norm = RMSNorm(args.dim, args.norm_eps) if layout.is_last else None
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False) if layout.is_last else None
+        self.output = Linear(args.dim, args.vocab_size) if layout.is_last else None  # kept in float by `quantize`
         if layout.num_tensor_ranks > 1:
             add_all_reduces(list(self.layers.values()), layout)
         self._link: Optional[Link] = None

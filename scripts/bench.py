@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from mistral import ModelArgs, MoeArgs, Transformer
+from mistral.attention import BACKENDS, Backend
 from mistral.decode import Runner, compiled_block, usable
 from mistral.generation import generate
 
@@ -157,9 +158,9 @@ def prefill_floor(args: ModelArgs, seqlens: list[int], ceil: dict, bytes_per: in
 # ---------------------------------------------------------------- models
 
 
-def build_ours(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
+def build_ours(args: ModelArgs, device: torch.device, dtype: torch.dtype, attention_backend: Backend = "auto") -> Transformer:
     """Random weights straight on the device, in dtype: no float32 copy of 7B parameters."""
-    return Transformer.random(args, device=device, dtype=dtype)
+    return Transformer.random(args, device=device, dtype=dtype, attention_backend=attention_backend)
 
 
 def build_hf(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -191,7 +192,7 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
 
 
 def bench_ours(name: str, args: ModelArgs, cfg: argparse.Namespace, device: torch.device, dtype: torch.dtype, out: Path) -> None:
-    model = build_ours(args, device, dtype)
+    model = build_ours(args, device, dtype, cfg.attention_backend)
     V, P, N = args.vocab_size, cfg.prompt_len, cfg.new_tokens
     with section(f"{name}/ours/prefill", out) as r, torch.inference_mode():
         for label, seqlens in ((f"1x{cfg.prefill_len}", [cfg.prefill_len]), (f"8x{cfg.prefill_len // 8}", [cfg.prefill_len // 8] * 8)):
@@ -440,6 +441,7 @@ def main() -> None:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--int8", choices=("no", "also", "only"), default="no", help="int8 weight-only models (mistral quantize) too, or only")
     p.add_argument("--skip-ours", action="store_true")
+    p.add_argument("--attention-backend", choices=BACKENDS, default="auto", help="xformers: its kernels for decode too (to compare)")
     p.add_argument("--skip-hf-static", action="store_true")
     p.add_argument("--hf-b1-only", action="store_true", help="HF decode at batch 1 only (time)")
     p.add_argument("--batches", default="1,8,32,64")

@@ -48,6 +48,7 @@ class Mutation:
     replacement: str
     tests: str  # pytest arguments; test_*.py paths are relative to tests/
     bug: str
+    cuda: bool = False  # a bug in a CUDA kernel: only the tests on a GPU can see it
 
     def mutated(self, source: str) -> str:
         """source (of mistral/{file}) with the bug planted; ValueError unless the pattern matches exactly once."""
@@ -158,8 +159,17 @@ MUTATIONS = [
              "self.mask.k_seqinfo.seqlen.copy_(key_lengths(self.positions - 1, self.size))",
              "test_decode.py::test_decode_inputs_advance_like_build", "a captured decode step reads one key too few"),
     # --- int8 weights ---------------------------------------------------------------------
-    Mutation("int8-scales-ignored", "kernels.py", r"return nn\.functional\.linear\(x, q\.to\(x\.dtype\)\) \* scales",
-             "return nn.functional.linear(x, q.to(x.dtype))", "test_quantize.py -k logits", "int8 weights used without their scales"),
+    Mutation("int8-scales-ignored", "kernels.py", r"return y if scales is None else y \* scales\n", "return y\n",
+             "test_quantize.py -k logits", "int8 weights used without their scales"),
+    # --- the decode kernel ----------------------------------------------------------------
+    Mutation("decode-reads-one-slot-too-many", "kernels.py", r"\[None, :\] >= key_lengths\[:, None\]",
+             "[None, :] > key_lengths[:, None]", "test_attention.py -k decode_kernel",
+             "the decode kernel's reference attends to one unwritten slot"),
+    Mutation("decode-kernel-skips-new-key", "kernels.py", r"k = tl\.where\(is_new, kn\[None, :\], ", "k = (",
+             "test_attention.py -k decode_kernel", "the Triton decode kernel reads the new token's slot before it is written",
+             cuda=True),
+    Mutation("decode-kernel-merges-first-run", "kernels.py", r"runs = tl\.cdiv\(length, chunk\)", "runs = 1",
+             "test_attention.py -k decode_kernel", "the Triton decode kernel merges the first run of keys only", cuda=True),
     Mutation("int8-step-too-small", "quantize.py", r"\) / 127", ") / 128", "test_quantize.py -k half_a_step",
              "the largest weight of a row no longer fits the int8 range"),
 ]
@@ -222,8 +232,10 @@ def main() -> None:
     unknown = [n for n in options.names if n not in by_name]
     if unknown:
         parser.error(f"unknown mutations {unknown}; --list shows them")
-    chosen = [by_name[n] for n in options.names] or MUTATIONS
     env = dict(item.split("=", 1) for item in options.env)
+    on_cuda = env.get("MISTRAL_TEST_DEVICE", os.environ.get("MISTRAL_TEST_DEVICE", "cpu")).startswith("cuda")
+    # All: those the test device can see (a CUDA kernel's bugs only on a GPU).
+    chosen = [by_name[n] for n in options.names] or [m for m in MUTATIONS if on_cuda or options.list or not m.cuda]
 
     try:  # every pattern applies, before anything runs
         for m in chosen:
@@ -232,7 +244,8 @@ def main() -> None:
         raise SystemExit(str(e)) from None
     if options.list:
         for m in chosen:
-            print(f"{m.name:36} mistral/{m.file:13} {m.bug}\n{'':36} tests: {m.tests}")
+            gpu = " (GPU only)" if m.cuda else ""
+            print(f"{m.name:36} mistral/{m.file:13} {m.bug}{gpu}\n{'':36} tests: {m.tests}")
         return
 
     outcomes = []

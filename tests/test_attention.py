@@ -10,6 +10,7 @@ import torch
 from conftest import DEVICE, rel_error
 
 from mistral.attention import attend
+from mistral.cache import CacheInputs, CacheView, RotatingBufferCache
 from mistral.masks import chunk_mask, decode_mask, prefill_mask
 
 H, H_KV, D = 4, 2, 16
@@ -65,3 +66,28 @@ def test_attention_matches_the_rule_written_by_hand(backend: str, window: int) -
         keys, values = torch.randn(n_keys, H_KV, D), torch.randn(n_keys, H_KV, D)
         got = attend(*(x.to(DEVICE, dtype) for x in (xq, keys, values)), mask, backend)
         assert rel_error(got.cpu(), by_hand(xq, keys, values, allowed)) < tolerance, name
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "graph"])
+def test_decode_kernel_writes_and_attends_as_the_decode_mask_says(group: int, static: bool) -> None:
+    """kernels.decode_attention (Triton on CUDA) = the cache update, then attention under mask 3.
+
+    Rows: a first token, a short row, a row that just filled its slots, wrapped rows, and
+    a cache with more rows than the call. static: the graph's mask, built with every row
+    full, whose device lengths carry the truth.
+    """
+    size, rows, positions = 40, 7, [0, 5, 39, 40, 123, 2000]
+    dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+    torch.manual_seed(group)
+    cache = RotatingBufferCache(1, rows, size, size, H_KV, D, device=DEVICE, dtype=dtype)
+    cache.k.normal_(), cache.v.normal_()
+    inputs = CacheInputs.decode(positions, size, DEVICE)
+    B = len(positions)
+    xq, xk, xv = (torch.randn(B, n, D, device=DEVICE, dtype=dtype) for n in (group * H_KV, H_KV, H_KV))
+    want_k, want_v = cache.k.clone(), cache.v.clone()
+    keys, values = CacheView(want_k[0], want_v[0], inputs).update(xk, xv)
+    want = attend(xq, keys, values, inputs.mask, "reference")
+    got = cache.view(0, CacheInputs.decode(positions, size, DEVICE, static=static)).attend_decode(xq, xk, xv)
+    assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v)
+    assert rel_error(got, want) < (1e-5 if dtype == torch.float32 else 1e-2)

@@ -1,0 +1,139 @@
+"""Micro-benchmark of the decode step's pieces on one GPU: each candidate kernel per shape.
+
+Each row times one piece for all 32 layers of Mistral 7B (distinct weights and caches,
+so nothing is served from L2) inside a CUDA graph, and reports the rate against the
+copy bandwidth measured in the same run:
+
+- matrix-vector products (batch 1) of each projection, bfloat16 and int8: cuBLAS,
+  mistral/kernels.py's Triton kernel, and an Inductor-generated reduction;
+- the decode attention of a layer: xformers (two index copies, split-KV flash and its
+  merge) against kernels.decode_attention (one kernel).
+
+    python scripts/kernel_bench.py --out $OUT     # H100: ~2 min
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from mistral import kernels
+from mistral.attention import attend
+from mistral.cache import CacheInputs, CacheView
+from mistral.quantize import quantize_int8
+
+LAYERS = 32
+SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336), "output": (32000, 4096)}
+
+
+def graph_time(fn: Callable[[], None], reps: int = 20) -> float:
+    """Seconds per call of fn (all layers), replayed from a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    seconds = graph_time(lambda: b.copy_(a), reps=10)
+    return 2 * a.numel() / seconds
+
+
+def matvecs(results: dict, bandwidth: float) -> None:
+    inductor_sum = torch.compile(lambda x, w: (x.float() * w.float()).sum(-1).to(x.dtype)[None], dynamic=False)
+    for name, (N, K) in SHAPES.items():
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5 for _ in range(LAYERS)]
+        qs = [quantize_int8(w.float()) for w in ws[: LAYERS]]
+        qs = [(q, s.to(torch.bfloat16)) for q, s in qs]
+        candidates = {
+            "bf16 cublas": (lambda: [F.linear(x, w) for w in ws], 2),
+            "bf16 triton": (lambda: [kernels.linear(x, w) for w in ws], 2),
+            "bf16 inductor": (lambda: [inductor_sum(x[0], w) for w in ws], 2),
+            "int8 triton": (lambda: [kernels.linear(x, q, s) for q, s in qs], 1),
+        }
+        for label, (fn, itemsize) in candidates.items():
+            try:
+                seconds = graph_time(fn) / LAYERS
+            except Exception as e:  # a candidate that fails must not cost the others
+                results[f"{name} {label}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                print(f"{name:5} {label:14} failed: {e}"[:200], flush=True)
+                continue
+            rate = N * K * itemsize / seconds
+            results[f"{name} {label}"] = {"us": seconds * 1e6, "bytes_per_s": rate, "of_copy": rate / bandwidth}
+            print(f"{name:5} {label:14} {seconds * 1e6:7.1f} us  {rate / 1e12:5.2f} TB/s  {rate / bandwidth:.2f} of copy", flush=True)
+        del ws, qs
+        torch.cuda.empty_cache()
+
+
+def decode_attention(results: dict, bandwidth: float) -> None:
+    H, H_kv, D, S = 32, 8, 128, 4096
+    for B, length in [(1, 512), (1, 2048), (8, 512), (32, 512), (64, 1024)]:
+        ks = [torch.randn(B, S, H_kv, D, device="cuda", dtype=torch.bfloat16) for _ in range(LAYERS)]
+        vs = [torch.randn_like(k) for k in ks]
+        inputs = CacheInputs.decode([length - 1] * B, S, torch.device("cuda"), static=True)
+        xq = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16)
+        xk, xv = torch.randn(B, H_kv, D, device="cuda", dtype=torch.bfloat16), torch.randn(B, H_kv, D, device="cuda", dtype=torch.bfloat16)
+
+        def xformers() -> None:
+            for k, v in zip(ks, vs):
+                keys, values = CacheView(k, v, inputs).update(xk, xv)
+                attend(xq, keys, values, inputs.mask, "xformers")
+
+        def fused() -> None:
+            for k, v in zip(ks, vs):
+                CacheView(k, v, inputs).attend_decode(xq, xk, xv)
+
+        read = 2 * B * length * H_kv * D * 2  # keys and values read per layer
+        for label, fn in {"xformers": xformers, "fused": fused}.items():
+            seconds = graph_time(fn) / LAYERS
+            key = f"attention B={B} L={length} {label}"
+            results[key] = {"us": seconds * 1e6, "of_copy": read / seconds / bandwidth}
+            print(f"{key:36} {seconds * 1e6:7.1f} us per layer  {read / seconds / bandwidth:.2f} of copy", flush=True)
+        del ks, vs
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None, help="write kernel_bench.json here")
+    parser.add_argument("--only", choices=["matvec", "attention"], default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("kernel_bench.py needs a CUDA GPU")
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth()
+    results: dict = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bandwidth}
+    print(f"{results['device']}: copy {bandwidth / 1e12:.2f} TB/s", flush=True)
+    with torch.inference_mode():
+        if args.only in (None, "attention"):
+            decode_attention(results, bandwidth)
+        if args.only in (None, "matvec"):
+            matvecs(results, bandwidth)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "kernel_bench.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
