@@ -22,7 +22,7 @@ through `CacheView.update`, and never decide which mask applies.
 """
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -74,23 +74,28 @@ class CacheInputs:
         """One new token for each of rows 0..B-1, which hold lengths[b] tokens so far.
 
         static: for a captured graph, whose later steps `advance_decode` computes in
-        place. xformers sizes its split-KV work by the mask's `max_seqlen`, a host int
-        baked into the graph, so it must bound every later length: the mask is built
-        with every row full, and the true lengths go into its device tensor `seqlen`.
+        place (and `restart_decode`, after other calls). xformers sizes its split-KV work
+        by the mask's `max_seqlen`, a host int baked into the graph, so it must bound
+        every later length: the mask is built with every row full, and the true lengths
+        go into its device tensor `seqlen`.
         """
-        positions = torch.tensor(lengths, dtype=torch.long, device=device)
         B = len(lengths)
         # The lengths from the host's list: reading them back from the device would sync every step.
         mask = decode_mask([size] * B if static else key_lengths(torch.tensor(lengths), size).tolist(), size, device)
-        write_to = slots(torch.arange(B, device=device), positions, size)
-        inputs = CacheInputs("decode", positions, mask, n_rows=B, size=size, write_from=None, write_to=write_to)
-        inputs.mask.k_seqinfo.seqlen.copy_(key_lengths(positions, size))
+        positions = torch.empty(B, dtype=torch.long, device=device)
+        inputs = CacheInputs("decode", positions, mask, n_rows=B, size=size, write_from=None, write_to=torch.empty_like(positions))
+        inputs.restart_decode(lengths)
         return inputs
 
-    def advance_decode(self) -> None:
+    def restart_decode(self, lengths: Sequence[int]) -> None:
+        """In place, the inputs of a decode step from rows that hold lengths[b] tokens."""
+        self.positions.copy_(torch.tensor(lengths, dtype=torch.long))
+        self.advance_decode(0)
+
+    def advance_decode(self, steps: int = 1) -> None:
         """The next decode step's inputs, in place on the device, so a captured graph can run it."""
         assert self.kind == "decode" and self.write_to is not None
-        self.positions += 1
+        self.positions += steps
         self.write_to.copy_(slots(torch.arange(self.n_rows, device=self.positions.device), self.positions, self.size))
         self.mask.k_seqinfo.seqlen.copy_(key_lengths(self.positions, self.size))
 
@@ -226,11 +231,7 @@ def free_memory(device: torch.device) -> Optional[int]:
 
 
 class RotatingBufferCache:
-    """Keys and values of every layer: [n_layers, max_batch_size, size, n_kv_heads, head_dim].
-
-    `size` = min(sliding_window, max_seq_len): a window-less model needs a slot for
-    every position, a windowed one never more than W.
-    """
+    """Keys and values of every layer: [n_layers, max_batch_size, size, n_kv_heads, head_dim], size = `row_size`."""
 
     def __init__(
         self,
@@ -245,7 +246,7 @@ class RotatingBufferCache:
         dtype: torch.dtype = torch.float32,
     ):
         self.sliding_window = sliding_window
-        self.size = max_seq_len if sliding_window is None else min(sliding_window, max_seq_len)
+        self.size = RotatingBufferCache.row_size(max_seq_len, sliding_window)
         shape = (n_layers, max_batch_size, self.size, n_kv_heads, head_dim)
         # Keys and values of one position in every row: a window-less model with a huge
         # max_seq_len would otherwise die in torch.zeros asking for hundreds of GB.
@@ -256,6 +257,14 @@ class RotatingBufferCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = [0] * max_batch_size  # tokens seen so far, per row
+        # The decode.Runner of each model and batch on this cache, made once: their CUDA
+        # graphs hold this cache's tensors, so a later stream replays them (decode.runner).
+        self.runners: dict[tuple, Any] = {}
+
+    @staticmethod
+    def row_size(max_seq_len: int, sliding_window: Optional[int]) -> int:
+        """Slots per row: a window-less model needs one for every position, a windowed one never more than W."""
+        return max_seq_len if sliding_window is None else min(sliding_window, max_seq_len)
 
     @property
     def max_batch_size(self) -> int:

@@ -37,6 +37,19 @@ from mistral.model import RunBlock, Transformer, TransformerBlock
 COMPILE_MIN_PARAMETERS = 10**9
 
 
+def runner(model: Transformer, cache: RotatingBufferCache, n_rows: int, **fast: Optional[bool]) -> "Runner":
+    """The Runner of `model` on rows 0..n_rows-1 of `cache`, made at the first call and kept
+    on the cache, so that a later stream on it replays the decode graph already captured.
+
+    fast: Runner's compile and cuda_graphs.
+    """
+    key = (id(model), n_rows, tuple(sorted(fast.items())))
+    found = cache.runners.get(key)
+    if found is None or found.model is not model:
+        found = cache.runners[key] = Runner(model, cache, n_rows, **fast)
+    return found
+
+
 def usable(model: Transformer) -> bool:
     """Whether compilation and graphs pay here: CUDA, xformers' kernels in half precision."""
     return (
@@ -85,6 +98,7 @@ class Runner:
         self.run_block: RunBlock = compiled_block() if compile else TransformerBlock.__call__
         self.cuda_graphs = (fast if cuda_graphs is None else cuda_graphs) and model.device.type == "cuda"
         self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.graph_lengths: list[int] = []  # the cache lengths that the graph's next replay reads
 
     def prefill(self, x: torch.Tensor, seqlens: Sequence[int], rows: Optional[Sequence[int]] = None) -> torch.Tensor:
         """model.step for cache.prepare(seqlens); on the last stage the logits of `rows` only, when given."""
@@ -98,12 +112,16 @@ class Runner:
         """x: tokens [B] (first stage) or activations [B, D] -> logits [B, V] or activations, valid until the next call."""
         if not self.cuda_graphs:
             return self.prefill(x, [1] * self.B)
+        lengths = self.cache.lengths[: self.B]
         if self.graph is None:
             self._capture(x)
+        elif lengths != self.graph_lengths:  # prefills, a reset or a rewind since the last step
+            self.inputs.restart_decode(lengths)
         assert self.graph is not None
         self.x.copy_(x)
         self.graph.replay()
         self.cache.advance([1] * self.B)
+        self.graph_lengths = self.cache.lengths[: self.B]  # what the graph's inputs have advanced to
         return self.out
 
     def _capture(self, x: torch.Tensor) -> None:

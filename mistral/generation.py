@@ -13,7 +13,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from mistral.cache import CacheTooLarge, RotatingBufferCache
-from mistral.decode import Runner
+from mistral.decode import Runner, runner
 from mistral.errors import MistralError, check_positive_int
 from mistral.model import Transformer
 from mistral.parallel import Link, split
@@ -231,20 +231,52 @@ def stream(
             if len(p) <= cache.lengths[b]:
                 raise MistralError(f"prompt {b} has {len(p)} tokens, but the cache already holds {cache.lengths[b]}: nothing new to read")
         unseen = [p[cache.lengths[b] :] for b, p in enumerate(encoded_prompts)]
-        mbs = [MicroBatch(unseen, Runner(model, cache, B, **fast), chunk_size or cache.size)]
+        mbs = [MicroBatch(unseen, runner(model, cache, B, **fast), chunk_size or cache.size)]
+        caches = None
     else:
         # Every cache gets the whole batch's length, so chunks split prompts alike whatever M.
-        max_seq_len = max(len(p) for p in encoded_prompts) + max_tokens
+        longest = max(len(p) for p in encoded_prompts)
+        caches = _caches(model, [len(split(B, M, i)) for i in range(M)], longest, max_tokens)
         mbs = []
-        for i in range(M):
+        for i, mb_cache in enumerate(caches):
             rows = split(B, M, i)
-            try:
-                mb_cache = model.make_cache(len(rows), max_seq_len)
-            except CacheTooLarge as e:
-                longest = max_seq_len - max_tokens
-                raise MistralError(f"{e}, so max_tokens={max(e.fits - longest, 0)} at most after a prompt of {longest}") from None
-            runner = Runner(model, mb_cache, len(rows), **fast)
-            mbs.append(MicroBatch(encoded_prompts[rows.start : rows.stop], runner, chunk_size or mb_cache.size))
+            mb_runner = runner(model, mb_cache, len(rows), **fast)
+            mbs.append(MicroBatch(encoded_prompts[rows.start : rows.stop], mb_runner, chunk_size or mb_cache.size))
+    try:
+        yield from _steps(mbs, model, max_tokens, temperature, top_p, eos_id, seed)
+    finally:
+        if caches is not None:  # for the next stream of the same shapes, its graphs included
+            model.spare_caches[:] = caches
+
+
+def _caches(model: Transformer, rows: list[int], longest: int, max_tokens: int) -> list[RotatingBufferCache]:
+    """A cache of rows[i] rows for each micro-batch, for prompts of up to `longest` tokens.
+
+    The caches of the model's last stream (`model.spare_caches`) when their shapes are
+    these, and with them the decode graphs captured on them; otherwise new ones, made
+    once the spare ones are let go. While this stream runs, there are none spare: a
+    stream interleaved with it makes its own.
+    """
+    spare, model.spare_caches[:] = list(model.spare_caches), []
+    size = RotatingBufferCache.row_size(longest + max_tokens, model.args.sliding_window)
+    if [(c.max_batch_size, c.size) for c in spare] == [(n, size) for n in rows]:
+        for c in spare:
+            c.reset()
+        return spare
+    for c in spare:
+        c.runners.clear()  # a runner refers back to its cache: without this, the memory waits for the garbage collector
+    del spare
+    try:
+        return [model.make_cache(n, longest + max_tokens) for n in rows]
+    except CacheTooLarge as e:
+        raise MistralError(f"{e}, so max_tokens={max(e.fits - longest, 0)} at most after a prompt of {longest}") from None
+
+
+def _steps(
+    mbs: list[MicroBatch], model: Transformer, max_tokens: int, temperature: float, top_p: float,
+    eos_id: Optional[int], seed: Optional[int],
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """stream's loop: each micro-batch's next call in turn, yielding each step once all have it."""
 
     generator = None if seed is None else torch.Generator(model.device).manual_seed(seed)
     link = model.link

@@ -54,7 +54,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.Tensor] = No
         if x.shape[0] == 1:
             return _triton_matvec(x, w[None], None, None if scales is None else scales[None])
         if scales is not None and x.shape[0] <= INT8_KERNEL_MAX_ROWS:
-            return _triton_int8_linear(x, w, scales)
+            return _triton_small_linear(x, w, scales)
     y = nn.functional.linear(x, w.to(x.dtype))
     return y if scales is None else y * scales
 
@@ -115,11 +115,13 @@ if triton is not None:
 
     # Matrix-vector products are bound by the weights' reads, which want many bytes in
     # flight: few rows per program and long runs of each row (blocks of 1-8 rows by
-    # 512-4096 columns beat cuBLAS's GEMV by 5-20% per Mistral shape on an H100).
+    # 512-4096 columns beat cuBLAS's GEMV by 1-20% per Mistral shape on an H200; int8
+    # rows want the longest runs, to load 16 bytes at a time).
     @_tuned(
         ["N", "K", "HAS_SCALES", "EXPERTS"],
-        (1, 2048, 4), (1, 4096, 8), (2, 1024, 4), (2, 2048, 8), (4, 512, 4), (4, 1024, 4), (4, 1024, 8),
-        (4, 2048, 8), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8), (32, 128, 4),
+        (1, 2048, 4), (1, 4096, 8), (2, 1024, 4), (2, 2048, 8), (2, 4096, 8), (4, 512, 4), (4, 1024, 4),
+        (4, 1024, 8), (4, 2048, 8), (4, 4096, 8), (8, 512, 4), (8, 1024, 8), (8, 2048, 8), (16, 256, 4),
+        (16, 512, 8), (16, 1024, 8), (32, 128, 4),
     )  # fmt: skip
     def _matvec_kernel(
         x_ptr, w_ptr, e_ptr, s_ptr, y_ptr, N, K,
@@ -163,13 +165,17 @@ if triton is not None:
         _matvec_kernel[grid](x, w, e, s, y, N, K, HAS_SCALES=scales is not None, EXPERTS=experts is not None)
         return y
 
-    @_tuned(["N", "K", "BLOCK_M"], (32, 256, 4), (64, 128, 4), (16, 512, 4), (64, 256, 8), (128, 128, 8))
-    def _int8_linear_kernel(
-        x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
-    ):
-        # Program n: output columns n*BLOCK_N .. for all M rows of x (M <= BLOCK_M). Each int8
-        # weight tile is read once and turned into x's dtype for the tensor cores; rows of
-        # x past M are zeros (tl.dot needs at least 16), which costs no extra weight reads.
+    @_tuned(
+        ["N", "K", "BLOCK_M", "HAS_SCALES"],
+        (16, 256, 4), (16, 512, 4), (16, 1024, 4), (32, 256, 4), (32, 512, 4), (64, 128, 4), (64, 256, 8), (128, 128, 8),
+    )  # fmt: skip
+    def _small_linear_kernel(
+        x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,
+        HAS_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        # Program n: output columns n*BLOCK_N .. for all M rows of x (M <= BLOCK_M). Each
+        # weight tile is read once (int8 turned into x's dtype) for the tensor cores; rows
+        # of x past M are zeros (tl.dot needs at least 16), which costs no extra reads.
         pid_n = tl.program_id(0)
         rows_m = tl.arange(0, BLOCK_M)
         cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -179,26 +185,30 @@ if triton is not None:
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
             xt = tl.load(x_ptr + rows_m[:, None] * K + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            qt = tl.load(q_ptr + cols_n.to(tl.int64)[None, :] * K + ks[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0)
-            acc = tl.dot(xt, qt.to(xt.dtype), acc)
-        acc *= tl.load(s_ptr + cols_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            wt = tl.load(w_ptr + cols_n.to(tl.int64)[None, :] * K + ks[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0)
+            acc = tl.dot(xt, wt.to(xt.dtype), acc)
+        if HAS_SCALES:
+            acc *= tl.load(s_ptr + cols_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rows_m[:, None] * N + cols_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
-    def _triton_int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        x, q, scales = x.contiguous(), q.contiguous(), scales.contiguous()
+    def _triton_small_linear(x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Tensor:
+        x, w = x.contiguous(), w.contiguous()
         M, K = x.shape
-        N = q.shape[0]
+        N = w.shape[0]
         y = x.new_empty(M, N)
+        s = w if scales is None else scales.contiguous()  # an unused pointer without scales
         block_m = max(16, triton.next_power_of_2(M))
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _int8_linear_kernel[grid](x, q, scales, y, M, N, K, BLOCK_M=block_m)
+        _small_linear_kernel[grid](x, w, s, y, M, N, K, HAS_SCALES=scales is not None, BLOCK_M=block_m)
         return y
 
     @triton.jit
     def _decode_attention_kernel(
         q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, slot_ptr, len_ptr, o_ptr, part_ptr, count_ptr,
         q_stride, kn_stride, vn_stride, S, H_KV, qk_scale,
-        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
+        G: tl.constexpr, G_POW2: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+        BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
+        MERGE: tl.constexpr,
     ):  # fmt: skip
         # Program (b * H_KV + h, split): the G query heads of row b that share key head h,
         # over one of SPLITS equal runs of the row's key_lengths[b] slots (flash-decoding).
@@ -252,23 +262,30 @@ if triton is not None:
         tl.store(mine + G * (D + 1) + g, l, mask=real)
         tl.debug_barrier()  # every thread's stores are made before the count says so
         if tl.atomic_add(count_ptr + bh, 1, sem="acq_rel") == SPLITS - 1:
-            # The runs that hold keys (the first always does); the rest are empty.
+            # Merge the runs that hold keys (the first always does), MERGE at a time, each
+            # as a row of G * D outputs with its max and sum repeated along the row.
             runs = tl.cdiv(length, chunk)
             ours = part_ptr + (bh * SPLITS).to(tl.int64) * per_split
-            i = tl.arange(0, SPLITS)
-            at = ours + i[:, None] * per_split + G * D + g[None, :]
-            ms = tl.load(at, mask=(i < runs)[:, None] & real[None, :], other=float("-inf"), cache_modifier=".cg")
-            m_all = tl.max(ms, axis=0)  # [G_PAD]
-            out = tl.zeros([G_PAD, D], tl.float32)
-            total = tl.zeros([G_PAD], tl.float32)
-            for r in range(runs):
-                theirs = ours + r * per_split
-                w = tl.exp2(tl.load(theirs + G * D + g, mask=real, other=0.0, cache_modifier=".cg") - m_all)
-                o = tl.load(theirs + g[:, None] * D + d[None, :], mask=real[:, None], other=0.0, cache_modifier=".cg")
-                out += w[:, None] * o
-                total += w * tl.load(theirs + G * (D + 1) + g, mask=real, other=0.0, cache_modifier=".cg")
-            out = out / total[:, None]
-            tl.store(o_ptr + (b * G * H_KV + h * G + g)[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=real[:, None])
+            c = tl.arange(0, G_POW2 * D)  # column c: output (c // D, c % D)
+            c_ok = c < G * D
+            m_all = tl.full([G_POW2 * D], float("-inf"), tl.float32)
+            out = tl.zeros([G_POW2 * D], tl.float32)
+            total = tl.zeros([G_POW2 * D], tl.float32)
+            for r0 in range(0, runs, MERGE):
+                r = r0 + tl.arange(0, MERGE)
+                ok = (r < runs)[:, None] & c_ok[None, :]
+                at = ours + r[:, None] * per_split
+                ms = tl.load(at + G * D + c[None, :] // D, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                m_new = tl.maximum(m_all, tl.max(ms, axis=0))  # finite from the first run on
+                w = tl.exp2(ms - m_new[None, :])  # 0 for the rows past the runs
+                alpha = tl.exp2(m_all - m_new)
+                o = tl.load(at + c[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+                ls = tl.load(at + G * D + G + c[None, :] // D, mask=ok, other=0.0, cache_modifier=".cg")
+                out = out * alpha + tl.sum(w * o, axis=0)
+                total = total * alpha + tl.sum(w * ls, axis=0)
+                m_all = m_new
+            o_at = o_ptr + (b * G * H_KV + h * G) * D + c
+            tl.store(o_at, (out / total).to(o_ptr.dtype.element_ty), mask=c_ok)
             tl.store(count_ptr + bh, 0)
 
     # Per device: one arrival count per (row, key head) for _decode_attention_kernel,
@@ -292,12 +309,13 @@ if triton is not None:
         # but no more runs than blocks of keys in a full row.
         splits = min(triton.next_power_of_2(triton.cdiv(2 * sms, B * H_kv)), triton.next_power_of_2(triton.cdiv(S, block_s)))
         G = H // H_kv
-        g_pad = max(16, triton.next_power_of_2(G))
+        g_pow2 = triton.next_power_of_2(G)  # tl.dot needs at least 16 rows: G_PAD
         part = torch.empty(B * H_kv * splits * G * (Dh + 2), dtype=torch.float32, device=xq.device)
         out = torch.empty_like(xq)
         _decode_attention_kernel[(B * H_kv, splits)](
             xq, xk, xv, cache_k, cache_v, slots, key_lengths, out, part, counts,
             xq.stride(0), xk.stride(0), xv.stride(0), S, H_kv, Dh**-0.5 * 1.4426950408889634,
-            G=G, G_PAD=g_pad, D=Dh, BLOCK_S=block_s, SPLITS=splits,
+            G=G, G_POW2=g_pow2, G_PAD=max(16, g_pow2), D=Dh, BLOCK_S=block_s, SPLITS=splits,
+            MERGE=min(splits, max(1, 4096 // (g_pow2 * Dh))),
         )  # fmt: skip
         return out

@@ -187,6 +187,10 @@ class Transformer(nn.Module):
         if layout.num_tensor_ranks > 1:
             add_all_reduces(list(self.layers.values()), layout)
         self._link: Optional[Link] = None
+        # The caches of the last generate() or stream() without a cache of its own, kept for
+        # the next one of the same shapes with their captured decode graphs
+        # (mistral/generation.py); clear() lets their memory go.
+        self.spare_caches: list[RotatingBufferCache] = []
 
     @property
     def device(self) -> torch.device:

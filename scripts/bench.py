@@ -232,8 +232,11 @@ def bench_ours(name: str, args: ModelArgs, cfg: argparse.Namespace, device: torc
                 if graphs is not False and usable(model):
                     r[f"{label}_step_ms"] = 1e3 * step_time(model, prompts, device, steps=cfg.steps, **fast)
                 t1 = timed(lambda: generate(prompts, model, max_tokens=1, **fast), device, reps=1)
-                tn = timed(lambda: generate(prompts, model, max_tokens=N, **fast), device, reps=1)
-                r[f"{label}_decode_tok_s"] = B * (N - 1) / (tn - t1)  # capture included
+                model.spare_caches.clear()  # a first call: caches made, the decode graph captured
+                first = timed(lambda: generate(prompts, model, max_tokens=N, **fast), device, reps=1, warmup=0)
+                r[f"{label}_first_decode_tok_s"] = B * (N - 1) / (first - t1)
+                tn = timed(lambda: generate(prompts, model, max_tokens=N, **fast), device, reps=1)  # the next calls
+                r[f"{label}_decode_tok_s"] = B * (N - 1) / (tn - t1)
                 r[f"{label}_e2e_{B}x{N}_tok_s"] = B * N / tn
                 if label == "graph" and usable(model):
                     r["graph_steady_tok_s"] = B / (r["graph_step_ms"] / 1e3)
@@ -419,8 +422,9 @@ def table(names: list[str], ceil: dict, cfgs: dict[str, ModelArgs], cfg: argpars
             hf_static = get(f"{name}/hf/static_compiled_b1", "static_decode_tok_s") if B == 1 else None
             add(f"{name} decode b{B} tok/s (steady)", get(f"{name}/ours/decode_b{B}", "graph_steady_tok_s"), floor,
                 get(f"{name}/hf/decode_b{B}", "eager_decode_tok_s"), hf_static)  # fmt: skip
-            add(f"{name} decode b{B} tok/s (w/ capture)", get(f"{name}/ours/decode_b{B}", "graph_decode_tok_s"), floor,
+            add(f"{name} decode b{B} tok/s (generate)", get(f"{name}/ours/decode_b{B}", "graph_decode_tok_s"), floor,
                 get(f"{name}/hf/decode_b{B}", "eager_decode_tok_s"), hf_static)  # fmt: skip
+            add(f"{name} decode b{B} tok/s (1st: capture)", get(f"{name}/ours/decode_b{B}", "graph_first_decode_tok_s"), floor, None)
         if not args.moe:
             B = min(32, args.max_batch_size)
             key = f"e2e_{B}x{cfg.short_prompt}+{N}_tok_s"

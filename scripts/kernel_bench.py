@@ -53,10 +53,10 @@ def graph_time(fn: Callable[[], None], reps: int = 20) -> float:
 
 
 def copy_bandwidth() -> float:
-    a = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
+    a = torch.empty(2**28, dtype=torch.float32, device="cuda")  # 1 GiB
     b = torch.empty_like(a)
     seconds = graph_time(lambda: b.copy_(a), reps=10)
-    return 2 * a.numel() / seconds
+    return 2 * a.numel() * a.element_size() / seconds
 
 
 def matvecs(results: dict, bandwidth: float) -> None:
@@ -72,6 +72,13 @@ def matvecs(results: dict, bandwidth: float) -> None:
             "bf16 inductor": (lambda: [inductor_sum(x[0], w) for w in ws], 2),
             "int8 triton": (lambda: [kernels.linear(x, q, s) for q, s in qs], 1),
         }
+        for M in (8, 32):
+            xm = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            candidates |= {
+                f"M={M} bf16 cublas": (lambda xm=xm: [F.linear(xm, w) for w in ws], 2),
+                f"M={M} bf16 triton": (lambda xm=xm: [kernels._triton_small_linear(xm, w, None) for w in ws], 2),
+                f"M={M} int8 triton": (lambda xm=xm: [kernels.linear(xm, q, s) for q, s in qs], 1),
+            }
         for label, (fn, itemsize) in candidates.items():
             try:
                 seconds = graph_time(fn) / LAYERS
@@ -81,7 +88,7 @@ def matvecs(results: dict, bandwidth: float) -> None:
                 continue
             rate = N * K * itemsize / seconds
             results[f"{name} {label}"] = {"us": seconds * 1e6, "bytes_per_s": rate, "of_copy": rate / bandwidth}
-            print(f"{name:5} {label:14} {seconds * 1e6:7.1f} us  {rate / 1e12:5.2f} TB/s  {rate / bandwidth:.2f} of copy", flush=True)
+            print(f"{name:6} {label:18} {seconds * 1e6:7.1f} us  {rate / 1e12:5.2f} TB/s  {rate / bandwidth:.2f} of copy", flush=True)
         del ws, qs
         torch.cuda.empty_cache()
 

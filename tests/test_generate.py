@@ -248,3 +248,31 @@ def test_a_given_cache_that_cannot_hold_the_run_is_an_error() -> None:
     with pytest.raises(MistralError, match="3 prompts do not fit the given cache of 2 rows"):
         list(stream([[1], [2], [3]], model, max_tokens=2, cache=cache))
     assert cache.lengths == [0, 0]  # nothing ran
+
+
+def test_a_later_generate_reuses_the_caches_and_graphs_of_the_last(moe: bool) -> None:
+    """The second call of the same shapes runs on the first's caches (on CUDA, replaying the
+    first's decode graph from new positions); a call of other shapes lets them go."""
+    model = random_model(tiny_args(moe=moe))
+    generate(random_prompts([3, 11], 97, seed=1), model, max_tokens=6)
+    caches = list(model.spare_caches)
+    second = random_prompts([9, 4], 97, seed=2)  # other lengths, the same cache of W slots per row
+    tokens, _ = generate(second, model, max_tokens=6)
+    assert model.spare_caches == caches and all(len(c.runners) == 1 for c in caches)
+    for prompt, generated in zip(second, tokens):
+        assert_greedy(model, prompt, generated, 6)
+    generate(second[:1], model, max_tokens=6)
+    assert model.spare_caches[0] is not caches[0] and caches[0].runners == {}
+
+
+def test_interleaved_streams_keep_their_own_caches() -> None:
+    model = random_model(tiny_args())
+    prompts = [random_prompts([5, 12], 97, seed=3), random_prompts([10, 2], 97, seed=4)]
+    streams = [stream(p, model, max_tokens=7) for p in prompts]
+    steps = [[], []]
+    for a, b in zip(*streams):
+        steps[0].append(a[0].tolist())
+        steps[1].append(b[0].tolist())
+    for p, s in zip(prompts, steps):
+        for i, prompt in enumerate(p):
+            assert_greedy(model, prompt, [step[i] for step in s], 7)
