@@ -145,7 +145,15 @@ if triton is not None:
             col_ok = cols < K
             xk = tl.load(x_ptr + p * K + cols, mask=col_ok, other=0.0).to(tl.float32)
             wk = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            acc += wk.to(tl.float32) * xk[None, :]
+            if w_ptr.dtype.element_ty == tl.int8:
+                # int8 -> float32 by bits, not by the conversion instruction, which runs at a
+                # quarter of the rate of plain arithmetic and so, at one conversion per byte
+                # read, could not keep up with the memory: q + 128 written into the low bits
+                # of 2^23's mantissa is the float 2^23 + 128 + q, exactly.
+                wf = (wk.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+            else:
+                wf = wk.to(tl.float32)
+            acc += wf * xk[None, :]
         y = tl.sum(acc, axis=1)
         if HAS_SCALES:
             y *= tl.load(s_ptr + e * N + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -202,13 +210,12 @@ if triton is not None:
         _small_linear_kernel[grid](x, w, s, y, M, N, K, HAS_SCALES=scales is not None, BLOCK_M=block_m)
         return y
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["S"])  # a cache of another size must not compile the kernel anew
     def _decode_attention_kernel(
         q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, slot_ptr, len_ptr, o_ptr, part_ptr, count_ptr,
         q_stride, kn_stride, vn_stride, S, H_KV, qk_scale,
         G: tl.constexpr, G_POW2: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-        BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
-        MERGE: tl.constexpr,
+        BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, MERGE: tl.constexpr,
     ):  # fmt: skip
         # Program (b * H_KV + h, split): the G query heads of row b that share key head h,
         # over one of SPLITS equal runs of the row's key_lengths[b] slots (flash-decoding).
@@ -222,7 +229,7 @@ if triton is not None:
         h = bh % H_KV
         length = tl.load(len_ptr + b)
         new = tl.load(slot_ptr + b) - b * S  # slot of the new token in row b
-        chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_S) * BLOCK_S
+        chunk = tl.maximum(tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_S) * BLOCK_S, MIN_CHUNK)
         start = split * chunk
         end = tl.minimum(start + chunk, length)
         g = tl.arange(0, G_PAD)
@@ -295,15 +302,15 @@ if triton is not None:
 
     def _triton_decode_attention(
         xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-        slots: torch.Tensor, key_lengths: torch.Tensor,
+        slots: torch.Tensor, key_lengths: torch.Tensor, block_s: int = 32, min_chunk: int = 32,
     ) -> torch.Tensor:  # fmt: skip
+        """block_s keys per loop step; min_chunk: the fewest keys a program reads (more, fewer runs to merge)."""
         (B, H, Dh), (S, H_kv) = xq.shape, cache_k.shape[1:3]
         assert xq.stride(1) == Dh and xk.stride(1) == Dh and xv.stride(1) == Dh and xq.stride(2) == 1
         assert cache_k.is_contiguous() and cache_v.is_contiguous()
         counts = _counts.get(xq.device)
         if counts is None or counts.numel() < B * H_kv:
             counts = _counts[xq.device] = torch.zeros(max(B * H_kv, 4096), dtype=torch.int32, device=xq.device)
-        block_s = 32
         sms = torch.cuda.get_device_properties(xq.device).multi_processor_count
         # About two programs per multiprocessor (a power of two, for the merge's tl.arange),
         # but no more runs than blocks of keys in a full row.
@@ -315,7 +322,7 @@ if triton is not None:
         _decode_attention_kernel[(B * H_kv, splits)](
             xq, xk, xv, cache_k, cache_v, slots, key_lengths, out, part, counts,
             xq.stride(0), xk.stride(0), xv.stride(0), S, H_kv, Dh**-0.5 * 1.4426950408889634,
-            G=G, G_POW2=g_pow2, G_PAD=max(16, g_pow2), D=Dh, BLOCK_S=block_s, SPLITS=splits,
+            G=G, G_POW2=g_pow2, G_PAD=max(16, g_pow2), D=Dh, BLOCK_S=block_s, SPLITS=splits, MIN_CHUNK=min_chunk,
             MERGE=min(splits, max(1, 4096 // (g_pow2 * Dh))),
         )  # fmt: skip
         return out

@@ -107,16 +107,20 @@ def decode_attention(results: dict, bandwidth: float) -> None:
                 keys, values = CacheView(k, v, inputs).update(xk, xv)
                 attend(xq, keys, values, inputs.mask, "xformers")
 
-        def fused() -> None:
-            for k, v in zip(ks, vs):
-                CacheView(k, v, inputs).attend_decode(xq, xk, xv)
+        def fused(block_s: int, min_chunk: int) -> Callable[[], None]:
+            lengths = inputs.mask.k_seqinfo.seqlen
+            return lambda: [
+                kernels._triton_decode_attention(xq, xk, xv, k, v, inputs.write_to, lengths, block_s, min_chunk)
+                for k, v in zip(ks, vs)
+            ]  # fmt: skip
 
         read = 2 * B * length * H_kv * D * 2  # keys and values read per layer
-        for label, fn in {"xformers": xformers, "fused": fused}.items():
+        variants = {"xformers": xformers} | {f"fused {b}/{c}": fused(b, c) for b, c in [(32, 32), (32, 128), (64, 64), (64, 256)]}
+        for label, fn in variants.items():
             seconds = graph_time(fn) / LAYERS
             key = f"attention B={B} L={length} {label}"
             results[key] = {"us": seconds * 1e6, "of_copy": read / seconds / bandwidth}
-            print(f"{key:36} {seconds * 1e6:7.1f} us per layer  {read / seconds / bandwidth:.2f} of copy", flush=True)
+            print(f"{key:42} {seconds * 1e6:7.1f} us per layer  {read / seconds / bandwidth:.2f} of copy", flush=True)
         del ks, vs
         torch.cuda.empty_cache()
 
