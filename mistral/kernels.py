@@ -302,7 +302,7 @@ if triton is not None:
 
     def _triton_decode_attention(
         xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-        slots: torch.Tensor, key_lengths: torch.Tensor, block_s: int = 32, min_chunk: int = 32,
+        slots: torch.Tensor, key_lengths: torch.Tensor, block_s: int = 32, min_chunk: int = 128,
     ) -> torch.Tensor:  # fmt: skip
         """block_s keys per loop step; min_chunk: the fewest keys a program reads (more, fewer runs to merge)."""
         (B, H, Dh), (S, H_kv) = xq.shape, cache_k.shape[1:3]

@@ -303,7 +303,7 @@ def check_graph(model: Transformer, device: torch.device, V: int, B: int, steps:
     return {"max_rel_err_logits": max(errors), "argmax_agreement": agree / (B * steps)}
 
 
-def profile(fn: Callable[[], Any], top: int = 12) -> list[dict[str, Any]]:
+def profile(fn: Callable[[], Any], top: int = 25) -> list[dict[str, Any]]:
     """Device time per kernel name over one call (after a warm call)."""
     fn()
     torch.cuda.synchronize()
