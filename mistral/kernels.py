@@ -219,10 +219,11 @@ if triton is not None:
     ):  # fmt: skip
         # Program (b * H_KV + h, split): the G query heads of row b that share key head h,
         # over one of SPLITS equal runs of the row's key_lengths[b] slots (flash-decoding).
-        # The new key and value are stored by the program whose run holds their slot, and
-        # substituted in its own reads, so no program reads a slot another one writes.
-        # Each program leaves its unnormalised (output, max, sum) in `part`; the last of
-        # the SPLITS to finish (an atomic count) merges them and resets the count.
+        # Every run leaves the new token's slot out (what it holds is stale or being
+        # written); the new key and value come in at the merge, from registers. The first
+        # program stores them into the cache: nothing in this call reads that slot.
+        # Each run leaves its unnormalised (output, max, sum) in `part`; the last of the
+        # SPLITS programs to finish (an atomic count) merges them and resets the count.
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // H_KV
@@ -232,59 +233,61 @@ if triton is not None:
         chunk = tl.maximum(tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_S) * BLOCK_S, MIN_CHUNK)
         start = split * chunk
         end = tl.minimum(start + chunk, length)
-        g = tl.arange(0, G_PAD)
         d = tl.arange(0, D)
-        # tl.dot needs 16 rows: query rows past G are zeros, their results never stored.
-        q = tl.load(q_ptr + b * q_stride + (h * G + g)[:, None] * D + d[None, :], mask=(g < G)[:, None], other=0.0)
-        kn = tl.load(kn_ptr + b * kn_stride + h * D + d)
-        vn = tl.load(vn_ptr + b * vn_stride + h * D + d)
         row = (b * S).to(tl.int64)
-        if (start <= new) & (new < end):
-            tl.store(k_ptr + ((row + new) * H_KV + h) * D + d, kn)
-            tl.store(v_ptr + ((row + new) * H_KV + h) * D + d, vn)
-        m = tl.full([G_PAD], float("-inf"), tl.float32)
-        l = tl.zeros([G_PAD], tl.float32)
-        acc = tl.zeros([G_PAD, D], tl.float32)
-        for s0 in range(start, end, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            ok = s < end
-            at = ((row + s) * H_KV + h)[:, None] * D + d[None, :]
-            is_new = (s == new)[:, None]
-            k = tl.where(is_new, kn[None, :], tl.load(k_ptr + at, mask=ok[:, None], other=0.0))
-            scores = tl.dot(q, tl.trans(k)) * qk_scale  # [G_PAD, BLOCK_S], log2 units
-            scores = tl.where(ok[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=1))
-            p = tl.exp2(scores - m_new[:, None])
-            alpha = tl.exp2(m - m_new)
-            v = tl.where(is_new, vn[None, :], tl.load(v_ptr + at, mask=ok[:, None], other=0.0))
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            l = l * alpha + tl.sum(p, axis=1)
-            m = m_new
-        # part[bh, split]: G * D outputs, then G maxima, then G sums (float32)
-        per_split = G * (D + 2)
-        real = g < G
-        mine = part_ptr + (bh * SPLITS + split).to(tl.int64) * per_split
-        tl.store(mine + g[:, None] * D + d[None, :], acc, mask=real[:, None])
-        tl.store(mine + G * D + g, m, mask=real)
-        tl.store(mine + G * (D + 1) + g, l, mask=real)
+        if split == 0:
+            new_at = ((row + new) * H_KV + h) * D + d
+            tl.store(k_ptr + new_at, tl.load(kn_ptr + b * kn_stride + h * D + d))
+            tl.store(v_ptr + new_at, tl.load(vn_ptr + b * vn_stride + h * D + d))
+        per_split = G * (D + 2)  # part[bh, split]: G * D outputs, then G maxima, then G sums (float32)
+        if start < length:
+            g = tl.arange(0, G_PAD)
+            real = g < G
+            # tl.dot needs 16 rows: query rows past G are zeros, their results never stored.
+            q = tl.load(q_ptr + b * q_stride + (h * G + g)[:, None] * D + d[None, :], mask=real[:, None], other=0.0)
+            m = tl.full([G_PAD], float("-inf"), tl.float32)
+            l = tl.zeros([G_PAD], tl.float32)
+            acc = tl.zeros([G_PAD, D], tl.float32)
+            for s0 in range(start, end, BLOCK_S):
+                s = s0 + tl.arange(0, BLOCK_S)
+                at = ((row + s) * H_KV + h)[:, None] * D + d[None, :]
+                k = tl.load(k_ptr + at, mask=(s < end)[:, None], other=0.0)
+                v = tl.load(v_ptr + at, mask=(s < end)[:, None], other=0.0)
+                scores = tl.dot(q, tl.trans(k)) * qk_scale  # [G_PAD, BLOCK_S], log2 units
+                scores = tl.where(((s < end) & (s != new))[None, :], scores, float("-inf"))
+                m_new = tl.maximum(m, tl.max(scores, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a run of the new slot alone
+                p = tl.exp2(scores - m_safe[:, None])
+                alpha = tl.exp2(m - m_safe)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                l = l * alpha + tl.sum(p, axis=1)
+                m = m_new
+            mine = part_ptr + (bh * SPLITS + split).to(tl.int64) * per_split
+            tl.store(mine + g[:, None] * D + d[None, :], acc, mask=real[:, None])
+            tl.store(mine + G * D + g, m, mask=real)
+            tl.store(mine + G * (D + 1) + g, l, mask=real)
         tl.debug_barrier()  # every thread's stores are made before the count says so
         if tl.atomic_add(count_ptr + bh, 1, sem="acq_rel") == SPLITS - 1:
-            # Merge the runs that hold keys (the first always does), MERGE at a time, each
-            # as a row of G * D outputs with its max and sum repeated along the row.
-            runs = tl.cdiv(length, chunk)
-            ours = part_ptr + (bh * SPLITS).to(tl.int64) * per_split
+            # Start from the new token (weight 1 at its own score), then merge the runs
+            # MERGE at a time, each as a row of G * D outputs, its max and sum repeated
+            # along the row.
             c = tl.arange(0, G_POW2 * D)  # column c: output (c // D, c % D)
             c_ok = c < G * D
-            m_all = tl.full([G_POW2 * D], float("-inf"), tl.float32)
-            out = tl.zeros([G_POW2 * D], tl.float32)
-            total = tl.zeros([G_POW2 * D], tl.float32)
+            qc = tl.load(q_ptr + b * q_stride + h * G * D + c, mask=c_ok, other=0.0).to(tl.float32)
+            kc = tl.load(kn_ptr + b * kn_stride + h * D + c % D).to(tl.float32)
+            own = tl.sum(tl.reshape(qc * kc, (G_POW2, D)), axis=1) * qk_scale  # [G_POW2]
+            m_all = tl.reshape(tl.broadcast_to(own[:, None], (G_POW2, D)), (G_POW2 * D,))
+            out = tl.load(vn_ptr + b * vn_stride + h * D + c % D).to(tl.float32)
+            total = tl.full([G_POW2 * D], 1.0, tl.float32)
+            runs = tl.cdiv(length, chunk)
+            ours = part_ptr + (bh * SPLITS).to(tl.int64) * per_split
             for r0 in range(0, runs, MERGE):
                 r = r0 + tl.arange(0, MERGE)
                 ok = (r < runs)[:, None] & c_ok[None, :]
                 at = ours + r[:, None] * per_split
                 ms = tl.load(at + G * D + c[None, :] // D, mask=ok, other=float("-inf"), cache_modifier=".cg")
-                m_new = tl.maximum(m_all, tl.max(ms, axis=0))  # finite from the first run on
-                w = tl.exp2(ms - m_new[None, :])  # 0 for the rows past the runs
+                m_new = tl.maximum(m_all, tl.max(ms, axis=0))  # finite: the new token's score
+                w = tl.exp2(ms - m_new[None, :])  # 0 for runs of no keys and rows past the runs
                 alpha = tl.exp2(m_all - m_new)
                 o = tl.load(at + c[None, :], mask=ok, other=0.0, cache_modifier=".cg")
                 ls = tl.load(at + G * D + G + c[None, :] // D, mask=ok, other=0.0, cache_modifier=".cg")

@@ -84,9 +84,10 @@ class Attention(CheckpointNames):
     ) -> torch.Tensor:
         T = x.shape[0]
         q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        xq, xk, xv = self.wqkv(x).split([q, kv, kv], dim=-1)
-        xq = apply_rotary_emb(xq.view(T, self.n_heads, self.head_dim), rope)
-        xk = apply_rotary_emb(xk.view(T, self.n_kv_heads, self.head_dim), rope)
+        xqk, xv = self.wqkv(x).split([q + kv, kv], dim=-1)
+        # Queries and keys rotate alike: one [T, H + H_kv, Dh] tensor, one fused kernel.
+        xqk = apply_rotary_emb(xqk.view(T, self.n_heads + self.n_kv_heads, self.head_dim), rope)
+        xq, xk = xqk.split([self.n_heads, self.n_kv_heads], dim=1)
         out = _cached_attention(xq, xk, xv.view(T, self.n_kv_heads, self.head_dim), mask, cache, backend)  # [T, H, Dh]
         return self.wo(out.flatten(1))
 

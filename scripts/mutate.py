@@ -169,7 +169,7 @@ MUTATIONS = [
     Mutation("decode-reads-one-slot-too-many", "kernels.py", r"\[None, :\] >= key_lengths\[:, None\]",
              "[None, :] > key_lengths[:, None]", "test_attention.py -k decode_kernel",
              "the decode kernel's reference attends to one unwritten slot"),
-    Mutation("decode-kernel-never-stores", "kernels.py", r"if \(start <= new\) & \(new < end\):", "if new < start:",
+    Mutation("decode-kernel-never-stores", "kernels.py", r"if split == 0:", "if split < 0:",
              "test_attention.py -k decode_kernel", "the Triton decode kernel leaves the new key and value out of the cache",
              cuda=True),
     Mutation("decode-kernel-merges-first-run", "kernels.py", r"runs = tl\.cdiv\(length, chunk\)", "runs = 1",
