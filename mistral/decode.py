@@ -16,8 +16,9 @@ alone:
   the graph itself advances after each step (`CacheInputs.advance_decode`): the
   tokens or activations, their positions, the cache slots they are written to, and
   the key lengths of the decode mask. Nothing in the step reads a device value on the
-  host (the generation loop around it does, once per step: the sampled tokens, to stop
-  at eos and to check the logits are finite). NCCL's all-reduces are captured with the rest.
+  host (the generation loop around it does, a step late, while the next step runs: the
+  sampled tokens, to stop at eos, and whether the logits were finite). NCCL's
+  all-reduces are captured with the rest.
 
 Elsewhere (the CPU, float32) the Runner calls the same `step` uncompiled, eagerly.
 """
@@ -69,6 +70,9 @@ def compiled_block() -> RunBlock:
     # cache or without, each layer's own hooks (tensor parallelism), each model shape.
     # Past the default limit of 8 a frame silently runs eagerly.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    # Tune each generated kernel's launch shape by measuring it: the norms, rotary and
+    # SwiGLU kernels of a decode step are tiny, and their defaults left time on the table.
+    torch._inductor.config.coordinate_descent_tuning = True
     return torch.compile(TransformerBlock.forward)
 
 

@@ -77,7 +77,8 @@ def test_decode_kernel_writes_and_attends_as_the_decode_mask_says(group: int, st
     a cache with more rows than the call. static: the graph's mask, built with every row
     full, whose device lengths carry the truth.
     """
-    size, rows, positions = 40, 7, [0, 5, 39, 40, 123, 2000]
+    # Rows of up to 300 slots: the Triton kernel splits each into runs of at least 128 keys.
+    size, rows, positions = 300, 7, [0, 5, 299, 300, 1234, 2000]
     dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
     torch.manual_seed(group)
     cache = RotatingBufferCache(1, rows, size, size, H_KV, D, device=DEVICE, dtype=dtype)

@@ -175,6 +175,11 @@ def test_eos_stops_a_sequence() -> None:
     # Once every sequence has produced eos, the stream ends early.
     steps = list(stream(prompts[:1], model, max_tokens=15, eos_id=eos))
     assert len(steps) == stop + 1 and int(steps[-1][0][0]) == eos
+    # The stream reads eos a step late: the step it ran past it is taken back out of a
+    # given cache, which holds the prompt and every yielded token but the last.
+    cache = model.make_cache(1, 64)
+    assert len(list(stream(prompts[:1], model, max_tokens=15, eos_id=eos, cache=cache))) == stop + 1
+    assert cache.lengths[0] == len(prompts[0]) + stop
 
 
 def test_micro_batches_on_one_process_change_nothing(moe: bool) -> None:
