@@ -305,7 +305,7 @@ if triton is not None:
 
     def _triton_decode_attention(
         xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-        slots: torch.Tensor, key_lengths: torch.Tensor, block_s: int = 32, min_chunk: int = 128,
+        slots: torch.Tensor, key_lengths: torch.Tensor, block_s: int = 32, min_chunk: int = 128, num_warps: int = 4,
     ) -> torch.Tensor:  # fmt: skip
         """block_s keys per loop step; min_chunk: the fewest keys a program reads (more, fewer runs to merge)."""
         (B, H, Dh), (S, H_kv) = xq.shape, cache_k.shape[1:3]
@@ -326,6 +326,6 @@ if triton is not None:
             xq, xk, xv, cache_k, cache_v, slots, key_lengths, out, part, counts,
             xq.stride(0), xk.stride(0), xv.stride(0), S, H_kv, Dh**-0.5 * 1.4426950408889634,
             G=G, G_POW2=g_pow2, G_PAD=max(16, g_pow2), D=Dh, BLOCK_S=block_s, SPLITS=splits, MIN_CHUNK=min_chunk,
-            MERGE=min(splits, max(1, 4096 // (g_pow2 * Dh))),
+            MERGE=min(splits, max(1, 4096 // (g_pow2 * Dh))), num_warps=num_warps,
         )  # fmt: skip
         return out

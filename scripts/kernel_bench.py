@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from bench import measure_ceilings  # scripts/ is this script's first import path
 from mistral import kernels
 from mistral.attention import attend
 from mistral.cache import CacheInputs, CacheView
@@ -50,13 +51,6 @@ def graph_time(fn: Callable[[], None], reps: int = 20) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / 1e3 / reps
-
-
-def copy_bandwidth() -> float:
-    a = torch.empty(2**28, dtype=torch.float32, device="cuda")  # 1 GiB
-    b = torch.empty_like(a)
-    seconds = graph_time(lambda: b.copy_(a), reps=10)
-    return 2 * a.numel() * a.element_size() / seconds
 
 
 def matvecs(results: dict, bandwidth: float) -> None:
@@ -107,15 +101,17 @@ def decode_attention(results: dict, bandwidth: float) -> None:
                 keys, values = CacheView(k, v, inputs).update(xk, xv)
                 attend(xq, keys, values, inputs.mask, "xformers")
 
-        def fused(block_s: int, min_chunk: int) -> Callable[[], None]:
+        def fused(block_s: int, min_chunk: int, warps: int) -> Callable[[], None]:
             lengths = inputs.mask.k_seqinfo.seqlen
             return lambda: [
-                kernels._triton_decode_attention(xq, xk, xv, k, v, inputs.write_to, lengths, block_s, min_chunk)
+                kernels._triton_decode_attention(xq, xk, xv, k, v, inputs.write_to, lengths, block_s, min_chunk, warps)
                 for k, v in zip(ks, vs)
             ]  # fmt: skip
 
         read = 2 * B * length * H_kv * D * 2  # keys and values read per layer
-        variants = {"xformers": xformers} | {f"fused {b}/{c}": fused(b, c) for b, c in [(32, 32), (32, 128), (64, 64), (64, 256)]}
+        # keys per loop step / fewest keys per program / warps
+        shapes = [(32, 128, 4), (16, 128, 4), (64, 128, 4), (32, 128, 2), (32, 128, 8), (32, 64, 4)]
+        variants = {"xformers": xformers} | {f"fused {b}/{c}/{w}": fused(b, c, w) for b, c, w in shapes}
         for label, fn in variants.items():
             seconds = graph_time(fn) / LAYERS
             key = f"attention B={B} L={length} {label}"
@@ -133,7 +129,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("kernel_bench.py needs a CUDA GPU")
     torch.manual_seed(0)
-    bandwidth = copy_bandwidth()
+    bandwidth = measure_ceilings(torch.device("cuda"))["copy_bytes_per_s"]  # bench.py's, for the same floors
     results: dict = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bandwidth}
     print(f"{results['device']}: copy {bandwidth / 1e12:.2f} TB/s", flush=True)
     with torch.inference_mode():
