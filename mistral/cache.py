@@ -256,7 +256,9 @@ class RotatingBufferCache:
             raise CacheTooLarge(per_position * self.size, free, free // per_position, torch.device(device))
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.lengths = [0] * max_batch_size  # tokens seen so far, per row
+        self.lengths: list[int] = []  # tokens seen so far, per row
+        self.written: list[int] = []
+        self.reset()
         # The decode.Runner of each model and batch on this cache, made once: their CUDA
         # graphs hold this cache's tensors, so a later stream replays them (decode.runner).
         self.runners: dict[tuple, Any] = {}
@@ -283,17 +285,20 @@ class RotatingBufferCache:
         """Record that a prepared call has run."""
         for b, s in enumerate(seqlens):
             self.lengths[b] += s
+            self.written[b] = max(self.written[b], self.lengths[b])
 
     def reset(self) -> None:
         self.lengths = [0] * self.max_batch_size
+        self.written = [0] * self.max_batch_size  # per row: tokens ever written since the reset, rewound or not
 
     def rewind(self, row: int, length: int) -> None:
         """Keep the first `length` tokens of a row only, so that its sequence goes on otherwise from there.
 
         The next token reads positions length-W+1 .. length-1, which the buffer still
-        holds unless later tokens overwrote them: when it has wrapped (more tokens than
-        slots) only a rewind of one token keeps them, and otherwise the row starts over.
+        holds unless later tokens overwrote them (position p + size takes p's slot), those
+        of an earlier rewind included: once the row has wrapped (more tokens written than
+        slots), only `length` >= written - 1 keeps them, and otherwise the row starts over.
         """
-        held = self.lengths[row]
-        assert 0 <= length <= held
-        self.lengths[row] = length if held <= self.size or length >= held - 1 else 0
+        written = self.written[row]
+        assert 0 <= length <= self.lengths[row]
+        self.lengths[row] = length if written <= self.size or length >= written - 1 else 0

@@ -46,9 +46,14 @@ def runner(model: Transformer, cache: RotatingBufferCache, n_rows: int, **fast: 
     """
     key = (id(model), n_rows, tuple(sorted(fast.items())))
     found = cache.runners.get(key)
-    if found is None or found.model is not model:
+    # A graph reads the weights where they were at its capture: not after model.to(...).
+    if found is None or found.model is not model or found.weights != _weights(model):
         found = cache.runners[key] = Runner(model, cache, n_rows, **fast)
     return found
+
+
+def _weights(model: Transformer) -> list[int]:
+    return [p.data_ptr() for p in model.parameters()]
 
 
 def usable(model: Transformer) -> bool:
@@ -99,6 +104,7 @@ class Runner:
         if compile is None:
             compile = fast and sum(p.numel() for p in model.parameters()) * model.layout.world_size >= COMPILE_MIN_PARAMETERS
         self.model, self.cache, self.B = model, cache, n_rows
+        self.weights = _weights(model)
         self.run_block: RunBlock = compiled_block() if compile else TransformerBlock.__call__
         self.cuda_graphs = (fast if cuda_graphs is None else cuda_graphs) and model.device.type == "cuda"
         self.graph: Optional[torch.cuda.CUDAGraph] = None
@@ -123,6 +129,7 @@ class Runner:
             self.inputs.restart_decode(lengths)
         assert self.graph is not None
         self.x.copy_(x)
+        self.graph_lengths = []  # unknown, should the replay be interrupted
         self.graph.replay()
         self.cache.advance([1] * self.B)
         self.graph_lengths = self.cache.lengths[: self.B]  # what the graph's inputs have advanced to
@@ -139,7 +146,8 @@ class Runner:
         with torch.cuda.stream(side):
             self.model.step(self.x, self.inputs, self.cache, self.run_block)
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             self.out = self.model.step(self.x, self.inputs, self.cache, self.run_block)
             self.inputs.advance_decode()
+        self.graph = graph  # only once captured whole: a failed capture is tried again

@@ -128,6 +128,7 @@ class MicroBatch:
 
     def __init__(self, prompts: list[list[int]], runner: Runner, chunk: int):
         self.prompts, self.runner = prompts, runner
+        self.start = runner.cache.lengths[: len(prompts)]  # tokens each row held before
         self.calls = prefill_calls(prompts, chunk)
         self.prefilled = 0  # prefill calls already run
         self.last_logits: list[Optional[torch.Tensor]] = [None] * len(prompts)  # last stage only
@@ -163,19 +164,26 @@ class MicroBatch:
 
         Eos is read a step late, so when every sequence had produced it one step before
         the last, that last step went past the end: its tokens are dropped (never yielded),
-        and the tokens it fed are taken back out of the cache.
+        and `take_back` takes the tokens it fed back out of the cache.
         """
         if self.done_before is not None and bool(self.done_before.all()):
             self.tokens.pop()
             self.logprobs.pop()
             del self.finite[-1:]  # its flag, where it was sampled
-            cache = self.runner.cache
-            for b in range(len(self.prompts)):
-                cache.rewind(b, cache.lengths[b] - 1)
         elif len(self.tokens) < max_tokens:
             return False
         self.check(pending=0)
         return True
+
+    def take_back(self, yielded: int) -> None:
+        """Leave in the cache what the stream promises after `yielded` steps: the prompts and
+        every yielded token but the last. A decode step runs before the step it follows is
+        yielded, so one more may have been fed (a stream ended by eos, or left early)."""
+        cache = self.runner.cache
+        for b, prompt in enumerate(self.prompts):
+            promised = self.start[b] + len(prompt) + max(yielded - 1, 0)
+            if cache.lengths[b] > promised:  # never below: a prefill left half-way stays as it is
+                cache.rewind(b, promised)
 
     def run(self, model: Transformer, link: Link) -> tuple[bool, Optional[torch.Tensor]]:
         """This rank's share of the next forward call: a prefill chunk of every prompt, or a decode step.
@@ -297,7 +305,8 @@ def _caches(model: Transformer, rows: list[int], longest: int, max_tokens: int) 
     """
     spare, model.spare_caches[:] = list(model.spare_caches), []
     size = RotatingBufferCache.row_size(longest + max_tokens, model.args.sliding_window)
-    if [(c.max_batch_size, c.size) for c in spare] == [(n, size) for n in rows]:
+    shape = lambda c: (c.max_batch_size, c.size, c.k.dtype, c.k.device)  # noqa: E731
+    if [shape(c) for c in spare] == [(n, size, model.dtype, model.device) for n in rows]:
         for c in spare:
             c.reset()
         return spare
@@ -319,33 +328,37 @@ def _steps(
     generator = None if seed is None else torch.Generator(model.device).manual_seed(seed)
     link = model.link
     yielded = 0
-    while not all(mb.finished for mb in mbs):
-        for mb in mbs:  # the same order on every rank: messages pair up
-            if mb.finished:
-                continue
-            if mb.unseen:
-                mb.record(*link.recv_tokens(len(mb.prompts)), eos_id)
-                mb.unseen = False
-            if mb.stopped(max_tokens):
-                mb.finished = True
-                continue
-            samples, logits = mb.run(model, link)
-            if samples and link.samples:
-                assert logits is not None
-                tokens, logprobs, finite = pick(logits, temperature, top_p, generator)
-                link.send_tokens(tokens, logprobs)
-                mb.record(tokens, logprobs, eos_id, finite)
-            elif samples:
-                mb.unseen = True
-            mb.check()  # the steps before this one, which is queued behind them
-        # Step s is complete once every micro-batch still running has its tokens, and
-        # checked: a running micro-batch's last step is not, yet.
-        running = [len(mb.tokens) - 1 for mb in mbs if not mb.finished]
-        ready = min(running) if running else max(len(mb.tokens) for mb in mbs)
-        for step in range(yielded, ready):
-            yield _gather(mbs, step, eos_id)
-        yielded = max(yielded, ready)
-    link.flush()
+    try:
+        while not all(mb.finished for mb in mbs):
+            for mb in mbs:  # the same order on every rank: messages pair up
+                if mb.finished:
+                    continue
+                if mb.unseen:
+                    mb.record(*link.recv_tokens(len(mb.prompts)), eos_id)
+                    mb.unseen = False
+                if mb.stopped(max_tokens):
+                    mb.finished = True
+                    continue
+                samples, logits = mb.run(model, link)
+                if samples and link.samples:
+                    assert logits is not None
+                    tokens, logprobs, finite = pick(logits, temperature, top_p, generator)
+                    link.send_tokens(tokens, logprobs)
+                    mb.record(tokens, logprobs, eos_id, finite)
+                elif samples:
+                    mb.unseen = True
+                mb.check()  # the steps before this one, which is queued behind them
+            # Step s is complete once every micro-batch still running has its tokens, and
+            # checked: a running micro-batch's last step is not, yet.
+            running = [len(mb.tokens) - 1 for mb in mbs if not mb.finished]
+            ready = min(running) if running else max(len(mb.tokens) for mb in mbs)
+            for step in range(yielded, ready):
+                yielded = step + 1  # counted when handed over: the caller may stop there
+                yield _gather(mbs, step, eos_id)
+        link.flush()
+    finally:
+        for mb in mbs:
+            mb.take_back(min(yielded, len(mb.tokens)))
 
 
 def _gather(mbs: list[MicroBatch], step: int, eos_id: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -251,10 +251,12 @@ if triton is not None:
             for s0 in range(start, end, BLOCK_S):
                 s = s0 + tl.arange(0, BLOCK_S)
                 at = ((row + s) * H_KV + h)[:, None] * D + d[None, :]
+                read = (s < end) & (s != new)
                 k = tl.load(k_ptr + at, mask=(s < end)[:, None], other=0.0)
-                v = tl.load(v_ptr + at, mask=(s < end)[:, None], other=0.0)
+                # The new slot's old value must not reach the product, even with weight 0 (0 * inf = NaN).
+                v = tl.load(v_ptr + at, mask=read[:, None], other=0.0)
                 scores = tl.dot(q, tl.trans(k)) * qk_scale  # [G_PAD, BLOCK_S], log2 units
-                scores = tl.where(((s < end) & (s != new))[None, :], scores, float("-inf"))
+                scores = tl.where(read[None, :], scores, float("-inf"))
                 m_new = tl.maximum(m, tl.max(scores, axis=1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a run of the new slot alone
                 p = tl.exp2(scores - m_safe[:, None])
@@ -300,8 +302,9 @@ if triton is not None:
 
     # Per device: one arrival count per (row, key head) for _decode_attention_kernel,
     # zeros between calls (its last program resets its own). Made outside graph capture:
-    # a decode step's warm-up call precedes its capture.
-    _counts: dict[torch.device, torch.Tensor] = {}
+    # a decode step's warm-up call precedes its capture. Never freed: graphs captured
+    # earlier may still hold a smaller one.
+    _counts: dict[torch.device, list[torch.Tensor]] = {}
 
     def _triton_decode_attention(
         xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
@@ -311,9 +314,10 @@ if triton is not None:
         (B, H, Dh), (S, H_kv) = xq.shape, cache_k.shape[1:3]
         assert xq.stride(1) == Dh and xk.stride(1) == Dh and xv.stride(1) == Dh and xq.stride(2) == 1
         assert cache_k.is_contiguous() and cache_v.is_contiguous()
-        counts = _counts.get(xq.device)
-        if counts is None or counts.numel() < B * H_kv:
-            counts = _counts[xq.device] = torch.zeros(max(B * H_kv, 4096), dtype=torch.int32, device=xq.device)
+        held = _counts.setdefault(xq.device, [])
+        if not held or held[-1].numel() < B * H_kv:
+            held.append(torch.zeros(max(B * H_kv, 4096), dtype=torch.int32, device=xq.device))
+        counts = held[-1]
         sms = torch.cuda.get_device_properties(xq.device).multi_processor_count
         # About two programs per multiprocessor (a power of two, for the merge's tl.arange),
         # but no more runs than blocks of keys in a full row.

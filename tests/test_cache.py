@@ -236,3 +236,21 @@ def test_cached_logits_match_no_cache_forward(
     prefill = ragged_schedule(lengths, chunk, random.Random(seed)) if ragged else chunked_schedule(lengths, chunk)
     got = run_schedule(model, prompts, prefill + [[1] * len(lengths)] * decode_steps, max(total))
     assert_close(got, full_logits(model, prompts))
+
+
+def test_rewind_keeps_slots_only_where_no_later_token_overwrote_them() -> None:
+    """A row of 8 slots that has seen 12 tokens: rewinding one token keeps positions 4..10
+    (position 11 took position 3's slot); a second rewind, to 10, needs position 3 back,
+    which is gone although the row's length says 11: the row starts over."""
+    from mistral.cache import RotatingBufferCache
+
+    cache = RotatingBufferCache(1, 1, 100, 8, 1, 4)
+    cache.advance([12])
+    cache.rewind(0, 11)
+    assert cache.lengths == [11]
+    cache.rewind(0, 10)
+    assert cache.lengths == [0]
+    cache.reset()
+    cache.advance([6])  # never wrapped: any rewind keeps what it needs
+    cache.rewind(0, 2)
+    assert cache.lengths == [2]

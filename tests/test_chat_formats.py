@@ -77,12 +77,14 @@ def test_chat_turns_are_the_official_format_and_the_cache_is_right(folder: Path)
 def test_rewind_keeps_the_prefix_unless_the_buffer_wrapped() -> None:
     model = random_model(tiny_args(sliding_window=4))
     cache = model.make_cache(1, 64)
-    cache.lengths[0] = 4
+    cache.advance([4])
     cache.rewind(0, 2)
     assert cache.lengths[0] == 2  # nothing overwritten yet
-    cache.lengths[0] = 9
+    cache.reset()
+    cache.advance([9])
     cache.rewind(0, 8)
     assert cache.lengths[0] == 8  # one back: it reads positions 5..7, still there
-    cache.lengths[0] = 9
+    cache.reset()
+    cache.advance([9])
     cache.rewind(0, 7)
     assert cache.lengths[0] == 0  # it reads position 4, which 8 overwrote: start over

@@ -281,3 +281,27 @@ def test_interleaved_streams_keep_their_own_caches() -> None:
     for p, s in zip(prompts, steps):
         for i, prompt in enumerate(p):
             assert_greedy(model, prompt, [step[i] for step in s], 7)
+
+
+def test_a_stream_left_early_leaves_the_cache_as_promised() -> None:
+    """Steps are yielded a step late; a caller that stops after 3 of them finds in the cache the
+    prompt and the first 2 (the last yielded token is never fed), and can go on differently."""
+    model = random_model(tiny_args())
+    (prompt,) = random_prompts([W + 3], 97, seed=5)  # past the window: the buffer has wrapped
+    cache = model.make_cache(1, 64)
+    steps = stream([prompt], model, max_tokens=10, cache=cache)
+    got = [int(next(steps)[0][0]) for _ in range(3)]
+    steps.close()
+    assert cache.lengths[0] == len(prompt) + 2
+    cont = prompt + got + [7, 8]
+    assert_greedy(model, cont, [int(t[0]) for t, _ in stream([cont], model, max_tokens=4, cache=cache)], 4)
+
+
+def test_spare_caches_follow_the_models_dtype() -> None:
+    model = random_model(tiny_args())
+    prompts = random_prompts([5, 9], 97, seed=6)
+    generate(prompts, model, max_tokens=4)
+    kept = model.spare_caches[0]
+    model.to(torch.float32 if DTYPE == torch.bfloat16 else torch.bfloat16)
+    generate(prompts, model, max_tokens=4)
+    assert model.spare_caches[0] is not kept and model.spare_caches[0].k.dtype == model.dtype
