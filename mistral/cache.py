@@ -194,7 +194,6 @@ class CacheView:
             return flat_k[: inputs.n_rows * inputs.size], flat_v[: inputs.n_rows * inputs.size]
         return keys, values
 
-
     def attend_decode(self, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor) -> torch.Tensor:
         """A decode call's update and attention as one kernel (kernels.decode_attention, on CUDA).
 

@@ -44,12 +44,12 @@ def pick(
     """
     finite = torch.isfinite(logits).all()
     if temperature > 0 and not bool(finite):
-        raise NON_FINITE
+        raise MistralError(NON_FINITE)
     tokens = sample(logits, temperature, top_p, generator)
     return tokens, torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1), finite
 
 
-NON_FINITE = MistralError("the model's logits are not finite (NaN or inf): are its weights or params.json corrupt?")
+NON_FINITE = "the model's logits are not finite (NaN or inf): are its weights or params.json corrupt?"
 
 
 def check_options(
@@ -157,7 +157,7 @@ class MicroBatch:
         """Raise if the logits of a sampled step were not finite; the last `pending` steps are left for later."""
         while len(self.finite) > pending:
             if not bool(self.finite.pop(0)):
-                raise NON_FINITE
+                raise MistralError(NON_FINITE)
 
     def stopped(self, max_tokens: int) -> bool:
         """max_tokens steps, or eos everywhere.

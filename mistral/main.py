@@ -54,7 +54,7 @@ def load(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = str(torch.device(device))  # fire hands "--device 0" over as an int
-    except (RuntimeError, TypeError):  # and '--device 1e999' as a float
+    except (RuntimeError, TypeError, ValueError):  # and "--device 1e999" as a float, 2**63 as too large an int
         raise MistralError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MistralError(f"device {device!r}: no CUDA GPU is available")

@@ -90,6 +90,7 @@ def test_unknown_options_fail_before_anything_runs(
         ("top_p", "abc", "top_p must be in (0, 1], got 'abc'"),
         ("seed", str(10**30), "seed must be an integer"),
         ("max_tokens", "True", "max_tokens must be a non-negative integer"),
+        ("device", str(2**63), "device must be cpu, cuda or cuda:N, got 9223372036854775808"),  # found by the fuzz below
     ],
 )
 def test_odd_option_values(cli: Any, option: str, value: str, fragment: str) -> None:
