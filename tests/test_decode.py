@@ -128,9 +128,10 @@ def test_decode_inputs_advance_like_build() -> None:
     for _ in range(6):  # rows wrap past the window of 4
         want = CacheInputs.build([1, 1, 1], lengths, size, size, DEVICE)
         assert want.kind == "decode"
-        assert static.positions.tolist() == want.positions.tolist()
-        assert static.write_to.tolist() == want.write_to.tolist()  # type: ignore[union-attr]
-        assert static.mask.k_seqinfo.seqlen.tolist() == want.mask.k_seqinfo.seqlen.tolist()
+        for inputs in (static, want):  # the rule spelled out: slot p mod size of row b; min(p + 1, size) keys
+            assert inputs.positions.tolist() == lengths
+            assert inputs.write_to.tolist() == [b * size + p % size for b, p in enumerate(lengths)]  # type: ignore[union-attr]
+            assert inputs.mask.k_seqinfo.seqlen.tolist() == [min(p + 1, size) for p in lengths]
         static.advance_decode()
         lengths = [n + 1 for n in lengths]
 
