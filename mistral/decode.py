@@ -75,9 +75,6 @@ def compiled_block() -> RunBlock:
     # cache or without, each layer's own hooks (tensor parallelism), each model shape.
     # Past the default limit of 8 a frame silently runs eagerly.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-    # Tune each generated kernel's launch shape by measuring it: the norms, rotary and
-    # SwiGLU kernels of a decode step are tiny, and their defaults left time on the table.
-    torch._inductor.config.coordinate_descent_tuning = True
     return torch.compile(TransformerBlock.forward)
 
 
