@@ -60,6 +60,7 @@ class CacheInputs:
     read_from: Optional[torch.Tensor] = None
     read_to: Optional[torch.Tensor] = None
     new_to: Optional[torch.Tensor] = None
+    rows: Optional[torch.Tensor] = None  # "decode" only: 0..n_rows-1, made once for `advance_decode`
 
     @staticmethod
     def uncached(seqlens: Sequence[int], sliding_window: Optional[int], device: torch.device) -> "CacheInputs":
@@ -83,7 +84,10 @@ class CacheInputs:
         # The lengths from the host's list: reading them back from the device would sync every step.
         mask = decode_mask([size] * B if static else key_lengths(torch.tensor(lengths), size).tolist(), size, device)
         positions = torch.empty(B, dtype=torch.long, device=device)
-        inputs = CacheInputs("decode", positions, mask, n_rows=B, size=size, write_from=None, write_to=torch.empty_like(positions))
+        inputs = CacheInputs(
+            "decode", positions, mask, n_rows=B, size=size, write_from=None, write_to=torch.empty_like(positions),
+            rows=torch.arange(B, device=device),
+        )  # fmt: skip
         inputs.restart_decode(lengths)
         return inputs
 
@@ -94,9 +98,9 @@ class CacheInputs:
 
     def advance_decode(self, steps: int = 1) -> None:
         """The next decode step's inputs, in place on the device, so a captured graph can run it."""
-        assert self.kind == "decode" and self.write_to is not None
+        assert self.kind == "decode" and self.write_to is not None and self.rows is not None
         self.positions += steps
-        self.write_to.copy_(slots(torch.arange(self.n_rows, device=self.positions.device), self.positions, self.size))
+        self.write_to.copy_(slots(self.rows, self.positions, self.size))
         self.mask.k_seqinfo.seqlen.copy_(key_lengths(self.positions, self.size))
 
     @staticmethod

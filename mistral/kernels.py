@@ -49,19 +49,22 @@ def _(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, scales: Optional[
 @torch.library.custom_op("mistral::linear", mutates_args=())
 def linear(x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x: [M, K], w: [N, K] in x's dtype, or int8 with scales [N] -> [M, N] = x @ (w * scales[:, None])^T."""
-    # float32 stays in PyTorch: tl.dot would round it to tf32.
-    if x.is_cuda and triton is not None and x.dtype != torch.float32:
-        if x.shape[0] == 1:
-            return _triton_matvec(x, w[None], None, None if scales is None else scales[None])
-        if scales is not None and x.shape[0] <= INT8_KERNEL_MAX_ROWS:
-            return _triton_small_linear(x, w, scales)
+    if _triton_rows(x) == 1:
+        return _triton_matvec(x, w[None], None, None if scales is None else scales[None])
+    if scales is not None and 1 < _triton_rows(x) <= INT8_KERNEL_MAX_ROWS:
+        return _triton_small_linear(x, w, scales)
     y = nn.functional.linear(x, w.to(x.dtype))
     return y if scales is None else y * scales
 
 
+def _triton_rows(x: torch.Tensor) -> int:
+    """x's rows where a Triton kernel may take x, else 0. float32 stays in PyTorch: tl.dot would round it to tf32."""
+    return x.shape[0] if x.is_cuda and triton is not None and x.dtype != torch.float32 else 0
+
+
 def linear_applies(x: torch.Tensor, scales: Optional[torch.Tensor]) -> bool:
     """Whether `linear` runs a kernel of its own for x [M, K]; where not, F.linear is the same and stays visible to torch.compile."""
-    return scales is not None or (x.is_cuda and triton is not None and x.dtype != torch.float32 and x.shape[0] == 1)
+    return scales is not None or _triton_rows(x) == 1
 
 
 @linear.register_fake
