@@ -7,7 +7,10 @@ copy bandwidth measured in the same run:
 - matrix-vector products (batch 1) of each projection, bfloat16 and int8: cuBLAS,
   mistral/kernels.py's Triton kernel, and an Inductor-generated reduction;
 - the decode attention of a layer: xformers (two index copies, split-KV flash and its
-  merge) against kernels.decode_attention (one kernel).
+  merge) against kernels.decode_attention (one kernel);
+- the attention of a first prefill (mask 1) of prompts of one length: xformers against
+  backend "auto" (a batched causal product, cuDNN's kernel through PyTorch), timed
+  eagerly, host time included, as a prefill runs.
 
     python scripts/kernel_bench.py --out $OUT     # H100: ~2 min
 """
@@ -25,6 +28,7 @@ from bench import measure_ceilings  # scripts/ is this script's first import pat
 from mistral import kernels
 from mistral.attention import attend
 from mistral.cache import CacheInputs, CacheView
+from mistral.masks import prefill_mask
 from mistral.quantize import quantize_int8
 
 LAYERS = 32
@@ -121,18 +125,44 @@ def decode_attention(results: dict, bandwidth: float) -> None:
         torch.cuda.empty_cache()
 
 
+def prefill_attention(results: dict, flops_per_s: float) -> None:
+    H, H_kv, D = 32, 8, 128
+    for B, L in [(1, 512), (1, 4096), (8, 512), (32, 128)]:
+        q = torch.randn(B * L, H, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(B * L, H_kv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        mask = prefill_mask([L] * B, 4096, q.device)
+        flops = 4 * B * H * D * L * (L + 1) / 2  # the causal half of QK^T and PV
+        for backend in ("xformers", "auto"):
+            fn = lambda: attend(q, k, v, mask, backend)  # noqa: E731
+            for _ in range(3):
+                fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(20):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            seconds = start.elapsed_time(end) / 1e3 / 20
+            key = f"prefill attention {B}x{L} {backend}"
+            results[key] = {"us": seconds * 1e6, "flop_per_s": flops / seconds, "of_matmul": flops / seconds / flops_per_s}
+            print(f"{key:38} {seconds * 1e6:7.1f} us per layer  {flops / seconds / 1e12:5.0f} TFLOP/s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="write kernel_bench.json here")
-    parser.add_argument("--only", choices=["matvec", "attention"], default=None)
+    parser.add_argument("--only", choices=["matvec", "attention", "prefill"], default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("kernel_bench.py needs a CUDA GPU")
     torch.manual_seed(0)
-    bandwidth = measure_ceilings(torch.device("cuda"))["copy_bytes_per_s"]  # bench.py's, for the same floors
+    ceilings = measure_ceilings(torch.device("cuda"))  # bench.py's, for the same floors
+    bandwidth = ceilings["copy_bytes_per_s"]
     results: dict = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bandwidth}
     print(f"{results['device']}: copy {bandwidth / 1e12:.2f} TB/s", flush=True)
     with torch.inference_mode():
+        if args.only in (None, "prefill"):
+            prefill_attention(results, ceilings["matmul_flop_per_s"])
         if args.only in (None, "attention"):
             decode_attention(results, bandwidth)
         if args.only in (None, "matvec"):

@@ -8,8 +8,10 @@ executors must agree with it: the reference on any device, xformers' kernels on 
 import pytest
 import torch
 from conftest import DEVICE, rel_error
+from hypothesis import example, given
+from hypothesis import strategies as st
 
-from mistral.attention import attend
+from mistral.attention import _causal, attend, causal_batch
 from mistral.cache import CacheInputs, CacheView, RotatingBufferCache
 from mistral.masks import chunk_mask, decode_mask, prefill_mask
 
@@ -49,14 +51,19 @@ def cases(window: int) -> list[tuple[str, object, int, list[list[int]]]]:
     filled = [window, min(2, window), 1]  # decode: each query reads the filled slots of its own row
     allowed = [[b * window + j for j in range(n)] for b, n in enumerate(filled)]
     decode = ("decode", decode_mask(filled, window, DEVICE), len(filled) * window, allowed)
-    return [prefill, chunk, decode]
+
+    # Prompts of one length: a batch of causal attentions once the window covers them
+    # (backend "auto" on CUDA runs those through PyTorch's scaled_dot_product_attention).
+    allowed = [[b * 4 + j for j in range(max(0, i - window + 1), i + 1)] for b in range(3) for i in range(4)]
+    equal = ("equal prefill", prefill_mask([4, 4, 4], window, DEVICE), 12, allowed)
+    return [prefill, chunk, decode, equal]
 
 
-@pytest.mark.parametrize("backend", ["reference", "xformers"])
+@pytest.mark.parametrize("backend", ["reference", "xformers", "auto"])
 @pytest.mark.parametrize("window", [1, 3, 4])
 def test_attention_matches_the_rule_written_by_hand(backend: str, window: int) -> None:
-    if backend == "xformers" and DEVICE.type != "cuda":
-        pytest.skip("xformers' kernels run on CUDA only")
+    if backend != "reference" and DEVICE.type != "cuda":
+        pytest.skip("xformers' kernels run on CUDA only (and 'auto' is the reference elsewhere)")
     dtype = torch.float32 if backend == "reference" else torch.bfloat16
     # bf16 inputs and a bf16 output: 8 bits of mantissa, so about 4e-3 relative.
     tolerance = 1e-5 if backend == "reference" else 1e-2
@@ -66,6 +73,38 @@ def test_attention_matches_the_rule_written_by_hand(backend: str, window: int) -
         keys, values = torch.randn(n_keys, H_KV, D), torch.randn(n_keys, H_KV, D)
         got = attend(*(x.to(DEVICE, dtype) for x in (xq, keys, values)), mask, backend)
         assert rel_error(got.cpu(), by_hand(xq, keys, values, allowed)) < tolerance, name
+
+
+@given(
+    seqlens=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    window=st.one_of(st.none(), st.integers(1, 8)),
+    equal=st.booleans(),
+)
+@example(seqlens=[4, 4], window=3, equal=True)  # the edges: one short of the prompts, and just covering them
+@example(seqlens=[4, 4], window=4, equal=True)
+def test_causal_batch_is_read_off_exactly_the_masks_of_a_causal_batch(seqlens: list[int], window, equal: bool) -> None:
+    if equal:
+        seqlens = [seqlens[0]] * len(seqlens)
+    mask = prefill_mask(seqlens, window, torch.device("cpu"))
+    B, L = len(seqlens), seqlens[0]
+    dense = len(set(seqlens)) == 1 and (window is None or window >= L)
+    assert causal_batch(mask) == ((B, L) if dense else None)
+    if dense:  # and then the mask is that of B causal blocks of L, spelled out here
+        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        allowed = torch.block_diag(*[causal] * B)
+        assert torch.equal(mask.materialize((B * L, B * L)) == 0, allowed)
+    # Chunks and decode steps read a cache: never a plain batch.
+    assert causal_batch(chunk_mask(seqlens, [s + 1 for s in seqlens], window, torch.device("cpu"))) is None
+    assert causal_batch(decode_mask(seqlens, 8, torch.device("cpu"))) is None
+
+
+@pytest.mark.parametrize("window", [3, 4, None])
+def test_causal_batch_attention_matches_the_reference(window) -> None:
+    """The batched causal product (on the CPU here; backend "auto" runs it on CUDA) against the materialized mask."""
+    torch.manual_seed(0)
+    mask = prefill_mask([3, 3], window, torch.device("cpu"))
+    xq, keys, values = torch.randn(6, H, D), torch.randn(6, H_KV, D), torch.randn(6, H_KV, D)
+    assert rel_error(_causal(xq, keys, values, 2, 3), attend(xq, keys, values, mask, "reference")) < 1e-5
 
 
 @pytest.mark.parametrize("group", [1, 4, 8])
