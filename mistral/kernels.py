@@ -8,9 +8,12 @@
   the expert index read on the device (so shapes stay static for the CUDA graph).
 - `linear`: x @ (w * scales)^T. One row of x (a batch-1 decode step): the same
   matrix-vector kernel, which reads the weights faster than cuBLAS does (measured per
-  shape by scripts/kernel_bench.py). int8 weights w (weight-only quantization) with up
-  to 64 rows: their rows are turned into x's dtype in registers, so a decode step
-  reads 1 byte per weight.
+  shape by scripts/kernel_bench.py), and which also takes in what comes just before
+  and just after the product, each a kernel of its own otherwise: the RMSNorm of x
+  (every program reads all of x anyway, so each sums its squares too) and SwiGLU's
+  silu(y1) * y3 (a program reads rows of w1 and the same rows of w3). int8 weights w
+  (weight-only quantization) with up to 64 rows: their rows are turned into x's dtype
+  in registers, so a decode step reads 1 byte per weight.
 
 Both take int8 weights with one scale per output row, or weights in x's dtype. Elsewhere
 (the CPU, no Triton) the same operators run in plain PyTorch: the reference.
@@ -32,25 +35,50 @@ except ImportError:  # the CPU install: the references below run instead
 INT8_KERNEL_MAX_ROWS = 64
 
 
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gate: silu(h1) * h3 for h = h1 | h3 (w1 x | w3 x) along the last dimension."""
+    h1, h3 = h.chunk(2, dim=-1)
+    return nn.functional.silu(h1) * h3
+
+
 @torch.library.custom_op("mistral::expert_matvec", mutates_args=())
-def expert_matvec(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x: [P, K], w: [E, N, K], experts: [P], scales: [E, N] for int8 w -> [P, N], row p = w[experts[p]] @ x[p]."""
+def expert_matvec(
+    x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, scales: Optional[torch.Tensor] = None, glu: bool = False
+) -> torch.Tensor:
+    """x: [P, K], w: [E, N, K], experts: [P], scales: [E, N] for int8 w -> [P, N], row p = w[experts[p]] @ x[p].
+
+    glu: w is w1 | w3 of SwiGLU, and the result swiglu(row p): [P, N / 2].
+    """
     if x.is_cuda and triton is not None:
-        return _triton_matvec(x, w, experts, scales)
+        return _triton_matvec(x, w, experts, scales, glu=glu)
     y = torch.einsum("pnk,pk->pn", w[experts].to(x.dtype), x)
-    return y if scales is None else y * scales[experts]
+    y = y if scales is None else y * scales[experts]
+    return swiglu(y) if glu else y
 
 
 @expert_matvec.register_fake
-def _(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return x.new_empty(x.shape[0], w.shape[1])
+def _(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, scales: Optional[torch.Tensor] = None, glu: bool = False) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[1] // 2 if glu else w.shape[1])
 
 
 @torch.library.custom_op("mistral::linear", mutates_args=())
-def linear(x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x: [M, K], w: [N, K] in x's dtype, or int8 with scales [N] -> [M, N] = x @ (w * scales[:, None])^T."""
-    if _triton_rows(x) == 1:
-        return _triton_matvec(x, w[None], None, None if scales is None else scales[None])
+def linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scales: Optional[torch.Tensor] = None,
+    norm: Optional[torch.Tensor] = None,
+    eps: float = 0.0,
+    glu: bool = False,
+) -> torch.Tensor:
+    """x: [M, K], w: [N, K] in x's dtype, or int8 with scales [N] -> [M, N] = x @ (w * scales[:, None])^T.
+
+    Where `linear_fuses(x)` only (one row, on CUDA): norm, eps: the product is that of
+    RMSNorm(x) with this weight [K] and eps; glu: w is w1 | w3, and the result swiglu(y): [1, N / 2].
+    """
+    if linear_fuses(x):
+        return _triton_matvec(x, w[None], None, None if scales is None else scales[None], norm, eps, glu)
+    if norm is not None or glu:
+        raise ValueError("mistral::linear fuses the norm and SwiGLU only where linear_fuses(x)")
     if scales is not None and 1 < _triton_rows(x) <= INT8_KERNEL_MAX_ROWS:
         return _triton_small_linear(x, w, scales)
     y = nn.functional.linear(x, w.to(x.dtype))
@@ -67,9 +95,21 @@ def linear_applies(x: torch.Tensor, scales: Optional[torch.Tensor]) -> bool:
     return scales is not None or _triton_rows(x) == 1
 
 
+def linear_fuses(x: torch.Tensor) -> bool:
+    """Whether `linear` takes in the RMSNorm before it and the SwiGLU after it, for x [M, K]: the matrix-vector kernel's."""
+    return _triton_rows(x) == 1
+
+
 @linear.register_fake
-def _(x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return x.new_empty(x.shape[0], w.shape[0])
+def _(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scales: Optional[torch.Tensor] = None,
+    norm: Optional[torch.Tensor] = None,
+    eps: float = 0.0,
+    glu: bool = False,
+) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0] // 2 if glu else w.shape[0])
 
 
 @torch.library.custom_op("mistral::decode_attention", mutates_args=("cache_k", "cache_v"))
@@ -108,45 +148,69 @@ def _(xq, xk, xv, cache_k, cache_v, slots, key_lengths):  # type: ignore[no-unty
 
 if triton is not None:
 
-    def _tuned(key: list[str], *blocks: tuple[int, int, int]) -> Callable:
-        """A Triton kernel, autotuned (per distinct `key` arguments) over candidates (BLOCK_N, BLOCK_K, warps)."""
+    def _tuned(key: list[str], *blocks: tuple[int, int, int], prune: Optional[Callable] = None) -> Callable:
+        """A Triton kernel, autotuned (per distinct `key` arguments) over candidates (BLOCK_N, BLOCK_K, warps).
+
+        prune(configs, named_args, **constexprs): the candidates that fit a call.
+        """
         configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in blocks]
         # Short timings (the kernels run for microseconds), kept on disk for the next process.
         bench = lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)  # noqa: E731
-        tune = triton.autotune(configs=configs, key=key, do_bench=bench, cache_results=True)
+        pruning = None if prune is None else {"early_config_prune": prune}
+        tune = triton.autotune(configs=configs, key=key, do_bench=bench, cache_results=True, prune_configs_by=pruning)
         return lambda kernel: tune(triton.jit(kernel))
 
     # Matrix-vector products are bound by the weights' reads, which want many bytes in
     # flight: few rows per program and long runs of each row (blocks of 1-8 rows by
     # 512-4096 columns beat cuBLAS's GEMV by 1-20% per Mistral shape on an H200; int8
     # rows want the longest runs, to load 16 bytes at a time).
+    def _glu_pairs(configs: list, named_args: dict, **kwargs: object) -> list:
+        # SwiGLU's programs take rows in (w1, w3) pairs: at least two rows.
+        return [c for c in configs if not kwargs["GLU"] or c.kwargs["BLOCK_N"] >= 2]
+
     @_tuned(
-        ["N", "K", "HAS_SCALES", "EXPERTS"],
+        ["N", "K", "HAS_SCALES", "EXPERTS", "NORM", "GLU"],
         (1, 2048, 4), (1, 4096, 8), (2, 1024, 4), (2, 2048, 8), (2, 4096, 8), (4, 512, 4), (4, 1024, 4),
         (4, 1024, 8), (4, 2048, 8), (4, 4096, 8), (8, 512, 4), (8, 1024, 8), (8, 2048, 8), (16, 256, 4),
         (16, 512, 8), (16, 1024, 8), (32, 128, 4),
+        prune=_glu_pairs,
     )  # fmt: skip
     def _matvec_kernel(
-        x_ptr, w_ptr, e_ptr, s_ptr, y_ptr, N, K,
-        HAS_SCALES: tl.constexpr, EXPERTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr, w_ptr, e_ptr, s_ptr, g_ptr, y_ptr, N, K, eps,
+        HAS_SCALES: tl.constexpr, EXPERTS: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         # Program (n, p): rows n*BLOCK_N .. of pair p's expert (of the one matrix without
         # EXPERTS). A [BLOCK_N, BLOCK_K] float32 accumulator is reduced once at the end,
         # so the loop only loads and multiplies.
+        # GLU: w is w1 | w3 (N rows each, 2N in all), and the program's rows alternate
+        # between them: local row 2i is row r of w1, 2i + 1 row r of w3, r = n*BLOCK_N/2 + i.
         pid_n = tl.program_id(0)
         p = tl.program_id(1)
         if EXPERTS:
             e = tl.load(e_ptr + p).to(tl.int64)
         else:
             e = 0
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        w_rows = w_ptr + e * N * K + rows.to(tl.int64)[:, None] * K
+        local = tl.arange(0, BLOCK_N)
+        if GLU:
+            out_rows = pid_n * (BLOCK_N // 2) + local // 2
+            rows = out_rows + (local % 2) * N
+            w_n = 2 * N
+        else:
+            out_rows = pid_n * BLOCK_N + local
+            rows = out_rows
+            w_n = N
+        row_ok = out_rows < N
+        w_rows = w_ptr + e * w_n * K + rows.to(tl.int64)[:, None] * K
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        squares = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < K
             xk = tl.load(x_ptr + p * K + cols, mask=col_ok, other=0.0).to(tl.float32)
+            if NORM:  # RMSNorm(x) = x * g / rms(x): g here, the rms once x has been read whole
+                squares += xk * xk
+                xk *= tl.load(g_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             wk = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             if w_ptr.dtype.element_ty == tl.int8:
                 # int8 -> float32 by bits, not by the conversion instruction, which runs at a
@@ -158,22 +222,40 @@ if triton is not None:
                 wf = wk.to(tl.float32)
             acc += wf * xk[None, :]
         y = tl.sum(acc, axis=1)
+        if NORM:
+            y *= tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
         if HAS_SCALES:
-            y *= tl.load(s_ptr + e * N + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + p * N + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+            y *= tl.load(s_ptr + e * w_n + rows, mask=row_ok, other=0.0).to(tl.float32)
+        if GLU:
+            y1, y3 = tl.split(tl.reshape(y, (BLOCK_N // 2, 2)))
+            y = y1 * tl.sigmoid(y1) * y3
+            out_rows = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            row_ok = out_rows < N
+        tl.store(y_ptr + p * N + out_rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
     def _triton_matvec(
-        x: torch.Tensor, w: torch.Tensor, experts: Optional[torch.Tensor], scales: Optional[torch.Tensor]
+        x: torch.Tensor,
+        w: torch.Tensor,
+        experts: Optional[torch.Tensor],
+        scales: Optional[torch.Tensor],
+        norm: Optional[torch.Tensor] = None,
+        eps: float = 0.0,
+        glu: bool = False,
     ) -> torch.Tensor:
-        """y[p] = w[experts[p]] @ x[p]; without experts, w: [1, N, K] is every row's."""
+        """y[p] = w[experts[p]] @ x[p]; without experts, w: [1, N, K] is every row's. norm, eps, glu: `linear`'s."""
         x, w = x.contiguous(), w.contiguous()
         P, K = x.shape
-        N = w.shape[1]
+        N = w.shape[1] // 2 if glu else w.shape[1]  # rows of the result
         y = x.new_empty(P, N)
-        s = w if scales is None else scales.contiguous()  # an unused pointer without scales
+        s = w if scales is None else scales.contiguous()  # unused pointers where not needed
         e = w if experts is None else experts
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), P)  # noqa: E731
-        _matvec_kernel[grid](x, w, e, s, y, N, K, HAS_SCALES=scales is not None, EXPERTS=experts is not None)
+        g = w if norm is None else norm
+        rows = 2 if glu else 1  # weight rows per output row
+        grid = lambda meta: (triton.cdiv(N * rows, meta["BLOCK_N"]), P)  # noqa: E731
+        _matvec_kernel[grid](
+            x, w, e, s, g, y, N, K, eps,
+            HAS_SCALES=scales is not None, EXPERTS=experts is not None, NORM=norm is not None, GLU=glu,
+        )  # fmt: skip
         return y
 
     @_tuned(

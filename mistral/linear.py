@@ -1,5 +1,7 @@
 """The linear layer of every projection: a float weight, or int8 with one scale per output row."""
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -25,8 +27,20 @@ class Linear(nn.Module):
             self.weight = nn.Parameter(torch.randn(shape) * in_features**-0.5)
             self.register_parameter("scales", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None, glu: bool = False) -> torch.Tensor:
+        """x W^T; of norm(x) when given (an RMSNorm); glu: W is w1 | w3, and the result kernels.swiglu(x W^T).
+
+        One row on CUDA (kernels.linear_fuses): all of it in one matrix-vector kernel.
+        """
         rows = x.flatten(0, -2)
-        if not kernels.linear_applies(rows, self.scales):
-            return nn.functional.linear(x, self.weight)
-        return kernels.linear(rows, self.weight, self.scales).view(*x.shape[:-1], -1)
+        if kernels.linear_fuses(rows):
+            weight, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
+            return kernels.linear(rows, self.weight, self.scales, weight, eps, glu).view(*x.shape[:-1], -1)
+        if norm is not None:
+            x = norm(x)
+            rows = x.flatten(0, -2)
+        if kernels.linear_applies(rows, self.scales):
+            y = kernels.linear(rows, self.weight, self.scales).view(*x.shape[:-1], -1)
+        else:
+            y = nn.functional.linear(x, self.weight)
+        return kernels.swiglu(y) if glu else y

@@ -80,11 +80,12 @@ class Attention(CheckpointNames):
         return split_views(fused, "wqkv", {"wq": q, "wk": kv, "wv": kv})
 
     def forward(
-        self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionBias, cache: Optional[CacheView], backend: Backend
+        self, x: torch.Tensor, norm: RMSNorm, rope: torch.Tensor, mask: AttentionBias, cache: Optional[CacheView], backend: Backend
     ) -> torch.Tensor:
+        """Attention of norm(x)."""
         T = x.shape[0]
         q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        xqk, xv = self.wqkv(x).split([q + kv, kv], dim=-1)
+        xqk, xv = self.wqkv(x, norm=norm).split([q + kv, kv], dim=-1)
         # Queries and keys rotate alike: one [T, H + H_kv, Dh] tensor, one fused kernel.
         xqk = apply_rotary_emb(xqk.view(T, self.n_heads + self.n_kv_heads, self.head_dim), rope)
         xq, xk = xqk.split([self.n_heads, self.n_kv_heads], dim=1)
@@ -118,9 +119,9 @@ class FeedForward(CheckpointNames):
     def checkpoint_views(self, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return split_views(fused, "w13", {"w1": self.hidden_dim, "w3": self.hidden_dim})
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h1, h3 = self.w13(x).chunk(2, dim=-1)
-        return self.w2(nn.functional.silu(h1) * h3)
+    def forward(self, x: torch.Tensor, norm: Optional[RMSNorm] = None) -> torch.Tensor:
+        """The feed-forward of norm(x) (of x without a norm)."""
+        return self.w2(self.w13(x, norm=norm, glu=True))
 
 
 class TransformerBlock(nn.Module):
@@ -140,8 +141,11 @@ class TransformerBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionBias, cache: Optional[CacheView], backend: Backend
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, mask, cache, backend)
-        return h + self.feed_forward(self.ffn_norm(h))
+        # h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h)). Each norm
+        # is handed to the projection that reads its result (Linear's `norm`): at batch 1 on
+        # CUDA the matrix-vector kernel applies it as it streams x, one kernel fewer.
+        h = x + self.attention(x, self.attention_norm, rope, mask, cache, backend)
+        return h + self.feed_forward(h, self.ffn_norm)
 
 
 # How Transformer.step runs a block: plainly, or (mistral/decode.py) compiled.
@@ -233,7 +237,7 @@ class Transformer(nn.Module):
         assert self.norm is not None
         if rows is not None:  # [T, V] float32 logits of a long prefill would take gigabytes
             h = h[torch.tensor(rows, dtype=torch.long, device=h.device)]
-        return self.output(self.norm(h)).float()
+        return self.output(h, norm=self.norm).float()
 
     def forward(
         self, input_ids: torch.Tensor, seqlens: Sequence[int], cache: Optional[RotatingBufferCache] = None

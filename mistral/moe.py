@@ -3,11 +3,13 @@
 T = tokens, D = model dim, E = experts, A = activated experts per token (k), F = hidden dim.
 """
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from mistral.checkpoint import CheckpointNames, split_views
-from mistral.kernels import expert_matvec
+from mistral.kernels import expert_matvec, swiglu
 from mistral.linear import Linear
 
 # Pairs up to which experts without a grouped matmul (int8 ones, float16 ones on CUDA)
@@ -57,10 +59,12 @@ class MoeLayer(CheckpointNames):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e alone, SwiGLU: w2(silu(w1 x) * w3 x). x: [T, D]."""
-        h1, h3 = _linear(x, self.w13, e).chunk(2, dim=-1)
-        return _linear(nn.functional.silu(h1) * h3, self.w2, e)
+        return _linear(swiglu(_linear(x, self.w13, e)), self.w2, e)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:
+        """The layer's output for norm(x) (for x without a norm): [T, D]."""
+        if norm is not None:  # the router reads it too: applied once, here
+            x = norm(x)
         weights, chosen = self.route(x)  # [T, A]
         (T, A), E = chosen.shape, self.w13.weight.shape[0]
         pair_expert = chosen.flatten()  # [T * A], pair p is (token p // A, slot p % A)
@@ -69,8 +73,8 @@ class MoeLayer(CheckpointNames):
         # matrix-vector products up to MATVEC_MAX_PAIRS (each pair reading its expert's rows).
         grouped = w13.scales is None and (not x.is_cuda or x.dtype == torch.bfloat16)
         if T * A <= (E if grouped else MATVEC_MAX_PAIRS):
-            h1, h3 = expert_matvec(x.repeat_interleave(A, dim=0), w13.weight, pair_expert, w13.scales).chunk(2, dim=-1)
-            y = expert_matvec(nn.functional.silu(h1) * h3, w2.weight, pair_expert, w2.scales) * weights.flatten()[:, None]
+            h = expert_matvec(x.repeat_interleave(A, dim=0), w13.weight, pair_expert, w13.scales, glu=True)
+            y = expert_matvec(h, w2.weight, pair_expert, w2.scales) * weights.flatten()[:, None]
             return y.view(T, A, -1).sum(dim=1)
         if not grouped:
             # A prefill: int8 experts are turned into x's dtype one at a time, where all at
@@ -81,8 +85,8 @@ class MoeLayer(CheckpointNames):
         # Group e is rows ends[e-1] .. ends[e]-1; counting by comparison keeps shapes static.
         ends = (pair_expert[:, None] == torch.arange(E, device=x.device)).sum(0).cumsum(0).to(torch.int32)
         xs = x[token]  # [T * A, D]
-        h1, h3 = torch._grouped_mm(xs, w13.weight.mT, offs=ends).chunk(2, dim=-1)
-        y = torch._grouped_mm(nn.functional.silu(h1) * h3, w2.weight.mT, offs=ends) * weights.flatten()[order, None]
+        h = swiglu(torch._grouped_mm(xs, w13.weight.mT, offs=ends))
+        y = torch._grouped_mm(h, w2.weight.mT, offs=ends) * weights.flatten()[order, None]
         # A token's pairs are added in expert order, as `reference` adds them.
         return torch.zeros_like(x).index_add_(0, token, y)
 

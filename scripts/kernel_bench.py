@@ -5,7 +5,8 @@ so nothing is served from L2) inside a CUDA graph, and reports the rate against 
 copy bandwidth measured in the same run:
 
 - matrix-vector products (batch 1) of each projection, bfloat16 and int8: cuBLAS,
-  mistral/kernels.py's Triton kernel, and an Inductor-generated reduction;
+  mistral/kernels.py's Triton kernel (also with the RMSNorm and SwiGLU it takes in),
+  and an Inductor-generated reduction; Mixtral's int8 experts (2 of 8 at batch 1);
 - the decode attention of a layer: xformers (two index copies, split-KV flash and its
   merge) against kernels.decode_attention (one kernel);
 - the attention of a first prefill (mask 1) of prompts of one length: xformers against
@@ -70,6 +71,13 @@ def matvecs(results: dict, bandwidth: float) -> None:
             "bf16 inductor": (lambda: [inductor_sum(x[0], w) for w in ws], 2),
             "int8 triton": (lambda: [kernels.linear(x, q, s) for q, s in qs], 1),
         }
+        if name in ("wqkv", "w13", "output"):  # the products that take in the norm before them (and SwiGLU after w13)
+            g, glu = torch.rand(K, device="cuda", dtype=torch.bfloat16) + 0.5, name == "w13"
+            fused = "+norm+swiglu" if glu else "+norm"
+            candidates |= {
+                f"bf16 triton {fused}": (lambda: [kernels.linear(x, w, None, g, 1e-5, glu) for w in ws], 2),
+                f"int8 triton {fused}": (lambda: [kernels.linear(x, q, s, g, 1e-5, glu) for q, s in qs], 1),
+            }
         for M in (8, 32):
             xm = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             candidates |= {
@@ -86,8 +94,30 @@ def matvecs(results: dict, bandwidth: float) -> None:
                 continue
             rate = N * K * itemsize / seconds
             results[f"{name} {label}"] = {"us": seconds * 1e6, "bytes_per_s": rate, "of_copy": rate / bandwidth}
-            print(f"{name:6} {label:18} {seconds * 1e6:7.1f} us  {rate / 1e12:5.2f} TB/s  {rate / bandwidth:.2f} of copy", flush=True)
+            print(f"{name:6} {label:26} {seconds * 1e6:7.1f} us  {rate / 1e12:5.2f} TB/s  {rate / bandwidth:.2f} of copy", flush=True)
         del ws, qs
+        torch.cuda.empty_cache()
+
+
+def expert_matvecs(results: dict, bandwidth: float) -> None:
+    """Mixtral's experts at batch 1 (2 of 8 per layer), int8, against the same rows as one plain matrix."""
+    layers, E = 8, 8  # 8 distinct layers: 11 GB of int8 experts, far past the L2
+    for name, (N, K) in {"w13": (28672, 4096), "w2": (4096, 14336)}.items():
+        stacks = [quantize_int8(torch.randn(E * N, K, device="cuda", dtype=torch.bfloat16).float()) for _ in range(layers)]
+        stacks = [(q.view(E, N, K), s.view(E, N).to(torch.bfloat16)) for q, s in stacks]
+        x = torch.randn(2, K, device="cuda", dtype=torch.bfloat16)
+        experts = torch.tensor([5, 2], device="cuda")
+        glu = name == "w13"
+        candidates = {
+            "experts int8": lambda: [kernels.expert_matvec(x, q, experts, s, glu) for q, s in stacks],
+            "2 plain int8": lambda: [[kernels.linear(x[p : p + 1], q[e], s[e]) for p, e in enumerate((5, 2))] for q, s in stacks],
+        }
+        for label, fn in candidates.items():
+            seconds = graph_time(fn) / layers
+            rate = 2 * N * K / seconds
+            results[f"{name} {label}"] = {"us": seconds * 1e6, "bytes_per_s": rate, "of_copy": rate / bandwidth}
+            print(f"{name:6} {label:26} {seconds * 1e6:7.1f} us  {rate / 1e12:5.2f} TB/s  {rate / bandwidth:.2f} of copy", flush=True)
+        del stacks
         torch.cuda.empty_cache()
 
 
@@ -151,7 +181,7 @@ def prefill_attention(results: dict, flops_per_s: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="write kernel_bench.json here")
-    parser.add_argument("--only", choices=["matvec", "attention", "prefill"], default=None)
+    parser.add_argument("--only", choices=["matvec", "experts", "attention", "prefill"], default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("kernel_bench.py needs a CUDA GPU")
@@ -167,6 +197,8 @@ def main() -> None:
             decode_attention(results, bandwidth)
         if args.only in (None, "matvec"):
             matvecs(results, bandwidth)
+        if args.only in (None, "experts"):
+            expert_matvecs(results, bandwidth)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "kernel_bench.json").write_text(json.dumps(results, indent=1))

@@ -180,6 +180,15 @@ MUTATIONS = [
              cuda=True),
     Mutation("decode-kernel-merges-first-run", "kernels.py", r"runs = tl\.cdiv\(length, chunk\)", "runs = 1",
              "test_attention.py -k decode_kernel", "the Triton decode kernel merges the first run of keys only", cuda=True),
+    # --- fusions of the matrix-vector kernel, and the batched causal prefill ------------------
+    Mutation("matvec-norm-without-gain", "kernels.py", r"xk \*= tl\.load\(g_ptr", "xk += 0 * tl.load(g_ptr",
+             "test_decode.py -k takes_in", "the fused RMSNorm leaves out its weight", cuda=True),
+    Mutation("matvec-swiglu-gates-w3", "kernels.py", r"y = y1 \* tl\.sigmoid\(y1\) \* y3", "y = y3 * tl.sigmoid(y3) * y1",
+             "test_decode.py -k takes_in", "the fused SwiGLU gates the w3 half instead of w1", cuda=True),
+    Mutation("swiglu-gates-w3", "kernels.py", r"return nn\.functional\.silu\(h1\) \* h3", "return nn.functional.silu(h3) * h1",
+             "test_model.py -k match_hf", "SwiGLU gates the w3 half instead of w1"),
+    Mutation("causal-batch-window-short", "attention.py", r"if window >= L else None", "if window >= L - 1 else None",
+             "test_attention.py -k causal_batch", "a window one short of the prompts taken for plain causal attention"),
     Mutation("int8-step-too-small", "quantize.py", r"\) / 127", ") / 128", "test_quantize.py -k half_a_step",
              "the largest weight of a row no longer fits the int8 range"),
 ]

@@ -75,7 +75,8 @@ def keys_values_of_full_forward(model: Transformer, prompt: list[int]) -> list[t
     """Per layer, the rotated keys and the values [T, H_kv, Dh] that the no-cache forward computes."""
     captured: dict[str, torch.Tensor] = {}
     hooks = [
-        layer.attention.register_forward_pre_hook(lambda m, args, key=i: captured.__setitem__(key, args[0]))
+        # attention(x, norm, ...) attends over norm(x)
+        layer.attention.register_forward_pre_hook(lambda m, args, key=i: captured.__setitem__(key, args[1](args[0])))
         for i, layer in model.layers.items()
     ]
     try:

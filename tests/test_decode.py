@@ -14,8 +14,11 @@ from conftest import DEVICE, DTYPE, RTOL, random_model, rel_error, tiny_args
 from mistral import Transformer
 from mistral.cache import CacheInputs
 from mistral.decode import Runner, compiled_block
-from mistral.model import TransformerBlock, apply_rotary_emb, rotary_cos_sin
+from mistral.kernels import expert_matvec, swiglu
+from mistral.linear import Linear
+from mistral.model import RMSNorm, TransformerBlock, apply_rotary_emb, rotary_cos_sin
 from mistral.moe import MoeLayer
+from mistral.quantize import quantize_int8
 
 
 @pytest.mark.parametrize("theta", [1e4, 1e6, 1e8])
@@ -119,6 +122,51 @@ def test_experts_without_grouped_matmul_decode_in_a_graph(quantized: bool) -> No
             assert rel_error(runner.decode(tokens), want) < RTOL
             tokens = want.argmax(-1)
     assert runner.graph is not None
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_linear_takes_in_its_norm_and_swiglu(quantized: bool, rows: int) -> None:
+    """Linear(x, norm, glu=True) = swiglu(norm(x) W^T), spelled out in float32 on the CPU. On CUDA
+    one row runs all of it in the matrix-vector kernel (kernels.linear_fuses), 3 rows do not."""
+    torch.manual_seed(0)
+    K, N = 96, 2 * 40  # w1 | w3 of 40 hidden units
+    linear = Linear(K, N, quantized=quantized)
+    weight = torch.randn(N, K) * K**-0.5
+    if quantized:
+        linear.weight.data, linear.scales.data = quantize_int8(weight)
+        weight = linear.weight.float() * linear.scales[:, None]
+    else:
+        linear.weight.data = weight
+    norm = RMSNorm(K, 1e-5)
+    norm.weight.data = torch.rand(K) + 0.5
+    x = torch.randn(rows, K) * 3
+    x_normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    h1, h3 = (x_normed @ weight.T).chunk(2, dim=-1)
+    want = h1 * torch.sigmoid(h1) * h3
+    with torch.inference_mode():
+        got = linear.to(DEVICE, DTYPE)(x.to(DEVICE, DTYPE), norm=norm.to(DEVICE, DTYPE), glu=True)
+        assert rel_error(got.cpu(), want) < (1e-5 if DTYPE == torch.float32 else 1e-2)
+        assert rel_error(linear(x.to(DEVICE, DTYPE)).cpu(), x @ weight.T) < (1e-5 if DTYPE == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
+def test_expert_matvec_takes_in_swiglu(quantized: bool) -> None:
+    """expert_matvec(glu=True) = swiglu of each pair's product with its own expert."""
+    torch.manual_seed(0)
+    E, N, K = 3, 2 * 24, 64
+    w = torch.randn(E, N, K) * K**-0.5
+    scales = None
+    if quantized:
+        q, s = zip(*(quantize_int8(we) for we in w))
+        w, scales = torch.stack(q), torch.stack(s)
+    dense = w.float() if scales is None else w.float() * scales[..., None]
+    x, experts = torch.randn(4, K), torch.tensor([2, 0, 2, 1])
+    want = swiglu(torch.stack([dense[e] @ x[p] for p, e in enumerate(experts.tolist())]))
+    with torch.inference_mode():
+        to = lambda t: None if t is None else t.to(DEVICE, DTYPE if t.is_floating_point() else t.dtype)  # noqa: E731
+        got = expert_matvec(to(x), to(w), experts.to(DEVICE), to(scales), glu=True)
+    assert rel_error(got.cpu(), want) < (1e-5 if DTYPE == torch.float32 else 1e-2)
 
 
 def test_decode_inputs_advance_like_build() -> None:
