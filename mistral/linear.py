@@ -30,15 +30,19 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None, glu: bool = False) -> torch.Tensor:
         """x W^T; of norm(x) when given (an RMSNorm); glu: W is w1 | w3, and the result kernels.swiglu(x W^T).
 
-        One row on CUDA (kernels.linear_fuses): all of it in one matrix-vector kernel.
+        One row on CUDA (kernels.linear_fuses): SwiGLU, and for int8 weights the norm too, in
+        the matrix-vector kernel.
         """
+        # The kernel takes in the norm for int8 weights only. On an H100 (scripts/bench.py, batch 1)
+        # it cut Mistral int8's step from 3.69 to 3.59 ms, but a bfloat16 step, whose products
+        # already read at the copy rate, went from 5.39 to 5.45 ms: there the norm's own small
+        # kernel costs less than the extra reads and sums in every program of the product.
+        if norm is not None and (self.scales is None or not kernels.linear_fuses(x.flatten(0, -2))):
+            x, norm = norm(x), None
         rows = x.flatten(0, -2)
         if kernels.linear_fuses(rows):
             weight, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
             return kernels.linear(rows, self.weight, self.scales, weight, eps, glu).view(*x.shape[:-1], -1)
-        if norm is not None:
-            x = norm(x)
-            rows = x.flatten(0, -2)
         if kernels.linear_applies(rows, self.scales):
             y = kernels.linear(rows, self.weight, self.scales).view(*x.shape[:-1], -1)
         else:

@@ -7,9 +7,10 @@ executors must agree with it: the reference on any device, xformers' kernels on 
 
 import pytest
 import torch
-from conftest import DEVICE, rel_error
 from hypothesis import example, given
 from hypothesis import strategies as st
+
+from conftest import DEVICE, rel_error
 
 from mistral.attention import _causal, attend, causal_batch
 from mistral.cache import CacheInputs, CacheView, RotatingBufferCache
