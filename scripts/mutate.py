@@ -100,7 +100,7 @@ MUTATIONS = [
     Mutation("gqa-heads-tiled", "attention.py", r"keys = keys\.repeat_interleave\(H // H_kv, dim=1\)", "keys = keys.repeat(1, H // H_kv, 1)",
              "test_attention.py", "query head h reads key head h mod H_kv, not h // (H / H_kv)"),
     # --- MoE ---------------------------------------------------------------------------
-    Mutation("moe-softmax-before-topk", "moe.py", r"top_k\(gate_logits,", "top_k(torch.softmax(gate_logits, dim=-1),",
+    Mutation("moe-softmax-before-topk", "moe.py", r"torch\.topk\(gate_logits,", "torch.topk(torch.softmax(gate_logits, dim=-1),",
              "test_model.py -k 'logits_match_hf and mixtral'", "gate weights: softmax over all experts, then again over the top k"),
     Mutation("moe-grouped-weights-unsorted", "moe.py", r"weights\.flatten\(\)\[order, None\]", "weights.flatten()[:, None]",
              "test_decode.py::test_moe_forward_equals_reference_loop", "grouped path: gate weights not sorted with their pairs"),

@@ -9,9 +9,6 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
-
 from conftest import DEVICE, DTYPE, RTOL, random_model, rel_error, tiny_args
 
 from mistral import Transformer
@@ -20,7 +17,7 @@ from mistral.decode import Runner, compiled_block
 from mistral.kernels import expert_matvec, swiglu
 from mistral.linear import Linear
 from mistral.model import RMSNorm, TransformerBlock, apply_rotary_emb, rotary_cos_sin
-from mistral.moe import MoeLayer, top_k
+from mistral.moe import MoeLayer
 from mistral.quantize import quantize_int8
 
 
@@ -125,16 +122,6 @@ def test_experts_without_grouped_matmul_decode_in_a_graph(quantized: bool) -> No
             assert rel_error(runner.decode(tokens), want) < RTOL
             tokens = want.argmax(-1)
     assert runner.graph is not None
-
-
-@given(tokens=st.integers(1, 5), experts=st.integers(1, 9), data=st.data())
-def test_top_k_is_topk(tokens: int, experts: int, data: st.DataObject) -> None:
-    """MoE's k rounds of max choose what torch.topk chooses, in the same order (distinct logits: no ties)."""
-    k = data.draw(st.integers(1, experts))
-    logits = torch.randperm(tokens * experts).view(tokens, experts).float() - 7
-    values, indices = top_k(logits, k)
-    want = torch.topk(logits, k, dim=-1)
-    assert torch.equal(values, want.values) and torch.equal(indices, want.indices)
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
