@@ -58,8 +58,8 @@ def decode_kernel_applies(xq: torch.Tensor, backend: Backend) -> bool:
 def attend(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: AttentionBias, backend: Backend) -> torch.Tensor:
     """xq: [T, H, D] queries; keys, values: [S, H_kv, D]. Returns [T, H, D]."""
     if backend == "auto":
-        batch = causal_batch(mask)
-        if batch is not None and _half_on_cuda(xq):
+        batch = causal_batch(mask) if _dense_kernels_run(xq) else None
+        if batch is not None:
             return _causal(xq, keys, values, *batch)
         backend = "xformers" if _half_on_cuda(xq) else "reference"
     if backend == "xformers":
@@ -75,19 +75,28 @@ def causal_batch(mask: AttentionBias) -> Optional[tuple[int, int]]:
     if type(mask) not in (BlockDiagonalCausalMask, BlockDiagonalCausalLocalAttentionMask):
         return None
     starts = mask.q_seqinfo.seqstart_py
-    B, L = len(starts) - 1, starts[1]
-    if starts != mask.k_seqinfo.seqstart_py or starts != list(range(0, B * L + 1, L)):
+    B, L = len(starts) - 1, starts[1] if len(starts) > 1 else 0
+    if L == 0 or starts != mask.k_seqinfo.seqstart_py or starts != list(range(0, B * L + 1, L)):
         return None
     window = getattr(mask, "_window_size", L)  # query i sees keys i - window + 1 .. i
     return (B, L) if window >= L else None
+
+
+def _dense_kernels_run(xq: torch.Tensor) -> bool:
+    """Whether PyTorch's flash-attention kernel (and, on Hopper, cuDNN's) runs attention of these heads here."""
+    head_dim = xq.shape[-1]
+    return _half_on_cuda(xq) and torch.cuda.get_device_capability(xq.device) >= (8, 0) and head_dim % 8 == 0 and head_dim <= 256
 
 
 def _causal(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, B: int, L: int) -> torch.Tensor:
     """Attention under the mask of `causal_batch` (B, L) as one batched causal product."""
     T, H, D = xq.shape
     q, k, v = (t.view(B, L, -1, D).transpose(1, 2) for t in (xq, keys, values))  # [B, heads, L, D]
-    # cuDNN first (the fastest here); flash-attention and the plain product where it does not run.
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH], set_priority=True):
+    # cuDNN first (the fastest on an H100), flash-attention where it does not run; never the
+    # plain product, whose [B, H, L, L] scores would not fit a long prompt. The CPU (the tests)
+    # runs its own kernels.
+    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION] if xq.is_cuda else [SDPBackend.MATH]
+    with sdpa_kernel(backends, set_priority=True):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     return out.transpose(1, 2).reshape(T, H, D)
 

@@ -5,7 +5,8 @@
   of weights. A grouped matmul computes whole tiles of at least 64 rows for that one
   token, so on an H200 it is bound by that wasted tensor work rather than by the reads.
   This is a plain matrix-vector product that reads each chosen expert's rows once, with
-  the expert index read on the device (so shapes stay static for the CUDA graph).
+  the expert index read on the device (so shapes stay static for the CUDA graph), and
+  SwiGLU taken in after w1|w3 as in `linear`.
 - `linear`: x @ (w * scales)^T. One row of x (a batch-1 decode step): the same
   matrix-vector kernel, which reads the weights faster than cuBLAS does (measured per
   shape by scripts/kernel_bench.py), and which also takes in what comes just before
@@ -72,7 +73,7 @@ def linear(
 ) -> torch.Tensor:
     """x: [M, K], w: [N, K] in x's dtype, or int8 with scales [N] -> [M, N] = x @ (w * scales[:, None])^T.
 
-    Where `linear_fuses(x)` only (one row, on CUDA): norm, eps: the product is that of
+    Where `linear_fuses(x)` only (one half-precision row on CUDA): norm, eps: the product is that of
     RMSNorm(x) with this weight [K] and eps; glu: w is w1 | w3, and the result swiglu(y): [1, N / 2].
     """
     if linear_fuses(x):
@@ -101,14 +102,7 @@ def linear_fuses(x: torch.Tensor) -> bool:
 
 
 @linear.register_fake
-def _(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    scales: Optional[torch.Tensor] = None,
-    norm: Optional[torch.Tensor] = None,
-    eps: float = 0.0,
-    glu: bool = False,
-) -> torch.Tensor:
+def _(x: torch.Tensor, w: torch.Tensor, scales=None, norm=None, eps: float = 0.0, glu: bool = False) -> torch.Tensor:  # type: ignore[no-untyped-def]
     return x.new_empty(x.shape[0], w.shape[0] // 2 if glu else w.shape[0])
 
 

@@ -30,16 +30,18 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None, glu: bool = False) -> torch.Tensor:
         """x W^T; of norm(x) when given (an RMSNorm); glu: W is w1 | w3, and the result kernels.swiglu(x W^T).
 
-        One row on CUDA (kernels.linear_fuses): SwiGLU, and for int8 weights the norm too, in
-        the matrix-vector kernel.
+        Where kernels.linear_fuses (one half-precision row on CUDA): SwiGLU, and for int8
+        weights the norm too, run inside the matrix-vector kernel.
         """
-        # The kernel takes in the norm for int8 weights only. On an H100 (scripts/bench.py, batch 1)
-        # it cut Mistral int8's step from 3.69 to 3.59 ms, but a bfloat16 step, whose products
-        # already read at the copy rate, went from 5.39 to 5.45 ms: there the norm's own small
-        # kernel costs less than the extra reads and sums in every program of the product.
-        if norm is not None and (self.scales is None or not kernels.linear_fuses(x.flatten(0, -2))):
-            x, norm = norm(x), None
         rows = x.flatten(0, -2)
+        # The kernel takes in the norm for int8 weights only. On an H100 (scripts/bench.py,
+        # batch 1) that cut Mistral int8's step from 3.69 to 3.59 ms, but a bfloat16 step,
+        # whose products already read at the copy rate, went from 5.39 to 5.45 ms: there the
+        # norm's own small kernel costs less than the extra reads and sums it puts in every
+        # program of the product.
+        if norm is not None and not (self.scales is not None and kernels.linear_fuses(rows) and _unhooked(norm)):
+            x, norm = norm(x), None
+            rows = x.flatten(0, -2)
         if kernels.linear_fuses(rows):
             weight, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
             return kernels.linear(rows, self.weight, self.scales, weight, eps, glu).view(*x.shape[:-1], -1)
@@ -48,3 +50,8 @@ class Linear(nn.Module):
         else:
             y = nn.functional.linear(x, self.weight)
         return kernels.swiglu(y) if glu else y
+
+
+def _unhooked(module: nn.Module) -> bool:
+    """Whether calling the module is its forward alone: a fused norm must not skip someone's hook."""
+    return not (module._forward_hooks or module._forward_pre_hooks)

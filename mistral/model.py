@@ -142,8 +142,9 @@ class TransformerBlock(nn.Module):
         self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionBias, cache: Optional[CacheView], backend: Backend
     ) -> torch.Tensor:
         # h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h)). Each norm
-        # is handed to the projection that reads its result (Linear's `norm`): at batch 1 on
-        # CUDA the matrix-vector kernel applies it as it streams x, one kernel fewer.
+        # is handed to the projection that reads its result (Linear's `norm`): for int8
+        # weights at batch 1 on CUDA the matrix-vector kernel applies it as it streams x,
+        # one kernel fewer (see Linear.forward for why not for bfloat16 weights).
         h = x + self.attention(x, self.attention_norm, rope, mask, cache, backend)
         return h + self.feed_forward(h, self.ffn_norm)
 

@@ -445,7 +445,7 @@ def main() -> None:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--int8", choices=("no", "also", "only"), default="no", help="int8 weight-only models (mistral quantize) too, or only")
     p.add_argument("--skip-ours", action="store_true")
-    p.add_argument("--attention-backend", choices=BACKENDS, default="auto", help="xformers: its kernels for decode too (to compare)")
+    p.add_argument("--attention-backend", choices=BACKENDS, default="auto", help="xformers: its kernels for every mask (decode steps and batches of causal prompts too), to compare")
     p.add_argument("--skip-hf-static", action="store_true")
     p.add_argument("--hf-b1-only", action="store_true", help="HF decode at batch 1 only (time)")
     p.add_argument("--batches", default="1,8,32,64")

@@ -1,8 +1,10 @@
 """The attention executors against a definition written out by hand.
 
 The masks say "query i of a sequence sees keys i-W+1 .. i of the same sequence"; here
-that rule is spelled with plain index arithmetic, independently of xformers, and both
-executors must agree with it: the reference on any device, xformers' kernels on CUDA.
+that rule is spelled with plain index arithmetic, independently of xformers, and every
+executor must agree with it: the reference on any device; on CUDA xformers' kernels, and
+backend "auto" (xformers, or PyTorch's cuDNN / flash kernels for a batch of causal
+prompts, or our Triton kernel for a decode step).
 """
 
 import pytest
@@ -94,6 +96,8 @@ def test_causal_batch_is_read_off_exactly_the_masks_of_a_causal_batch(seqlens: l
         causal = torch.ones(L, L, dtype=torch.bool).tril()
         allowed = torch.block_diag(*[causal] * B)
         assert torch.equal(mask.materialize((B * L, B * L)) == 0, allowed)
+    # Empty sequences (which the model never packs) are no batch either, and no error.
+    assert causal_batch(prefill_mask([0] + seqlens, window, torch.device("cpu"))) is None
     # Chunks and decode steps read a cache: never a plain batch.
     assert causal_batch(chunk_mask(seqlens, [s + 1 for s in seqlens], window, torch.device("cpu"))) is None
     assert causal_batch(decode_mask(seqlens, 8, torch.device("cpu"))) is None

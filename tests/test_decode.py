@@ -184,14 +184,18 @@ def test_decode_inputs_advance_like_build() -> None:
         lengths = [n + 1 for n in lengths]
 
 
-def test_hooks_on_attention_and_feed_forward_reach_the_fast_path(moe: bool) -> None:
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
+def test_hooks_on_attention_and_feed_forward_reach_the_fast_path(moe: bool, quantized: bool) -> None:
     """A forward hook that changes a module's output changes the Runner's logits exactly as model.forward's."""
-    model = random_model(tiny_args(moe=moe, sliding_window=8))
+    args = tiny_args(moe=moe, sliding_window=8)
+    if quantized:
+        args = dataclasses.replace(args, quantization={"method": "int8"})
+    model = Transformer.random(args, seed=1, device=DEVICE, dtype=DTYPE)
     prompts = torch.randint(0, model.args.vocab_size, (9,), generator=torch.Generator().manual_seed(2)).to(DEVICE)
 
     def run(fast: bool) -> list[torch.Tensor]:
         cache = model.make_cache(1, 32)
-        runner = Runner(model, cache, 1)
+        runner = Runner(model, cache, 1, compile=DEVICE.type == "cuda")  # the tiny model would run uncompiled
         call = runner.prefill if fast else lambda ids, seqlens: model(ids, seqlens, cache)
         step = runner.decode if fast else lambda ids: model(ids, [1], cache)
         with torch.inference_mode():
@@ -216,6 +220,36 @@ def test_hooks_on_attention_and_feed_forward_reach_the_fast_path(moe: bool) -> N
     for g, w, p in zip(got, want, plain, strict=True):
         assert rel_error(w, p) > 10 * RTOL  # the hooks matter
         assert rel_error(g, w) < RTOL
+
+
+def test_a_hook_on_a_norm_is_not_skipped_by_the_fused_kernel() -> None:
+    """A hook that multiplies attention_norm's output by 4 is that norm with 4 times its weight, also where
+    the int8 matrix-vector kernel would take the norm in (batch 1 on CUDA), in the Runner and eagerly."""
+    args = dataclasses.replace(tiny_args(), quantization={"method": "int8"})
+    model = Transformer.random(args, seed=3, device=DEVICE, dtype=DTYPE)
+    norm = model.layers["0"].attention_norm
+    prompt = torch.randint(0, args.vocab_size, (9,), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    tokens = torch.randint(0, args.vocab_size, (4, 1), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+
+    def logits(fast: bool) -> torch.Tensor:
+        cache = model.make_cache(1, 32)
+        runner = Runner(model, cache, 1)
+        with torch.inference_mode():
+            (runner.prefill if fast else lambda ids, seqlens: model(ids, seqlens, cache))(prompt, [9])
+            return torch.cat([(runner.decode if fast else lambda t: model(t, [1], cache))(t).clone() for t in tokens])
+
+    plain = logits(fast=False)
+    hook = norm.register_forward_hook(lambda m, args, out: out * 4)
+    try:
+        hooked = [logits(fast=True), logits(fast=False)]
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        norm.weight *= 4  # a power of 2: the same rounding as the hook's
+    want = logits(fast=False)
+    assert rel_error(want, plain) > 10 * RTOL  # the hook matters
+    for got in hooked:
+        assert rel_error(got, want) < RTOL
 
 
 def test_random_weights_are_seeded_by_name() -> None:
