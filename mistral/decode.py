@@ -9,8 +9,8 @@ alone:
 - `TransformerBlock.forward` is compiled by torch.compile, which fuses the pieces
   between the matmuls (norms, rotary, SwiGLU, residual adds) into a few kernels; at
   batch 1 the matrix-vector kernel (mistral/kernels.py) takes in SwiGLU, and for int8
-  weights the norms before wq|wk|wv and w1|w3. The cache update and attention stay eager (`model._cached_attention`), and so do the
-  tensor-parallel all-reduces: hooks on the modules run as they do in eager mode.
+  weights the norms before wq|wk|wv and w1|w3. The cache update and attention stay
+  eager (`model._cached_attention`), and so do the tensor-parallel all-reduces: hooks on the modules run as they do in eager mode.
   Prefill runs this way too.
 - a decode step (embedding, the stage's blocks, logits) is captured once in a CUDA
   graph and replayed for every token. Its inputs live in static device buffers that

@@ -154,14 +154,14 @@ if triton is not None:
         tune = triton.autotune(configs=configs, key=key, do_bench=bench, cache_results=True, prune_configs_by=pruning)
         return lambda kernel: tune(triton.jit(kernel))
 
-    # Matrix-vector products are bound by the weights' reads, which want many bytes in
-    # flight: few rows per program and long runs of each row (blocks of 1-8 rows by
-    # 512-4096 columns beat cuBLAS's GEMV by 1-20% per Mistral shape on an H200; int8
-    # rows want the longest runs, to load 16 bytes at a time).
     def _glu_pairs(configs: list, named_args: dict, **kwargs: object) -> list:
         # SwiGLU's programs take rows in (w1, w3) pairs: at least two rows.
         return [c for c in configs if not kwargs["GLU"] or c.kwargs["BLOCK_N"] >= 2]
 
+    # Matrix-vector products are bound by the weights' reads, which want many bytes in
+    # flight: few rows per program and long runs of each row (blocks of 1-8 rows by
+    # 512-4096 columns beat cuBLAS's GEMV by 1-20% per Mistral shape on an H200; int8
+    # rows want the longest runs, to load 16 bytes at a time).
     @_tuned(
         ["N", "K", "HAS_SCALES", "EXPERTS", "NORM", "GLU"],
         (1, 2048, 4), (1, 4096, 8), (2, 1024, 4), (2, 2048, 8), (2, 4096, 8), (4, 512, 4), (4, 1024, 4),
