@@ -238,7 +238,7 @@ class Transformer(nn.Module):
         assert self.norm is not None
         if rows is not None:  # [T, V] float32 logits of a long prefill would take gigabytes
             h = h[torch.tensor(rows, dtype=torch.long, device=h.device)]
-        return self.output(h, norm=self.norm).float()
+        return self.output(self.norm(h)).float()
 
     def forward(
         self, input_ids: torch.Tensor, seqlens: Sequence[int], cache: Optional[RotatingBufferCache] = None

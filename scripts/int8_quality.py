@@ -30,7 +30,7 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_tiny import CONTEXT, evaluate, stdlib_sources  # noqa: E402
+from train_tiny import CONTEXT, encode, evaluate, lr_scale, split_sources  # noqa: E402
 
 from mistral import Transformer  # noqa: E402
 from mistral.checkpoint import TOKENIZER  # noqa: E402
@@ -38,16 +38,6 @@ from mistral.hf import convert  # noqa: E402
 from mistral.main import DEFAULT_MODEL  # noqa: E402
 from mistral.quantize import quantize_folder  # noqa: E402
 from mistral.tokenizer import Tokenizer  # noqa: E402
-
-
-def split(tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, held-out) tokens: train_tiny.py's split of the standard library's modules."""
-    sources = stdlib_sources()
-
-    def encode(texts: list[str]) -> torch.Tensor:
-        return torch.tensor([t for text in texts for t in tokenizer.encode(text, bos=True, eos=True)])
-
-    return encode([t for i, (_, t) in enumerate(sources) if i % 20]), encode([t for i, (_, t) in enumerate(sources) if i % 20 == 0])
 
 
 def train_hf(tokens: torch.Tensor, vocab_size: int, minutes: float, seed: int, lr: float = 3e-3, batch: int = 8) -> MistralForCausalLM:
@@ -63,7 +53,7 @@ def train_hf(tokens: torch.Tensor, vocab_size: int, minutes: float, seed: int, l
     start, step, budget = time.time(), 0, minutes * 60
     while (progress := (time.time() - start) / budget) < 1:
         for group in opt.param_groups:
-            group["lr"] = lr * max(min(progress / 0.03, 0.5 * (1 + math.cos(math.pi * progress))), 0.02)
+            group["lr"] = lr * lr_scale(progress)
         offsets = torch.randint(0, len(tokens) - CONTEXT, (batch,)).tolist()
         windows = torch.stack([tokens[o : o + CONTEXT] for o in offsets])
         loss = model(windows, labels=windows).loss
@@ -102,7 +92,8 @@ def main(minutes: float = 4.0, windows: int = 64, seed: int = 0, threads: int = 
     """minutes: training time of the HF model; windows: held-out windows of 256 tokens to evaluate on."""
     torch.set_num_threads(threads)
     tokenizer = Tokenizer(DEFAULT_MODEL / TOKENIZER)
-    train, held_out = split(tokenizer)
+    train_src, held_src, _ = split_sources()
+    train, held_out = encode(tokenizer, train_src), encode(tokenizer, held_src)
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         default = Path(tmp) / "default"

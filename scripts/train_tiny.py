@@ -55,6 +55,28 @@ def stdlib_sources() -> list[tuple[str, str]]:
     return [(p.name, p.read_text(encoding="utf-8", errors="replace")) for p in files]
 
 
+def split_sources() -> tuple[list[str], list[str], list[str]]:
+    """(train texts, held-out texts, held-out module names): every 20th module is held out."""
+    sources = stdlib_sources()
+    held = [i % 20 == 0 for i in range(len(sources))]
+    return (
+        [text for (_, text), h in zip(sources, held) if not h],
+        [text for (_, text), h in zip(sources, held) if h],
+        [name for (name, _), h in zip(sources, held) if h],
+    )
+
+
+def encode(tokenizer: Tokenizer, texts: list[str]) -> torch.Tensor:
+    """The texts' tokens back to back, each between bos and eos."""
+    return torch.tensor([t for text in texts for t in tokenizer.encode(text, bos=True, eos=True)])
+
+
+def lr_scale(progress: float, warmup: float = 0.03) -> float:
+    """The learning rate's factor at this fraction of the training time: linear warm-up, then a cosine to 2%."""
+    scale = progress / warmup if progress < warmup else 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup)))
+    return max(scale, 0.02)
+
+
 def tiny_args(vocab_size: int) -> ModelArgs:
     return ModelArgs(
         dim=192,
@@ -125,10 +147,7 @@ def train_tiny(
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
 
-    sources = stdlib_sources()
-    held_names = [name for i, (name, _) in enumerate(sources) if i % 20 == 0]
-    train_src = [text for i, (_, text) in enumerate(sources) if i % 20]
-    held_src = [text for i, (_, text) in enumerate(sources) if i % 20 == 0]
+    train_src, held_src, held_names = split_sources()
     t0 = time.time()
     before = dict(steps=0, tokens_seen=0, train_minutes=0.0)
     if init is None:
@@ -138,11 +157,7 @@ def train_tiny(
             shutil.copy(Path(init) / TOKENIZER, folder / TOKENIZER)
         before = {k: json.loads((Path(init) / "training.json").read_text())[k] for k in before}
     tokenizer = Tokenizer(folder / TOKENIZER)
-
-    def encode(texts: list[str]) -> torch.Tensor:
-        return torch.tensor([t for text in texts for t in tokenizer.encode(text, bos=True, eos=True)])
-
-    train, held_out = encode(train_src), encode(held_src)
+    train, held_out = encode(tokenizer, train_src), encode(tokenizer, held_src)
     print(f"tokenizer {time.time() - t0:.0f}s; train {len(train)} tokens, held out {len(held_out)} tokens "
           f"({len(held_names)} modules)", flush=True)
 
@@ -162,13 +177,11 @@ def train_tiny(
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95))
     budget = minutes * 60
-    warmup = 0.03
     start = time.time()
     step, seen, smooth = 0, 0, None
     while (progress := (time.time() - start) / budget) < 1:
-        scale = progress / warmup if progress < warmup else 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup)))
         for group in opt.param_groups:
-            group["lr"] = lr * max(scale, 0.02)
+            group["lr"] = lr * lr_scale(progress)
         offsets = torch.randint(0, len(train) - CONTEXT, (batch,))
         windows = torch.stack([train[o : o + CONTEXT] for o in offsets.tolist()])
         loss = sequence_loss(model, windows)
@@ -179,7 +192,7 @@ def train_tiny(
         step, seen = step + 1, seen + windows.numel()
         smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
         if step % 50 == 0:
-            print(f"step {step} {time.time() - start:.0f}s loss {smooth:.3f} lr {lr * max(scale, 0.02):.2e} "
+            print(f"step {step} {time.time() - start:.0f}s loss {smooth:.3f} lr {lr * lr_scale(progress):.2e} "
                   f"{seen / (time.time() - start):.0f} tokens/s", flush=True)
     train_s = time.time() - start
 
