@@ -14,25 +14,34 @@ that runs it faster than xformers does:
   (scripts/kernel_bench.py). A single prompt is the common case.
 """
 
-from typing import Literal, Optional
+import functools
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-import xformers.ops.fmha.common
-import xformers.ops.fmha.flash
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from xformers.ops import memory_efficient_attention_forward
-from xformers.ops.fmha.attn_bias import BlockDiagonalCausalLocalAttentionMask, BlockDiagonalCausalMask
 
 from mistral import kernels
-from mistral.masks import AttentionBias
+from mistral.masks import AttentionBias, BlockDiagonalCausalLocalAttentionMask, BlockDiagonalCausalMask, register_with_dynamo
 
-# When xformers' own C++ extension does not load (a wheel built for another torch),
-# its dispatcher refuses every CUDA operator, although its flash operator runs on
-# PyTorch's flash-attention kernels and needs nothing from that extension. Let that
-# operator through; the tests compare it with the reference on every mask.
-if xformers.ops.fmha.flash._USE_PT_FLASH_ATTN:
-    xformers.ops.fmha.common._built_with_cuda = True
+
+@functools.cache
+def _memory_efficient_attention() -> Callable[..., torch.Tensor]:
+    """xformers' attention, imported at its first use: the package's import takes 1.5 s,
+    which a run on the CPU (the reference attention) never needs."""
+    import xformers.ops.fmha.common
+    import xformers.ops.fmha.flash
+    from xformers.ops import memory_efficient_attention_forward
+
+    register_with_dynamo()
+    # When xformers' own C++ extension does not load (a wheel built for another torch),
+    # its dispatcher refuses every CUDA operator, although its flash operator runs on
+    # PyTorch's flash-attention kernels and needs nothing from that extension. Let that
+    # operator through; the tests compare it with the reference on every mask.
+    if xformers.ops.fmha.flash._USE_PT_FLASH_ATTN:
+        xformers.ops.fmha.common._built_with_cuda = True
+    return memory_efficient_attention_forward
+
 
 Backend = Literal["auto", "xformers", "reference"]
 BACKENDS = ("auto", "xformers", "reference")
@@ -112,7 +121,7 @@ def _xformers(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
     v = values.view(1, S, H_kv, 1, D).expand(1, S, H_kv, H // H_kv, D)
     # The forward-only entry point: inference needs no backward operator, and xformers
     # has none for the decode mask, so the autograd entry point would refuse it.
-    return memory_efficient_attention_forward(q, k, v, attn_bias=mask).view(T, H, D)
+    return _memory_efficient_attention()(q, k, v, attn_bias=mask).view(T, H, D)
 
 
 def _reference(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: AttentionBias) -> torch.Tensor:

@@ -25,18 +25,31 @@ Elsewhere (the CPU, float32) the Runner calls the same `step` uncompiled, eagerl
 """
 
 import functools
+import time
 from typing import Optional, Sequence
 
 import torch
 
 from mistral.cache import CacheInputs, RotatingBufferCache
+from mistral.masks import register_with_dynamo
+from mistral import model as model_module
 from mistral.model import RunBlock, Transformer, TransformerBlock
 
 
-# Parameters from which compiling pays back in a one-off run: the compiled pieces save
-# about 1 ms per Mistral 7B step (of 7), while compiling costs seconds (tens when
-# PyTorch's compile cache under /tmp is cold). A small model only pays the compile.
-COMPILE_MIN_PARAMETERS = 10**9
+# When compiling the blocks pays back within one call: only when the decode steps it
+# saves time in outweigh its cost. Measured on one H200, Mistral 7B at batch 1 (main at
+# a0eadf4): compiled blocks made a step 4.1 ms where graphs of the eager blocks took 5.35,
+# so 1.25 ms a step, 39 us per layer; the first compiled call took 4.9 s more with
+# PyTorch's compile cache warm, about 20 s more on a fresh machine. So a one-shot
+# `generate` of Mistral 7B would need over 4,000 new tokens to win back even a warm
+# compile, and the default model (4 layers) over 30,000.
+COMPILE_SAVES_S_PER_LAYER_STEP = 39e-6
+COMPILE_COSTS_S = 4.9  # the warm cache's: the least a compile costs
+
+
+def compile_pays(decode_steps: int, n_layers: int) -> bool:
+    """Whether compiling the blocks saves more than it costs over `decode_steps` steps of a model of `n_layers`."""
+    return decode_steps * n_layers * COMPILE_SAVES_S_PER_LAYER_STEP > COMPILE_COSTS_S
 
 
 def runner(model: Transformer, cache: RotatingBufferCache, n_rows: int, **fast: Optional[bool]) -> "Runner":
@@ -68,6 +81,8 @@ def usable(model: Transformer) -> bool:
 
 @functools.cache
 def compiled_block() -> RunBlock:
+    register_with_dynamo()
+    model_module._cached_attention = torch.compiler.disable(model_module._cached_attention)
     # One compiled function serves every layer: torch.compile lifts a module's
     # parameters to inputs rather than specialising on each module. It guards on the
     # modules' hooks too, so a hook added later recompiles rather than being skipped.
@@ -79,14 +94,22 @@ def compiled_block() -> RunBlock:
     return torch.compile(TransformerBlock.forward)
 
 
+_compiled: set[tuple] = set()  # the kinds of prefill call the compiled block has seen
+
+
 class Runner:
     """Forward calls of one model (or pipeline stage) on one cache, rows 0..n_rows-1.
 
     prefill(x, seqlens) is model.step for cache.prepare(seqlens); decode(x) the same for
     one token per row, replayed from a graph captured at the first call.
 
-    compile, cuda_graphs: None uses each where it pays (`usable`; compile only for a
-    model of COMPILE_MIN_PARAMETERS or more); False turns it off, True on.
+    compile, cuda_graphs: None uses graphs where they pay (`usable`) and does not
+    compile (`stream` decides by `compile_pays`); False turns each off, True on.
+
+    warm_up: seconds spent on what a first call of a shape does once, by kind: "compile"
+    (the first call of a compiled block for a shape), "kernels" (the decode step's first,
+    uncaptured run: Triton compiles and tunes its kernels, or loads them from its cache
+    on disk) and "graph capture". A caller subtracts them from the phase they fell in.
     """
 
     def __init__(
@@ -99,19 +122,32 @@ class Runner:
         cuda_graphs: Optional[bool] = None,
     ):
         fast = usable(model)
-        if compile is None:
-            compile = fast and sum(p.numel() for p in model.parameters()) * model.layout.world_size >= COMPILE_MIN_PARAMETERS
+        compile = bool(compile)
         self.model, self.cache, self.B = model, cache, n_rows
         self.weights = _weights(model)
         self.run_block: RunBlock = compiled_block() if compile else TransformerBlock.__call__
         self.cuda_graphs = (fast if cuda_graphs is None else cuda_graphs) and model.device.type == "cuda"
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.graph_lengths: list[int] = []  # the cache lengths that the graph's next replay reads
+        self.compiled = compile
+        self.warm_up: dict[str, float] = {}  # `stream` hands each Runner its caller's
+
+    def _book(self, kind: str, start: float) -> None:
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        self.warm_up[kind] = self.warm_up.get(kind, 0.0) + time.perf_counter() - start
 
     def prefill(self, x: torch.Tensor, seqlens: Sequence[int], rows: Optional[Sequence[int]] = None) -> torch.Tensor:
         """model.step for cache.prepare(seqlens); on the last stage the logits of `rows` only, when given."""
         inputs = self.cache.prepare(seqlens)
+        # The compiled block's first call of a kind of call compiles it: booked as such, with its
+        # run. (A later new length may compile once more, until torch.compile makes it dynamic.)
+        kind = (type(inputs.mask), rows is None, self.model.args)
+        start, first = time.perf_counter(), self.compiled and kind not in _compiled
         out = self.model.step(x, inputs, self.cache, self.run_block, rows)
+        if first:
+            _compiled.add(kind)
+            self._book("compile", start)
         self.cache.advance(seqlens)
         return out
 
@@ -139,13 +175,17 @@ class Runner:
         # Warm up on a side stream (compilation, cuBLAS workspaces, NCCL, allocator) as
         # graph capture requires. The warm-up step writes this step's keys into this
         # step's slots, which the first replay overwrites before anything reads them.
+        start = time.perf_counter()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self.model.step(self.x, self.inputs, self.cache, self.run_block)
         torch.cuda.current_stream().wait_stream(side)
+        self._book("compile" if self.compiled else "kernels", start)
+        start = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.out = self.model.step(self.x, self.inputs, self.cache, self.run_block)
             self.inputs.advance_decode()
+        self._book("graph capture", start)
         self.graph = graph  # only once captured whole: a failed capture is tried again

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from mistral.cache import CacheTooLarge, RotatingBufferCache
-from mistral.decode import Runner, runner
+from mistral.decode import Runner, compile_pays, runner
 from mistral.errors import MistralError, check_positive_int
 from mistral.model import Transformer
 from mistral.parallel import Link, split
@@ -223,6 +223,7 @@ def stream(
     micro_batches: Optional[int] = None,
     compile: Optional[bool] = None,
     cuda_graphs: Optional[bool] = None,
+    warm_up: Optional[dict[str, float]] = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens [B], logprobs [B]) on the model's device after each step.
 
@@ -242,7 +243,12 @@ def stream(
     for prefill and for mid-sized batches (README's table). A micro-batch that has
     finished yields eos (log-probability 0) until the others do.
 
-    compile, cuda_graphs: the fast path on CUDA (mistral/decode.py); None: where it pays.
+    compile, cuda_graphs: the fast path on CUDA (mistral/decode.py). None: CUDA graphs
+    wherever they run, and compiled blocks only where `decode.compile_pays` for max_tokens
+    steps (never for a short call: compiling costs seconds, a step saves 1 ms at most).
+
+    warm_up: a dict into which the seconds of what runs once per shape are added as they
+    happen, by kind (see decode.Runner): a caller's timing books them apart.
 
     Every rank of a parallel model yields the same tokens.
     """
@@ -259,6 +265,8 @@ def stream(
     if max_tokens == 0:
         return
     M = min(M, B)  # a last, short batch of generate() may have fewer prompts
+    if compile is None:
+        compile = compile_pays(max_tokens, model.args.n_layers)
     fast = dict(compile=compile, cuda_graphs=cuda_graphs)
     if cache is not None:
         if M > 1:
@@ -288,6 +296,8 @@ def stream(
             rows = split(B, M, i)
             mb_runner = runner(model, mb_cache, len(rows), **fast)
             mbs.append(MicroBatch(encoded_prompts[rows.start : rows.stop], mb_runner, chunk_size or mb_cache.size))
+    for mb in mbs:
+        mb.runner.warm_up = {} if warm_up is None else warm_up
     try:
         yield from _steps(mbs, model, max_tokens, temperature, top_p, eos_id, seed)
     finally:

@@ -20,7 +20,8 @@ Both take int8 weights with one scale per output row, or weights in x's dtype. E
 (the CPU, no Triton) the same operators run in plain PyTorch: the reference.
 """
 
-from typing import Callable, Optional
+import functools
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -36,13 +37,31 @@ except ImportError:  # the CPU install: the references below run instead
 INT8_KERNEL_MAX_ROWS = 64
 
 
+def _op(name: str, mutates_args: Sequence[str] = ()) -> Callable[[Callable], Any]:
+    """An operator that torch.compile sees as one opaque call (torch.library.custom_op), and
+    that otherwise runs as the plain function: the custom op's first call imports
+    torch._dynamo (1.3 s), which an uncompiled run need not wait for."""
+
+    def wrap(fn: Callable) -> Any:
+        op = torch.library.custom_op(f"mistral::{name}", mutates_args=tuple(mutates_args))(fn)
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return op(*args, **kwargs) if torch.compiler.is_compiling() else fn(*args, **kwargs)
+
+        call.register_fake = op.register_fake  # type: ignore[attr-defined]
+        return call
+
+    return wrap
+
+
 def swiglu(h: torch.Tensor) -> torch.Tensor:
     """SwiGLU's gate: silu(h1) * h3 for h = h1 | h3 (w1 x | w3 x) along the last dimension."""
     h1, h3 = h.chunk(2, dim=-1)
     return nn.functional.silu(h1) * h3
 
 
-@torch.library.custom_op("mistral::expert_matvec", mutates_args=())
+@_op("expert_matvec")
 def expert_matvec(
     x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, scales: Optional[torch.Tensor] = None, glu: bool = False
 ) -> torch.Tensor:
@@ -62,7 +81,7 @@ def _(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, scales: Optional[
     return x.new_empty(x.shape[0], w.shape[1] // 2 if glu else w.shape[1])
 
 
-@torch.library.custom_op("mistral::linear", mutates_args=())
+@_op("linear")
 def linear(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -106,7 +125,7 @@ def _(x: torch.Tensor, w: torch.Tensor, scales=None, norm=None, eps: float = 0.0
     return x.new_empty(x.shape[0], w.shape[0] // 2 if glu else w.shape[0])
 
 
-@torch.library.custom_op("mistral::decode_attention", mutates_args=("cache_k", "cache_v"))
+@_op("decode_attention", mutates_args=("cache_k", "cache_v"))
 def decode_attention(
     xq: torch.Tensor,
     xk: torch.Tensor,

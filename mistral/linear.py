@@ -24,7 +24,7 @@ class Linear(nn.Module):
             self.weight = nn.Parameter(torch.zeros(shape, dtype=torch.int8), requires_grad=False)
             self.scales = nn.Parameter(torch.ones(shape[:-1]))
         else:
-            self.weight = nn.Parameter(torch.randn(shape) * in_features**-0.5)
+            self.weight = nn.Parameter(torch.empty(shape).normal_(std=in_features**-0.5))
             self.register_parameter("scales", None)
 
     def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None, glu: bool = False) -> torch.Tensor:

@@ -8,6 +8,7 @@ import sys
 import time
 import typing
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -21,7 +22,6 @@ from mistral.errors import MistralError, check_positive_int
 from mistral.generation import check_options, stream
 from mistral.options import HELP, check_arguments
 from mistral.hf import convert as convert_hf
-from mistral.decode import usable
 from mistral.model import Transformer
 from mistral.quantize import quantize_folder
 from mistral.tokenizer import ChatTokenizer, Message, check_text, load_tokenizer, tokenizer_file
@@ -141,24 +141,39 @@ class Completion:
         return new
 
 
+@dataclass
+class Timing:
+    """Where a command's time went, each phase once: warm-up (what runs once per shape,
+    by kind: see decode.Runner) is booked apart from the prefill and decoding it fell in."""
+
+    load_s: float = 0.0
+    prefill_s: float = 0.0  # until each batch's first token
+    decode_s: float = 0.0  # the steps after it
+    decoded: int = 0  # the tokens those steps produced
+    warm_up: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def warm_up_s(self) -> float:
+        return sum(self.warm_up.values())
+
+
 def complete(
     model: Transformer,
     tokenizer: ChatTokenizer,
     completions: list[Completion],
     on_step: Callable[[], None],
     cache: Optional[RotatingBufferCache] = None,
+    timing: Optional[Timing] = None,
     **options: Any,
-) -> tuple[float, float, float, int]:
-    """Stream tokens into `completions` (one batch), calling on_step after each step.
-
-    Returns the seconds of prefill (until the first token), of warm-up (on CUDA, the
-    first decode step, which compiles and captures the CUDA graph) and of decoding after
-    it, and the tokens those later steps produced.
-    """
-    warm_up = usable(model)
+) -> None:
+    """Stream tokens into `completions` (one batch), calling on_step after each step; the time goes into `timing`."""
+    timing = timing or Timing()
+    warm_up: dict[str, float] = {}
     start = time.perf_counter()
-    times, decoded = [], 0
-    for tokens, logprobs in stream([c.prompt_tokens for c in completions], model, eos_id=tokenizer.eos_id, cache=cache, **options):
+    first = last = warm_before = 0.0
+    steps = 0
+    for tokens, logprobs in stream([c.prompt_tokens for c in completions], model, eos_id=tokenizer.eos_id, cache=cache,
+                                   warm_up=warm_up, **options):  # fmt: skip
         new = 0
         for c, token, logprob in zip(completions, tokens.tolist(), logprobs.tolist()):
             if c.finish_reason is None:
@@ -168,14 +183,20 @@ def complete(
                     c.tokens.append(token)
                     c.logprobs.append(logprob)
                     new += 1
-        times.append(time.perf_counter() - start)
-        decoded += new if len(times) > 1 + warm_up else 0
+        last = time.perf_counter() - start
+        if steps == 0:
+            first, warm_before = last, sum(warm_up.values())
+        else:
+            timing.decoded += new
+        steps += 1
         on_step()
     for c in completions:
         c.finish_reason = c.finish_reason or "length"
-    prefill_s = times[0] if times else 0.0
-    warm_up_s = times[1] - times[0] if warm_up and len(times) > 1 else 0.0
-    return prefill_s, warm_up_s, (times[-1] - prefill_s - warm_up_s if times else 0.0), decoded
+    if steps:
+        timing.prefill_s += first - warm_before
+        timing.decode_s += last - first - (sum(warm_up.values()) - warm_before)
+    for kind, seconds in warm_up.items():
+        timing.warm_up[kind] = timing.warm_up.get(kind, 0.0) + seconds
 
 
 def write(text: str) -> None:
@@ -288,31 +309,29 @@ def generate(
             write(f"{prompts[printed]}{completions[printed].unshown(final=True)}\n=====\n")
             printed += 1
 
-    prefill_s = warm_up_s = decode_s = 0.0
-    decoded = 0
+    timing = Timing(load_s=load_s)
     options = dict(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size, seed=seed, micro_batches=micro_batches
     )
     for first in range(0, len(prompts), n):
-        p_s, w_s, d_s, tokens = complete(model, tokenizer, completions[first : first + n], show, **options)
-        prefill_s, warm_up_s, decode_s, decoded = prefill_s + p_s, warm_up_s + w_s, decode_s + d_s, decoded + tokens
+        complete(model, tokenizer, completions[first : first + n], show, timing=timing, **options)
     show(final=True)
     if len(prompts) == 1 and not json:
         write("\n")
 
     n_prompt = sum(len(c.prompt_tokens) for c in completions)
     n_new = sum(len(c.tokens) for c in completions)
-    # The first token of each sequence comes out of the prefill; the rest are decoded
-    # (on CUDA the first decode step is warm-up: it compiles and captures the graph).
+    # The first token of each sequence comes out of the prefill; the rest are decoded.
     timings = dict(
-        load_s=round(load_s, 4),
-        prefill_s=round(prefill_s, 4),
-        warm_up_s=round(warm_up_s, 4),
-        decode_s=round(decode_s, 4),
+        load_s=round(timing.load_s, 4),
+        warm_up_s=round(timing.warm_up_s, 4),
+        warm_up={kind: round(s, 4) for kind, s in timing.warm_up.items()},
+        prefill_s=round(timing.prefill_s, 4),
+        decode_s=round(timing.decode_s, 4),
         prompt_tokens=n_prompt,
         generated_tokens=n_new,
-        prefill_tokens_per_s=rate(n_prompt, prefill_s),
-        decode_tokens_per_s=rate(decoded, decode_s),
+        prefill_tokens_per_s=rate(n_prompt, timing.prefill_s),
+        decode_tokens_per_s=rate(timing.decoded, timing.decode_s),
     )
     if json:
         results = [
@@ -321,11 +340,18 @@ def generate(
             for p, c in zip(prompts, completions)
         ]
         print(jsonlib.dumps(dict(model=str(folder), results=results, timings=timings), indent=2))
-    print(
-        f"prompt tokens: {n_prompt}, generated tokens: {n_new}, load: {load_s:.1f} s, "
-        f"prefill: {timings['prefill_tokens_per_s']} tokens/s, decode: {timings['decode_tokens_per_s']} tokens/s"
-        + (f", warm-up: {warm_up_s:.1f} s" if warm_up_s else ""),
-        file=sys.stderr,
+    print(timing_line(n_prompt, n_new, timing), file=sys.stderr)
+
+
+def timing_line(n_prompt: int, n_new: int, timing: Timing) -> str:
+    """prompt tokens: 11, generated tokens: 64, load: 2.9 s, warm-up: 0.4 s (kernels 0.3 s, graph capture 0.1 s),
+    prefill: 0.02 s (550.0 tokens/s), decode: 0.29 s (217.2 tokens/s)"""
+    warm_up = ", ".join(f"{kind} {s:.2f} s" for kind, s in timing.warm_up.items())
+    return (
+        f"prompt tokens: {n_prompt}, generated tokens: {n_new}, load: {timing.load_s:.2f} s, "
+        + (f"warm-up: {timing.warm_up_s:.2f} s ({warm_up}), " if warm_up else "")
+        + f"prefill: {timing.prefill_s:.2f} s ({rate(n_prompt, timing.prefill_s)} tokens/s), "
+        + f"decode: {timing.decode_s:.2f} s ({rate(timing.decoded, timing.decode_s)} tokens/s)"
     )
 
 

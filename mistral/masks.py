@@ -41,14 +41,58 @@ The pictures use W = 3; `x` = attends, `.` = masked.
         b            .   .   .     x   x   .
 """
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Optional, Sequence, Union
 
 import torch
-from xformers.ops.fmha.attn_bias import (
-    BlockDiagonalCausalMask,
-    BlockDiagonalCausalWithOffsetPaddedKeysMask,
-    BlockDiagonalMask,
-)
+
+
+def _attn_bias() -> ModuleType:
+    """xformers' attention-bias module, without the rest of xformers.
+
+    The bias classes are plain Python over torch, but `import xformers` runs the
+    package's __init__, which imports torch._dynamo and torch.testing, and the module's
+    own last lines register two classes we never use with torch._dynamo: 1.5 s of the
+    3.2 s that 16 tokens of the default model took on a CPU. So the module is run from
+    its file under its own name, with those lines kept for `register_with_dynamo`; a
+    later `import xformers.ops` (CUDA, mistral/attention.py) finds it in sys.modules and
+    uses these very classes.
+    """
+    name = "xformers.ops.fmha.attn_bias"
+    if name not in sys.modules:
+        spec = importlib.util.find_spec("xformers")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("mistral needs xformers: pip install xformers")
+        path = Path(list(spec.submodule_search_locations)[0]) / "ops" / "fmha" / "attn_bias.py"
+        lines = path.read_text().splitlines(keepends=True)
+        _deferred.extend(line for line in lines if line.startswith("torch._dynamo."))
+        source = "".join("\n" if line.startswith("torch._dynamo.") else line for line in lines)  # same line numbers
+        module = ModuleType(name)
+        module.__file__ = str(path)
+        sys.modules[name] = module  # before it runs: its dataclasses look their module up
+        exec(compile(source, str(path), "exec"), module.__dict__)
+    return sys.modules[name]
+
+
+_deferred: list[str] = []  # attn_bias.py's module-level calls into torch._dynamo, not run yet
+
+
+def register_with_dynamo() -> None:
+    """Run what attn_bias.py's import would have told torch._dynamo: before compiling, or
+    once the rest of xformers is imported (which imports torch._dynamo anyway)."""
+    module = sys.modules["xformers.ops.fmha.attn_bias"]
+    while _deferred:
+        exec(_deferred.pop(0), module.__dict__)
+
+
+_bias = _attn_bias()
+BlockDiagonalCausalMask = _bias.BlockDiagonalCausalMask
+BlockDiagonalCausalLocalAttentionMask = _bias.BlockDiagonalCausalLocalAttentionMask
+BlockDiagonalCausalWithOffsetPaddedKeysMask = _bias.BlockDiagonalCausalWithOffsetPaddedKeysMask
+BlockDiagonalMask = _bias.BlockDiagonalMask
 
 AttentionBias = Union[BlockDiagonalCausalMask, BlockDiagonalMask, BlockDiagonalCausalWithOffsetPaddedKeysMask]
 

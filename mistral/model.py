@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from mistral.args import ModelArgs
 from mistral.attention import BACKENDS, Backend, attend, decode_kernel_applies
@@ -94,8 +95,9 @@ class Attention(CheckpointNames):
 
 
 # The cache's index bookkeeping and xformers' bias objects are opaque to torch.compile:
-# this part runs eagerly between two compiled pieces (and inside a CUDA graph all the same).
-@torch.compiler.disable
+# this part runs eagerly between two compiled pieces (and inside a CUDA graph all the
+# same). decode.compiled_block marks it so, when it first compiles: the mark's import
+# (torch._dynamo) takes a second that an uncompiled run need not wait for.
 def _cached_attention(
     xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, mask: AttentionBias, cache: Optional[CacheView], backend: Backend
 ) -> torch.Tensor:
@@ -166,6 +168,35 @@ def tensor_split_dim(name: str) -> Optional[int]:
     part, kind = name.split(".")[-2:]
     dim = TENSOR_SPLIT_DIM.get(part)
     return None if kind == "scales" and dim != 0 else dim
+
+
+class _Uninitialized(TorchFunctionMode):
+    """Modules built inside hold memory of `dtype` on `device` that nothing has written.
+
+    Loading writes every weight, so the initial values a module draws in its __init__
+    would be wasted: a Mixtral's worth of float32 random numbers first. Building on the
+    "meta" device instead, and then allocating, would be PyTorch's usual way, but meta
+    tensors run their shape functions in Python through torch._dynamo, whose import
+    alone takes 1.3 s, as long as everything else of a short run on a CPU. So here the
+    factories (empty, ones, zeros, randn) allocate and the in-place initializers do nothing.
+    """
+
+    _FACTORIES = (torch.empty, torch.ones, torch.zeros, torch.randn)
+    _INITIALIZERS = (torch.Tensor.normal_, torch.Tensor.uniform_, nn.init.normal_, nn.init.kaiming_uniform_)
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.device, self.dtype = device, dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = dict(kwargs or {})
+        if func in self._FACTORIES:
+            kwargs["device"] = self.device
+            kwargs["dtype"] = kwargs.get("dtype") or self.dtype  # an int8 weight stays int8
+            return torch.empty(*args, **kwargs)
+        if func in self._INITIALIZERS:  # nn.init's functions name the tensor; Tensor's methods take it first
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
 
 
 class Transformer(nn.Module):
@@ -292,9 +323,9 @@ class Transformer(nn.Module):
         P, T, pipeline_rank, tensor_rank = ranks
         check_tensor_split(T, args.n_heads, args.n_kv_heads, args.hidden_dim)  # before anything is loaded
         layout = Layout.of(P, T, pipeline_rank, tensor_rank)
-        with torch.device("meta"):  # shapes only: the weights are written straight into place
+        with _Uninitialized(torch.device(device), dtype):  # the weights are written straight into place
             model = cls(args, layout=layout, attention_backend=attention_backend)
-        return model.to(dtype).to_empty(device=device).eval()
+        return model.eval()
 
     @classmethod
     def from_folder(

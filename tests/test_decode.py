@@ -13,7 +13,8 @@ from conftest import DEVICE, DTYPE, RTOL, random_model, rel_error, tiny_args
 
 from mistral import Transformer
 from mistral.cache import CacheInputs
-from mistral.decode import Runner, compiled_block
+from mistral.decode import COMPILE_COSTS_S, COMPILE_SAVES_S_PER_LAYER_STEP, Runner, compile_pays, compiled_block
+from mistral.generation import stream
 from mistral.kernels import expert_matvec, swiglu
 from mistral.linear import Linear
 from mistral.model import RMSNorm, TransformerBlock, apply_rotary_emb, rotary_cos_sin
@@ -95,12 +96,20 @@ def test_runner_equals_model_forward(moe: bool) -> None:
     assert (runner.graph is not None) == (DEVICE.type == "cuda")
 
 
-def test_small_models_run_uncompiled_unless_asked() -> None:
-    """Compiling costs seconds that a small model never earns back in a one-off run (on
-    CUDA the default model decoded slower than on the CPU); graphs still pay."""
+def test_compiling_only_where_it_pays() -> None:
+    """Compiling costs seconds (COMPILE_COSTS_S, measured) and saves tens of microseconds per
+    layer and step: a one-shot run of any length people ask for stays uncompiled."""
+    assert not compile_pays(64, 32) and not compile_pays(1000, 32) and not compile_pays(30_000, 4)
+    assert compile_pays(5000, 32) and compile_pays(100_000, 4)
+    # The break-even point is where the saving equals the cost.
+    steps = math.ceil(COMPILE_COSTS_S / (32 * COMPILE_SAVES_S_PER_LAYER_STEP))
+    assert not compile_pays(steps - 1, 32) and compile_pays(steps + 1, 32)
     model = random_model(tiny_args())
     assert Runner(model, model.make_cache(1, 8), 1).run_block is TransformerBlock.__call__
     assert Runner(model, model.make_cache(1, 8), 1, compile=True).run_block is compiled_block()
+    list(stream([[1, 2, 3]], model, max_tokens=8))  # stream's default: by compile_pays(8, 2)
+    (runner,) = model.spare_caches[0].runners.values()
+    assert runner.compiled is False
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs and float16 kernels: CUDA only")
