@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from mistral import kernels
 from mistral.args import ModelArgs
 from mistral.attention import BACKENDS, Backend, attend, decode_kernel_applies
 from mistral.cache import CacheInputs, CacheView, RotatingBufferCache
@@ -44,8 +45,11 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> torc
 def apply_rotary_emb(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate each interleaved pair (x[2j], x[2j+1]) of x: [T, H, Dh] by its angle.
 
-    The complex product (a + ib)(cos + i sin), in real arithmetic, which torch.compile fuses.
+    The complex product (a + ib)(cos + i sin), in real arithmetic. Where kernels.fused_applies
+    (half precision on CUDA) this arithmetic runs as one Triton kernel, kernels.rotary.
     """
+    if kernels.fused_applies(x):
+        return kernels.rotary(x, rope)
     a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [T, H, Dh/2]
     cos, sin = rope[:, None, :, 0], rope[:, None, :, 1]
     return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).type_as(x)
@@ -58,6 +62,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.fused_applies(x):  # this arithmetic as one Triton kernel (half precision on CUDA)
+            return kernels.rms_norm(x, self.weight, self.eps)
         x_float = x.float()
         return (x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 

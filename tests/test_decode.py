@@ -15,6 +15,7 @@ from mistral import Transformer
 from mistral.cache import CacheInputs
 from mistral.decode import COMPILE_COSTS_S, COMPILE_SAVES_S_PER_LAYER_STEP, Runner, compile_pays, compiled_block
 from mistral.generation import stream
+from mistral import kernels
 from mistral.kernels import expert_matvec, swiglu
 from mistral.linear import Linear
 from mistral.model import RMSNorm, TransformerBlock, apply_rotary_emb, rotary_cos_sin
@@ -269,3 +270,28 @@ def test_random_weights_are_seeded_by_name() -> None:
     c = Transformer.random(args, seed=6, device=DEVICE, dtype=DTYPE).state_dict()
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not any(torch.equal(a[n], c[n]) for n in a)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="Triton kernels: CUDA only")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_norm_and_rotary_kernels_equal_the_math(dtype: torch.dtype) -> None:
+    """kernels.rms_norm and kernels.rotary (one Triton kernel each) against RMSNorm's and
+    apply_rotary_emb's PyTorch arithmetic: equal up to a rounding of the dtype, at odd
+    sizes, with rows strided as the rotary's input is (queries and keys of wq|wk|wv)."""
+    torch.manual_seed(0)
+    for D, rows in ((192, 1), (4096, 7), (100, 33)):
+        norm = RMSNorm(D, 1e-5).to(DEVICE, dtype)
+        torch.nn.init.normal_(norm.weight)
+        x = torch.randn(rows, D, device=DEVICE, dtype=dtype)
+        want = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype) * norm.weight
+        assert rel_error(kernels.rms_norm(x, norm.weight, 1e-5), want) < torch.finfo(dtype).eps
+        assert rel_error(norm(x), want) < torch.finfo(dtype).eps  # the module takes the kernel here
+    for T, H, Dh in ((1, 40, 128), (9, 12, 32), (5, 3, 16)):
+        wqkv = torch.randn(T, (H + 2) * Dh, device=DEVICE, dtype=dtype)
+        x = wqkv[:, : H * Dh].view(T, H, Dh)
+        rope = rotary_cos_sin(torch.randint(0, 5000, (T,), device=DEVICE), Dh, 1e6)
+        a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = rope[:, None, :, 0], rope[:, None, :, 1]
+        want = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(dtype)
+        assert rel_error(kernels.rotary(x, rope), want) < torch.finfo(dtype).eps
+        assert rel_error(apply_rotary_emb(x, rope), want) < torch.finfo(dtype).eps
