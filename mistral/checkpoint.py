@@ -13,7 +13,6 @@ import struct
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -181,6 +180,7 @@ def _read_safetensors(path: Path, slices: Slices, tensor_rank: int, progress: Op
             local.stream = torch.cuda.Stream(device) if cuda else None
             if local.stream is not None:
                 streams.append(local.stream)
+                torch.cuda.set_stream(local.stream)  # the thread's own current stream, for its copies
         if local.stream is not None:
             local.stream.synchronize()  # the buffer's previous copy is done
         rows = piece.stop - piece.start
@@ -190,7 +190,7 @@ def _read_safetensors(path: Path, slices: Slices, tensor_rank: int, progress: Op
         if piece.columns is not None:
             source = source[:, piece.columns]
         target = piece.view[piece.start : piece.stop]
-        with torch.no_grad(), torch.cuda.stream(local.stream) if cuda else nullcontext():
+        with torch.no_grad():
             target.copy_(source, non_blocking=cuda)
         return target.nbytes
 

@@ -142,7 +142,7 @@ class Runner:
         inputs = self.cache.prepare(seqlens)
         # The compiled block's first call of a kind of call compiles it: booked as such, with its
         # run. (A later new length may compile once more, until torch.compile makes it dynamic.)
-        kind = (type(inputs.mask), rows is None, self.model.args)
+        kind = (type(inputs.mask), rows is None, repr(self.model.args))
         start, first = time.perf_counter(), self.compiled and kind not in _compiled
         out = self.model.step(x, inputs, self.cache, self.run_block, rows)
         if first:

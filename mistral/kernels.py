@@ -21,6 +21,8 @@ Both take int8 weights with one scale per output row, or weights in x's dtype. E
 """
 
 import functools
+import json
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -157,6 +159,21 @@ def decode_attention(
 @decode_attention.register_fake
 def _(xq, xk, xv, cache_k, cache_v, slots, key_lengths):  # type: ignore[no-untyped-def]
     return torch.empty_like(xq)
+
+
+def matvec_key(N: int, K: int, x_dtype: torch.dtype, w_dtype: torch.dtype, **flags: bool) -> str:
+    """The matrix-vector kernel's autotuning key as MATVEC_CONFIGS writes it."""
+    return ",".join([str(N), str(K), *(f"{k}={int(v)}" for k, v in sorted(flags.items())), str(x_dtype), str(w_dtype)])
+
+
+# The matrix-vector kernel's best (BLOCK_N, BLOCK_K, num_warps) per GPU and shape, as its
+# autotuning chose them (scripts/tune_matvec.py writes the file). Autotuning compiles and
+# times 17 candidates per shape: 9 s of a fresh machine's first run of Mistral 7B on an
+# H200, more than everything else of the run. Shapes not listed are autotuned, the result
+# kept in Triton's cache on disk for the next process.
+MATVEC_CONFIGS: dict[str, dict[str, list[int]]] = (
+    json.loads(_CONFIGS_FILE.read_text()) if (_CONFIGS_FILE := Path(__file__).with_name("matvec_configs.json")).is_file() else {}
+)
 
 
 def fused_applies(x: torch.Tensor) -> bool:
@@ -315,6 +332,8 @@ if triton is not None:
             row_ok = out_rows < N
         tl.store(y_ptr + p * N + out_rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
+    _matvec_fixed = _matvec_kernel.fn  # the kernel itself, below its autotuner: launched with a known config
+
     def _triton_matvec(
         x: torch.Tensor,
         w: torch.Tensor,
@@ -333,11 +352,15 @@ if triton is not None:
         e = w if experts is None else experts
         g = w if norm is None else norm
         rows = 2 if glu else 1  # weight rows per output row
+        flags = dict(HAS_SCALES=scales is not None, EXPERTS=experts is not None, NORM=norm is not None, GLU=glu)
+        known = MATVEC_CONFIGS.get(torch.cuda.get_device_name(x.device), {}).get(matvec_key(N, K, x.dtype, w.dtype, **flags))
+        if known is not None:  # measured once and shipped: no autotuning (seconds of compiling) on a fresh machine
+            block_n, block_k, warps = known
+            grid_n = triton.cdiv(N * rows, block_n)
+            _matvec_fixed[(grid_n, P)](x, w, e, s, g, y, N, K, eps, **flags, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+            return y
         grid = lambda meta: (triton.cdiv(N * rows, meta["BLOCK_N"]), P)  # noqa: E731
-        _matvec_kernel[grid](
-            x, w, e, s, g, y, N, K, eps,
-            HAS_SCALES=scales is not None, EXPERTS=experts is not None, NORM=norm is not None, GLU=glu,
-        )  # fmt: skip
+        _matvec_kernel[grid](x, w, e, s, g, y, N, K, eps, **flags)
         return y
 
     @_tuned(
@@ -487,8 +510,10 @@ if triton is not None:
         counts = held[-1]
         sms = torch.cuda.get_device_properties(xq.device).multi_processor_count
         # About two programs per multiprocessor (a power of two, for the merge's tl.arange),
-        # but no more runs than blocks of keys in a full row.
-        splits = min(triton.next_power_of_2(triton.cdiv(2 * sms, B * H_kv)), triton.next_power_of_2(triton.cdiv(S, block_s)))
+        # whatever the cache's size: SPLITS is a constant of the compiled kernel, so a split
+        # that followed the size compiled the kernel anew for a new prompt length (0.8 s). A
+        # short row leaves the programs past its keys idle, at the cost of their launch.
+        splits = triton.next_power_of_2(triton.cdiv(2 * sms, B * H_kv))
         G = H // H_kv
         g_pow2 = triton.next_power_of_2(G)  # tl.dot needs at least 16 rows: G_PAD
         part = torch.empty(B * H_kv * splits * G * (Dh + 2), dtype=torch.float32, device=xq.device)

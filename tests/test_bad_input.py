@@ -187,7 +187,7 @@ def test_nan_weights_are_an_error(cli: Any, copy_of: Any, windowless_dir: Path, 
 def test_max_tokens_zero_reports_no_speed(cli: Any) -> None:
     code, out, err = cli("generate", "hi", "--max_tokens", "0")
     assert code == 0, err
-    assert "prefill: 0.0 tokens/s" in err
+    assert "prefill: 0.00 s (0.0 tokens/s)" in err
 
 
 def test_bare_value_option_is_an_error(cli: Any) -> None:

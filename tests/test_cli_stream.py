@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from mistral.generation import generate
-from mistral.main import DEFAULT_MODEL, Completion, Conversation, load, main, split_model_and_prompts
+from mistral.main import DEFAULT_MODEL, Completion, Conversation, Timing, load, main, split_model_and_prompts, timing_line
 from mistral.model import Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,3 +161,36 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     readme = (ROOT / "README.md").read_text()
     command = next(line for line in ci if "pytest" in line)
     assert f"```sh\n{command}\n```" in readme
+
+
+def test_timing_books_each_phase_once() -> None:
+    """--json's timings in a fresh process: load, warm-up, prefill and decode, none booked
+    under another, adding up to no more than the process took; the line names each warm-up."""
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "mistral", "generate", PROMPT, "--max_tokens", "12", "--json", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    wall = time.perf_counter() - start
+    t = json.loads(run.stdout)["timings"]
+    assert {"load_s", "warm_up_s", "warm_up", "prefill_s", "decode_s"} <= set(t)
+    assert t["warm_up"] == {} and t["warm_up_s"] == 0  # the CPU compiles nothing, captures no graph
+    phases = [t["load_s"], t["prefill_s"], t["decode_s"]]
+    assert all(p > 0 for p in phases) and sum(phases) < wall
+    assert t["decode_tokens_per_s"] == pytest.approx((t["generated_tokens"] - 1) / t["decode_s"], rel=0.01)
+    timing = Timing(load_s=2.5, prefill_s=0.02, decode_s=0.3, decoded=63, warm_up={"kernels": 0.31, "graph capture": 0.07})
+    assert timing_line(11, 64, timing) == (
+        "prompt tokens: 11, generated tokens: 64, load: 2.50 s, warm-up: 0.38 s (kernels 0.31 s, graph capture 0.07 s), "
+        "prefill: 0.02 s (550.0 tokens/s), decode: 0.30 s (210.0 tokens/s)"
+    )
+
+
+def test_an_uncompiled_run_imports_neither_dynamo_nor_all_of_xformers() -> None:
+    """A run of the default model on the CPU needs xformers' mask classes only, and no
+    torch.compile: their imports took 1.5 s of a 3.2 s run (README: a quick start)."""
+    code = (
+        "import sys; from mistral.main import main; sys.argv = ['mistral', 'generate', 'def f():', '--max_tokens', '4'];\n"
+        "try: main()\nexcept SystemExit: pass\n"
+        "print([m for m in ('torch._dynamo', 'xformers.ops', 'mistral_common', 'triton') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}).stdout  # fmt: skip
+    assert out.strip().splitlines()[-1] == "[]"
