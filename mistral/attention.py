@@ -8,10 +8,12 @@ mask, so the CPU tests check the very definition the GPU kernels run.
 Backend "auto" on CUDA also reads two special cases off the bias, each for a kernel
 that runs it faster than xformers does:
 - a decode step (mask 3): kernels.decode_attention, see `decode_kernel_applies`;
-- a first prefill of B prompts of one length L that no window cuts (mask 1 of equal
-  blocks): plain causal attention of a [B, L] batch, which PyTorch's cuDNN kernel runs
-  at about twice the rate of the flash-attention 2 kernel behind xformers on an H100
-  (scripts/kernel_bench.py). A single prompt is the common case.
+- a first prefill of prompts that no window cuts (mask 1): plain causal attention of
+  a [B, L] batch per length L, which PyTorch's cuDNN kernel runs at about twice the rate
+  of the flash-attention 2 kernel behind xformers on an H100 (scripts/kernel_bench.py).
+  A single prompt is the common case. Prompts of different lengths take one batch per
+  length, so a one-shot run of prompts within the window never imports the rest of
+  xformers (its import and first call took 4-6 s of a fresh process on an H200).
 """
 
 import functools
@@ -67,28 +69,32 @@ def decode_kernel_applies(xq: torch.Tensor, backend: Backend) -> bool:
 def attend(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: AttentionBias, backend: Backend) -> torch.Tensor:
     """xq: [T, H, D] queries; keys, values: [S, H_kv, D]. Returns [T, H, D]."""
     if backend == "auto":
-        batch = causal_batch(mask) if _dense_kernels_run(xq) else None
-        if batch is not None:
-            return _causal(xq, keys, values, *batch)
+        blocks = causal_blocks(mask) if _dense_kernels_run(xq) else None
+        if blocks is not None:
+            return _causal(xq, keys, values, blocks)
         backend = "xformers" if _half_on_cuda(xq) else "reference"
     if backend == "xformers":
         return _xformers(xq, keys, values, mask)
     return _reference(xq, keys, values, mask)
 
 
-def causal_batch(mask: AttentionBias) -> Optional[tuple[int, int]]:
-    """(B, L) when the mask is B causal blocks of L tokens each and no window is shorter than L, else None.
+def causal_blocks(mask: AttentionBias) -> Optional[dict[int, list[int]]]:
+    """{L: the starts of the sequences of L tokens} when the mask is that of each sequence
+    attending causally to itself and no window is shorter than a sequence, else None.
 
-    Such a mask is that of a [B, L] batch of prompts, each attending causally to itself.
+    Such a mask is that of a batch of prompts per length, each attending causally to itself.
     """
     if type(mask) not in (BlockDiagonalCausalMask, BlockDiagonalCausalLocalAttentionMask):
         return None
     starts = mask.q_seqinfo.seqstart_py
-    B, L = len(starts) - 1, starts[1] if len(starts) > 1 else 0
-    if L == 0 or starts != mask.k_seqinfo.seqstart_py or starts != list(range(0, B * L + 1, L)):
+    if starts != mask.k_seqinfo.seqstart_py:
         return None
-    window = getattr(mask, "_window_size", L)  # query i sees keys i - window + 1 .. i
-    return (B, L) if window >= L else None
+    blocks: dict[int, list[int]] = {}
+    for start, end in zip(starts, starts[1:]):
+        if end > start:  # the model never packs an empty sequence; it would attend to nothing
+            blocks.setdefault(end - start, []).append(start)
+    window = getattr(mask, "_window_size", None)  # query i sees keys i - window + 1 .. i
+    return blocks if blocks and (window is None or window >= max(blocks)) else None
 
 
 def _dense_kernels_run(xq: torch.Tensor) -> bool:
@@ -97,17 +103,33 @@ def _dense_kernels_run(xq: torch.Tensor) -> bool:
     return _half_on_cuda(xq) and torch.cuda.get_device_capability(xq.device) >= (8, 0) and head_dim % 8 == 0 and head_dim <= 256
 
 
-def _causal(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, B: int, L: int) -> torch.Tensor:
-    """Attention under the mask of `causal_batch` (B, L) as one batched causal product."""
+def _causal(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, blocks: dict[int, list[int]]) -> torch.Tensor:
+    """Attention under the mask of `causal_blocks`: one batched causal product per length of sequence."""
     T, H, D = xq.shape
-    q, k, v = (t.view(B, L, -1, D).transpose(1, 2) for t in (xq, keys, values))  # [B, heads, L, D]
-    # cuDNN first (the fastest on an H100), flash-attention where it does not run; never the
-    # plain product, whose [B, H, L, L] scores would not fit a long prompt. The CPU (the tests)
-    # runs its own kernels.
-    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION] if xq.is_cuda else [SDPBackend.MATH]
-    with sdpa_kernel(backends, set_priority=True):
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    return out.transpose(1, 2).reshape(T, H, D)
+    out = None if len(blocks) == 1 else torch.empty_like(xq)
+    for L, starts in blocks.items():
+        B = len(starts)
+        if starts == list(range(starts[0], starts[0] + B * L, L)):  # back to back: views, no copies
+            q, k, v = (t[starts[0] : starts[0] + B * L] for t in (xq, keys, values))
+        else:
+            q, k, v = (torch.cat([t[s : s + L] for s in starts]) for t in (xq, keys, values))
+        q, k, v = (t.view(B, L, -1, D).transpose(1, 2) for t in (q, k, v))  # [B, heads, L, D]
+        # cuDNN first (the fastest on an H100), flash-attention where it does not run; never the
+        # plain product, whose [B, H, L, L] scores would not fit a long prompt. The CPU (the tests)
+        # runs its own kernels.
+        backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION] if xq.is_cuda else [SDPBackend.MATH]
+        with sdpa_kernel(backends, set_priority=True):
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2).reshape(B * L, H, D)
+        if out is None:  # one length: these are all the tokens
+            return o
+        out.index_copy_(0, _rows(starts, L, xq.device), o)
+    assert out is not None
+    return out
+
+
+def _rows(starts: list[int], L: int, device: torch.device) -> torch.Tensor:
+    """The token rows of the sequences of L tokens that begin at `starts`, in order."""
+    return (torch.tensor(starts, device=device)[:, None] + torch.arange(L, device=device)[None, :]).flatten()
 
 
 def _xformers(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: AttentionBias) -> torch.Tensor:

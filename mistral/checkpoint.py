@@ -170,13 +170,14 @@ def _read_safetensors(path: Path, slices: Slices, tensor_rank: int, progress: Op
     tensors = _pieces(header, 8 + length, slices, tensor_rank)
     device = next(iter(slices.values()))[0].device
     cuda = device.type == "cuda"
+    size = max([CHUNK] + [piece.row_bytes for pieces in tensors for piece in pieces])  # a piece holds a row at least
     local = threading.local()
     streams: list[torch.cuda.Stream] = []
 
     def read(piece: _Piece) -> int:
         if not hasattr(local, "file"):  # each thread: its file, its staging buffer, its stream
             local.file = open(path, "rb", buffering=0)
-            local.buffer = torch.empty(CHUNK, dtype=torch.uint8, pin_memory=cuda)
+            local.buffer = torch.empty(size, dtype=torch.uint8, pin_memory=cuda)
             local.stream = torch.cuda.Stream(device) if cuda else None
             if local.stream is not None:
                 streams.append(local.stream)

@@ -190,10 +190,26 @@ MUTATIONS = [
              cuda=True),
     Mutation("swiglu-gates-w3", "kernels.py", r"return nn\.functional\.silu\(h1\) \* h3", "return nn.functional.silu(h3) * h1",
              "test_model.py -k match_hf", "SwiGLU gates the w3 half instead of w1"),
-    Mutation("causal-batch-window-short", "attention.py", r"if window >= L else None", "if window >= L - 1 else None",
-             "test_attention.py -k causal_batch", "a window one short of the prompts taken for plain causal attention"),
+    Mutation("causal-blocks-window-short", "attention.py", r"window >= max\(blocks\)", "window >= max(blocks) - 1",
+             "test_attention.py -k causal_blocks", "a window one short of the prompts taken for plain causal attention"),
+    Mutation("causal-blocks-rows-shifted", "attention.py", r"torch\.tensor\(starts, device=device\)\[:, None\] \+",
+             "1 + torch.tensor(starts, device=device)[:, None] +", "test_attention.py -k causal_blocks",
+             "packed prompts of several lengths written back one row off"),
     Mutation("int8-step-too-small", "quantize.py", r"\) / 127", ") / 128", "test_quantize.py -k half_a_step",
              "the largest weight of a row no longer fits the int8 range"),
+    # --- loading and the cold start ----------------------------------------------------
+    Mutation("load-rank-reads-rank-0-rows", "checkpoint.py", r"first_row = tensor_rank \* rows if dim == 0 else 0",
+             "first_row = 0", "test_parallel.py -k logits_equal_single_process", "every tensor-parallel rank reads rank 0's rows"),
+    Mutation("load-columns-of-rank-0", "checkpoint.py", r"slice\(tensor_rank \* view\.shape\[1\], \(tensor_rank \+ 1\)",
+             "slice(0 * view.shape[1], (0 + 1)", "test_parallel.py -k logits_equal_single_process", "every rank reads rank 0's columns of wo and w2"),
+    Mutation("load-pieces-overlap", "checkpoint.py", r"piece\.offset \+ piece\.start \* piece\.row_bytes",
+             "piece.offset", "test_model.py -k in_pieces", "each piece of a large tensor reads the tensor's first rows"),
+    Mutation("compile-pays-reversed", "decode.py", r"COMPILE_SAVES_S_PER_LAYER_STEP > COMPILE_COSTS_S",
+             "COMPILE_SAVES_S_PER_LAYER_STEP < COMPILE_COSTS_S", "test_decode.py -k pays", "a one-shot run compiles, a long one does not"),
+    Mutation("fused-rotary-sign", "kernels.py", r"a \* cos\[None, :\] - b \* sin\[None, :\]", "a * cos[None, :] + b * sin[None, :]",
+             "test_decode.py -k fused_norm_and_rotary", "the rotary kernel rotates the wrong way", cuda=True),
+    Mutation("fused-norm-no-weight", "kernels.py", r"\(normed \* w\)\.to", "(normed).to",
+             "test_decode.py -k fused_norm_and_rotary", "the RMSNorm kernel leaves out its weight", cuda=True),
 ]
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from conftest import DEVICE, rel_error
 
-from mistral.attention import _causal, attend, causal_batch
+from mistral.attention import _causal, attend, causal_blocks
 from mistral.cache import CacheInputs, CacheView, RotatingBufferCache
 from mistral.masks import chunk_mask, decode_mask, prefill_mask
 
@@ -85,31 +85,41 @@ def test_attention_matches_the_rule_written_by_hand(backend: str, window: int) -
 )
 @example(seqlens=[4, 4], window=3, equal=True)  # the edges: one short of the prompts, and just covering them
 @example(seqlens=[4, 4], window=4, equal=True)
-def test_causal_batch_is_read_off_exactly_the_masks_of_a_causal_batch(seqlens: list[int], window, equal: bool) -> None:
+def test_causal_blocks_are_read_off_exactly_the_masks_of_causal_blocks(seqlens: list[int], window, equal: bool) -> None:
     if equal:
         seqlens = [seqlens[0]] * len(seqlens)
     mask = prefill_mask(seqlens, window, torch.device("cpu"))
-    B, L = len(seqlens), seqlens[0]
-    dense = len(set(seqlens)) == 1 and (window is None or window >= L)
-    assert causal_batch(mask) == ((B, L) if dense else None)
-    if dense:  # and then the mask is that of B causal blocks of L, spelled out here
-        causal = torch.ones(L, L, dtype=torch.bool).tril()
-        allowed = torch.block_diag(*[causal] * B)
-        assert torch.equal(mask.materialize((B * L, B * L)) == 0, allowed)
-    # Empty sequences (which the model never packs) are no batch either, and no error.
-    assert causal_batch(prefill_mask([0] + seqlens, window, torch.device("cpu"))) is None
-    # Chunks and decode steps read a cache: never a plain batch.
-    assert causal_batch(chunk_mask(seqlens, [s + 1 for s in seqlens], window, torch.device("cpu"))) is None
-    assert causal_batch(decode_mask(seqlens, 8, torch.device("cpu"))) is None
+    dense = window is None or window >= max(seqlens)
+    starts = [sum(seqlens[:b]) for b in range(len(seqlens))]
+    want: dict[int, list[int]] = {}
+    for start, n in zip(starts, seqlens):
+        want.setdefault(n, []).append(start)
+    assert causal_blocks(mask) == (want if dense else None)
+    if dense:  # and then the mask is that of causal blocks, spelled out here
+        allowed = torch.block_diag(*[torch.ones(n, n, dtype=torch.bool).tril() for n in seqlens])
+        T = sum(seqlens)
+        assert torch.equal(mask.materialize((T, T)) == 0, allowed)
+    # An empty sequence (which the model never packs) holds no block, and is no error.
+    assert causal_blocks(prefill_mask([0] + seqlens, window, torch.device("cpu"))) == (want if dense else None)
+    # Chunks and decode steps read a cache: never plain causal blocks.
+    assert causal_blocks(chunk_mask(seqlens, [s + 1 for s in seqlens], window, torch.device("cpu"))) is None
+    assert causal_blocks(decode_mask(seqlens, 8, torch.device("cpu"))) is None
 
 
 @pytest.mark.parametrize("window", [3, 4, None])
-def test_causal_batch_attention_matches_the_reference(window) -> None:
-    """The batched causal product (on the CPU here; backend "auto" runs it on CUDA) against the materialized mask."""
+@pytest.mark.parametrize("seqlens", [[3, 3], [2, 3, 2, 1], [4]])
+def test_causal_blocks_attention_matches_the_reference(window, seqlens: list[int]) -> None:
+    """The batched causal products (on the CPU here; backend "auto" runs them on CUDA), one per
+    length of sequence, against the materialized mask, where no window cuts a sequence."""
     torch.manual_seed(0)
-    mask = prefill_mask([3, 3], window, torch.device("cpu"))
-    xq, keys, values = torch.randn(6, H, D), torch.randn(6, H_KV, D), torch.randn(6, H_KV, D)
-    assert rel_error(_causal(xq, keys, values, 2, 3), attend(xq, keys, values, mask, "reference")) < 1e-5
+    mask = prefill_mask(seqlens, window, torch.device("cpu"))
+    blocks = causal_blocks(mask)
+    assert (blocks is None) == (window is not None and window < max(seqlens))
+    if blocks is None:
+        return
+    T = sum(seqlens)
+    xq, keys, values = torch.randn(T, H, D), torch.randn(T, H_KV, D), torch.randn(T, H_KV, D)
+    assert rel_error(_causal(xq, keys, values, blocks), attend(xq, keys, values, mask, "reference")) < 1e-5
 
 
 @pytest.mark.parametrize("group", [1, 4, 8])

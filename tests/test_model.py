@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from conftest import DEVICE, DTYPE, F32_RTOL, RTOL, edit_tensors, random_model, rel_error, tiny_args
 from hf_reference import W, converted, hf_logits, hf_model, random_prompts
 from mistral import MistralError, Transformer
+from mistral import checkpoint
 from mistral.checkpoint import PARAMS, PTH, SAFETENSORS
 
 LENGTHS = [20, 27, 33]  # all past W and past the 2 * (W - 1) tokens two windowed layers reach
@@ -142,6 +143,19 @@ def test_save_from_folder_round_trips_exactly(tmp_path: Path, moe: bool) -> None
     assert got.keys() == want.keys()
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.parametrize("chunk", [1, 100, 4096])
+def test_loading_in_pieces_reads_every_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    """A tensor larger than the loader's staging buffer (checkpoint.CHUNK bytes) is read in
+    pieces of whole rows (one row at a time where a row is larger): every piece lands in
+    its own rows, with the bfloat16 file turned into the model's dtype on the way."""
+    model = random_model(tiny_args(moe=True)).to(torch.bfloat16)
+    model.save(tmp_path)
+    monkeypatch.setattr(checkpoint, "CHUNK", chunk)
+    loaded = Transformer.from_folder(tmp_path, device=DEVICE, dtype=torch.float32)
+    for name, want in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], want.float()), name
 
 
 def test_pth_checkpoint_loads(folder: Path) -> None:
