@@ -192,9 +192,9 @@ MUTATIONS = [
              "test_model.py -k match_hf", "SwiGLU gates the w3 half instead of w1"),
     Mutation("causal-blocks-window-short", "attention.py", r"window >= max\(blocks\)", "window >= max(blocks) - 1",
              "test_attention.py -k causal_blocks", "a window one short of the prompts taken for plain causal attention"),
-    Mutation("causal-blocks-rows-shifted", "attention.py", r"torch\.tensor\(starts, device=device\)\[:, None\] \+",
-             "1 + torch.tensor(starts, device=device)[:, None] +", "test_attention.py -k causal_blocks",
-             "packed prompts of several lengths written back one row off"),
+    Mutation("causal-blocks-sequences-swapped", "attention.py", r"torch\.cat\(\[t\[s : s \+ L\] for s in starts\]\)",
+             "torch.cat([t[s : s + L] for s in reversed(starts)])", "test_attention.py -k causal_blocks",
+             "packed prompts of one length, not back to back, each given another's attention"),
     Mutation("int8-step-too-small", "quantize.py", r"\) / 127", ") / 128", "test_quantize.py -k half_a_step",
              "the largest weight of a row no longer fits the int8 range"),
     # --- loading and the cold start ----------------------------------------------------
