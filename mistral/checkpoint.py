@@ -8,6 +8,7 @@ torch.load(weights_only=True), which cannot run code hidden in the pickle.
 import ctypes
 import dataclasses
 import json
+import os
 import shutil
 import struct
 import tempfile
@@ -15,7 +16,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -266,32 +267,47 @@ def _check_int8(path: Path, int8: dict[str, bool], slices: Slices) -> None:
 
 
 def write_folder(
-    folder: Union[str, Path], args: ModelArgs, state_dict: dict[str, torch.Tensor], tokenizer: Optional[Path] = None
+    folder: Union[str, Path], args: ModelArgs, state_dict: dict[str, torch.Tensor], tokenizer: Optional[Path] = None,
+    *, tokenizers: Sequence[Path] = (),
 ) -> None:
-    """Write params.json and consolidated.safetensors (and a copy of `tokenizer`) into folder.
+    """Write params.json and consolidated.safetensors (and copies of `tokenizer` / `tokenizers`) into folder.
 
     The files are written into a temporary folder beside it and moved in at the end: a
-    failure (a full disk) leaves no folder that looks like a model but holds only params.json.
+    failure (a full disk, SIGTERM) leaves no folder that looks like a model but holds
+    only part of one, and no temporary folder either. A folder that already holds files
+    is refused: merged into, it would hold two models' files (two tokenizers, say).
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise MistralError(f"{folder}: exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        raise MistralError(f"{folder}: the folder already holds files: write into a new or empty folder")
     tmp = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         args.to_json(tmp / PARAMS)
         save_file({n: t.detach().contiguous().cpu() for n, t in state_dict.items()}, str(tmp / SAFETENSORS))
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / tokenizer.name)
+        for source in ([tokenizer] if tokenizer is not None else []) + list(tokenizers):
+            shutil.copyfile(source, tmp / source.name)
+        mode = 0o666 & ~_umask()  # what a file written plainly gets (safetensors writes 0600)
         folder.mkdir(exist_ok=True)
         for file in tmp.iterdir():
+            file.chmod(mode)
             file.replace(folder / file.name)  # a rename on the same file system: nothing left to fail
     except OSError as e:
         raise MistralError(f"{folder}: cannot write ({e.strerror or e})") from None
+    except SafetensorError as e:  # its own error for the system's (a full disk)
+        raise MistralError(f"{folder}: cannot write ({str(e).splitlines()[0]})") from None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def split_views(fused: dict[str, torch.Tensor], name: str, parts: dict[str, int]) -> dict[str, torch.Tensor]:

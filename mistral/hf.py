@@ -206,6 +206,8 @@ def convert(hf_dir: Union[str, Path], out_dir: Union[str, Path]) -> ModelArgs:
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if not hf_dir.is_dir():
         raise MistralError(f"{hf_dir}: HF model folder not found")
+    if out_dir.resolve() == hf_dir.resolve():
+        raise MistralError(f"{out_dir}: write the converted model into another folder than {hf_dir}")
     if not (hf_dir / CONFIG).is_file():
         raise MistralError(f"{hf_dir}: no {CONFIG} in the HF model folder")
     args = args_from_hf_config(read_json(hf_dir / CONFIG), str(hf_dir / CONFIG))

@@ -4,6 +4,7 @@ import functools
 import inspect
 import json as jsonlib
 import os
+import signal
 import sys
 import time
 import typing
@@ -24,7 +25,7 @@ from mistral.options import HELP, check_arguments
 from mistral.hf import convert as convert_hf
 from mistral.model import Transformer
 from mistral.quantize import quantize_folder
-from mistral.tokenizer import ChatTokenizer, Message, check_text, load_tokenizer, tokenizer_file
+from mistral.tokenizer import TOKENIZER_FILES, ChatTokenizer, Message, check_text, load_tokenizer, tokenizer_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -487,6 +488,9 @@ def convert(hf_dir: str, out_dir: str) -> None:
     args = convert_hf(hf_dir, out_dir)
     kind = "Mixtral" if args.moe else "Mistral"
     print(f"wrote {out_dir}: {kind}, {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}", file=sys.stderr)
+    if not any((Path(out_dir) / name).is_file() for name in TOKENIZER_FILES):
+        print(f"note: {hf_dir} holds no tokenizer file ({', '.join(TOKENIZER_FILES)}), as save_pretrained writes none: "
+              f"copy the model's own into {out_dir}, which generate and chat need", file=sys.stderr)  # fmt: skip
 
 
 @text_arguments
@@ -540,11 +544,18 @@ def with_inputs(command: Callable, extra: list[str]) -> Callable:
     return run
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     """`mistral COMMAND ...`: exit 2 with one line for what the user typed wrong."""
     # What torch.compile and Triton tell their own developers ("Online softmax is
     # disabled on the fly ...") is no news to a user of the command.
     warnings.filterwarnings("ignore", module=r"torch\._inductor|triton")
+    # SIGTERM ends the command as Ctrl-C does, through every `finally` on the way: a
+    # folder being written (quantize, convert) takes its temporary files with it.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         run(sys.argv[1:])
     except MistralError as e:

@@ -11,7 +11,6 @@ The folder written has the same tensor names, each quantized weight beside a ten
 """
 
 import dataclasses
-import shutil
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -57,9 +56,7 @@ def quantize_folder(
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         tensors = _quantized(list(state), state.__getitem__, progress)
     tokenizers = [p for p in src.iterdir() if p.is_file() and (p.name.startswith("tokenizer") or p.name == "tekken.json")]
-    write_folder(dst, dataclasses.replace(args, quantization=quantization), tensors)
-    for tokenizer in tokenizers:
-        shutil.copyfile(tokenizer, dst / tokenizer.name)
+    write_folder(dst, dataclasses.replace(args, quantization=quantization), tensors, tokenizers=tokenizers)
 
 
 def _quantized(names: list[str], read: Callable[[str], torch.Tensor], progress: Optional[Progress]) -> dict[str, torch.Tensor]:

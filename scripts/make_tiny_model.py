@@ -61,8 +61,6 @@ def make_tiny_model(
 ) -> Path:
     """A random model small enough for a CPU test, with its tokenizer."""
     out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    train_tokenizer(out / TOKENIZER, vocab_size)
     args = ModelArgs(
         dim=dim,
         n_layers=n_layers,
@@ -81,6 +79,7 @@ def make_tiny_model(
     for p in model.parameters():
         torch.nn.init.normal_(p, std=dim**-0.5)
     model.save(out)
+    train_tokenizer(out / TOKENIZER, vocab_size)
     return out
 
 

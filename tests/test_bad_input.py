@@ -286,3 +286,67 @@ def test_fuzzed_command_line(cli: Any, command: str, options: list[tuple[str, st
     if code == 2:
         assert out in ("", "> "), (args, out)  # chat's prompt may come before an error about the line
         assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), (args, err)
+
+
+def test_writing_a_folder_refuses_one_that_holds_files(cli: Any, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """quantize and convert into a folder with files would merge two models (two tokenizers):
+    refused, the folder left as it was; convert into its own source folder too."""
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    assert_error(cli("quantize", str(mistral.main.DEFAULT_MODEL), str(tmp_path / "taken")), "taken", "already holds files")
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["notes.txt"]
+    from hf_reference import hf_model
+
+    hf_model(moe=False).save_pretrained(tmp_path / "hf")
+    capsys.readouterr()  # save_pretrained's progress bar
+    before = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert_error(cli("convert", str(tmp_path / "hf"), str(tmp_path / "hf")), "another folder")
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == before
+
+
+def test_a_written_folder_is_readable_by_others(tmp_path: Path) -> None:
+    """Every file of a written model folder gets the mode a plainly written file gets (safetensors' own is 0600)."""
+    Transformer(tiny_args()).save(tmp_path / "out")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "out").iterdir()} == {
+        PARAMS: 0o666 & ~mask, SAFETENSORS: 0o666 & ~mask
+    }
+
+
+def test_quantize_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    """A file-size limit (what a full disk does to a write) in the middle of consolidated.safetensors:
+    one line, exit 2, and neither the folder nor a temporary one, the tokenizer copied inside it or not at all."""
+    code = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); "
+        f"sys.argv = ['mistral', 'quantize', {str(mistral.main.DEFAULT_MODEL)!r}, {str(tmp_path / 'out')!r}]; "
+        "from mistral.main import main; main()"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert_error((run.returncode, run.stdout, run.stderr), "out: cannot write")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_while_writing_leaves_no_temporary_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM ends the command through its `finally`s (main's handler): the half-written temporary folder goes."""
+    import signal
+
+    from mistral import checkpoint
+    from mistral.main import _terminate
+
+    real_save = checkpoint.save_file
+
+    def save_then_terminated(tensors: dict, path: str) -> None:
+        real_save(tensors, path)
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the folder is still the temporary one
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    monkeypatch.setattr(checkpoint, "save_file", save_then_terminated)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            write_folder(tmp_path / "out", tiny_args(), Transformer(tiny_args()).state_dict())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
