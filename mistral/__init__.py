@@ -13,9 +13,10 @@ logging.getLogger("xformers").setLevel(logging.ERROR)
 
 from mistral.args import ModelArgs, MoeArgs
 from mistral.cache import RotatingBufferCache
+from mistral.checkpoint import DEFAULT_MODEL
 from mistral.errors import MistralError
 from mistral.generation import generate, stream
 from mistral.model import Transformer
 from mistral.tokenizer import Tokenizer
 
-__all__ = ["ModelArgs", "MoeArgs", "MistralError", "RotatingBufferCache", "Tokenizer", "Transformer", "generate", "stream"]
+__all__ = ["DEFAULT_MODEL", "ModelArgs", "MoeArgs", "MistralError", "RotatingBufferCache", "Tokenizer", "Transformer", "generate", "stream"]

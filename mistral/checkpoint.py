@@ -26,6 +26,10 @@ from torch import nn
 from mistral.args import ModelArgs
 from mistral.errors import MistralError
 
+# The small model that ships with the package (see default_model/README.md): what
+# `mistral generate "prompt"` and `mistral chat` run when no model folder is given.
+DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
+
 PARAMS = "params.json"
 SAFETENSORS = "consolidated.safetensors"
 PTH = "consolidated.00.pth"

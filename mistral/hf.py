@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from mistral.args import ModelArgs, MoeArgs, read_json
 from mistral.checkpoint import write_folder
 from mistral.errors import MistralError
-from mistral.model import Transformer
+from mistral.model import checkpoint_shapes
 from mistral.tokenizer import TOKENIZER_FILES
 
 CONFIG = "config.json"
@@ -211,8 +211,7 @@ def convert(hf_dir: Union[str, Path], out_dir: Union[str, Path]) -> ModelArgs:
     if not (hf_dir / CONFIG).is_file():
         raise MistralError(f"{hf_dir}: no {CONFIG} in the HF model folder")
     args = args_from_hf_config(read_json(hf_dir / CONFIG), str(hf_dir / CONFIG))
-    with torch.device("meta"):
-        expected = {n: tuple(t.shape) for n, t in Transformer(args).state_dict().items()}
+    expected = checkpoint_shapes(args)
 
     state: dict[str, torch.Tensor] = {}
     for path in _weight_files(hf_dir):

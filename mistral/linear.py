@@ -55,3 +55,13 @@ class Linear(nn.Module):
 def _unhooked(module: nn.Module) -> bool:
     """Whether calling the module is its forward alone: a fused norm must not skip someone's hook."""
     return not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., out, in] -> (q int8 [..., out, in], scales float32 [..., out]), w ~ q * scales[..., None].
+
+    Symmetric, one scale per output row: s = max|W_row| / 127, q = round(W / s).
+    """
+    w = w.float()
+    scales = w.abs().amax(dim=-1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+    return torch.round(w / scales[..., None]).clamp(-127, 127).to(torch.int8), scales

@@ -19,6 +19,7 @@ from fire import decorators, parser
 
 from mistral import parallel
 from mistral.cache import RotatingBufferCache
+from mistral.checkpoint import DEFAULT_MODEL
 from mistral.errors import MistralError, check_positive_int
 from mistral.generation import check_options, stream
 from mistral.options import HELP, check_arguments
@@ -28,11 +29,6 @@ from mistral.quantize import quantize_folder
 from mistral.tokenizer import TOKENIZER_FILES, ChatTokenizer, Message, check_text, load_tokenizer, tokenizer_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# The small model that ships with the package (see default_model/README.md): what
-# `mistral generate "prompt"` and `mistral chat` run when no model folder is given.
-DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
 
 
 def load(
@@ -505,7 +501,7 @@ def quantize(model_dir: str, out_dir: str, method: str = "int8") -> None:
             as int8 with one scale per output row; embeddings, norms, router and output unchanged.
     """
     start = time.perf_counter()
-    quantize_folder(model_dir, out_dir, method, progress=LoadProgress(Path(model_dir)))
+    quantize_folder(model_dir, out_dir, str(method), progress=LoadProgress(Path(model_dir)))
     print(f"wrote {out_dir} ({method}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 

@@ -27,12 +27,11 @@ from mistral.attention import BACKENDS, Backend, attend, decode_kernel_applies
 from mistral.cache import CacheInputs, CacheView, RotatingBufferCache
 from mistral.checkpoint import CheckpointNames, Progress, load_into, read_args, split_views, write_folder
 from mistral.errors import MistralError
-from mistral.linear import Linear
+from mistral.linear import Linear, quantize_int8
 from mistral.lora import merge_lora
 from mistral.masks import AttentionBias
 from mistral.moe import MoeLayer
 from mistral.parallel import Layout, Link, add_all_reduces, check_tensor_split
-from mistral.quantize import quantize_int8
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
@@ -174,6 +173,12 @@ def tensor_split_dim(name: str) -> Optional[int]:
     part, kind = name.split(".")[-2:]
     dim = TENSOR_SPLIT_DIM.get(part)
     return None if kind == "scales" and dim != 0 else dim
+
+
+def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor of params.json's model in its checkpoint (one process's, whole)."""
+    with torch.device("meta"):  # shapes only (its first use imports torch._dynamo: for convert and quantize)
+        return {name: tuple(t.shape) for name, t in Transformer(args).state_dict().items()}
 
 
 class _Uninitialized(TorchFunctionMode):

@@ -11,15 +11,18 @@ The folder written has the same tensor names, each quantized weight beside a ten
 """
 
 import dataclasses
+import pickle
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from mistral.args import QuantArgs
+from mistral.args import QUANTIZATION_METHODS, QuantArgs
 from mistral.checkpoint import PARAMS, Progress, read_args, weights_path, write_folder
 from mistral.errors import MistralError
+from mistral.linear import quantize_int8
+from mistral.model import checkpoint_shapes
 
 QUANTIZED = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
@@ -30,40 +33,61 @@ def is_quantized(name: str) -> bool:
     return part in QUANTIZED and kind == "weight"
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [..., out, in] -> (q int8 [..., out, in], scales float32 [..., out]), w ~ q * scales[..., None]."""
-    w = w.float()
-    scales = w.abs().amax(dim=-1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-    return torch.round(w / scales[..., None]).clamp(-127, 127).to(torch.int8), scales
-
-
 def quantize_folder(
     src: Union[str, Path], dst: Union[str, Path], method: str = "int8", progress: Optional[Progress] = None
 ) -> None:
-    """Write the quantized copy of the model folder src into dst (its tokenizer files copied)."""
+    """Write the quantized copy of the model folder src into dst (its tokenizer files copied).
+
+    A source whose tensors differ from what its params.json implies (names, shapes), or
+    hold values that are not finite, is refused before anything is written, as is one
+    without a tokenizer.
+    """
     src, dst = Path(src), Path(dst)
     args = read_args(src)
     if args.quantization is not None:
         raise MistralError(f"{src / PARAMS}: already quantized ({args.quantization.method})")
     if src.resolve() == dst.resolve():
         raise MistralError(f"{dst}: write the quantized model into another folder than {src}")
-    quantization = QuantArgs(method)  # names an unknown method
-    path = weights_path(src)
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            tensors = _quantized(list(f.keys()), f.get_tensor, progress)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        tensors = _quantized(list(state), state.__getitem__, progress)
+    if method not in QUANTIZATION_METHODS:
+        raise MistralError(f"--method {method!r}: this version quantizes with {', '.join(QUANTIZATION_METHODS)}")
+    quantization = QuantArgs(method)
+    expected = checkpoint_shapes(args)
     tokenizers = [p for p in src.iterdir() if p.is_file() and (p.name.startswith("tokenizer") or p.name == "tekken.json")]
+    if not tokenizers:
+        raise MistralError(f"{src}: no tokenizer file: a quantized folder without one would not run")
+    path = weights_path(src)
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                tensors = _quantized(path, expected, list(f.keys()), f.get_tensor, progress)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if not isinstance(state, dict):
+                raise MistralError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+            tensors = _quantized(path, expected, list(state), state.__getitem__, progress)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise MistralError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})".splitlines()[0]) from None
     write_folder(dst, dataclasses.replace(args, quantization=quantization), tensors, tokenizers=tokenizers)
 
 
-def _quantized(names: list[str], read: Callable[[str], torch.Tensor], progress: Optional[Progress]) -> dict[str, torch.Tensor]:
+def _quantized(
+    path: Path, expected: dict[str, tuple[int, ...]], names: list[str], read: Callable[[str], torch.Tensor],
+    progress: Optional[Progress],
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    missing, extra = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
+    if missing or extra:
+        what = f"missing tensors {', '.join(missing[:5])}" if missing else f"unexpected tensors {', '.join(extra[:5])}"
+        raise MistralError(f"{path}: {what} (does params.json match?)")
     out: dict[str, torch.Tensor] = {}
     nbytes = 0
     for i, name in enumerate(names):
         tensor = read(name)
+        if tuple(tensor.shape) != expected[name]:
+            raise MistralError(f"{path}: {name} is {list(tensor.shape)}, params.json implies {list(expected[name])}")
+        if not tensor.is_floating_point():
+            raise MistralError(f"{path}: {name} holds {tensor.dtype} values, where a float weight belongs")
+        if not bool(torch.isfinite(tensor).all()):
+            raise MistralError(f"{path}: {name} holds values that are not finite (NaN or inf)")
         if is_quantized(name):
             q, scales = quantize_int8(tensor)
             out[name], out[name.removesuffix("weight") + "scales"] = q, scales

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import MISTRAL_7B, TINY, step_time  # noqa: E402
 
 from mistral import ModelArgs, Transformer  # noqa: E402
-from mistral.main import DEFAULT_MODEL  # noqa: E402
+from mistral import DEFAULT_MODEL  # noqa: E402
 from mistral.tokenizer import load_tokenizer  # noqa: E402
 
 SHAPES = {"mistral-7b": MISTRAL_7B, "tiny": TINY}

@@ -35,7 +35,7 @@ from train_tiny import CONTEXT, encode, evaluate, lr_scale, split_sources  # noq
 from mistral import Transformer  # noqa: E402
 from mistral.checkpoint import TOKENIZER  # noqa: E402
 from mistral.hf import convert  # noqa: E402
-from mistral.main import DEFAULT_MODEL  # noqa: E402
+from mistral import DEFAULT_MODEL  # noqa: E402
 from mistral.quantize import quantize_folder  # noqa: E402
 from mistral.tokenizer import Tokenizer  # noqa: E402
 

@@ -30,7 +30,7 @@ from mistral import kernels
 from mistral.attention import attend
 from mistral.cache import CacheInputs, CacheView
 from mistral.masks import prefill_mask
-from mistral.quantize import quantize_int8
+from mistral.linear import quantize_int8
 
 LAYERS = 32
 SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336), "output": (32000, 4096)}

@@ -195,7 +195,7 @@ MUTATIONS = [
     Mutation("causal-blocks-sequences-swapped", "attention.py", r"torch\.cat\(\[t\[s : s \+ L\] for s in starts\]\)",
              "torch.cat([t[s : s + L] for s in reversed(starts)])", "test_attention.py -k causal_blocks",
              "packed prompts of one length, not back to back, each given another's attention"),
-    Mutation("int8-step-too-small", "quantize.py", r"\) / 127", ") / 128", "test_quantize.py -k half_a_step",
+    Mutation("int8-step-too-small", "linear.py", r"\) / 127", ") / 128", "test_quantize.py -k half_a_step",
              "the largest weight of a row no longer fits the int8 range"),
     # --- loading and the cold start ----------------------------------------------------
     Mutation("load-rank-reads-rank-0-rows", "checkpoint.py", r"first_row = tensor_rank \* rows if dim == 0 else 0",

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import MISTRAL_7B  # noqa: E402
 
 from mistral import ModelArgs, Transformer, generate, kernels  # noqa: E402
-from mistral.main import DEFAULT_MODEL  # noqa: E402
-from mistral.quantize import quantize_int8  # noqa: E402
+from mistral import DEFAULT_MODEL  # noqa: E402
+from mistral.linear import quantize_int8  # noqa: E402
 
 KEYS = ["N", "K", "HAS_SCALES", "EXPERTS", "NORM", "GLU"]  # the autotuner's key, then the tensors' dtypes
 

@@ -293,7 +293,7 @@ def test_writing_a_folder_refuses_one_that_holds_files(cli: Any, tmp_path: Path,
     refused, the folder left as it was; convert into its own source folder too."""
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
-    assert_error(cli("quantize", str(mistral.main.DEFAULT_MODEL), str(tmp_path / "taken")), "taken", "already holds files")
+    assert_error(cli("quantize", str(mistral.DEFAULT_MODEL), str(tmp_path / "taken")), "taken", "already holds files")
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["notes.txt"]
     from hf_reference import hf_model
 
@@ -320,7 +320,7 @@ def test_quantize_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path) 
     code = (
         "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
         "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); "
-        f"sys.argv = ['mistral', 'quantize', {str(mistral.main.DEFAULT_MODEL)!r}, {str(tmp_path / 'out')!r}]; "
+        f"sys.argv = ['mistral', 'quantize', {str(mistral.DEFAULT_MODEL)!r}, {str(tmp_path / 'out')!r}]; "
         "from mistral.main import main; main()"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -20,7 +20,7 @@ from mistral.kernels import expert_matvec, swiglu
 from mistral.linear import Linear
 from mistral.model import RMSNorm, TransformerBlock, apply_rotary_emb, rotary_cos_sin
 from mistral.moe import MoeLayer
-from mistral.quantize import quantize_int8
+from mistral.linear import quantize_int8
 
 
 @pytest.mark.parametrize("theta", [1e4, 1e6, 1e8])

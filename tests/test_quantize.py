@@ -7,6 +7,8 @@ step, and the logits of these tiny models move by well under 2% (relative).
 
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -16,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import random_model, rel_error, tiny_args
-from mistral import MistralError, Transformer, generate
+from conftest import edit_tensors, random_model, rel_error, tiny_args
+from mistral import DEFAULT_MODEL, MistralError, Transformer, generate
 from mistral.checkpoint import PARAMS, SAFETENSORS
 from mistral.model import tensor_split_dim
 from mistral.quantize import is_quantized, quantize_folder
@@ -30,6 +32,7 @@ QUANT_RTOL = 2e-2
 def quantized_pair(tmp_path: Path, moe: bool) -> tuple[Transformer, Transformer]:
     model = random_model(tiny_args(moe=moe)).to("cpu")
     model.save(tmp_path / "float")
+    shutil.copyfile(DEFAULT_MODEL / "tokenizer.model", tmp_path / "float" / "tokenizer.model")  # quantize copies it along
     quantize_folder(tmp_path / "float", tmp_path / "int8")
     return model, Transformer.from_folder(tmp_path / "int8")
 
@@ -82,7 +85,7 @@ def test_bad_quantization_is_a_clear_error(tmp_path: Path) -> None:
     _, quantized = quantized_pair(tmp_path, moe=False)
     with pytest.raises(MistralError, match="already quantized"):
         quantize_folder(tmp_path / "int8", tmp_path / "twice")
-    with pytest.raises(MistralError, match="quantization method 'int4' is not one this version reads"):
+    with pytest.raises(MistralError, match="--method 'int4': this version quantizes with int8"):
         quantize_folder(tmp_path / "float", tmp_path / "int4", method="int4")
     params = json.loads((tmp_path / "int8" / PARAMS).read_text())
     (tmp_path / "int8" / PARAMS).write_text(json.dumps(params | {"quantization": {"method": "nf4"}}))
@@ -118,7 +121,6 @@ def test_default_model_keeps_its_quality(tmp_path: Path) -> None:
     perplexity and keeps >= 97% of the float model's top-1 predictions (measured: +0.01%, 99.6%)."""
     from train_tiny import CONTEXT, evaluate
 
-    from mistral.main import DEFAULT_MODEL
 
     quantize_folder(DEFAULT_MODEL, tmp_path / "q")
     text = (Path(sysconfig.get_paths()["stdlib"]) / "copy.py").read_text()
@@ -129,3 +131,33 @@ def test_default_model_keeps_its_quality(tmp_path: Path) -> None:
     with torch.no_grad():
         agree = (float_model(tokens, [len(tokens)]).argmax(-1) == int8_model(tokens, [len(tokens)]).argmax(-1)).float().mean()
     assert agree >= 0.97
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(output__weight=None), "missing tensors output.weight"),
+        (dict(extra__weight=torch.zeros(3)), "unexpected tensors extra.weight"),
+        (dict(layers__0__attention__wq__weight=torch.zeros(5, 5)), "layers.0.attention.wq.weight is [5, 5], params.json implies"),
+        (dict(norm__weight=torch.full((192,), math.nan)), "norm.weight holds values that are not finite"),
+        (dict(norm__weight=torch.ones(192, dtype=torch.int32)), "norm.weight holds torch.int32 values"),
+    ],
+    ids=["missing", "extra", "shape", "nan", "integers"],
+)
+def test_quantize_refuses_a_broken_source(tmp_path: Path, change: dict, message: str) -> None:
+    """A source that is not what its params.json says is refused before anything is written."""
+    src = tmp_path / "src"
+    shutil.copytree(DEFAULT_MODEL, src)
+    edit_tensors(src / SAFETENSORS, **change)
+    with pytest.raises(MistralError, match=re.escape(message)):
+        quantize_folder(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantize_refuses_a_source_without_tokenizer(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(DEFAULT_MODEL, src)
+    (src / "tokenizer.model").unlink()
+    with pytest.raises(MistralError, match="no tokenizer file"):
+        quantize_folder(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
