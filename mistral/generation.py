@@ -62,8 +62,7 @@ def check_options(
     chunk_size: Optional[int],
     seed: Optional[int] = None,
 ) -> None:
-    if not encoded_prompts:
-        raise MistralError("no prompts given")
+    check_prompts(encoded_prompts)
     for i, prompt in enumerate(encoded_prompts):
         if len(prompt) == 0:
             raise MistralError(f"prompt {i} is empty")
@@ -81,6 +80,31 @@ def check_options(
         check_positive_int(chunk_size, "chunk_size")
     if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
         raise MistralError(f"seed must be an integer, got {seed!r} (0 to 2**64-1, what torch.Generator takes)")
+
+
+def check_prompts(encoded_prompts: Any) -> None:
+    """A list of prompts, each a list of token ids (ints): text, tensors and floats are named, not run."""
+    if isinstance(encoded_prompts, str):
+        raise MistralError("encoded_prompts is a str: encode the text first (tokenizer.encode) and give a list of prompts")
+    if not isinstance(encoded_prompts, (list, tuple)):
+        hint = " (.tolist() turns a tensor into one)" if isinstance(encoded_prompts, torch.Tensor) else ""
+        raise MistralError(f"encoded_prompts must be a list of prompts, each a list of token ids, got {type(encoded_prompts).__name__}{hint}")
+    if not encoded_prompts:
+        raise MistralError("no prompts given")
+    for i, prompt in enumerate(encoded_prompts):
+        if not isinstance(prompt, (list, tuple)):
+            raise MistralError(f"prompt {i} must be a list of token ids (ints), got {type(prompt).__name__}")
+        bad = next((t for t in prompt if not _is_int(t)), None)
+        if bad is not None or any(t is None for t in prompt):
+            raise MistralError(f"prompt {i} holds {bad!r} ({type(bad).__name__}), which is not a token id (an int)")
+
+
+def check_model(model: Any) -> None:
+    """A Transformer whose weights are in one of the dtypes the model runs in."""
+    if not isinstance(model, Transformer):
+        raise MistralError(f"model must be a mistral Transformer, got {type(model).__name__}")
+    if model.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise MistralError(f"the model's weights are {model.dtype}: run it in float32, bfloat16 or float16 (model.to(dtype))")
 
 
 def _is_int(value: Any) -> bool:
@@ -252,10 +276,13 @@ def stream(
 
     Every rank of a parallel model yields the same tokens.
     """
+    check_model(model)
     check_options(
         encoded_prompts, model.args.vocab_size, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
         chunk_size=chunk_size, seed=seed,
     )
+    if eos_id is not None and not _is_int(eos_id):
+        raise MistralError(f"eos_id must be a token id (an int) or None, got {eos_id!r}")
     M = model.layout.num_pipeline_ranks if micro_batches is None else check_positive_int(micro_batches, "micro_batches")
     B = len(encoded_prompts)
     if B > model.args.max_batch_size:

@@ -48,11 +48,16 @@ def load(
         # One process per rank, started by torchrun: each reads and runs its own part only.
         layout, local = parallel.init(num_pipeline_ranks, num_tensor_ranks, device)
         rank, device = layout.world_rank, str(local)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:  # not `device or ...`: fire hands "--device 0" over as the int 0
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device, int) and not isinstance(device, bool) and 0 <= device < 2**31:
+        device = f"cuda:{device}"  # what torch.device(0) means, said without asking for a GPU
     try:
-        device = str(torch.device(device))  # fire hands "--device 0" over as an int
+        device = str(torch.device(device))
     except (RuntimeError, TypeError, ValueError):  # and "--device 1e999" as a float, 2**63 as too large an int
         raise MistralError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if torch.device(device).type not in ("cpu", "cuda"):  # meta holds no values; mps, xpu: not run here
+        raise MistralError(f"device must be cpu, cuda or cuda:N, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MistralError(f"device {device!r}: no CUDA GPU is available")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
@@ -280,6 +285,8 @@ def generate(
             raise MistralError(f"prompt {i} is empty")
         check_text(p, f"prompt {i}")
     check_options([[0]], 1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size, seed=seed)
+    if temperature == 0 and top_p != 1:
+        print("note: --top_p has no effect at --temperature 0, which decodes greedily", file=sys.stderr)
     start = time.perf_counter()
     model, tokenizer = load(folder, device, dtype, num_pipeline_ranks, num_tensor_ranks, None if lora is None else str(lora))
     load_s = time.perf_counter() - start

@@ -289,9 +289,16 @@ class Transformer(nn.Module):
 
         With a cache, seqlens[b] tokens continue the sequence in cache row b (0 = none this call).
         """
+        if not isinstance(seqlens, (list, tuple)) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in seqlens):
+            raise MistralError(f"seqlens must be a list of token counts (ints >= 0), got {seqlens!r}")
         T = sum(seqlens)
-        if input_ids.dim() != 1 or input_ids.shape[0] != T:
-            raise MistralError(f"input_ids must be 1-D with sum(seqlens)={T} tokens, got shape {tuple(input_ids.shape)}")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1 or input_ids.shape[0] != T:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise MistralError(f"input_ids must be a 1-D tensor of sum(seqlens)={T} token ids, got {shape}")
+        if self.layout.is_first and (input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool):
+            raise MistralError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        if self.layout.is_first and T and not bool(((input_ids >= 0) & (input_ids < self.args.vocab_size)).all()):
+            raise MistralError(f"input_ids holds token ids outside the vocabulary 0..{self.args.vocab_size - 1}")
         inputs = CacheInputs.uncached(seqlens, self.args.sliding_window, self.device) if cache is None else cache.prepare(seqlens)
         x = input_ids if self.layout.is_first else self.link.recv_activations(T)
         out = self.step(x, inputs, cache)

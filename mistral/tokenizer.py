@@ -22,7 +22,10 @@ from mistral.errors import MistralError
 
 # The tokenizer files of Mistral's releases; a model folder holds exactly one.
 SENTENCEPIECE_V1 = ("tokenizer.model", "tokenizer.model.v1")
-TOKENIZER_FILES = (*SENTENCEPIECE_V1, "tokenizer.model.v2", "tokenizer.model.v3", "tokenizer.model.v7", "tekken.json")
+# tokenizer.model.v7m1 (mistral_common ships one) is v7's text tokenizer, which also speaks for images.
+TOKENIZER_FILES = (
+    *SENTENCEPIECE_V1, "tokenizer.model.v2", "tokenizer.model.v3", "tokenizer.model.v7", "tokenizer.model.v7m1", "tekken.json"
+)  # fmt: skip
 INSTALL = "pip install -e '.[mistral-common]' (or pip install mistral-common)"
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
@@ -70,6 +73,15 @@ def check_messages(messages: Sequence[Message]) -> None:
         raise MistralError(f"encode_chat: the last message (but system ones) must be the user's, got {last}")
 
 
+def check_ids(ids: Sequence[int], n_words: int) -> list[int]:
+    """ids as a list, if each is a token id of the vocabulary (an int in 0..n_words-1)."""
+    ids = list(ids)
+    bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_words), None)
+    if bad is not None:
+        raise MistralError(f"decode: {bad!r} is not a token id of this vocabulary (ints 0..{n_words - 1})")
+    return ids
+
+
 def check_text(text: str, what: str) -> None:
     """A MistralError naming `what` unless text is valid Unicode: bytes that were not UTF-8
     reach Python's argv and stdin as lone surrogates, which sentencepiece cannot encode."""
@@ -115,7 +127,7 @@ class Tokenizer:
         return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(ids)
+        return self.sp.decode(check_ids(ids, self.n_words))
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         check_messages(messages)
@@ -181,7 +193,7 @@ class MistralCommonTokenizer:
         return self.raw.encode(text, bos=bos, eos=eos)
 
     def decode(self, ids: list[int]) -> str:
-        return self.mistral.decode(ids)
+        return self.mistral.decode(check_ids(ids, self.n_words))
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage

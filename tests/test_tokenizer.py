@@ -121,7 +121,7 @@ RELEASE_NAMES = {
     "mistral_instruct_tokenizer_240216.model.v2": "tokenizer.model.v2",
     "mistral_instruct_tokenizer_240323.model.v3": "tokenizer.model.v3",
     "mistral_instruct_tokenizer_241114.model.v7": "tokenizer.model.v7",
-    "mistral_instruct_tokenizer_241114.model.v7m1": "tokenizer.model.v7",  # the same text tokenizer, for images too
+    "mistral_instruct_tokenizer_241114.model.v7m1": "tokenizer.model.v7m1",  # v7's text tokenizer, for images too
     "tekken_240718.json": "tekken.json",
     "tekken_240911.json": "tekken.json",
 }
