@@ -194,3 +194,12 @@ def test_an_uncompiled_run_imports_neither_dynamo_nor_all_of_xformers() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}).stdout  # fmt: skip
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_readme_python_example_runs_as_pasted(capsys: pytest.CaptureFixture) -> None:
+    """The first code block under README's "The Python API", run as a user pastes it."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## The Python API") :]
+    code = section[section.index("```python\n") + len("```python\n") : section.index("```", section.index("```python") + 9)]
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip()  # it printed a completion
