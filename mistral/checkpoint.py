@@ -55,6 +55,39 @@ def weights_path(folder: Union[str, Path]) -> Path:
     raise MistralError(f"{folder}: no {SAFETENSORS} (or {PTH}) in the model folder")
 
 
+def check_dimensions(folder: Union[str, Path], args: ModelArgs) -> None:
+    """The layer count, vocabulary and width that params.json gives, against the weights
+    file's header, before the model is allocated: params.json saying n_layers: 1000000
+    would otherwise allocate (or fail to) for minutes before the names are compared."""
+    path = weights_path(folder)
+    if path.suffix != ".safetensors":
+        return  # a .pth has no header to read without loading it; load_into checks every tensor
+    header = _header(path)[0]
+    layers = {int(name.split(".")[1]) for name in header if name.startswith("layers.") and name.split(".")[1].isdigit()}
+    if layers and len(layers) != args.n_layers:
+        raise MistralError(f"{path}: holds {len(layers)} layers, but params.json says n_layers={args.n_layers}")
+    embeddings = header.get("tok_embeddings.weight", {}).get("shape")
+    if embeddings is not None and embeddings != [args.vocab_size, args.dim]:
+        raise MistralError(f"{path}: tok_embeddings.weight is {embeddings}, params.json implies {[args.vocab_size, args.dim]}")
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (name -> dtype, shape, data_offsets) and where its data begins."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100 << 20:  # the format caps headers at 100 MB
+                raise ValueError(f"a header of {length} bytes")
+            header = json.loads(f.read(length))
+    except OSError as e:
+        raise MistralError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (struct.error, ValueError, RecursionError) as e:
+        raise MistralError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise MistralError(f"{path}: unreadable safetensors file (its header is not a JSON object)")
+    return header, 8 + length
+
+
 # Per checkpoint tensor: the view of the model it is read into, and the dimension along
 # which a tensor-parallel rank holds one of T equal slices of it (None: the whole tensor).
 Slices = dict[str, tuple[torch.Tensor, Optional[int]]]
@@ -108,8 +141,12 @@ def load_into(
         raise MistralError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})".splitlines()[0]) from None
     if not isinstance(state, dict):
         raise MistralError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    if not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise MistralError(f"{path}: expected a dict of tensors, found {sorted({type(t).__name__ for t in state.values()})}")
     _check(path, {n: tuple(t.shape) for n, t in state.items()}, expected, allow_extra)
     _check_int8(path, {n: state[n].dtype == torch.int8 for n in slices}, slices)
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    _check_float(path, {n: names.get(state[n].dtype, str(state[n].dtype)) for n in slices}, slices)
     _copy_each(slices, lambda n: state[n][part(n)], progress)
 
 
@@ -166,13 +203,8 @@ def _pieces(header: dict, base: int, slices: Slices, tensor_rank: int) -> list[l
 
 
 def _read_safetensors(path: Path, slices: Slices, tensor_rank: int, progress: Optional[Progress]) -> None:
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-    except OSError as e:
-        raise MistralError(f"{path}: cannot read ({e.strerror or e})") from None
-    tensors = _pieces(header, 8 + length, slices, tensor_rank)
+    header, base = _header(path)
+    tensors = _pieces(header, base, slices, tensor_rank)
     device = next(iter(slices.values()))[0].device
     cuda = device.type == "cuda"
     size = max([CHUNK] + [piece.row_bytes for pieces in tensors for piece in pieces])  # a piece holds a row at least

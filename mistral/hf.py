@@ -158,6 +158,8 @@ def _weight_files(hf_dir: Path) -> list[Path]:
     else:
         raise MistralError(f"{hf_dir}: no {HF_SAFETENSORS} or {HF_INDEX} (only safetensors checkpoints are read)")
     for name in files:
+        if not isinstance(name, str) or (hf_dir / name).resolve().parent != hf_dir.resolve():
+            raise MistralError(f"{hf_dir / HF_INDEX}: lists {name!r}, which is not a file of the folder itself")
         if not (hf_dir / name).is_file():
             raise MistralError(f"{hf_dir / HF_INDEX}: lists {name}, which is not in the folder")
     return [hf_dir / name for name in files]

@@ -38,12 +38,17 @@ def merge_lora(model: nn.Module, path: Union[str, Path]) -> None:
     try:
         with safe_open(str(path), framework="pt") as f:
             names = set(f.keys())
+            if not names:
+                raise MistralError(f"{path}: holds no tensors: an adapter that changes nothing")
             for name in sorted(names):
                 if not name.endswith((A, B)):
                     raise MistralError(f"{path}: {name} is neither a lora_A nor a lora_B weight")
                 target = name[: -len(A)] + ".weight"
                 if target not in weights:
                     raise MistralError(f"{path}: {name} adapts {target}, which the model does not have")
+                if weights[target].dim() != 2:
+                    raise MistralError(f"{path}: {name} adapts {target}, of shape {list(weights[target].shape)}: "
+                                       "LoRA adapts projection weights (matrices), not norms")  # fmt: skip
                 other = name[: -len(A)] + (B if name.endswith(A) else A)
                 if other not in names:
                     raise MistralError(f"{path}: {name} has no {other}")

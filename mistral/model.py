@@ -25,7 +25,7 @@ from mistral import kernels
 from mistral.args import ModelArgs
 from mistral.attention import BACKENDS, Backend, attend, decode_kernel_applies
 from mistral.cache import CacheInputs, CacheView, RotatingBufferCache
-from mistral.checkpoint import CheckpointNames, Progress, load_into, read_args, split_views, write_folder
+from mistral.checkpoint import CheckpointNames, Progress, check_dimensions, load_into, read_args, split_views, write_folder
 from mistral.errors import MistralError
 from mistral.linear import Linear, quantize_int8
 from mistral.lora import merge_lora
@@ -341,8 +341,13 @@ class Transformer(nn.Module):
         P, T, pipeline_rank, tensor_rank = ranks
         check_tensor_split(T, args.n_heads, args.n_kv_heads, args.hidden_dim)  # before anything is loaded
         layout = Layout.of(P, T, pipeline_rank, tensor_rank)
-        with _Uninitialized(torch.device(device), dtype):  # the weights are written straight into place
-            model = cls(args, layout=layout, attention_backend=attention_backend)
+        try:
+            with _Uninitialized(torch.device(device), dtype):  # the weights are written straight into place
+                model = cls(args, layout=layout, attention_backend=attention_backend)
+        except RuntimeError as e:  # torch.OutOfMemoryError, the CPU allocator's own, a too large size
+            if "memory" not in str(e) and "size" not in str(e):
+                raise
+            raise MistralError(f"the model of this params.json does not fit {device} ({str(e).splitlines()[0][:200]})") from None
         return model.eval()
 
     @classmethod
@@ -369,6 +374,7 @@ class Transformer(nn.Module):
         lora_path: a LoRA adapter (lora.safetensors) to merge into the weights (see mistral/lora.py).
         """
         args = read_args(folder)
+        check_dimensions(folder, args)
         model = cls._empty(args, device, dtype, attention_backend, (num_pipeline_ranks, num_tensor_ranks, pipeline_rank, tensor_rank))
         layout = model.layout
         load_into(folder, model.checkpoint_slices(), layout.tensor_rank, layout.num_tensor_ranks, progress=progress,

@@ -413,3 +413,31 @@ def test_forward_and_decode_name_bad_ids(default_model: Transformer) -> None:
     tokenizer = mistral.tokenizer.load_tokenizer(mistral.DEFAULT_MODEL)
     with pytest.raises(MistralError, match=re.escape(f"decode: {V} is not a token id of this vocabulary")):
         tokenizer.decode([1, V])
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (dict(n_layers=1_000_000), "holds 4 layers, but params.json says n_layers=1000000"),
+        (dict(vocab_size=10**12), "tok_embeddings.weight is [4096, 192], params.json implies [1000000000000, 192]"),
+        (dict(dim=10**9, head_dim=10**9 // 6), "tok_embeddings.weight is [4096, 192]"),
+    ],
+    ids=["layers", "vocab", "dim"],
+)
+def test_params_json_that_does_not_match_the_file_fails_at_once(tmp_path: Path, change: dict, fragment: str) -> None:
+    """Checked against the weights file's header before anything is allocated (n_layers: 1000000 ran for minutes)."""
+    folder = tmp_path / "model"
+    shutil.copytree(mistral.DEFAULT_MODEL, folder)
+    params = json.loads((folder / PARAMS).read_text())
+    (folder / PARAMS).write_text(json.dumps(params | change))
+    with pytest.raises(MistralError, match=re.escape(fragment)):
+        Transformer.from_folder(folder)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x05", b"garbage!" * 4, (2**62).to_bytes(8, "little") + b"{}"])
+def test_a_weights_file_that_is_not_safetensors_is_one_error(tmp_path: Path, content: bytes) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(mistral.DEFAULT_MODEL, folder)
+    (folder / SAFETENSORS).write_bytes(content)
+    with pytest.raises(MistralError, match="unreadable safetensors file"):
+        Transformer.from_folder(folder)

@@ -6,6 +6,7 @@ with a MistralError that names the file and the key or tensor.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -179,3 +180,19 @@ def test_bad_tensors(hf_dir: Path, tmp_path: Path, changes: dict, message: str) 
     with pytest.raises(MistralError, match=message):
         convert(hf_dir, tmp_path / "ours")
     assert not (tmp_path / "ours").exists(), "a failed conversion writes nothing"
+
+
+def test_a_shard_index_naming_files_outside_the_folder_is_refused(tmp_path: Path) -> None:
+    """model.safetensors.index.json is data: it may not point the reader at ../ or an absolute path."""
+    hf_model(moe=False).save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copyfile(next((tmp_path / "hf").glob("model-*.safetensors")), outside)
+    for name in ("../elsewhere.safetensors", str(outside)):
+        data = json.loads(index.read_text())
+        first = next(iter(data["weight_map"]))
+        data["weight_map"][first] = name
+        index.write_text(json.dumps(data))
+        with pytest.raises(MistralError, match="not a file of the folder itself"):
+            convert(tmp_path / "hf", tmp_path / "ours")
+    assert not (tmp_path / "ours").exists()

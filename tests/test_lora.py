@@ -130,3 +130,17 @@ def test_bad_adapter_is_a_mistral_error(tmp_path: Path, edit: str, message: str)
     save_file(lora, str(tmp_path / "lora.safetensors"))
     with pytest.raises(MistralError, match=message):
         Transformer.from_folder(tmp_path, lora_path=tmp_path / "lora.safetensors")
+
+
+def test_an_empty_adapter_or_one_aimed_at_a_norm_is_an_error(tmp_path: Path) -> None:
+    base = random_model(tiny_args())
+    base.save(tmp_path)
+    shapes = {n: t.shape for n, t in base.state_dict().items()}
+    write_adapter(tmp_path, (), shapes)
+    with pytest.raises(MistralError, match="holds no tensors"):
+        Transformer.from_folder(tmp_path, lora_path=tmp_path / "lora.safetensors")
+    norm = "layers.0.attention_norm.weight"
+    save_file({"layers.0.attention_norm.lora_A.weight": torch.zeros(RANK, 4), "layers.0.attention_norm.lora_B.weight": torch.zeros(64, RANK)},
+              str(tmp_path / "lora.safetensors"))  # fmt: skip
+    with pytest.raises(MistralError, match=f"adapts {norm}, of shape \\[64\\]: LoRA adapts projection weights"):
+        Transformer.from_folder(tmp_path, lora_path=tmp_path / "lora.safetensors")

@@ -241,3 +241,20 @@ def test_unreadable_weights(folder: Path, name: str) -> None:
     (folder / name).write_bytes(b"\x00garbage" * 10)
     with pytest.raises(MistralError, match=rf"{name}: unreadable"):
         Transformer.from_folder(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32])
+@pytest.mark.parametrize("kind", ["safetensors", "pth"])
+def test_integer_tensors_do_not_load_into_float_weights(tmp_path: Path, dtype: torch.dtype, kind: str) -> None:
+    """They would load and generate nonsense: the file and the tensor are named instead."""
+    model = random_model(tiny_args())
+    model.save(tmp_path)
+    state = load_file(str(tmp_path / SAFETENSORS))
+    state["norm.weight"] = torch.ones_like(state["norm.weight"], dtype=dtype)
+    if kind == "pth":
+        (tmp_path / SAFETENSORS).unlink()
+        torch.save(state, tmp_path / PTH)
+    else:
+        edit_tensors(tmp_path / SAFETENSORS, norm__weight=state["norm.weight"])
+    with pytest.raises(MistralError, match="norm.weight holds I(16|32) values, where a float weight belongs"):
+        Transformer.from_folder(tmp_path)
