@@ -61,6 +61,9 @@ class CacheInputs:
     read_to: Optional[torch.Tensor] = None
     new_to: Optional[torch.Tensor] = None
     rows: Optional[torch.Tensor] = None  # "decode" only: 0..n_rows-1, made once for `advance_decode`
+    # "decode" only: the slots of each row that queries read, its first `padding` (the
+    # filled ones, all `size` for a graph's static inputs, which must bound later steps).
+    padding: int = 0
 
     @staticmethod
     def uncached(seqlens: Sequence[int], sliding_window: Optional[int], device: torch.device) -> "CacheInputs":
@@ -82,11 +85,14 @@ class CacheInputs:
         """
         B = len(lengths)
         # The lengths from the host's list: reading them back from the device would sync every step.
-        mask = decode_mask([size] * B if static else key_lengths(torch.tensor(lengths), size).tolist(), size, device)
+        # Eagerly a row's keys are only its filled slots: a window-less cache of max_tokens
+        # slots would otherwise make every step read (and, on the CPU, copy) all of them.
+        reads = [size] * B if static else key_lengths(torch.tensor(lengths), size).tolist()
+        padding = size if static else max(reads)
         positions = torch.empty(B, dtype=torch.long, device=device)
         inputs = CacheInputs(
-            "decode", positions, mask, n_rows=B, size=size, write_from=None, write_to=torch.empty_like(positions),
-            rows=torch.arange(B, device=device),
+            "decode", positions, decode_mask(reads, padding, device), n_rows=B, size=size, write_from=None,
+            write_to=torch.empty_like(positions), rows=torch.arange(B, device=device), padding=padding,
         )  # fmt: skip
         inputs.restart_decode(lengths)
         return inputs
@@ -194,8 +200,10 @@ class CacheView:
         if inputs.kind == "prefill":
             return xk, xv
         if inputs.kind == "decode":
-            # Each query reads its row's slots in place (mask 3 of masks.py).
-            return flat_k[: inputs.n_rows * inputs.size], flat_v[: inputs.n_rows * inputs.size]
+            # Each query reads its row's first `padding` slots (mask 3 of masks.py): in place
+            # when that is every slot, else a copy of the filled ones.
+            rows, padding = inputs.n_rows, inputs.padding
+            return self.k[:rows, :padding].flatten(0, 1), self.v[:rows, :padding].flatten(0, 1)
         return keys, values
 
     def attend_decode(self, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor) -> torch.Tensor:
@@ -209,12 +217,17 @@ class CacheView:
         return decode_attention(xq, xk, xv, self.k, self.v, inputs.write_to, inputs.mask.k_seqinfo.seqlen)
 
 
+# The share of free memory the KV cache leaves to the rest of a run (activations, logits,
+# the allocator's slack).
+HEADROOM = 0.2
+
+
 class CacheTooLarge(MistralError):
     """The cache would not fit the device's free memory; `fits` positions per row would."""
 
     def __init__(self, needed: int, free: int, fits: int, device: torch.device):
         super().__init__(
-            f"the KV cache needs {needed:,} bytes ({needed / 2**30:.1f} GiB) but {device} has {free:,} bytes free: "
+            f"the KV cache needs {needed:,} bytes ({needed / 2**30:.1f} GiB) but {device} has {free:,} bytes free for it: "
             f"{fits:,} tokens per sequence fit"
         )
         self.fits = fits
@@ -247,16 +260,21 @@ class RotatingBufferCache:
         *,
         device: torch.device = torch.device("cpu"),
         dtype: torch.dtype = torch.float32,
+        overhead: float = 0.0,
     ):
         self.sliding_window = sliding_window
         self.size = RotatingBufferCache.row_size(max_seq_len, sliding_window)
         shape = (n_layers, max_batch_size, self.size, n_kv_heads, head_dim)
         # Keys and values of one position in every row: a window-less model with a huge
-        # max_seq_len would otherwise die in torch.zeros asking for hundreds of GB.
-        per_position = 2 * n_layers * max_batch_size * n_kv_heads * head_dim * dtype.itemsize
+        # max_seq_len would otherwise die in torch.zeros asking for hundreds of GB, or be
+        # killed by the system without a word once the run's other allocations came on
+        # top. So the check keeps HEADROOM of what is free for those, and counts what
+        # a step allocates in proportion to the cache (`overhead`, bytes per cache byte).
+        per_position = 2 * n_layers * max_batch_size * n_kv_heads * head_dim * dtype.itemsize * (1 + overhead)
         free = free_memory(torch.device(device))
-        if free is not None and per_position * self.size > free:
-            raise CacheTooLarge(per_position * self.size, free, free // per_position, torch.device(device))
+        usable = None if free is None else int(free * (1 - HEADROOM))
+        if usable is not None and per_position * self.size > usable:
+            raise CacheTooLarge(int(per_position * self.size), usable, int(usable // per_position), torch.device(device))
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths: list[int] = []  # tokens seen so far, per row

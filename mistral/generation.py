@@ -13,7 +13,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from mistral.cache import CacheTooLarge, RotatingBufferCache
-from mistral.decode import Runner, compile_pays, runner
+from mistral.decode import Runner, compile_pays, runner, usable
 from mistral.errors import MistralError, check_positive_int
 from mistral.model import Transformer
 from mistral.parallel import Link, split
@@ -156,8 +156,12 @@ class MicroBatch:
         self.calls = prefill_calls(prompts, chunk)
         self.prefilled = 0  # prefill calls already run
         self.last_logits: list[Optional[torch.Tensor]] = [None] * len(prompts)  # last stage only
-        self.tokens: list[torch.Tensor] = []  # one [b] per step
+        # One [b] per step, from step `forgotten` on: the steps already yielded are let go
+        # (all but the last two, which the next call and a late eos still read), so a long
+        # stream holds constant memory.
+        self.tokens: list[torch.Tensor] = []
         self.logprobs: list[torch.Tensor] = []
+        self.forgotten = 0
         self.done: Optional[torch.Tensor] = None  # [b], the sequence has produced eos
         self.done_before: Optional[torch.Tensor] = None  # the same, a step earlier
         self.finite: list[torch.Tensor] = []  # flags of the steps sampled here, not read yet
@@ -194,10 +198,26 @@ class MicroBatch:
             self.tokens.pop()
             self.logprobs.pop()
             del self.finite[-1:]  # its flag, where it was sampled
-        elif len(self.tokens) < max_tokens:
+        elif self.steps < max_tokens:
             return False
         self.check(pending=0)
         return True
+
+    @property
+    def steps(self) -> int:
+        """Steps sampled so far."""
+        return self.forgotten + len(self.tokens)
+
+    def step(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens and log-probabilities of step s (not forgotten yet)."""
+        return self.tokens[s - self.forgotten], self.logprobs[s - self.forgotten]
+
+    def forget(self, yielded: int) -> None:
+        """Let go of the steps before `yielded`, which the caller has, but the last two."""
+        while self.forgotten < yielded and len(self.tokens) > 2:
+            self.tokens.pop(0)
+            self.logprobs.pop(0)
+            self.forgotten += 1
 
     def take_back(self, yielded: int) -> None:
         """Leave in the cache what the stream promises after `yielded` steps: the prompts and
@@ -268,8 +288,9 @@ def stream(
     finished yields eos (log-probability 0) until the others do.
 
     compile, cuda_graphs: the fast path on CUDA (mistral/decode.py). None: CUDA graphs
-    wherever they run, and compiled blocks only where `decode.compile_pays` for max_tokens
-    steps (never for a short call: compiling costs seconds, a step saves 1 ms at most).
+    wherever they run, and compiled blocks only on CUDA in half precision where
+    `decode.compile_pays` for max_tokens steps (never for a short call: compiling costs
+    seconds, a step saves tens of microseconds).
 
     warm_up: a dict into which the seconds of what runs once per shape are added as they
     happen, by kind (see decode.Runner): a caller's timing books them apart.
@@ -292,8 +313,8 @@ def stream(
     if max_tokens == 0:
         return
     M = min(M, B)  # a last, short batch of generate() may have fewer prompts
-    if compile is None:
-        compile = compile_pays(max_tokens, model.args.n_layers)
+    if compile is None:  # the saving was measured on a GPU; on the CPU compiling only costs
+        compile = usable(model) and compile_pays(max_tokens, model.args.n_layers)
     fast = dict(compile=compile, cuda_graphs=cuda_graphs)
     if cache is not None:
         if M > 1:
@@ -387,23 +408,26 @@ def _steps(
                 mb.check()  # the steps before this one, which is queued behind them
             # Step s is complete once every micro-batch still running has its tokens, and
             # checked: a running micro-batch's last step is not, yet.
-            running = [len(mb.tokens) - 1 for mb in mbs if not mb.finished]
-            ready = min(running) if running else max(len(mb.tokens) for mb in mbs)
+            running = [mb.steps - 1 for mb in mbs if not mb.finished]
+            ready = min(running) if running else max(mb.steps for mb in mbs)
             for step in range(yielded, ready):
                 yielded = step + 1  # counted when handed over: the caller may stop there
                 yield _gather(mbs, step, eos_id)
+            for mb in mbs:
+                mb.forget(yielded)
         link.flush()
     finally:
         for mb in mbs:
-            mb.take_back(min(yielded, len(mb.tokens)))
+            mb.take_back(min(yielded, mb.steps))
 
 
 def _gather(mbs: list[MicroBatch], step: int, eos_id: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
     tokens, logprobs = [], []
     for mb in mbs:
-        if step < len(mb.tokens):
-            tokens.append(mb.tokens[step])
-            logprobs.append(mb.logprobs[step])
+        if step < mb.steps:
+            t, lp = mb.step(step)
+            tokens.append(t)
+            logprobs.append(lp)
         else:  # stopped early: every sequence has produced eos
             assert eos_id is not None
             tokens.append(torch.full_like(mb.tokens[-1], eos_id))

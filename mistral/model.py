@@ -309,6 +309,10 @@ class Transformer(nn.Module):
     def make_cache(self, max_batch_size: int, max_seq_len: int) -> RotatingBufferCache:
         """A cache for this rank's layers and KV heads: W slots per row, fewer when max_seq_len < W."""
         attention = next(iter(self.layers.values())).attention
+        # The CPU's decode attention (attention._reference) copies one layer's filled keys and
+        # values in float32, once for each query head of a key head; CUDA's kernel reads in place.
+        group = attention.n_heads // attention.n_kv_heads
+        overhead = 0.0 if self.device.type == "cuda" else group * 4 / self.dtype.itemsize / len(self.layers)
         return RotatingBufferCache(
             len(self.layers),
             max_batch_size,
@@ -318,6 +322,7 @@ class Transformer(nn.Module):
             self.args.head_dim,
             device=self.device,
             dtype=self.dtype,
+            overhead=overhead,
         )
 
     def checkpoint_slices(self) -> dict[str, tuple[torch.Tensor, Optional[int]]]:

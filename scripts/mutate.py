@@ -197,6 +197,10 @@ MUTATIONS = [
              "packed prompts of one length, not back to back, each given another's attention"),
     Mutation("int8-step-too-small", "linear.py", r"\) / 127", ") / 128", "test_quantize.py -k half_a_step",
              "the largest weight of a row no longer fits the int8 range"),
+    Mutation("decode-reads-every-slot", "cache.py", r"padding = size if static else max\(reads\)", "padding = size",
+             "test_cache.py -k filled_slots", "an eager decode step reads the whole row, filled or not"),
+    Mutation("stream-keeps-every-step", "generation.py", r"while self\.forgotten < yielded and len\(self\.tokens\) > 2:",
+             "while False:", "test_generate.py -k long_stream", "a stream holds every step it yielded"),
     # --- loading and the cold start ----------------------------------------------------
     Mutation("load-rank-reads-rank-0-rows", "checkpoint.py", r"first_row = tensor_rank \* rows if dim == 0 else 0",
              "first_row = 0", "test_parallel.py -k logits_equal_single_process", "every tensor-parallel rank reads rank 0's rows"),

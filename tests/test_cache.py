@@ -255,3 +255,26 @@ def test_rewind_keeps_slots_only_where_no_later_token_overwrote_them() -> None:
     cache.advance([6])  # never wrapped: any rewind keeps what it needs
     cache.rewind(0, 2)
     assert cache.lengths == [2]
+
+
+@given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=4), size=st.sampled_from([8, 64, 10_000]))
+@settings(max_examples=40, deadline=None)
+def test_an_eager_decode_step_reads_only_filled_slots(lengths: list[int], size: int) -> None:
+    """Without a graph a decode query reads the first max(filled) slots of the rows, not the
+    whole row (a window-less cache of max_tokens slots made every step cost max_tokens), and
+    attends exactly as over the whole row, the graph's way (mask 3 padded to every slot)."""
+    from mistral.attention import attend
+    from mistral.cache import CacheInputs, CacheView, RotatingBufferCache
+    from mistral.masks import decode_mask
+
+    H_KV, D, B = 2, 4, len(lengths)
+    cache = RotatingBufferCache(1, B, size, None, H_KV, D)
+    cache.k.normal_(), cache.v.normal_()
+    eager = CacheInputs.decode(lengths, size, DEVICE)
+    reads = [min(n + 1, size) for n in lengths]
+    xk, xv, xq = torch.randn(B, H_KV, D), torch.randn(B, H_KV, D), torch.randn(B, 2 * H_KV, D)
+    keys, values = CacheView(cache.k[0], cache.v[0], eager).update(xk, xv)
+    assert keys.shape[0] == B * max(reads)
+    every_slot = decode_mask(reads, size, DEVICE)
+    want = attend(xq, cache.k[0].flatten(0, 1), cache.v[0].flatten(0, 1), every_slot, "reference")
+    assert rel_error(attend(xq, keys, values, eager.mask, "reference"), want) < 1e-6

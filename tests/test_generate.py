@@ -1,5 +1,6 @@
 """generate() against greedy decoding that recomputes the whole no-cache forward each step."""
 
+import gc
 import math
 import random
 from typing import Optional, Sequence
@@ -9,7 +10,7 @@ import torch
 
 from conftest import DEVICE, DTYPE, RTOL, random_model, rel_error, tiny_args
 from mistral import MistralError, Transformer
-from mistral.generation import generate, sample, stream
+from mistral.generation import MicroBatch, generate, sample, stream
 
 W = 8  # tiny_args' sliding window
 
@@ -305,3 +306,17 @@ def test_spare_caches_follow_the_models_dtype() -> None:
     model.to(torch.float32 if DTYPE == torch.bfloat16 else torch.bfloat16)
     generate(prompts, model, max_tokens=4)
     assert model.spare_caches[0] is not kept and model.spare_caches[0].k.dtype == model.dtype
+
+
+def test_a_long_stream_holds_a_few_steps_only() -> None:
+    """The steps already yielded are let go: memory stays constant however long a stream runs
+    (10k tokens took RSS from 433 to 930 MB and slowed the steps by half)."""
+    model = random_model(tiny_args(sliding_window=8))
+    steps = stream([[1, 2, 3], [4, 5]], model, max_tokens=300)
+    held = []
+    for i, _ in enumerate(steps):
+        if i % 50 == 49:
+            mbs = [o for o in gc.get_objects() if isinstance(o, MicroBatch)]  # the stream's, running
+            assert len(mbs) == 1
+            held.append(len(mbs[0].tokens) + len(mbs[0].logprobs))
+    assert len(held) == 6 and max(held) <= 6
