@@ -95,8 +95,8 @@ class ModelArgs:
         for name in ("norm_eps", "rope_theta"):
             value = getattr(self, name)
             # JSON reads 10000 as an int and Infinity as a float: one is a fine theta, the other garbage.
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
-                raise MistralError(f"ModelArgs.{name} must be a finite positive number, got {value!r}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf or _overflows(value):
+                raise MistralError(f"ModelArgs.{name} must be a finite positive number, got {_shown(value)}")
             setattr(self, name, float(value))
         if self.sliding_window is not None:  # null: full attention
             _check_positive_int(self, "sliding_window")
@@ -139,9 +139,27 @@ def read_json(path: Path) -> dict[str, Any]:
         raise MistralError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise MistralError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise MistralError(f"{path}: JSON nested too deeply to be a model's parameters") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise MistralError(f"{path}: not usable JSON ({str(e).splitlines()[0][:120]})") from None
     if not isinstance(params, dict):
         raise MistralError(f"{path}: expected a JSON object, got {type(params).__name__}")
     return params
+
+
+def _overflows(value: Any) -> bool:
+    """An integer that no float holds (JSON allows 1 followed by 400 zeros)."""
+    try:
+        float(value)
+    except OverflowError:
+        return True
+    return False
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
 def _check_positive_int(args: Any, name: str) -> None:

@@ -66,9 +66,22 @@ def check_dimensions(folder: Union[str, Path], args: ModelArgs) -> None:
     layers = {int(name.split(".")[1]) for name in header if name.startswith("layers.") and name.split(".")[1].isdigit()}
     if layers and len(layers) != args.n_layers:
         raise MistralError(f"{path}: holds {len(layers)} layers, but params.json says n_layers={args.n_layers}")
-    embeddings = header.get("tok_embeddings.weight", {}).get("shape")
-    if embeddings is not None and embeddings != [args.vocab_size, args.dim]:
-        raise MistralError(f"{path}: tok_embeddings.weight is {embeddings}, params.json implies {[args.vocab_size, args.dim]}")
+    implied = {
+        "tok_embeddings.weight": [args.vocab_size, args.dim],
+        "layers.0.attention.wq.weight": [args.n_heads * args.head_dim, args.dim],
+        "layers.0.attention.wk.weight": [args.n_kv_heads * args.head_dim, args.dim],
+        "layers.0.feed_forward.w1.weight": [args.hidden_dim, args.dim],
+        "layers.0.feed_forward.experts.0.w1.weight": [args.hidden_dim, args.dim],
+    }
+    for name, shape in implied.items():
+        found = header.get(name, {}).get("shape") if isinstance(header.get(name), dict) else None
+        if found is not None and found != shape:
+            raise MistralError(f"{path}: {name} is {found}, params.json implies {_shown(shape)}")
+
+
+def _shown(shape: list[int]) -> str:
+    text = str(shape)
+    return text if len(text) <= 80 else text[:60] + "...]"
 
 
 def _header(path: Path) -> tuple[dict, int]:

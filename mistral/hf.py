@@ -93,6 +93,8 @@ def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def args_from_hf_config(config: dict[str, Any], source: str = CONFIG) -> ModelArgs:
     """ModelArgs from the config.json of a MistralForCausalLM or MixtralForCausalLM."""
     architectures = config.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise MistralError(f"{source}: 'architectures' must be a list of names, got {architectures!r}")
     if architectures:
         kind = ARCHITECTURES.get(architectures[0]) if len(architectures) == 1 else None
     else:

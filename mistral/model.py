@@ -349,9 +349,7 @@ class Transformer(nn.Module):
         try:
             with _Uninitialized(torch.device(device), dtype):  # the weights are written straight into place
                 model = cls(args, layout=layout, attention_backend=attention_backend)
-        except RuntimeError as e:  # torch.OutOfMemoryError, the CPU allocator's own, a too large size
-            if "memory" not in str(e) and "size" not in str(e):
-                raise
+        except (RuntimeError, OverflowError, TypeError, ValueError) as e:  # out of memory, or sizes past int64
             raise MistralError(f"the model of this params.json does not fit {device} ({str(e).splitlines()[0][:200]})") from None
         return model.eval()
 

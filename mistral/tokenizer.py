@@ -172,7 +172,9 @@ class MistralCommonTokenizer:
         self._errors = (MistralCommonException, ValueError, AssertionError)
         try:
             self.mistral = MistralTokenizer.from_file(str(path))
-        except (*self._errors, OSError, RuntimeError) as e:
+        # A file of the wrong structure fails deep in mistral_common's parsing, with whatever
+        # Python raises there (an int where an object belongs: AttributeError, ...).
+        except (*self._errors, OSError, RuntimeError, AttributeError, KeyError, TypeError, IndexError) as e:
             raise MistralError(f"{path}: unreadable tokenizer ({type(e).__name__}: {e})".splitlines()[0]) from None
         self.raw = self.mistral.instruct_tokenizer.tokenizer
         self.version = self.raw.version.value

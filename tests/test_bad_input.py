@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -441,3 +441,59 @@ def test_a_weights_file_that_is_not_safetensors_is_one_error(tmp_path: Path, con
     (folder / SAFETENSORS).write_bytes(content)
     with pytest.raises(MistralError, match="unreadable safetensors file"):
         Transformer.from_folder(folder)
+
+
+ODD_VALUES = st.one_of(
+    st.integers(-(10**3), 10**3), st.integers(10**12, 10**30), st.just(10**400), st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(), st.none(), st.text(max_size=5), st.lists(st.integers(0, 3), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(0, 3), max_size=2),
+)  # fmt: skip
+
+
+@given(changes=st.dictionaries(st.sampled_from(sorted(json.loads((mistral.DEFAULT_MODEL / PARAMS).read_text()))), ODD_VALUES,
+                               min_size=1, max_size=3))  # fmt: skip
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_fuzzed_params_json_loads_or_names_the_problem(tmp_path_factory: pytest.TempPathFactory, changes: dict) -> None:
+    """Whatever values params.json holds, from_folder loads the model or raises one MistralError, nothing else."""
+    folder = tmp_path_factory.mktemp("fuzz") / "model"
+    shutil.copytree(mistral.DEFAULT_MODEL, folder)
+    params = json.loads((folder / PARAMS).read_text())
+    (folder / PARAMS).write_text(json.dumps(params | changes))
+    try:
+        Transformer.from_folder(folder)
+    except MistralError as e:
+        assert "\n" not in str(e) and len(str(e)) < 2000
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        (None, "rope_theta must be a finite positive number, got 10000000000"),  # 1 and 400 zeros
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ],
+    ids=["integer past float", "deep"],
+)
+def test_params_json_that_python_cannot_hold(tmp_path: Path, text: Optional[str], fragment: str) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(mistral.DEFAULT_MODEL, folder)
+    if text is None:
+        text = (folder / PARAMS).read_text().replace('"rope_theta": 10000.0', '"rope_theta": 1' + "0" * 400)
+    (folder / PARAMS).write_text(text)
+    with pytest.raises(MistralError, match=re.escape(fragment)):
+        Transformer.from_folder(folder)
+
+
+@pytest.mark.parametrize("content", ['{"config": 5, "vocab": "x"}', "[1, 2", "\x00garbage"])
+def test_a_garbage_tekken_json_is_one_error(tmp_path: Path, content: str) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(mistral.DEFAULT_MODEL, folder)
+    (folder / "tokenizer.model").unlink()
+    (folder / "tekken.json").write_text(content)
+    with pytest.raises(MistralError, match="tekken.json: unreadable tokenizer"):
+        mistral.tokenizer.load_tokenizer(folder)
+
+
+def test_hf_architectures_of_another_shape_is_named() -> None:
+    from mistral.hf import args_from_hf_config
+
+    with pytest.raises(MistralError, match="'architectures' must be a list of names"):
+        args_from_hf_config({"architectures": {"MistralForCausalLM": 1}})
