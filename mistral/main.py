@@ -264,16 +264,16 @@ def generate(
         chunk_size: prefill prompts in chunks of this many tokens (default: the sliding window).
         device: "cpu", "cuda", "cuda:1", ... (default: cuda when available).
         dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU).
-        json: print one JSON object instead of text: per prompt its completion, token ids and
+        json: a switch (--json, no value): print one JSON object instead of text: per prompt its completion, token ids and
             their log-probabilities, and the timings.
         num_pipeline_ranks: split the layers over this many pipeline stages, one process per
-            GPU, started by torchrun: torchrun --nproc-per-node 2 -m mistral generate MODEL_DIR "prompt" --num_pipeline_ranks 2
+            GPU, started by torchrun, as in torchrun --nproc-per-node 2 -m mistral generate MODEL_DIR "prompt" --num_pipeline_ranks 2.
         num_tensor_ranks: split every layer's heads and hidden units over this many processes
-            (tensor parallelism, one GPU each, within one node), which read the weights together:
+            (tensor parallelism, one GPU each, within one node), which read the weights together, as in
             torchrun --nproc-per-node 2 -m mistral generate MODEL_DIR "prompt" --num_tensor_ranks 2.
             With both, torchrun starts num_pipeline_ranks x num_tensor_ranks processes.
         micro_batches: with num_pipeline_ranks > 1, run the prompts as this many groups that
-            follow each other through the stages (default: one per stage).
+            follow each other through the stages; by default one group per stage.
         lora: a LoRA adapter (lora.safetensors, with the rank and scaling in the `lora` section
             of the params.json beside it) to merge into the weights at load.
     """
@@ -438,7 +438,7 @@ def chat(
     Args:
         model_dir: folder with params.json, consolidated.safetensors and one tokenizer file
             (tokenizer.model, tokenizer.model.v1/v2/v3/v7 or tekken.json), whose version
-            decides the chat format (default: the small model shipped in the package).
+            decides the chat format; by default the small model shipped in the package.
         max_tokens: most new tokens per answer.
         temperature: 0 samples greedily; higher values sample more freely.
         top_p: nucleus sampling: sample among the most likely tokens holding this much probability mass.

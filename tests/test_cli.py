@@ -6,8 +6,10 @@ real subprocesses, as a user would start them; the many bad-input cases run the 
 entry point in-process, which saves the ~3 s import of each subprocess.
 """
 
+import inspect
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -166,3 +168,19 @@ def test_more_prompts_than_max_batch_size_run_in_batches(
     assert "2 batches" in err and "max_batch_size=2" in err
     assert out == expected_output(small, prompts, 3)
     assert "tokens/s" in err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "convert", "quantize"])
+def test_help_shows_each_option_whole(command: str) -> None:
+    """fire reads a docstring line such as "stages (default: one per stage)." as a new
+    argument and cuts the text before it: every option's help is its whole docstring text."""
+    from mistral.main import COMMANDS
+
+    doc = inspect.getdoc(COMMANDS[command]) or ""
+    described = {}
+    for block in re.split(r"\n(?=    \w+: )", doc.split("Args:\n", 1)[1]):
+        name, text = block.strip().split(":", 1)
+        described[name] = " ".join(text.split())
+    shown = " ".join((lambda r: r.stdout + r.stderr)(run_cli(command, "--help")).split())
+    for name, text in described.items():
+        assert text in shown, f"--{name}: {text!r}"
