@@ -47,8 +47,10 @@ import os
 import sys
 import traceback
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional
+from datetime import timedelta
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -161,6 +163,33 @@ def _check_process_group(P: int, T: int, rank: Optional[int] = None) -> int:
     return dist.get_rank()
 
 
+def timeout() -> timedelta:
+    """How long a rank waits in a collective for the others: a rank that stopped answering
+    (killed, SIGSTOP, a hung GPU) then ends every rank with an error, not a wait forever.
+    It bounds the slowest rank's head start too (loading the weights), so it is generous;
+    MISTRAL_TIMEOUT_S sets it."""
+    value = os.environ.get("MISTRAL_TIMEOUT_S", "60")
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise MistralError(f"MISTRAL_TIMEOUT_S must be a number of seconds, got {value!r}") from None
+    return timedelta(seconds=seconds)
+
+
+@contextmanager
+def answered() -> Iterator[None]:
+    """A message or collective between ranks, whose failure (a rank that stopped answering
+    within `timeout()`, or died) is one line naming this rank, for every rank alike."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as e:  # gloo raises RuntimeError, NCCL DistBackendError
+        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise MistralError(
+            f"rank {dist.get_rank()}: another rank did not answer within {timeout().total_seconds():g} s (MISTRAL_TIMEOUT_S) "
+            f"or has ended: {detail}"
+        ) from None
+
+
 def init(num_pipeline_ranks: int = 1, num_tensor_ranks: int = 1, device: Optional[str] = None) -> tuple[Layout, torch.device]:
     """Join the process group described by torchrun's environment; return (this process's layout, device).
 
@@ -196,7 +225,7 @@ def init(num_pipeline_ranks: int = 1, num_tensor_ranks: int = 1, device: Optiona
     # warning that it serializes them with the rest of their group is moot.
     os.environ.setdefault("TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING", "false")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=local if use_cuda else None)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=local if use_cuda else None, timeout=timeout())
         # NCCL warns at exit about a group left open, which may hide pending operations.
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return Layout.of(P, T), local
@@ -226,10 +255,11 @@ def _groups(P: int, T: int) -> tuple[Any, Any, Any]:
     rank, tensor_group = dist.get_rank(), None
     for p in range(P):
         ranks = list(range(p * T, (p + 1) * T))
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout())
         if rank in ranks:
             tensor_group = group
-    return tensor_group, dist.new_group(list(range(P * T))), dist.new_group(list(range(P * T)))
+    every = list(range(P * T))
+    return tensor_group, dist.new_group(every, timeout=timeout()), dist.new_group(every, timeout=timeout())
 
 
 class _AllReduce:
@@ -257,7 +287,8 @@ class _AllReduce:
                 view = buffer[: output.numel()].view_as(output)
                 torch.ops.symm_mem.one_shot_all_reduce_copy_out(view, output, "sum", self.group.group_name, out)
                 return out
-        dist.all_reduce(output, group=self.group)
+        with answered():
+            dist.all_reduce(output, group=self.group)
         return output
 
     def _buffer(self, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -299,7 +330,8 @@ class Link:
 
     def recv_activations(self, n_tokens: int) -> torch.Tensor:
         h = torch.empty(n_tokens, self.dim, device=self.device, dtype=self.dtype)
-        dist.recv(h, self.layout.world_rank - self.layout.num_tensor_ranks, group=self.activations_group)
+        with answered():
+            dist.recv(h, self.layout.world_rank - self.layout.num_tensor_ranks, group=self.activations_group)
         return h
 
     def send_activations(self, h: torch.Tensor) -> None:
@@ -314,7 +346,8 @@ class Link:
 
     def recv_tokens(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         message = torch.empty(2, n, device=self.device, dtype=torch.float64)
-        dist.recv(message, self.layout.sampler, group=self.tokens_group)
+        with answered():
+            dist.recv(message, self.layout.sampler, group=self.tokens_group)
         return message[0].long(), message[1].float()
 
     def share_logits(self, out: torch.Tensor, n_tokens: int, vocab_size: int) -> torch.Tensor:
@@ -324,7 +357,8 @@ class Link:
         if not self.layout.is_last:
             self.send_activations(out)
             out = torch.empty(n_tokens, vocab_size, device=self.device, dtype=torch.float32)
-        dist.broadcast(out, self.layout.sampler)
+        with answered():
+            dist.broadcast(out, self.layout.sampler)
         self.flush()
         return out
 
@@ -338,5 +372,6 @@ class Link:
             self.sends.popleft()
 
     def flush(self) -> None:
-        while self.sends:
-            self.sends.popleft().wait()
+        with answered():
+            while self.sends:
+                self.sends.popleft().wait()

@@ -309,3 +309,44 @@ def test_gpu_script_runs_on_cpu(tmp_path: Path) -> None:
         assert results[f"mixtral {layout}"]["b4"]["plain"]["steady_decode_tok_s"] > 0
     assert results["mixtral P=2"]["b4"]["micro"]["micro_batches"] == 2
     assert results["mistral"]["speedup_b1"] > 0
+
+
+def test_a_rank_that_stops_answering_ends_the_others_with_one_line(tmp_path: Path) -> None:
+    """SIGSTOP one of two tensor-parallel ranks mid-generation: the other gives up after
+    MISTRAL_TIMEOUT_S (10 s here) with one line naming itself, instead of waiting forever."""
+    import signal
+    import time
+
+    from make_tiny_model import make_tiny_model
+
+    folder = make_tiny_model(str(tmp_path / "model"), n_layers=2, seed=2)  # its greedy text runs past 3000 tokens, no eos
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+        "-m", "mistral", "generate", str(folder), "hello", "--num_tensor_ranks", "2", "--max_tokens", "1000000", "--device", "cpu",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", MISTRAL_TIMEOUT_S="10")
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        ranks: dict[int, int] = {}
+        deadline = time.monotonic() + 60
+        while len(ranks) < 2 and time.monotonic() < deadline:
+            for pid in map(int, subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher.pid)], capture_output=True, text=True).stdout.split()):
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                rank = next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), None)
+                if rank is not None:
+                    ranks[rank] = pid
+            time.sleep(0.2)
+        time.sleep(5)  # both load and start decoding
+        assert set(ranks) == {0, 1} and launcher.poll() is None, launcher.communicate()[1][-3000:]
+        os.kill(ranks[1], signal.SIGSTOP)
+        stopped = time.monotonic()
+        while Path(f"/proc/{ranks[0]}").exists() and time.monotonic() - stopped < 60:
+            time.sleep(0.2)
+        waited = time.monotonic() - stopped
+        os.kill(ranks[1], signal.SIGKILL)  # what the launcher would do after its own 30 s grace
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert waited < 30
+    assert "error: rank 0: another rank did not answer within 10 s (MISTRAL_TIMEOUT_S)" in err
+    assert "Traceback" not in err.split("error: rank 0")[0]  # rank 0 printed its line, no traceback before it
