@@ -64,7 +64,7 @@ def check_dimensions(folder: Union[str, Path], args: ModelArgs) -> None:
         return  # a .pth has no header to read without loading it; load_into checks every tensor
     header = _header(path)[0]
     layers = {int(name.split(".")[1]) for name in header if name.startswith("layers.") and name.split(".")[1].isdigit()}
-    if layers and len(layers) != args.n_layers:
+    if layers and args.n_layers > len(layers):  # more in the file: load_into names the extra tensors
         raise MistralError(f"{path}: holds {len(layers)} layers, but params.json says n_layers={args.n_layers}")
     implied = {
         "tok_embeddings.weight": [args.vocab_size, args.dim],

@@ -122,8 +122,8 @@ MUTATIONS = [
              "test_generate.py::test_eos_stops_a_sequence", "one sequence's eos ends every sequence"),
     Mutation("eos-kept-in-output", "generation.py", r"stop = toks\.index\(eos_id\) if", "stop = toks.index(eos_id) + 1 if",
              "test_generate.py::test_eos_stops_a_sequence", "generate() returns the eos token"),
-    Mutation("micro-batches-gathered-in-reverse", "generation.py", r"for mb in mbs:\n        if step < len\(mb\.tokens\):",
-             "for mb in reversed(mbs):\n        if step < len(mb.tokens):",
+    Mutation("micro-batches-gathered-in-reverse", "generation.py", r"for mb in mbs:\n        if step < mb\.steps:",
+             "for mb in reversed(mbs):\n        if step < mb.steps:",
              "test_generate.py::test_micro_batches_on_one_process_change_nothing", "a step's tokens come out in the wrong rows"),
     # --- parallel ----------------------------------------------------------------------
     Mutation("layer-split-shifted", "parallel.py", r"start = index \* base \+ min\(index, extra\)",
