@@ -63,7 +63,10 @@ def check_dimensions(folder: Union[str, Path], args: ModelArgs) -> None:
     if path.suffix != ".safetensors":
         return  # a .pth has no header to read without loading it; load_into checks every tensor
     header = _header(path)[0]
-    layers = {int(name.split(".")[1]) for name in header if name.startswith("layers.") and name.split(".")[1].isdigit()}
+    layers = {
+        int(name.split(".")[1]) for name in header
+        if name.startswith("layers.") and name.split(".")[1].isascii() and name.split(".")[1].isdigit()
+    }  # fmt: skip
     if layers and args.n_layers > len(layers):  # more in the file: load_into names the extra tensors
         raise MistralError(f"{path}: holds {len(layers)} layers, but params.json says n_layers={args.n_layers}")
     implied = {
@@ -223,10 +226,12 @@ def _read_safetensors(path: Path, slices: Slices, tensor_rank: int, progress: Op
     size = max([CHUNK] + [piece.row_bytes for pieces in tensors for piece in pieces])  # a piece holds a row at least
     local = threading.local()
     streams: list[torch.cuda.Stream] = []
+    files: list = []  # every thread's, closed at the end
 
     def read(piece: _Piece) -> int:
         if not hasattr(local, "file"):  # each thread: its file, its staging buffer, its stream
             local.file = open(path, "rb", buffering=0)
+            files.append(local.file)
             local.buffer = torch.empty(size, dtype=torch.uint8, pin_memory=cuda)
             local.stream = torch.cuda.Stream(device) if cuda else None
             if local.stream is not None:
@@ -256,6 +261,8 @@ def _read_safetensors(path: Path, slices: Slices, tensor_rank: int, progress: Op
     finally:
         for stream in streams:
             stream.synchronize()
+        for file in files:
+            file.close()
 
 
 def _read_into(file, offset: int, buffer: torch.Tensor, path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -160,7 +160,9 @@ def _weight_files(hf_dir: Path) -> list[Path]:
     else:
         raise MistralError(f"{hf_dir}: no {HF_SAFETENSORS} or {HF_INDEX} (only safetensors checkpoints are read)")
     for name in files:
-        if not isinstance(name, str) or (hf_dir / name).resolve().parent != hf_dir.resolve():
+        # A plain file name, no path: a hub cache's snapshot folder holds symlinks into
+        # ../../blobs, which are fine, while "../x" or "/x" would read outside the folder.
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
             raise MistralError(f"{hf_dir / HF_INDEX}: lists {name!r}, which is not a file of the folder itself")
         if not (hf_dir / name).is_file():
             raise MistralError(f"{hf_dir / HF_INDEX}: lists {name}, which is not in the folder")

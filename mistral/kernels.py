@@ -187,6 +187,11 @@ def fused_applies(x: torch.Tensor) -> bool:
     return _triton_rows(x) > 0
 
 
+def is_power_of_2(n: int) -> bool:
+    """Whether n is one: a Triton block spans a power of two (the rotary kernel's, a head)."""
+    return n > 0 and n & (n - 1) == 0
+
+
 @_op("rms_norm")
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """model.RMSNorm's arithmetic over x's last dimension, in one Triton kernel (CUDA): x [..., D], weight [D]."""

@@ -53,11 +53,13 @@ def load(
     if isinstance(device, int) and not isinstance(device, bool) and 0 <= device < 2**31:
         device = f"cuda:{device}"  # what torch.device(0) means, said without asking for a GPU
     try:
-        device = str(torch.device(device))
+        parsed = torch.device(device)
     except (RuntimeError, TypeError, ValueError):  # and "--device 1e999" as a float, 2**63 as too large an int
         raise MistralError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
-    if torch.device(device).type not in ("cpu", "cuda"):  # meta holds no values; mps, xpu: not run here
+    # meta holds no values; mps, xpu: not run here; torch keeps an index in 8 bits (cuda:200 reads cuda:-56)
+    if parsed.type not in ("cpu", "cuda") or not 0 <= (parsed.index or 0) < 128:
         raise MistralError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    device = str(parsed)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MistralError(f"device {device!r}: no CUDA GPU is available")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
@@ -558,7 +560,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", module=r"torch\._inductor|triton")
     # SIGTERM ends the command as Ctrl-C does, through every `finally` on the way: a
     # folder being written (quantize, convert) takes its temporary files with it.
-    signal.signal(signal.SIGTERM, _terminate)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         run(sys.argv[1:])
     except MistralError as e:
@@ -574,6 +576,8 @@ def main() -> None:
         # Python flushes stdout again at exit; point it at /dev/null so that does not fail too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() called in-process (tests) leaves the handler as it was
 
 
 if __name__ == "__main__":

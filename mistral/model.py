@@ -47,7 +47,7 @@ def apply_rotary_emb(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     The complex product (a + ib)(cos + i sin), in real arithmetic. Where kernels.fused_applies
     (half precision on CUDA) this arithmetic runs as one Triton kernel, kernels.rotary.
     """
-    if kernels.fused_applies(x):
+    if kernels.fused_applies(x) and kernels.is_power_of_2(x.shape[-1]):
         return kernels.rotary(x, rope)
     a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [T, H, Dh/2]
     cos, sin = rope[:, None, :, 0], rope[:, None, :, 1]
@@ -349,6 +349,8 @@ class Transformer(nn.Module):
         try:
             with _Uninitialized(torch.device(device), dtype):  # the weights are written straight into place
                 model = cls(args, layout=layout, attention_backend=attention_backend)
+        except MistralError:
+            raise
         except (RuntimeError, OverflowError, TypeError, ValueError) as e:  # out of memory, or sizes past int64
             raise MistralError(f"the model of this params.json does not fit {device} ({str(e).splitlines()[0][:200]})") from None
         return model.eval()

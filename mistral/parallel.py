@@ -43,6 +43,7 @@ only after it has sent a's tokens.
 
 import atexit
 import functools
+import math
 import os
 import sys
 import traceback
@@ -172,7 +173,9 @@ def timeout() -> timedelta:
     try:
         seconds = float(value)
     except ValueError:
-        raise MistralError(f"MISTRAL_TIMEOUT_S must be a number of seconds, got {value!r}") from None
+        seconds = math.nan
+    if not 0 < seconds <= 10**6:  # nan and inf too: timedelta takes neither
+        raise MistralError(f"MISTRAL_TIMEOUT_S must be a number of seconds in (0, 1e6], got {value!r}")
     return timedelta(seconds=seconds)
 
 

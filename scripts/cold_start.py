@@ -45,6 +45,7 @@ def write_model(name: str, folder: Path, device: str) -> Path:
     args = ModelArgs(**dict(SHAPES[name], vocab_size=load_tokenizer(DEFAULT_MODEL).n_words))
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     start = time.perf_counter()
+    shutil.rmtree(folder, ignore_errors=True)  # a --work folder of an earlier run
     Transformer.random(args, device=device, dtype=dtype).save(folder)
     shutil.copyfile(tokenizer, folder / tokenizer.name)
     print(f"wrote {folder} ({gb(folder)} GB) in {time.perf_counter() - start:.1f} s", flush=True)

@@ -27,6 +27,7 @@ KEYS = ["N", "K", "HAS_SCALES", "EXPERTS", "NORM", "GLU"]  # the autotuner's key
 
 def main() -> None:
     device = torch.device("cuda")
+    kernels.MATVEC_CONFIGS.pop(torch.cuda.get_device_name(device), None)  # tune every shape anew, known ones too
     for quantization in (None, {"method": "int8"}):
         args = ModelArgs(**dict(MISTRAL_7B, quantization=quantization))
         model = Transformer.random(args, device=device, dtype=torch.bfloat16)
@@ -50,7 +51,8 @@ def main() -> None:
         found[name] = [config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], config.num_warps]
     path = Path(kernels.__file__).with_name("matvec_configs.json")
     table = json.loads(path.read_text()) if path.is_file() else {}
-    table[torch.cuda.get_device_name(device)] = dict(sorted(found.items()))
+    known = table.get(torch.cuda.get_device_name(device), {})
+    table[torch.cuda.get_device_name(device)] = dict(sorted({**known, **found}.items()))
     path.write_text(json.dumps(table, indent=1) + "\n")
     print(f"wrote {len(found)} shapes for {torch.cuda.get_device_name(device)} into {path}")
     print(json.dumps(found, indent=1))

@@ -95,6 +95,8 @@ def test_unknown_options_fail_before_anything_runs(
         ("device", "meta", "device must be cpu, cuda or cuda:N, got 'meta'"),
         ("device", "mps", "device must be cpu, cuda or cuda:N, got 'mps'"),
         ("device", "xpu", "device must be cpu, cuda or cuda:N, got 'xpu'"),
+        ("device", "cuda:200", "device must be cpu, cuda or cuda:N, got 'cuda:200'"),  # torch reads it as cuda:-56
+        ("device", "200", "device must be cpu, cuda or cuda:N, got 'cuda:200'"),
     ],
 )
 def test_odd_option_values(cli: Any, option: str, value: str, fragment: str) -> None:
@@ -497,3 +499,8 @@ def test_hf_architectures_of_another_shape_is_named() -> None:
 
     with pytest.raises(MistralError, match="'architectures' must be a list of names"):
         args_from_hf_config({"architectures": {"MistralForCausalLM": 1}})
+
+
+def test_an_error_of_the_model_s_own_is_not_called_a_lack_of_memory() -> None:
+    with pytest.raises(MistralError, match="^attention_backend must be one of"):
+        Transformer.from_folder(mistral.DEFAULT_MODEL, attention_backend="bogus")

@@ -196,3 +196,16 @@ def test_a_shard_index_naming_files_outside_the_folder_is_refused(tmp_path: Path
         with pytest.raises(MistralError, match="not a file of the folder itself"):
             convert(tmp_path / "hf", tmp_path / "ours")
     assert not (tmp_path / "ours").exists()
+
+
+def test_a_hub_cache_snapshot_of_symlinks_converts(tmp_path: Path) -> None:
+    """Hugging Face's cache holds a snapshot as symlinks into ../../blobs: plain names, read through the links."""
+    hf = hf_model(moe=False)
+    hf.save_pretrained(tmp_path / "saved", max_shard_size="40KB")
+    blobs, snapshot = tmp_path / "hub" / "blobs", tmp_path / "hub" / "snapshots" / "abc"
+    blobs.mkdir(parents=True), snapshot.mkdir(parents=True)
+    for i, file in enumerate(sorted((tmp_path / "saved").iterdir())):
+        shutil.copyfile(file, blobs / f"h{i}")
+        (snapshot / file.name).symlink_to(Path("../../blobs") / f"h{i}")
+    convert(snapshot, tmp_path / "ours")
+    assert_same_logits(Transformer.from_folder(tmp_path / "ours", device=DEVICE), hf)

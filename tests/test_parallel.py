@@ -315,6 +315,7 @@ def test_a_rank_that_stops_answering_ends_the_others_with_one_line(tmp_path: Pat
     """SIGSTOP one of two tensor-parallel ranks mid-generation: the other gives up after
     MISTRAL_TIMEOUT_S (10 s here) with one line naming itself, instead of waiting forever."""
     import signal
+    import threading
     import time
 
     from make_tiny_model import make_tiny_model
@@ -326,27 +327,37 @@ def test_a_rank_that_stops_answering_ends_the_others_with_one_line(tmp_path: Pat
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", MISTRAL_TIMEOUT_S="10")
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    streaming = threading.Event()  # rank 0 prints tokens: both ranks load and decode
+    errors: list[str] = []
+    threading.Thread(target=lambda: launcher.stdout.read(1) and streaming.set(), daemon=True).start()  # type: ignore[union-attr]
+    reader = threading.Thread(target=lambda: errors.append(launcher.stderr.read()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
     try:
-        ranks: dict[int, int] = {}
-        deadline = time.monotonic() + 60
-        while len(ranks) < 2 and time.monotonic() < deadline:
-            for pid in map(int, subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher.pid)], capture_output=True, text=True).stdout.split()):
-                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                rank = next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), None)
-                if rank is not None:
-                    ranks[rank] = pid
-            time.sleep(0.2)
-        time.sleep(5)  # both load and start decoding
-        assert set(ranks) == {0, 1} and launcher.poll() is None, launcher.communicate()[1][-3000:]
+        assert streaming.wait(120), "rank 0 never printed a token"
+        ranks = {}
+        for pid in map(int, subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher.pid)], capture_output=True, text=True).stdout.split()):
+            rank = next((int(v[5:]) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if v.startswith(b"RANK=")), None)
+            if rank is not None:
+                ranks[rank] = pid
+        time.sleep(1)
         os.kill(ranks[1], signal.SIGSTOP)
         stopped = time.monotonic()
         while Path(f"/proc/{ranks[0]}").exists() and time.monotonic() - stopped < 60:
             time.sleep(0.2)
         waited = time.monotonic() - stopped
         os.kill(ranks[1], signal.SIGKILL)  # what the launcher would do after its own 30 s grace
-        _, err = launcher.communicate(timeout=120)
+        launcher.wait(timeout=120)
     finally:
         launcher.kill()
-    assert waited < 30
-    assert "error: rank 0: another rank did not answer within 10 s (MISTRAL_TIMEOUT_S)" in err
+    reader.join(timeout=30)
+    err = "".join(errors)
+    assert waited < 30, err
+    assert "error: rank 0: another rank did not answer within 10 s (MISTRAL_TIMEOUT_S)" in err, err
     assert "Traceback" not in err.split("error: rank 0")[0]  # rank 0 printed its line, no traceback before it
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "-5", "soon", "1e7"])
+def test_a_bad_timeout_is_named(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("MISTRAL_TIMEOUT_S", value)
+    with pytest.raises(MistralError, match=f"MISTRAL_TIMEOUT_S must be a number of seconds in \\(0, 1e6\\], got '{value}'"):
+        parallel.timeout()
