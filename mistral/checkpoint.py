@@ -41,6 +41,8 @@ Progress = Callable[[int, int, int], None]
 
 
 def read_args(folder: Union[str, Path]) -> ModelArgs:
+    if not isinstance(folder, (str, os.PathLike)):
+        raise MistralError(f"a model folder is a path (str or Path), got {type(folder).__name__}")
     folder = Path(folder)
     if not folder.is_dir():
         raise MistralError(f"{folder}: model folder not found")
@@ -334,10 +336,7 @@ def write_folder(
     is refused: merged into, it would hold two models' files (two tokenizers, say).
     """
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise MistralError(f"{folder}: exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()):
-        raise MistralError(f"{folder}: the folder already holds files: write into a new or empty folder")
+    check_writable(folder)
     tmp = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -346,11 +345,13 @@ def write_folder(
         save_file({n: t.detach().contiguous().cpu() for n, t in state_dict.items()}, str(tmp / SAFETENSORS))
         for source in ([tokenizer] if tokenizer is not None else []) + list(tokenizers):
             shutil.copyfile(source, tmp / source.name)
-        mode = 0o666 & ~_umask()  # what a file written plainly gets (safetensors writes 0600)
-        folder.mkdir(exist_ok=True)
+        mask = _umask()
         for file in tmp.iterdir():
-            file.chmod(mode)
-            file.replace(folder / file.name)  # a rename on the same file system: nothing left to fail
+            file.chmod(0o666 & ~mask)  # what a file written plainly gets (safetensors writes 0600)
+        tmp.chmod(0o777 & ~mask)
+        if folder.is_dir():
+            folder.rmdir()  # empty (checked above)
+        tmp.rename(folder)  # one rename of the whole folder: a SIGTERM leaves it complete or absent
     except OSError as e:
         raise MistralError(f"{folder}: cannot write ({e.strerror or e})") from None
     except SafetensorError as e:  # its own error for the system's (a full disk)
@@ -358,6 +359,14 @@ def write_folder(
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable(folder: Path) -> None:
+    """Whether a model folder may be written at `folder`: before any work that would be lost."""
+    if folder.exists() and not folder.is_dir():
+        raise MistralError(f"{folder}: exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        raise MistralError(f"{folder}: the folder already holds files: write into a new or empty folder")
 
 
 def _umask() -> int:

@@ -308,6 +308,8 @@ def stream(
     B = len(encoded_prompts)
     if B > model.args.max_batch_size:
         raise MistralError(f"{B} prompts exceed max_batch_size={model.args.max_batch_size}")
+    if cache is not None and not isinstance(cache, RotatingBufferCache):
+        raise MistralError(f"cache must be a RotatingBufferCache (model.make_cache), got {type(cache).__name__}")
     if cache is not None and model.layout.world_size > 1:
         raise MistralError("continuing sequences from a cache is not supported on several processes")
     if max_tokens == 0:
@@ -444,6 +446,7 @@ def generate(
     micro_batches, compile, cuda_graphs), except `cache`. More prompts than
     max_batch_size run as consecutive batches of that size.
     """
+    check_model(model)
     if "cache" in options:
         raise MistralError("generate() makes its own caches: continue a cache with stream(..., cache=...)")
     eos_id = options.get("eos_id")

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mistral.args import ModelArgs, MoeArgs, read_json
-from mistral.checkpoint import write_folder
+from mistral.checkpoint import check_writable, write_folder
 from mistral.errors import MistralError
 from mistral.model import checkpoint_shapes
 from mistral.tokenizer import TOKENIZER_FILES
@@ -214,6 +214,7 @@ def convert(hf_dir: Union[str, Path], out_dir: Union[str, Path]) -> ModelArgs:
         raise MistralError(f"{hf_dir}: HF model folder not found")
     if out_dir.resolve() == hf_dir.resolve():
         raise MistralError(f"{out_dir}: write the converted model into another folder than {hf_dir}")
+    check_writable(out_dir)
     if not (hf_dir / CONFIG).is_file():
         raise MistralError(f"{hf_dir}: no {CONFIG} in the HF model folder")
     args = args_from_hf_config(read_json(hf_dir / CONFIG), str(hf_dir / CONFIG))

@@ -562,6 +562,8 @@ def main() -> None:
     # folder being written (quantize, convert) takes its temporary files with it.
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        if sys.stdout is None:  # started with stdout closed (>&-)
+            raise MistralError("stdout is closed: give the output somewhere to go (a file, a pipe)")
         run(sys.argv[1:])
     except MistralError as e:
         # The message may quote bytes that were not UTF-8 (lone surrogates) or control
@@ -576,6 +578,10 @@ def main() -> None:
         # Python flushes stdout again at exit; point it at /dev/null so that does not fail too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    except OSError as e:  # writing the output failed (a full disk behind > file); reading is checked where it happens
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"error: cannot write the output ({e.strerror or e})", file=sys.stderr)
+        sys.exit(2)
     finally:
         signal.signal(signal.SIGTERM, previous)  # main() called in-process (tests) leaves the handler as it was
 

@@ -292,6 +292,8 @@ class Transformer(nn.Module):
         if not isinstance(seqlens, (list, tuple)) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in seqlens):
             raise MistralError(f"seqlens must be a list of token counts (ints >= 0), got {seqlens!r}")
         T = sum(seqlens)
+        if T == 0:
+            raise MistralError("seqlens add up to no tokens: a forward call needs at least one")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1 or input_ids.shape[0] != T:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise MistralError(f"input_ids must be a 1-D tensor of sum(seqlens)={T} token ids, got {shape}")

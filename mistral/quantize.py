@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mistral.args import QUANTIZATION_METHODS, QuantArgs
-from mistral.checkpoint import PARAMS, Progress, read_args, weights_path, write_folder
+from mistral.checkpoint import PARAMS, Progress, check_writable, read_args, weights_path, write_folder
 from mistral.errors import MistralError
 from mistral.linear import quantize_int8
 from mistral.model import checkpoint_shapes
@@ -48,6 +48,7 @@ def quantize_folder(
         raise MistralError(f"{src / PARAMS}: already quantized ({args.quantization.method})")
     if src.resolve() == dst.resolve():
         raise MistralError(f"{dst}: write the quantized model into another folder than {src}")
+    check_writable(dst)
     if method not in QUANTIZATION_METHODS:
         raise MistralError(f"--method {method!r}: this version quantizes with {', '.join(QUANTIZATION_METHODS)}")
     quantization = QuantArgs(method)

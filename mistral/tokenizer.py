@@ -13,6 +13,7 @@ Both kinds offer the same methods: encode, decode, bos_id, eos_id, n_words and
 encode_chat(messages), the token ids of a conversation ready for the assistant's answer.
 """
 
+import os
 from pathlib import Path
 from typing import Protocol, Sequence, Union
 
@@ -75,16 +76,20 @@ def check_messages(messages: Sequence[Message]) -> None:
 
 def check_ids(ids: Sequence[int], n_words: int) -> list[int]:
     """ids as a list, if each is a token id of the vocabulary (an int in 0..n_words-1)."""
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise MistralError(f"decode takes a list of token ids, got {type(ids).__name__}")
     ids = list(ids)
-    bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_words), None)
-    if bad is not None:
-        raise MistralError(f"decode: {bad!r} is not a token id of this vocabulary (ints 0..{n_words - 1})")
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_words:
+            raise MistralError(f"decode: {t!r} is not a token id of this vocabulary (ints 0..{n_words - 1})")
     return ids
 
 
 def check_text(text: str, what: str) -> None:
     """A MistralError naming `what` unless text is valid Unicode: bytes that were not UTF-8
     reach Python's argv and stdin as lone surrogates, which sentencepiece cannot encode."""
+    if not isinstance(text, str):
+        raise MistralError(f"{what} must be a str, got {type(text).__name__}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -101,6 +106,8 @@ class Tokenizer:
     """
 
     def __init__(self, path: Union[str, Path]):
+        if not isinstance(path, (str, os.PathLike)):
+            raise MistralError(f"a tokenizer file is a path (str or Path), got {type(path).__name__}")
         path = Path(path)
         if not path.is_file():
             raise MistralError(f"{path}: tokenizer file not found")

@@ -504,3 +504,55 @@ def test_hf_architectures_of_another_shape_is_named() -> None:
 def test_an_error_of_the_model_s_own_is_not_called_a_lack_of_memory() -> None:
     with pytest.raises(MistralError, match="^attention_backend must be one of"):
         Transformer.from_folder(mistral.DEFAULT_MODEL, attention_backend="bogus")
+
+
+def test_more_api_arguments_are_named(default_model: Transformer) -> None:
+    """Found by trying the API as a new user would: each a MistralError naming the argument."""
+    tokenizer = mistral.tokenizer.load_tokenizer(mistral.DEFAULT_MODEL)
+    cases = [
+        (lambda: mistral.generate([[1, 2]], "model", max_tokens=2), "model must be a mistral Transformer, got str"),
+        (lambda: list(mistral.stream([[1, 2]], default_model, max_tokens=2, cache="x")), "cache must be a RotatingBufferCache"),
+        (lambda: tokenizer.decode([None]), "decode: None is not a token id"),
+        (lambda: tokenizer.decode(5), "decode takes a list of token ids, got int"),
+        (lambda: tokenizer.encode(None), "must be a str, got NoneType"),
+        (lambda: tokenizer.encode(b"abc"), "must be a str, got bytes"),
+        (lambda: Transformer.from_folder(5), "a model folder is a path (str or Path), got int"),
+        (lambda: mistral.Tokenizer(None), "a tokenizer file is a path (str or Path), got NoneType"),
+        (lambda: default_model(torch.tensor([], dtype=torch.long), []), "seqlens add up to no tokens"),
+    ]
+    for call, fragment in cases:
+        with pytest.raises(MistralError, match=re.escape(fragment)):
+            call()
+
+
+def test_an_unwritable_output_is_one_line() -> None:
+    """A full disk behind stdout, or stdout closed: one line, not a traceback."""
+    for redirect in (">/dev/full", ">&-"):
+        run = subprocess.run(["bash", "-c", f"{sys.executable} -m mistral generate 'def f():' --max_tokens 3 --device cpu {redirect}"],
+                             stderr=subprocess.PIPE, text=True, timeout=120)  # fmt: skip
+        lines = [line for line in run.stderr.splitlines() if not line.startswith("prompt tokens:")]
+        assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (redirect, run.stderr)
+
+
+def test_a_sigterm_leaves_a_written_folder_whole_or_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The temporary folder is renamed into place at once: SIGTERM between two files cannot leave params.json alone."""
+    import signal
+
+    from mistral import checkpoint
+    from mistral.main import _terminate
+
+    real_copy = checkpoint.shutil.copyfile
+
+    def copy_then_terminated(src: Any, dst: Any) -> Any:
+        out = real_copy(src, dst)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    monkeypatch.setattr(checkpoint.shutil, "copyfile", copy_then_terminated)
+    try:
+        with pytest.raises(SystemExit):
+            write_folder(tmp_path / "out", tiny_args(), Transformer(tiny_args()).state_dict(), tokenizers=[mistral.DEFAULT_MODEL / "tokenizer.model"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list(tmp_path.iterdir()) == []
