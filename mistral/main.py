@@ -558,6 +558,8 @@ def main() -> None:
     # What torch.compile and Triton tell their own developers ("Online softmax is
     # disabled on the fly ...") is no news to a user of the command.
     warnings.filterwarnings("ignore", module=r"torch\._inductor|triton")
+    # Ours (params.json's unknown keys, say) as one line each, without Python's file and source line.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     # SIGTERM ends the command as Ctrl-C does, through every `finally` on the way: a
     # folder being written (quantize, convert) takes its temporary files with it.
     previous = signal.signal(signal.SIGTERM, _terminate)
