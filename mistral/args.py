@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from mistral.errors import MistralError, check_positive_int
+from mistral.errors import MistralError, check_positive_int, shown
 
 
 @dataclass
@@ -96,7 +96,7 @@ class ModelArgs:
             value = getattr(self, name)
             # JSON reads 10000 as an int and Infinity as a float: one is a fine theta, the other garbage.
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf or _overflows(value):
-                raise MistralError(f"ModelArgs.{name} must be a finite positive number, got {_shown(value)}")
+                raise MistralError(f"ModelArgs.{name} must be a finite positive number, got {shown(value)}")
             setattr(self, name, float(value))
         if self.sliding_window is not None:  # null: full attention
             _check_positive_int(self, "sliding_window")
@@ -155,11 +155,6 @@ def _overflows(value: Any) -> bool:
     except OverflowError:
         return True
     return False
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
 def _check_positive_int(args: Any, name: str) -> None:

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mistral.args import ModelArgs
-from mistral.errors import MistralError
+from mistral.errors import MistralError, shown
 
 # The small model that ships with the package (see default_model/README.md): what
 # `mistral generate "prompt"` and `mistral chat` run when no model folder is given.
@@ -81,12 +81,7 @@ def check_dimensions(folder: Union[str, Path], args: ModelArgs) -> None:
     for name, shape in implied.items():
         found = header.get(name, {}).get("shape") if isinstance(header.get(name), dict) else None
         if found is not None and found != shape:
-            raise MistralError(f"{path}: {name} is {found}, params.json implies {_shown(shape)}")
-
-
-def _shown(shape: list[int]) -> str:
-    text = str(shape)
-    return text if len(text) <= 80 else text[:60] + "...]"
+            raise MistralError(f"{path}: {name} is {found}, params.json implies {shown(shape)}")
 
 
 def _header(path: Path) -> tuple[dict, int]:

@@ -30,9 +30,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from mistral import model as model_module
 from mistral.cache import CacheInputs, RotatingBufferCache
 from mistral.masks import register_with_dynamo
-from mistral import model as model_module
 from mistral.model import RunBlock, Transformer, TransformerBlock
 
 
@@ -142,8 +142,8 @@ class Runner:
         inputs = self.cache.prepare(seqlens)
         # The compiled block's first call of a kind of call compiles it: booked as such, with its
         # run. (A later new length may compile once more, until torch.compile makes it dynamic.)
-        kind = (type(inputs.mask), rows is None, repr(self.model.args))
-        start, first = time.perf_counter(), self.compiled and kind not in _compiled
+        kind = (type(inputs.mask), rows is None, repr(self.model.args)) if self.compiled else None
+        start, first = time.perf_counter(), kind is not None and kind not in _compiled
         out = self.model.step(x, inputs, self.cache, self.run_block, rows)
         if first:
             _compiled.add(kind)

@@ -9,6 +9,12 @@ class MistralError(ValueError):
     """
 
 
+def shown(value: Any) -> str:
+    """repr(value), cut short when long (a params.json integer of 400 digits, a shape of them)."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
+
+
 def check_positive_int(value: Any, name: str) -> int:
     """value, if it is a positive int (not a bool); else a MistralError naming `name`."""
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

@@ -94,9 +94,9 @@ def check_prompts(encoded_prompts: Any) -> None:
     for i, prompt in enumerate(encoded_prompts):
         if not isinstance(prompt, (list, tuple)):
             raise MistralError(f"prompt {i} must be a list of token ids (ints), got {type(prompt).__name__}")
-        bad = next((t for t in prompt if not _is_int(t)), None)
-        if bad is not None or any(t is None for t in prompt):
-            raise MistralError(f"prompt {i} holds {bad!r} ({type(bad).__name__}), which is not a token id (an int)")
+        for t in prompt:
+            if not _is_int(t):
+                raise MistralError(f"prompt {i} holds {t!r} ({type(t).__name__}), which is not a token id (an int)")
 
 
 def check_model(model: Any) -> None:

@@ -176,6 +176,12 @@ MATVEC_CONFIGS: dict[str, dict[str, list[int]]] = (
 )
 
 
+@functools.cache
+def _known_configs(device: torch.device) -> dict[str, list[int]]:
+    """MATVEC_CONFIGS' entries for this device's GPU, looked up once."""
+    return MATVEC_CONFIGS.get(torch.cuda.get_device_name(device), {})
+
+
 def fused_applies(x: torch.Tensor) -> bool:
     """Whether RMSNorm and the rotary embedding of x run as one Triton kernel each (`rms_norm`, `rotary`).
 
@@ -358,7 +364,7 @@ if triton is not None:
         g = w if norm is None else norm
         rows = 2 if glu else 1  # weight rows per output row
         flags = dict(HAS_SCALES=scales is not None, EXPERTS=experts is not None, NORM=norm is not None, GLU=glu)
-        known = MATVEC_CONFIGS.get(torch.cuda.get_device_name(x.device), {}).get(matvec_key(N, K, x.dtype, w.dtype, **flags))
+        known = _known_configs(x.device).get(matvec_key(N, K, x.dtype, w.dtype, **flags))
         if known is not None:  # measured once and shipped: no autotuning (seconds of compiling) on a fresh machine
             block_n, block_k, warps = known
             grid_n = triton.cdiv(N * rows, block_n)
