@@ -69,9 +69,10 @@ class MoeLayer(CheckpointNames):
         (T, A), E = chosen.shape, self.w13.weight.shape[0]
         pair_expert = chosen.flatten()  # [T * A], pair p is (token p // A, slot p % A)
         w13, w2 = self.w13, self.w2
-        # CUDA's grouped matmul takes bfloat16 only, and int8 experts none; those keep to the
-        # matrix-vector products up to MATVEC_MAX_PAIRS (each pair reading its expert's rows).
-        grouped = w13.scales is None and (not x.is_cuda or x.dtype == torch.bfloat16)
+        # The grouped matmul takes bfloat16 only on CUDA and, under torch.compile, everywhere
+        # (its shape function checks so); int8 experts none. Those keep to the matrix-vector
+        # products up to MATVEC_MAX_PAIRS (each pair reading its expert's rows).
+        grouped = w13.scales is None and (x.dtype == torch.bfloat16 or not (x.is_cuda or torch.compiler.is_compiling()))
         if T * A <= (E if grouped else MATVEC_MAX_PAIRS):
             h = expert_matvec(x.repeat_interleave(A, dim=0), w13.weight, pair_expert, w13.scales, glu=True)
             y = expert_matvec(h, w2.weight, pair_expert, w2.scales) * weights.flatten()[:, None]

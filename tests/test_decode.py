@@ -113,6 +113,17 @@ def test_compiling_only_where_it_pays() -> None:
     assert runner.compiled is False
 
 
+def test_compiled_blocks_generate_what_eager_ones_do(moe: bool) -> None:
+    """compile=True where it is not the default (the CPU, float32): the compiled block runs
+    every kind of call (a packed prefill, decode steps) and greedy tokens are the eager ones.
+    Mixtral's grouped matmul takes float32 eagerly on the CPU but not under torch.compile."""
+    from mistral import generate
+
+    model = random_model(tiny_args(moe=moe))
+    prompts = [[1, 5, 6], [1, 7, 8, 9, 10, 11, 12, 13, 14, 15]]  # 13 tokens, 26 pairs: the grouped path
+    assert generate(prompts, model, max_tokens=6, compile=True) == generate(prompts, model, max_tokens=6, compile=False)
+
+
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs and float16 kernels: CUDA only")
 @pytest.mark.parametrize("quantized", [False, True], ids=["float16", "int8"])
 def test_experts_without_grouped_matmul_decode_in_a_graph(quantized: bool) -> None:
