@@ -381,8 +381,9 @@ class Conversation:
     def __init__(self, model: Transformer, tokenizer: ChatTokenizer, max_context: int, system: Optional[str] = None,
                  **options: Any):
         self.model, self.tokenizer, self.options = model, tokenizer, options
-        # A windowed model's rolling buffer never needs more than W slots per row.
-        self.cache = model.make_cache(1, max_context)
+        # A windowed model's rolling buffer holds W slots, whatever max_context says.
+        window = model.args.sliding_window
+        self.cache = model.make_cache(1, max_context if window is None else window)
         self.max_context = max_context
         self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
         self.prompt: list[int] = []  # the last turn's prompt, then its sampled answer:
@@ -415,6 +416,30 @@ class Conversation:
         else:
             self.answer = []
         return answer
+
+
+# The longest input line chat reads: input piped from an endless source (/dev/zero, a
+# stuck producer) would otherwise be read into memory until the system kills the process.
+MAX_LINE = 1 << 20
+
+
+def read_line(number: int) -> Optional[str]:
+    """Line `number` of the input after a "> " prompt, without its newline; None at the end of input."""
+    if sys.stdin is None:  # started with stdin closed (<&-)
+        return None
+    try:
+        if sys.stdin.isatty():  # input() edits the line (arrows, history) on a terminal
+            return input("> ")
+        write("> ")
+        line = sys.stdin.readline(MAX_LINE + 1)
+    except EOFError:
+        return None
+    except UnicodeDecodeError:
+        raise MistralError(f"line {number} of the input is not UTF-8 text") from None
+    text = line.removesuffix("\n")
+    if len(text) > MAX_LINE:
+        raise MistralError(f"line {number} of the input is longer than {MAX_LINE:,} characters")
+    return text if line else None
 
 
 @text_arguments
@@ -464,13 +489,8 @@ def chat(
     )
     turn = 0
     while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            break
-        except UnicodeDecodeError:
-            raise MistralError(f"line {turn + 1} of the input is not UTF-8 text") from None
-        if not line.strip():
+        line = read_line(turn + 1)
+        if line is None or not line.strip():
             break
         check_text(line, f"line {turn + 1} of the input")
         conversation.options["seed"] = None if seed is None else (seed + turn) % 2**64
@@ -519,10 +539,15 @@ COMMANDS = {"generate": generate, "chat": chat, "convert": convert, "quantize": 
 
 def run(args: list[str]) -> None:
     """Check the whole command line, then let fire call the command (or show its help)."""
-    if not args or args[0] in ("--help", "-h") or any(a in HELP for a in args[1:] if a != "--"):
-        fire.Fire(COMMANDS, command=args)
+    if not args or args[0] in HELP:
+        fire.Fire(COMMANDS, command=args, name="mistral")
         return
     name, rest = args[0], args[1:]
+    # --help anywhere before "--" shows the command's help, and runs nothing: fire would run
+    # the command with the arguments before it and show help on what it returned.
+    if name in COMMANDS and any(a in HELP for a in rest[: rest.index("--") if "--" in rest else None]):
+        fire.Fire(COMMANDS, command=[name, "--help"], name="mistral")
+        return
     if name not in COMMANDS:
         raise MistralError(f"{name!r}: no such command: mistral {{{', '.join(COMMANDS)}}} ..., or mistral --help")
     command = COMMANDS[name]
@@ -532,7 +557,7 @@ def run(args: list[str]) -> None:
     fire_args = check_arguments(command, name, rest)
     if prompts:
         command = with_inputs(command, prompts)
-    fire.Fire({name: command}, command=[name, *fire_args])
+    fire.Fire({name: command}, command=[name, *fire_args], name="mistral")
 
 
 def with_inputs(command: Callable, extra: list[str]) -> Callable:

@@ -36,8 +36,8 @@ Run = tuple[int, str, str]
 def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> Any:
     """cli(*args, stdin="") -> (exit code, stdout, stderr) of `mistral ARGS` run in-process."""
 
-    def run(*args: str, stdin: str = "") -> Run:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    def run(*args: str, stdin: Any = "") -> Run:  # text, or what sys.stdin is to be (None: closed)
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin) if isinstance(stdin, str) else stdin)
         return run_in_process(monkeypatch, capsys, *args)
 
     return run
@@ -213,13 +213,52 @@ def test_switch_does_not_swallow_the_prompt(cli: Any) -> None:
     assert json.loads(out)["results"][0]["prompt"] == "def f():"
 
 
+class Interrupted(io.StringIO):
+    def readline(self, size: Optional[int] = -1) -> str:
+        raise KeyboardInterrupt
+
+
 def test_ctrl_c_in_chat_is_quiet(cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     def interrupted(prompt: str) -> str:
         raise KeyboardInterrupt
 
     monkeypatch.setattr("builtins.input", interrupted)
-    code, _, err = cli("chat")
-    assert code == 130 and "Traceback" not in err
+    terminal = io.StringIO()
+    terminal.isatty = lambda: True  # type: ignore[method-assign]
+    for stdin in (terminal, Interrupted()):  # a line read by input() on a terminal, by readline from a pipe
+        code, _, err = cli("chat", stdin=stdin)
+        assert code == 130 and "Traceback" not in err
+
+
+def test_an_endless_line_of_input_is_refused(cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mistral chat < /dev/zero`: a line without end is not read into memory until the system kills the process."""
+    monkeypatch.setattr("mistral.main.MAX_LINE", 100)  # of 2**20: a test prefills the longest line allowed
+    code, out, err = cli("chat", stdin="\0" * 10**6)
+    assert code == 2 and out == "> ", (out, err)
+    assert err.strip().splitlines() == ["error: line 1 of the input is longer than 100 characters"]
+    code, out, err = cli("chat", "--max_tokens", "2", stdin="x" * 100 + "\n")  # the longest line is read
+    assert code == 0, err
+
+
+def test_chat_on_a_windowed_model_runs_past_max_context(cli: Any) -> None:
+    """max_context bounds a window-less model's cache only: the default model's rolling
+    buffer (a window of 64) keeps its W slots and a turn longer than max_context runs."""
+    code, out, err = cli("chat", "--max_context", "5", "--max_tokens", "4", stdin="hello there my friend, how are you today?\n")
+    assert code == 0, err
+    assert out.startswith("> ") and out.endswith("\n> ")
+
+
+def test_chat_with_stdin_closed_ends(cli: Any) -> None:
+    code, out, err = cli("chat", stdin=None)  # `mistral chat <&-`: no input, so no turn
+    assert code == 0 and out == "", err
+
+
+@pytest.mark.parametrize("args", [["generate", "hello", "--help"], ["generate", "hello", "--max_tokens", "3", "-h"], ["chat", "--help"]])
+def test_help_after_other_arguments_shows_help_and_runs_nothing(cli: Any, args: list[str]) -> None:
+    """fire would run `generate hello` and then show help on what it returned."""
+    code, out, err = cli(*args)
+    assert code == 0, err
+    assert f"mistral {args[0]} - " in err and "prompt tokens" not in err and "--max_tokens" in err, (out, err)  # fire shows help on stderr
 
 
 def test_closed_pipe_is_quiet() -> None:
