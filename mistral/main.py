@@ -26,7 +26,7 @@ from mistral.options import HELP, check_arguments
 from mistral.hf import convert as convert_hf
 from mistral.model import Transformer
 from mistral.quantize import quantize_folder
-from mistral.tokenizer import TOKENIZER_FILES, ChatTokenizer, Message, check_text, load_tokenizer, tokenizer_file
+from mistral.tokenizer import TOKENIZER_FILES, ChatTokenizer, Message, check_text, check_vocabulary, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -69,10 +69,7 @@ def load(
         folder, device=device, dtype=DTYPES[dtype], progress=LoadProgress(folder) if rank == 0 else None,
         num_pipeline_ranks=num_pipeline_ranks, num_tensor_ranks=num_tensor_ranks, lora_path=lora,
     )
-    if tokenizer.n_words != model.args.vocab_size:
-        raise MistralError(
-            f"{tokenizer_file(folder)}: {tokenizer.n_words} tokens but params.json says vocab_size={model.args.vocab_size}"
-        )
+    check_vocabulary(folder, tokenizer, model.args.vocab_size)
     if rank > 0:
         parallel.silence()  # rank 0 prints the results
     return model, tokenizer

@@ -23,6 +23,7 @@ from mistral.checkpoint import PARAMS, Progress, check_writable, read_args, weig
 from mistral.errors import MistralError
 from mistral.linear import quantize_int8
 from mistral.model import checkpoint_shapes
+from mistral.tokenizer import check_vocabulary, load_tokenizer
 
 QUANTIZED = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
@@ -53,9 +54,9 @@ def quantize_folder(
         raise MistralError(f"--method {method!r}: this version quantizes with {', '.join(QUANTIZATION_METHODS)}")
     quantization = QuantArgs(method)
     expected = checkpoint_shapes(args)
+    # The tokenizer that generate would read, read here: a folder with a broken one would not run.
+    check_vocabulary(src, load_tokenizer(src), args.vocab_size)
     tokenizers = [p for p in src.iterdir() if p.is_file() and (p.name.startswith("tokenizer") or p.name == "tekken.json")]
-    if not tokenizers:
-        raise MistralError(f"{src}: no tokenizer file: a quantized folder without one would not run")
     path = weights_path(src)
     try:
         if path.suffix == ".safetensors":

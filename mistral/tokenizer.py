@@ -60,6 +60,12 @@ def load_tokenizer(folder: Union[str, Path]) -> ChatTokenizer:
     return Tokenizer(path) if path.name in SENTENCEPIECE_V1 else MistralCommonTokenizer(path)
 
 
+def check_vocabulary(folder: Union[str, Path], tokenizer: ChatTokenizer, vocab_size: int) -> None:
+    """The folder's tokenizer has params.json's vocabulary: another model's would produce garbage."""
+    if tokenizer.n_words != vocab_size:
+        raise MistralError(f"{tokenizer_file(folder)}: {tokenizer.n_words} tokens but params.json says vocab_size={vocab_size}")
+
+
 def check_messages(messages: Sequence[Message]) -> None:
     """A conversation the assistant can answer: known roles, text contents, the user's turn last."""
     if not messages:

@@ -13,12 +13,14 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import edit_tensors, random_model, rel_error, tiny_args
+from make_tiny_model import make_tiny_model
 from mistral import DEFAULT_MODEL, MistralError, Transformer, generate
 from mistral.checkpoint import PARAMS, SAFETENSORS
 from mistral.model import tensor_split_dim
@@ -30,7 +32,7 @@ QUANT_RTOL = 2e-2
 
 
 def quantized_pair(tmp_path: Path, moe: bool) -> tuple[Transformer, Transformer]:
-    model = random_model(tiny_args(moe=moe)).to("cpu")
+    model = random_model(tiny_args(moe=moe, vocab_size=4096)).to("cpu")  # the default model's tokenizer
     model.save(tmp_path / "float")
     shutil.copyfile(DEFAULT_MODEL / "tokenizer.model", tmp_path / "float" / "tokenizer.model")  # quantize copies it along
     quantize_folder(tmp_path / "float", tmp_path / "int8")
@@ -154,10 +156,20 @@ def test_quantize_refuses_a_broken_source(tmp_path: Path, change: dict, message:
     assert not (tmp_path / "out").exists()
 
 
-def test_quantize_refuses_a_source_without_tokenizer(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "tokenizer, message",
+    [(None, "no tokenizer file"), (b"garbage", "not a sentencepiece model"), ("tiny", "512 tokens but params.json says vocab_size=")],
+    ids=["none", "garbage", "another-vocabulary"],
+)
+def test_quantize_refuses_a_source_without_a_working_tokenizer(tmp_path: Path, tokenizer: Any, message: str) -> None:
+    """The tokenizer generate would read is read: a quantized folder that cannot run is not written."""
     src = tmp_path / "src"
     shutil.copytree(DEFAULT_MODEL, src)
     (src / "tokenizer.model").unlink()
-    with pytest.raises(MistralError, match="no tokenizer file"):
+    if isinstance(tokenizer, bytes):
+        (src / "tokenizer.model").write_bytes(tokenizer)
+    elif tokenizer == "tiny":  # another model's, of 512 tokens
+        shutil.copy(make_tiny_model(str(tmp_path / "tiny")) / "tokenizer.model", src / "tokenizer.model")
+    with pytest.raises(MistralError, match=message):
         quantize_folder(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
