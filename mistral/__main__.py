@@ -1,3 +1,17 @@
-from mistral.main import main
+"""`python -m mistral` and the `mistral` command."""
 
-main()
+import sys
+
+
+def run() -> None:
+    """mistral.main.main, with its imports (torch's alone takes seconds) inside the Ctrl-C handling."""
+    try:
+        from mistral.main import main
+    except KeyboardInterrupt:  # stop quietly, as main() does once running
+        print(file=sys.stderr)
+        sys.exit(130)
+    main()
+
+
+if __name__ == "__main__":
+    run()

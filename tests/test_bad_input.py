@@ -261,6 +261,23 @@ def test_help_after_other_arguments_shows_help_and_runs_nothing(cli: Any, args: 
     assert f"mistral {args[0]} - " in err and "prompt tokens" not in err and "--max_tokens" in err, (out, err)  # fire shows help on stderr
 
 
+@pytest.mark.parametrize("after_s", [0.2, 0.6, 1.0])
+def test_ctrl_c_during_start_up_is_quiet(after_s: float) -> None:
+    """SIGINT while the package and torch import (the first second or two of a run): no traceback."""
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mistral", "generate", "def f():", "--max_tokens", "2", "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(after_s)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert process.returncode in (130, -signal.SIGINT, 0), (process.returncode, err)  # stopped, or already done
+
+
 def test_closed_pipe_is_quiet() -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "mistral", "generate", "def f():", "--max_tokens", "200", "--device", "cpu"],
