@@ -17,7 +17,7 @@ import fire
 import torch
 from fire import decorators, parser
 
-from mistral import parallel
+from mistral import launch, parallel
 from mistral.cache import RotatingBufferCache
 from mistral.checkpoint import DEFAULT_MODEL
 from mistral.errors import MistralError, check_positive_int
@@ -266,11 +266,10 @@ def generate(
         json: a switch (--json, no value): print one JSON object instead of text: per prompt its completion, token ids and
             their log-probabilities, and the timings.
         num_pipeline_ranks: split the layers over this many pipeline stages, one process per
-            GPU, started by torchrun, as in torchrun --nproc-per-node 2 -m mistral generate MODEL_DIR "prompt" --num_pipeline_ranks 2.
+            GPU, which mistral starts on this machine (or torchrun starts, on several nodes).
         num_tensor_ranks: split every layer's heads and hidden units over this many processes
-            (tensor parallelism, one GPU each, within one node), which read the weights together, as in
-            torchrun --nproc-per-node 2 -m mistral generate MODEL_DIR "prompt" --num_tensor_ranks 2.
-            With both, torchrun starts num_pipeline_ranks x num_tensor_ranks processes.
+            (tensor parallelism, one GPU each, within one node), which read the weights together.
+            With both, num_pipeline_ranks x num_tensor_ranks processes run.
         micro_batches: with num_pipeline_ranks > 1, run the prompts as this many groups that
             follow each other through the stages; by default one group per stage.
         lora: a LoRA adapter (lora.safetensors, with the rank and scaling in the `lora` section
@@ -286,6 +285,9 @@ def generate(
     check_options([[0]], 1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size, seed=seed)
     if temperature == 0 and top_p != 1:
         print("note: --top_p has no effect at --temperature 0, which decodes greedily", file=sys.stderr)
+    world_size = check_positive_int(num_pipeline_ranks, "num_pipeline_ranks") * check_positive_int(num_tensor_ranks, "num_tensor_ranks")
+    if world_size > 1 and not launch.started_by_a_launcher():
+        sys.exit(launch.run_ranks(world_size, sys.argv[1:]))  # this command again, once per rank
     start = time.perf_counter()
     model, tokenizer = load(folder, device, dtype, num_pipeline_ranks, num_tensor_ranks, None if lora is None else str(lora))
     load_s = time.perf_counter() - start

@@ -262,17 +262,25 @@ def test_bad_parallel_options_are_clear_errors(group: tuple) -> None:
         assert errors["micro_batches"] == "micro_batches must be a positive integer, got 0"
 
 
-@pytest.mark.parametrize("flag", ["--num_pipeline_ranks", "--num_tensor_ranks"])
-def test_torchrun_command_line_prints_once_and_matches_one_process(tmp_path: Path, flag: str) -> None:
+def launched(launcher: str, *args: str) -> list[str]:
+    """The command line of `mistral ARGS` on 2 ranks: started by torchrun, or by mistral itself (mistral/launch.py)."""
+    if launcher == "mistral":
+        return [sys.executable, "-m", "mistral", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "mistral", *args]
+
+
+@pytest.mark.parametrize(
+    "flag, launcher", [("--num_pipeline_ranks", "torchrun"), ("--num_tensor_ranks", "torchrun"), ("--num_tensor_ranks", "mistral")]
+)
+def test_parallel_command_line_prints_once_and_matches_one_process(tmp_path: Path, flag: str, launcher: str) -> None:
     from make_tiny_model import make_tiny_model
 
     folder = make_tiny_model(str(tmp_path / "model"), n_layers=3, moe=True)
     prompts = ["def fibonacci(n):", "import os", "class Path:"]
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-        "-m", "mistral", "generate", str(folder), *prompts, flag, "2", "--max_tokens", "10", "--json",
+    command = launched(
+        launcher, "generate", str(folder), *prompts, flag, "2", "--max_tokens", "10", "--json",
         "--device", "cpu",  # gloo on any machine: the reference below runs on the CPU too
-    ]  # fmt: skip
+    )  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, capture_output=True, text=True, timeout=150, env=env)
     assert done.returncode == 0, done.stderr
@@ -311,9 +319,22 @@ def test_gpu_script_runs_on_cpu(tmp_path: Path) -> None:
     assert results["mistral"]["speedup_b1"] > 0
 
 
-def test_a_rank_that_stops_answering_ends_the_others_with_one_line(tmp_path: Path) -> None:
+def test_an_error_of_every_rank_is_one_line(tmp_path: Path) -> None:
+    """mistral's launcher: each of 3 ranks refuses the layout alike; the user reads it once, and nothing of a launcher's."""
+    from make_tiny_model import make_tiny_model
+
+    folder = make_tiny_model(str(tmp_path / "model"))
+    command = launched("mistral", "generate", str(folder), "hi", "--num_tensor_ranks", "3", "--device", "cpu")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=150, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert done.stderr.strip().splitlines() == ["error: num_tensor_ranks=3 does not divide the model's n_kv_heads=2"], done.stderr
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "mistral"])
+def test_a_rank_that_stops_answering_ends_the_others_with_one_line(tmp_path: Path, launcher: str) -> None:
     """SIGSTOP one of two tensor-parallel ranks mid-generation: the other gives up after
-    MISTRAL_TIMEOUT_S (20 s here) with one line naming itself, instead of waiting forever."""
+    MISTRAL_TIMEOUT_S (20 s here) with one line naming itself, instead of waiting forever;
+    mistral's own launcher then ends the stopped rank and names it."""
     import signal
     import threading
     import time
@@ -321,30 +342,27 @@ def test_a_rank_that_stops_answering_ends_the_others_with_one_line(tmp_path: Pat
     from make_tiny_model import make_tiny_model
 
     folder = make_tiny_model(str(tmp_path / "model"), n_layers=2, seed=2)  # its greedy text runs past 3000 tokens, no eos
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-        "-m", "mistral", "generate", str(folder), "hello", "--num_tensor_ranks", "2", "--max_tokens", "1000000", "--device", "cpu",
-    ]  # fmt: skip
+    command = launched(launcher, "generate", str(folder), "hello", "--num_tensor_ranks", "2", "--max_tokens", "1000000", "--device", "cpu")
     # 20 s, not less: on a busy 2-core machine one rank's start-up (imports, loading) can lead the other's by 10 s
     env = dict(os.environ, OMP_NUM_THREADS="1", MISTRAL_TIMEOUT_S="20", PYTHONUNBUFFERED="1")
-    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     printed: list[str] = []
     errors: list[str] = []
-    threading.Thread(target=lambda: printed.extend(iter(lambda: launcher.stdout.read(1), "")), daemon=True).start()  # type: ignore[union-attr]
-    reader = threading.Thread(target=lambda: errors.append(launcher.stderr.read()), daemon=True)  # type: ignore[union-attr]
+    threading.Thread(target=lambda: printed.extend(iter(lambda: process.stdout.read(1), "")), daemon=True).start()  # type: ignore[union-attr]
+    reader = threading.Thread(target=lambda: errors.append(process.stderr.read()), daemon=True)  # type: ignore[union-attr]
     reader.start()
 
     def stderr() -> str:
-        launcher.kill()
+        process.kill()
         reader.join(timeout=30)
         return "".join(errors)
 
     try:
         started = time.monotonic()
-        while len(printed) < len("hello") + 20 and launcher.poll() is None and time.monotonic() - started < 120:
+        while len(printed) < len("hello") + 20 and process.poll() is None and time.monotonic() - started < 120:
             time.sleep(0.1)  # 20 characters past the prompt: both ranks have loaded and decode together
         ranks = {}
-        for pid in map(int, subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher.pid)], capture_output=True, text=True).stdout.split()):
+        for pid in map(int, subprocess.run(["ps", "-o", "pid=", "--ppid", str(process.pid)], capture_output=True, text=True).stdout.split()):
             rank = next((int(v[5:]) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if v.startswith(b"RANK=")), None)
             if rank is not None:
                 ranks[rank] = pid
@@ -354,14 +372,21 @@ def test_a_rank_that_stops_answering_ends_the_others_with_one_line(tmp_path: Pat
         while Path(f"/proc/{ranks[0]}").exists() and time.monotonic() - stopped < 90:
             time.sleep(0.2)
         waited = time.monotonic() - stopped
-        os.kill(ranks[1], signal.SIGKILL)  # what the launcher would do after its own 30 s grace
-        launcher.wait(timeout=120)
+        if launcher == "torchrun":
+            os.kill(ranks[1], signal.SIGKILL)  # what torchrun would do after its own 30 s grace
+        code = process.wait(timeout=120)
     finally:
-        launcher.kill()
+        process.kill()
     err = stderr()
     assert waited < 45, err
     assert "error: rank 0: another rank did not answer within 20 s (MISTRAL_TIMEOUT_S)" in err, err
-    assert "Traceback" not in err.split("error: rank 0")[0]  # rank 0 printed its line, no traceback before it
+    if launcher == "mistral":  # the ranks' lines, nothing else
+        lines = err.strip().splitlines()
+        assert lines[-1] == "error: rank 1 had not ended 5 s after rank 0 failed (stopped or hung): killed", err
+        assert lines[-2].startswith("error: rank 0: another rank did not answer"), err
+        assert "Traceback" not in err and code == 2, err
+    else:
+        assert "Traceback" not in err.split("error: rank 0")[0]  # rank 0 printed its line, no traceback before it (torchrun's after)
 
 
 @pytest.mark.parametrize("value", ["inf", "nan", "0", "-5", "soon", "1e7"])
