@@ -217,7 +217,8 @@ def convert(hf_dir: Union[str, Path], out_dir: Union[str, Path]) -> ModelArgs:
     check_writable(out_dir)
     if not (hf_dir / CONFIG).is_file():
         raise MistralError(f"{hf_dir}: no {CONFIG} in the HF model folder")
-    args = args_from_hf_config(read_json(hf_dir / CONFIG), str(hf_dir / CONFIG))
+    config = read_json(hf_dir / CONFIG)
+    args = args_from_hf_config(config, str(hf_dir / CONFIG))
     expected = checkpoint_shapes(args)
 
     state: dict[str, torch.Tensor] = {}
@@ -241,6 +242,11 @@ def convert(hf_dir: Union[str, Path], out_dir: Union[str, Path]) -> ModelArgs:
         except SafetensorError as e:
             raise MistralError(f"{path}: unreadable safetensors file ({e})") from None
 
+    if isinstance(config, dict) and config.get("tie_word_embeddings") is True and "output.weight" not in state:
+        # The output layer is the embeddings (save_pretrained writes no lm_head.weight);
+        # Mistral's format has a tensor of its own for it. A copy: safetensors writes no shared tensors.
+        if "tok_embeddings.weight" in state:
+            state["output.weight"] = state["tok_embeddings.weight"].clone()
     missing = [n for n in expected if n not in state]
     if missing:
         shown = ", ".join(hf_name(n) or n for n in missing[:5])

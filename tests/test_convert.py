@@ -64,6 +64,22 @@ def test_fused_experts_convert(tmp_path: Path) -> None:
     assert_same_logits(ours, hf)
 
 
+def test_tied_embeddings_convert(tmp_path: Path) -> None:
+    """tie_word_embeddings: save_pretrained writes no lm_head.weight, the output layer is the
+    embeddings; the converted folder holds it as output.weight and gives HF's logits."""
+    from hf_reference import random_hf
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, sliding_window=8, rope_theta=1e6, tie_word_embeddings=True)  # fmt: skip
+    hf = random_hf(MistralForCausalLM, config, seed=4)
+    ours = converted(hf, tmp_path)
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    assert torch.equal(ours.output.weight, ours.tok_embeddings.weight)
+    assert_same_logits(ours, hf)
+
+
 def test_tensors_keep_their_dtype(tmp_path: Path) -> None:
     hf = hf_model(moe=False, seed=3).to(torch.bfloat16)
     hf.save_pretrained(tmp_path / "hf")
