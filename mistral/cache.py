@@ -17,15 +17,16 @@ brings seqlens = [2, 3] new tokens (a prefill chunk):
                        b3 overwrites b0 in slot 0 once every query has read it)
     row a after     = [a6, a4, a5]              (slot 0, 1, 2)
 
-`CacheInputs.build` computes all of this once per call; the layers only consume it
-through `CacheView.update`, and never decide which mask applies.
+`cache_inputs` computes all of this once per call, as one of the classes of call
+(Prefill, Chunk, Decode); the layers only consume it through `CacheView.attend`, and
+never decide which mask applies.
 """
 
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
+from mistral.attention import Backend, attend, decode_kernel_applies
 from mistral.errors import MistralError
 from mistral.kernels import decode_attention
 from mistral.masks import AttentionBias, chunk_mask, decode_mask, prefill_mask
@@ -41,180 +42,193 @@ def key_lengths(positions: torch.Tensor, size: int) -> torch.Tensor:
     return (positions + 1).clamp(max=size)
 
 
-@dataclass
 class CacheInputs:
-    """Everything one forward call needs from the cache, shared by all layers."""
+    """What one forward call needs from the cache, computed once and shared by all layers:
+    the new tokens' positions, the mask, and where their keys and values go. One class per
+    kind of call, each with its own `update` (and Decode its own `attend`)."""
 
-    kind: str  # "prefill" (nothing cached), "chunk" (cached + new) or "decode" (1 new token each)
-    positions: torch.Tensor  # [T] absolute position of each new token
-    mask: AttentionBias
-    n_rows: int  # cache rows the call reads: 0..n_rows-1
-    size: int  # slots per row
-    # [N] which new tokens are stored (the last `size` of each sequence); None: all, in order.
-    write_from: Optional[torch.Tensor]
-    write_to: Optional[torch.Tensor]  # [N] their flat slot (`slots`); None without a cache
-    # "chunk" only: keys = cached tokens in order + new tokens, per sequence, laid out
-    # in a [n_keys] buffer: cached slot `read_from[j]` goes to key `read_to[j]`, and new
-    # token t goes to key `new_to[t]`.
-    n_keys: int = 0
-    read_from: Optional[torch.Tensor] = None
-    read_to: Optional[torch.Tensor] = None
-    new_to: Optional[torch.Tensor] = None
-    rows: Optional[torch.Tensor] = None  # "decode" only: 0..n_rows-1, made once for `advance_decode`
-    # "decode" only: the slots of each row that queries read, its first `padding` (the
-    # filled ones, all `size` for a graph's static inputs, which must bound later steps).
-    padding: int = 0
+    def __init__(self, positions: torch.Tensor, mask: AttentionBias):
+        self.positions = positions  # [T] absolute position of each new token
+        self.mask = mask
 
-    @staticmethod
-    def uncached(seqlens: Sequence[int], sliding_window: Optional[int], device: torch.device) -> "CacheInputs":
-        """A forward call without a cache: each sequence starts at position 0 and sees only itself."""
+    def update(self, k: Optional[torch.Tensor], v: Optional[torch.Tensor], xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys and values xk, xv [T, H_kv, Dh] in one layer's cache k, v
+        [rows, size, H_kv, Dh]; return the keys and values the new queries attend to."""
+        raise NotImplementedError
+
+    def attend(self, k: Optional[torch.Tensor], v: Optional[torch.Tensor], xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor,
+               backend: Backend) -> torch.Tensor:  # fmt: skip
+        """The attention of queries xq [T, H, Dh] under this call's mask, the cache updated on the way."""
+        keys, values = self.update(k, v, xk, xv)
+        return attend(xq, keys, values, self.mask, backend)
+
+
+class Uncached(CacheInputs):
+    """A forward call without a cache: each sequence starts at position 0 and sees only itself."""
+
+    def __init__(self, seqlens: Sequence[int], sliding_window: Optional[int], device: torch.device):
         active = [s for s in seqlens if s > 0]
-        positions = torch.cat([torch.arange(s, device=device) for s in active])
-        mask = prefill_mask(active, sliding_window, device)
-        return CacheInputs("prefill", positions, mask, n_rows=0, size=0, write_from=None, write_to=None)
+        super().__init__(torch.cat([torch.arange(s, device=device) for s in active]), prefill_mask(active, sliding_window, device))
 
-    @staticmethod
-    def decode(lengths: Sequence[int], size: int, device: torch.device, *, static: bool = False) -> "CacheInputs":
-        """One new token for each of rows 0..B-1, which hold lengths[b] tokens so far.
+    def update(self, k: Optional[torch.Tensor], v: Optional[torch.Tensor], xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return xk, xv
 
-        static: for a captured graph, whose later steps `advance_decode` computes in
-        place (and `restart_decode`, after other calls). xformers sizes its split-KV work
-        by the mask's `max_seqlen`, a host int baked into the graph, so it must bound
-        every later length: the mask is built with every row full, and the true lengths
-        go into its device tensor `seqlen`.
+
+class Prefill(CacheInputs):
+    """The first tokens of each sequence (nothing cached): they attend to each other (mask 1),
+    and the last `size` of each are stored."""
+
+    def __init__(self, positions: torch.Tensor, mask: AttentionBias, write_from: torch.Tensor, write_to: torch.Tensor):
+        super().__init__(positions, mask)
+        self.write_from = write_from  # [N] the new tokens stored, in order
+        self.write_to = write_to  # [N] their flat slot (`slots`)
+
+    def update(self, k: Optional[torch.Tensor], v: Optional[torch.Tensor], xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert k is not None and v is not None
+        _store(k, v, xk[self.write_from], xv[self.write_from], self.write_to)
+        return xk, xv
+
+
+class Chunk(CacheInputs):
+    """More tokens of sequences that have some cached (mask 2): the keys are each sequence's
+    cached tokens in order, then its new ones, laid out in a [n_keys] buffer: cached slot
+    `read_from[j]` goes to key `read_to[j]`, new token t to key `new_to[t]`."""
+
+    def __init__(self, positions: torch.Tensor, mask: AttentionBias, write_from: torch.Tensor, write_to: torch.Tensor,
+                 n_keys: int, read_from: torch.Tensor, read_to: torch.Tensor, new_to: torch.Tensor):  # fmt: skip
+        super().__init__(positions, mask)
+        self.write_from, self.write_to = write_from, write_to  # as Prefill's
+        self.n_keys, self.read_from, self.read_to, self.new_to = n_keys, read_from, read_to, new_to
+
+    def update(self, k: Optional[torch.Tensor], v: Optional[torch.Tensor], xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert k is not None and v is not None
+        # Read the cached keys before the write can overwrite them.
+        keys, values = xk.new_empty(self.n_keys, *xk.shape[1:]), xv.new_empty(self.n_keys, *xv.shape[1:])
+        keys[self.read_to], values[self.read_to] = k.flatten(0, 1)[self.read_from], v.flatten(0, 1)[self.read_from]
+        keys[self.new_to], values[self.new_to] = xk, xv
+        _store(k, v, xk[self.write_from], xv[self.write_from], self.write_to)
+        return keys, values
+
+
+class Decode(CacheInputs):
+    """One new token for each of rows 0..B-1 (mask 3): each query reads its row's first
+    `padding` slots, of which the mask's key lengths say how many are filled.
+
+    Its inputs can advance in place on the device (`advance`), so that a captured CUDA
+    graph runs step after step (mistral/decode.py).
+    """
+
+    def __init__(self, lengths: Sequence[int], size: int, device: torch.device, *, static: bool = False):
+        """Rows 0..B-1 hold lengths[b] tokens so far.
+
+        static: for a captured graph. xformers sizes its split-KV work by the mask's
+        `max_seqlen`, a host int baked into the graph, so it must bound every later
+        length: the mask is built with every row full, and the true lengths go into its
+        device tensor `seqlen`.
         """
         B = len(lengths)
         # The lengths from the host's list: reading them back from the device would sync every step.
         # Eagerly a row's keys are only its filled slots: a window-less cache of max_tokens
         # slots would otherwise make every step read (and, on the CPU, copy) all of them.
         reads = [size] * B if static else key_lengths(torch.tensor(lengths), size).tolist()
-        padding = size if static else max(reads)
-        positions = torch.empty(B, dtype=torch.long, device=device)
-        inputs = CacheInputs(
-            "decode", positions, decode_mask(reads, padding, device), n_rows=B, size=size, write_from=None,
-            write_to=torch.empty_like(positions), rows=torch.arange(B, device=device), padding=padding,
-        )  # fmt: skip
-        inputs.restart_decode(lengths)
-        return inputs
+        self.padding = size if static else max(reads)
+        super().__init__(torch.empty(B, dtype=torch.long, device=device), decode_mask(reads, self.padding, device))
+        self.size = size
+        self.rows = torch.arange(B, device=device)
+        self.write_to = torch.empty_like(self.positions)  # [B] each new token's flat slot
+        self.restart(lengths)
 
-    def restart_decode(self, lengths: Sequence[int]) -> None:
+    def restart(self, lengths: Sequence[int]) -> None:
         """In place, the inputs of a decode step from rows that hold lengths[b] tokens."""
         self.positions.copy_(torch.tensor(lengths, dtype=torch.long))
-        self.advance_decode(0)
+        self.advance(0)
 
-    def advance_decode(self, steps: int = 1) -> None:
-        """The next decode step's inputs, in place on the device, so a captured graph can run it."""
-        assert self.kind == "decode" and self.write_to is not None and self.rows is not None
+    def advance(self, steps: int = 1) -> None:
+        """The inputs `steps` decode steps later, in place on the device (a captured graph runs it)."""
         self.positions += steps
         self.write_to.copy_(slots(self.rows, self.positions, self.size))
         self.mask.k_seqinfo.seqlen.copy_(key_lengths(self.positions, self.size))
 
-    @staticmethod
-    def build(
-        seqlens: Sequence[int],
-        cached: Sequence[int],
-        size: int,
-        sliding_window: Optional[int],
-        device: torch.device,
-    ) -> "CacheInputs":
-        """seqlens[b] new tokens for row b, which holds cached[b] tokens so far."""
-        assert len(seqlens) <= len(cached)
-        rows = [b for b, s in enumerate(seqlens) if s > 0]
-        # Without a window the buffer cannot roll: position p must have a slot of its own.
-        if sliding_window is None or size < sliding_window:
-            for b in rows:
-                if cached[b] + seqlens[b] > size:
-                    raise MistralError(
-                        f"sequence {b} would reach {cached[b] + seqlens[b]} tokens, past the cache's {size} slots "
-                        f"(sliding_window={sliding_window}): make a larger cache"
-                    )
-        if len(rows) == len(seqlens) and all(s == 1 for s in seqlens):
-            return CacheInputs.decode(cached[: len(seqlens)], size, device)
+    def update(self, k: Optional[torch.Tensor], v: Optional[torch.Tensor], xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert k is not None and v is not None
+        _store(k, v, xk, xv, self.write_to)
+        # In place when the padding is every slot, else a copy of the filled ones.
+        B = self.positions.shape[0]
+        return k[:B, : self.padding].flatten(0, 1), v[:B, : self.padding].flatten(0, 1)
 
-        def tensor(values: list) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
+    def attend(self, k: Optional[torch.Tensor], v: Optional[torch.Tensor], xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor,
+               backend: Backend) -> torch.Tensor:  # fmt: skip
+        """Where the decode kernel applies (CUDA), the update and attention as one kernel (kernels.decode_attention)."""
+        if not decode_kernel_applies(xq, backend):
+            return super().attend(k, v, xq, xk, xv, backend)
+        assert k is not None and v is not None
+        return decode_attention(xq, xk, xv, k, v, self.write_to, self.mask.k_seqinfo.seqlen)
 
-        positions, write_from, write_row, write_pos = [], [], [], []
-        start = 0
+
+def _store(k: torch.Tensor, v: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, write_to: torch.Tensor) -> None:
+    k.flatten(0, 1).index_copy_(0, write_to, xk)
+    v.flatten(0, 1).index_copy_(0, write_to, xv)
+
+
+def cache_inputs(seqlens: Sequence[int], cached: Sequence[int], size: int, sliding_window: Optional[int], device: torch.device) -> CacheInputs:
+    """The call that brings seqlens[b] new tokens to row b, which holds cached[b] tokens so far."""
+    assert len(seqlens) <= len(cached)
+    rows = [b for b, s in enumerate(seqlens) if s > 0]
+    # Without a window the buffer cannot roll: position p must have a slot of its own.
+    if sliding_window is None or size < sliding_window:
         for b in rows:
-            c, s = cached[b], seqlens[b]
-            positions += range(c, c + s)
-            keep = min(s, size)  # only the last `size` new tokens survive the call
-            write_from += range(start + s - keep, start + s)
-            write_row += [b] * keep
-            write_pos += range(c + s - keep, c + s)
-            start += s
-        common = dict(
-            positions=tensor(positions), n_rows=len(seqlens), size=size, write_from=tensor(write_from),
-            write_to=slots(tensor(write_row), tensor(write_pos), size),
-        )  # fmt: skip
-        active = [seqlens[b] for b in rows]
-        if all(cached[b] == 0 for b in rows):
-            return CacheInputs(kind="prefill", mask=prefill_mask(active, sliding_window, device), **common)
+            if cached[b] + seqlens[b] > size:
+                raise MistralError(
+                    f"sequence {b} would reach {cached[b] + seqlens[b]} tokens, past the cache's {size} slots "
+                    f"(sliding_window={sliding_window}): make a larger cache"
+                )
+    if len(rows) == len(seqlens) and all(s == 1 for s in seqlens):
+        return Decode(cached[: len(seqlens)], size, device)
 
-        read_row, read_pos, read_to, new_to, kv_seqlens = [], [], [], [], []
-        key = 0
-        for b in rows:
-            c, s = cached[b], seqlens[b]
-            n = min(c, size)
-            read_row += [b] * n
-            read_pos += range(c - n, c)
-            read_to += range(key, key + n)
-            new_to += range(key + n, key + n + s)
-            kv_seqlens.append(n + s)
-            key += n + s
-        return CacheInputs(
-            kind="chunk",
-            mask=chunk_mask(active, kv_seqlens, sliding_window, device),
-            n_keys=key,
-            read_from=slots(tensor(read_row), tensor(read_pos), size),
-            read_to=tensor(read_to),
-            new_to=tensor(new_to),
-            **common,
-        )
+    def tensor(values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    positions, write_from, write_row, write_pos = [], [], [], []
+    start = 0
+    for b in rows:
+        c, s = cached[b], seqlens[b]
+        positions += range(c, c + s)
+        keep = min(s, size)  # only the last `size` new tokens survive the call
+        write_from += range(start + s - keep, start + s)
+        write_row += [b] * keep
+        write_pos += range(c + s - keep, c + s)
+        start += s
+    writes = dict(positions=tensor(positions), write_from=tensor(write_from), write_to=slots(tensor(write_row), tensor(write_pos), size))
+    active = [seqlens[b] for b in rows]
+    if all(cached[b] == 0 for b in rows):
+        return Prefill(mask=prefill_mask(active, sliding_window, device), **writes)
+
+    read_row, read_pos, read_to, new_to, kv_seqlens = [], [], [], [], []
+    key = 0
+    for b in rows:
+        c, s = cached[b], seqlens[b]
+        n = min(c, size)
+        read_row += [b] * n
+        read_pos += range(c - n, c)
+        read_to += range(key, key + n)
+        new_to += range(key + n, key + n + s)
+        kv_seqlens.append(n + s)
+        key += n + s
+    return Chunk(
+        mask=chunk_mask(active, kv_seqlens, sliding_window, device), n_keys=key,
+        read_from=slots(tensor(read_row), tensor(read_pos), size), read_to=tensor(read_to), new_to=tensor(new_to), **writes,
+    )  # fmt: skip
 
 
 class CacheView:
-    """One layer's slice of the cache, with the current call's inputs."""
+    """One layer's slice of the cache (none for an uncached call), with the current call's inputs."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, inputs: CacheInputs):
+    def __init__(self, k: Optional[torch.Tensor], v: Optional[torch.Tensor], inputs: CacheInputs):
         self.k, self.v, self.inputs = k, v, inputs
 
-    def update(self, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new keys/values; return the keys/values the new queries attend to."""
-        inputs = self.inputs
-        assert inputs.write_to is not None
-        flat_k, flat_v = self.k.flatten(0, 1), self.v.flatten(0, 1)  # [rows * size, H_kv, D]
-        if inputs.kind == "chunk":
-            # Read the cached keys before the write below can overwrite them.
-            keys = xk.new_empty(inputs.n_keys, *xk.shape[1:])
-            values = xv.new_empty(inputs.n_keys, *xv.shape[1:])
-            keys[inputs.read_to] = flat_k[inputs.read_from]
-            values[inputs.read_to] = flat_v[inputs.read_from]
-            keys[inputs.new_to] = xk
-            values[inputs.new_to] = xv
-        stored_k = xk if inputs.write_from is None else xk[inputs.write_from]
-        stored_v = xv if inputs.write_from is None else xv[inputs.write_from]
-        flat_k.index_copy_(0, inputs.write_to, stored_k)
-        flat_v.index_copy_(0, inputs.write_to, stored_v)
-        if inputs.kind == "prefill":
-            return xk, xv
-        if inputs.kind == "decode":
-            # Each query reads its row's first `padding` slots (mask 3 of masks.py): in place
-            # when that is every slot, else a copy of the filled ones.
-            rows, padding = inputs.n_rows, inputs.padding
-            return self.k[:rows, :padding].flatten(0, 1), self.v[:rows, :padding].flatten(0, 1)
-        return keys, values
-
-    def attend_decode(self, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor) -> torch.Tensor:
-        """A decode call's update and attention as one kernel (kernels.decode_attention, on CUDA).
-
-        xq: [B, H, Dh] and xk, xv: [B, H_kv, Dh], one new token for each of rows 0..B-1;
-        each query attends over its row's first mask.k_seqinfo.seqlen[b] slots (mask 3).
-        """
-        inputs = self.inputs
-        assert inputs.kind == "decode" and inputs.write_to is not None
-        return decode_attention(xq, xk, xv, self.k, self.v, inputs.write_to, inputs.mask.k_seqinfo.seqlen)
+    def attend(self, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, backend: Backend) -> torch.Tensor:
+        """Store this layer's new keys and values, and attend to what the call's mask shows."""
+        return self.inputs.attend(self.k, self.v, xq, xk, xv, backend)
 
 
 # The share of free memory the KV cache leaves to the rest of a run (activations, logits,
@@ -280,9 +294,6 @@ class RotatingBufferCache:
         self.lengths: list[int] = []  # tokens seen so far, per row
         self.written: list[int] = []
         self.reset()
-        # The decode.Runner of each model and batch on this cache, made once: their CUDA
-        # graphs hold this cache's tensors, so a later stream replays them (decode.runner).
-        self.runners: dict[tuple, Any] = {}
 
     @staticmethod
     def row_size(max_seq_len: int, sliding_window: Optional[int]) -> int:
@@ -297,7 +308,7 @@ class RotatingBufferCache:
         """This call's metadata; seqlens[b] new tokens go to row b (0 allowed)."""
         if len(seqlens) > self.max_batch_size:
             raise MistralError(f"{len(seqlens)} sequences do not fit a cache of {self.max_batch_size} rows")
-        return CacheInputs.build(seqlens, self.lengths, self.size, self.sliding_window, self.k.device)
+        return cache_inputs(seqlens, self.lengths, self.size, self.sliding_window, self.k.device)
 
     def view(self, layer: int, inputs: CacheInputs) -> CacheView:
         return CacheView(self.k[layer], self.v[layer], inputs)

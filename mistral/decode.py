@@ -14,7 +14,7 @@ alone:
   Prefill runs this way too.
 - a decode step (embedding, the stage's blocks, logits) is captured once in a CUDA
   graph and replayed for every token. Its inputs live in static device buffers that
-  the graph itself advances after each step (`CacheInputs.advance_decode`): the
+  the graph itself advances after each step (`cache.Decode.advance`): the
   tokens or activations, their positions, the cache slots they are written to, and
   the key lengths of the decode mask. Nothing in the step reads a device value on the
   host (the generation loop around it does, a step late, while the next step runs: the
@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 
 from mistral import model as model_module
-from mistral.cache import CacheInputs, RotatingBufferCache
+from mistral.cache import Decode, RotatingBufferCache
 from mistral.masks import register_with_dynamo
 from mistral.model import RunBlock, Transformer, TransformerBlock
 
@@ -50,24 +50,6 @@ COMPILE_COSTS_S = 4.9  # the warm cache's: the least a compile costs
 def compile_pays(decode_steps: int, n_layers: int) -> bool:
     """Whether compiling the blocks saves more than it costs over `decode_steps` steps of a model of `n_layers`."""
     return decode_steps * n_layers * COMPILE_SAVES_S_PER_LAYER_STEP > COMPILE_COSTS_S
-
-
-def runner(model: Transformer, cache: RotatingBufferCache, n_rows: int, **fast: Optional[bool]) -> "Runner":
-    """The Runner of `model` on rows 0..n_rows-1 of `cache`, made at the first call and kept
-    on the cache, so that a later stream on it replays the decode graph already captured.
-
-    fast: Runner's compile and cuda_graphs.
-    """
-    key = (id(model), n_rows, tuple(sorted(fast.items())))
-    found = cache.runners.get(key)
-    # A graph reads the weights where they were at its capture: not after model.to(...).
-    if found is None or found.model is not model or found.weights != _weights(model):
-        found = cache.runners[key] = Runner(model, cache, n_rows, **fast)
-    return found
-
-
-def _weights(model: Transformer) -> list[int]:
-    return [p.data_ptr() for p in model.parameters()]
 
 
 def usable(model: Transformer) -> bool:
@@ -124,13 +106,18 @@ class Runner:
         fast = usable(model)
         compile = bool(compile)
         self.model, self.cache, self.B = model, cache, n_rows
-        self.weights = _weights(model)
+        self.weights = Runner.weights_of(model)
         self.run_block: RunBlock = compiled_block() if compile else TransformerBlock.__call__
         self.cuda_graphs = (fast if cuda_graphs is None else cuda_graphs) and model.device.type == "cuda"
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.graph_lengths: list[int] = []  # the cache lengths that the graph's next replay reads
         self.compiled = compile
         self.warm_up: dict[str, float] = {}  # `stream` hands each Runner its caller's
+
+    @staticmethod
+    def weights_of(model: Transformer) -> list[int]:
+        """Where the model's weights are, which a captured graph reads."""
+        return [p.data_ptr() for p in model.parameters()]
 
     def _book(self, kind: str, start: float) -> None:
         if self.model.device.type == "cuda":
@@ -142,7 +129,7 @@ class Runner:
         inputs = self.cache.prepare(seqlens)
         # The compiled block's first call of a kind of call compiles it: booked as such, with its
         # run. (A later new length may compile once more, until torch.compile makes it dynamic.)
-        kind = (type(inputs.mask), rows is None, repr(self.model.args)) if self.compiled else None
+        kind = (type(inputs), rows is None, repr(self.model.args)) if self.compiled else None
         start, first = time.perf_counter(), kind is not None and kind not in _compiled
         out = self.model.step(x, inputs, self.cache, self.run_block, rows)
         if first:
@@ -160,7 +147,7 @@ class Runner:
         if self.graph is None:
             self._capture(x)
         elif lengths != self.graph_lengths:  # prefills, a reset or a rewind since the last step
-            self.inputs.restart_decode(lengths)
+            self.inputs.restart(lengths)
         assert self.graph is not None
         self.x.copy_(x)
         self.graph_lengths = []  # unknown, should the replay be interrupted
@@ -171,7 +158,7 @@ class Runner:
 
     def _capture(self, x: torch.Tensor) -> None:
         self.x = x.clone()
-        self.inputs = CacheInputs.decode(self.cache.lengths[: self.B], self.cache.size, x.device, static=True)
+        self.inputs = Decode(self.cache.lengths[: self.B], self.cache.size, x.device, static=True)
         # Warm up on a side stream (compilation, cuBLAS workspaces, NCCL, allocator) as
         # graph capture requires. The warm-up step writes this step's keys into this
         # step's slots, which the first replay overwrites before anything reads them.
@@ -186,6 +173,6 @@ class Runner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.out = self.model.step(self.x, self.inputs, self.cache, self.run_block)
-            self.inputs.advance_decode()
+            self.inputs.advance()
         self._book("graph capture", start)
         self.graph = graph  # only once captured whole: a failed capture is tried again

@@ -12,11 +12,12 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from mistral.cache import CacheTooLarge, RotatingBufferCache
-from mistral.decode import Runner, compile_pays, runner, usable
+from mistral.cache import RotatingBufferCache
+from mistral.decode import Runner, compile_pays, usable
 from mistral.errors import MistralError, check_positive_int
 from mistral.model import Transformer
-from mistral.parallel import Link, split
+from mistral.parallel import split
+from mistral.stage import Stage
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -229,24 +230,20 @@ class MicroBatch:
             if cache.lengths[b] > promised:  # never below: a prefill left half-way stays as it is
                 cache.rewind(b, promised)
 
-    def run(self, model: Transformer, link: Link) -> tuple[bool, Optional[torch.Tensor]]:
+    def run(self, stage: Stage) -> tuple[bool, Optional[torch.Tensor]]:
         """This rank's share of the next forward call: a prefill chunk of every prompt, or a decode step.
 
         Returns whether the call ends in sampling and, on the last stage, the logits [b, V] to sample.
         """
-        decoding = self.prefilled == len(self.calls)
-        call = None if decoding else self.calls[self.prefilled]
-        ids = self.tokens[-1] if call is None else call.input_ids
-        x = torch.as_tensor(ids, device=model.device) if model.layout.is_first else link.recv_activations(len(ids))
-        rows = None if call is None else list(call.ends.values())  # the last token of each prompt ending here
-        out = self.runner.decode(x) if call is None else self.runner.prefill(x, call.seqlens, rows)
-        self.prefilled += call is not None
+        if self.prefilled == len(self.calls):
+            return True, stage.forward(self.runner, self.tokens[-1])
+        call = self.calls[self.prefilled]
+        # The logits of the last token of each prompt ending here.
+        out = stage.forward(self.runner, call.input_ids, call.seqlens, list(call.ends.values()))
+        self.prefilled += 1
         samples = self.prefilled == len(self.calls)
-        if not model.layout.is_last:
-            link.send_activations(out)
+        if out is None:  # not the last stage
             return samples, None
-        if call is None:
-            return True, out
         for i, b in enumerate(call.ends):  # a prompt's last logits come from the call where it ends
             self.last_logits[b] = out[i]
         return samples, torch.stack(self.last_logits) if samples else None  # type: ignore[arg-type]
@@ -268,6 +265,7 @@ def stream(
     compile: Optional[bool] = None,
     cuda_graphs: Optional[bool] = None,
     warm_up: Optional[dict[str, float]] = None,
+    stage: Optional[Stage] = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens [B], logprobs [B]) on the model's device after each step.
 
@@ -295,6 +293,9 @@ def stream(
     warm_up: a dict into which the seconds of what runs once per shape are added as they
     happen, by kind (see decode.Runner): a caller's timing books them apart.
 
+    stage: the model's Stage (mistral/stage.py) to run on, which keeps its caches and
+    decode graphs for the next call of the same shapes; by default a new one for this call.
+
     Every rank of a parallel model yields the same tokens.
     """
     check_model(model)
@@ -312,6 +313,10 @@ def stream(
         raise MistralError(f"cache must be a RotatingBufferCache (model.make_cache), got {type(cache).__name__}")
     if cache is not None and model.layout.world_size > 1:
         raise MistralError("continuing sequences from a cache is not supported on several processes")
+    if stage is None:
+        stage = Stage(model)
+    elif not isinstance(stage, Stage) or stage.model is not model:
+        raise MistralError("stage must be a Stage of this model (Stage(model))")
     if max_tokens == 0:
         return
     M = min(M, B)  # a last, short batch of generate() may have fewer prompts
@@ -335,58 +340,34 @@ def stream(
             if len(p) <= cache.lengths[b]:
                 raise MistralError(f"prompt {b} has {len(p)} tokens, but the cache already holds {cache.lengths[b]}: nothing new to read")
         unseen = [p[cache.lengths[b] :] for b, p in enumerate(encoded_prompts)]
-        mbs = [MicroBatch(unseen, runner(model, cache, B, **fast), chunk_size or cache.size)]
+        mbs = [MicroBatch(unseen, stage.runner(cache, B, **fast), chunk_size or cache.size)]
         caches = None
     else:
         # Every cache gets the whole batch's length, so chunks split prompts alike whatever M.
         longest = max(len(p) for p in encoded_prompts)
-        caches = _caches(model, [len(split(B, M, i)) for i in range(M)], longest, max_tokens)
+        caches = stage.caches([len(split(B, M, i)) for i in range(M)], longest, max_tokens)
         mbs = []
         for i, mb_cache in enumerate(caches):
             rows = split(B, M, i)
-            mb_runner = runner(model, mb_cache, len(rows), **fast)
+            mb_runner = stage.runner(mb_cache, len(rows), **fast)
             mbs.append(MicroBatch(encoded_prompts[rows.start : rows.stop], mb_runner, chunk_size or mb_cache.size))
     for mb in mbs:
         mb.runner.warm_up = {} if warm_up is None else warm_up
     try:
-        yield from _steps(mbs, model, max_tokens, temperature, top_p, eos_id, seed)
+        yield from _steps(mbs, stage, max_tokens, temperature, top_p, eos_id, seed)
     finally:
         if caches is not None:  # for the next stream of the same shapes, its graphs included
-            model.spare_caches[:] = caches
-
-
-def _caches(model: Transformer, rows: list[int], longest: int, max_tokens: int) -> list[RotatingBufferCache]:
-    """A cache of rows[i] rows for each micro-batch, for prompts of up to `longest` tokens.
-
-    The caches of the model's last stream (`model.spare_caches`) when their shapes are
-    these, and with them the decode graphs captured on them; otherwise new ones, made
-    once the spare ones are let go. While this stream runs, there are none spare: a
-    stream interleaved with it makes its own.
-    """
-    spare, model.spare_caches[:] = list(model.spare_caches), []
-    size = RotatingBufferCache.row_size(longest + max_tokens, model.args.sliding_window)
-    shape = lambda c: (c.max_batch_size, c.size, c.k.dtype, c.k.device)  # noqa: E731
-    if [shape(c) for c in spare] == [(n, size, model.dtype, model.device) for n in rows]:
-        for c in spare:
-            c.reset()
-        return spare
-    for c in spare:
-        c.runners.clear()  # a runner refers back to its cache: without this, the memory waits for the garbage collector
-    del spare
-    try:
-        return [model.make_cache(n, longest + max_tokens) for n in rows]
-    except CacheTooLarge as e:
-        raise MistralError(f"{e}, so max_tokens={max(e.fits - longest, 0)} at most after a prompt of {longest}") from None
+            stage.keep(caches)
 
 
 def _steps(
-    mbs: list[MicroBatch], model: Transformer, max_tokens: int, temperature: float, top_p: float,
+    mbs: list[MicroBatch], stage: Stage, max_tokens: int, temperature: float, top_p: float,
     eos_id: Optional[int], seed: Optional[int],
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
     """stream's loop: each micro-batch's next call in turn, yielding each step once all have it."""
 
-    generator = None if seed is None else torch.Generator(model.device).manual_seed(seed)
-    link = model.link
+    generator = None if seed is None else torch.Generator(stage.model.device).manual_seed(seed)
+    link = stage.link
     yielded = 0
     try:
         while not all(mb.finished for mb in mbs):
@@ -399,7 +380,7 @@ def _steps(
                 if mb.stopped(max_tokens):
                     mb.finished = True
                     continue
-                samples, logits = mb.run(model, link)
+                samples, logits = mb.run(stage)
                 if samples and link.samples:
                     assert logits is not None
                     tokens, logprobs, finite = pick(logits, temperature, top_p, generator)
@@ -443,12 +424,13 @@ def generate(
     """Generated tokens (eos excluded) and their log-probabilities, per prompt.
 
     options: those of `stream` (temperature, top_p, chunk_size, eos_id, seed,
-    micro_batches, compile, cuda_graphs), except `cache`. More prompts than
-    max_batch_size run as consecutive batches of that size.
+    micro_batches, compile, cuda_graphs, stage), except `cache`. More prompts than
+    max_batch_size run as consecutive batches of that size, on one Stage.
     """
     check_model(model)
     if "cache" in options:
         raise MistralError("generate() makes its own caches: continue a cache with stream(..., cache=...)")
+    options.setdefault("stage", Stage(model))
     eos_id = options.get("eos_id")
     n = model.args.max_batch_size
     all_tokens: list[list[int]] = []

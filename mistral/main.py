@@ -26,6 +26,7 @@ from mistral.options import HELP, check_arguments
 from mistral.hf import convert as convert_hf
 from mistral.model import Transformer
 from mistral.quantize import quantize_folder
+from mistral.stage import Stage
 from mistral.tokenizer import TOKENIZER_FILES, ChatTokenizer, Message, check_text, check_vocabulary, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -316,7 +317,8 @@ def generate(
 
     timing = Timing(load_s=load_s)
     options = dict(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size, seed=seed, micro_batches=micro_batches
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size, seed=seed, micro_batches=micro_batches,
+        stage=Stage(model),  # one for every batch: a later batch of the same shapes runs on the first's caches
     )
     for first in range(0, len(prompts), n):
         complete(model, tokenizer, completions[first : first + n], show, timing=timing, **options)
@@ -383,6 +385,7 @@ class Conversation:
         # A windowed model's rolling buffer holds W slots, whatever max_context says.
         window = model.args.sliding_window
         self.cache = model.make_cache(1, max_context if window is None else window)
+        self.stage = Stage(model)  # whose decode graph, captured on the cache, every turn replays
         self.max_context = max_context
         self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
         self.prompt: list[int] = []  # the last turn's prompt, then its sampled answer:
@@ -404,7 +407,7 @@ class Conversation:
         same = next((i for i, (a, b) in enumerate(zip(tokens, cached)) if a != b), min(len(tokens) - 1, len(cached)))
         self.cache.rewind(0, same)
         answer = Completion(self.tokenizer, tokens)
-        complete(self.model, self.tokenizer, [answer], lambda: on_step(answer), cache=self.cache, **self.options)
+        complete(self.model, self.tokenizer, [answer], lambda: on_step(answer), cache=self.cache, stage=self.stage, **self.options)
         self.messages, self.prompt, self.answer = messages, tokens, answer.tokens
         # The answer's text as mistral-inference's chat keeps it: its tokens decoded alone.
         # An empty one is left out, and the next user message joins this one, as

@@ -23,13 +23,12 @@ from torch.overrides import TorchFunctionMode
 
 from mistral import kernels
 from mistral.args import ModelArgs
-from mistral.attention import BACKENDS, Backend, attend, decode_kernel_applies
-from mistral.cache import CacheInputs, CacheView, RotatingBufferCache
+from mistral.attention import BACKENDS, Backend
+from mistral.cache import CacheInputs, CacheView, RotatingBufferCache, Uncached
 from mistral.checkpoint import CheckpointNames, Progress, check_dimensions, load_into, read_args, split_views, write_folder
 from mistral.errors import MistralError
 from mistral.linear import Linear, quantize_int8
 from mistral.lora import merge_lora
-from mistral.masks import AttentionBias
 from mistral.moe import MoeLayer
 from mistral.parallel import Layout, Link, add_all_reduces, check_tensor_split
 
@@ -85,17 +84,15 @@ class Attention(CheckpointNames):
         q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         return split_views(fused, "wqkv", {"wq": q, "wk": kv, "wv": kv})
 
-    def forward(
-        self, x: torch.Tensor, norm: RMSNorm, rope: torch.Tensor, mask: AttentionBias, cache: Optional[CacheView], backend: Backend
-    ) -> torch.Tensor:
-        """Attention of norm(x)."""
+    def forward(self, x: torch.Tensor, norm: RMSNorm, rope: torch.Tensor, cache: CacheView, backend: Backend) -> torch.Tensor:
+        """Attention of norm(x), under the mask of the cache's call."""
         T = x.shape[0]
         q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         xqk, xv = self.wqkv(x, norm=norm).split([q + kv, kv], dim=-1)
         # Queries and keys rotate alike: one [T, H + H_kv, Dh] tensor, one fused kernel.
         xqk = apply_rotary_emb(xqk.view(T, self.n_heads + self.n_kv_heads, self.head_dim), rope)
         xq, xk = xqk.split([self.n_heads, self.n_kv_heads], dim=1)
-        out = _cached_attention(xq, xk, xv.view(T, self.n_kv_heads, self.head_dim), mask, cache, backend)  # [T, H, Dh]
+        out = _cached_attention(xq, xk, xv.view(T, self.n_kv_heads, self.head_dim), cache, backend)  # [T, H, Dh]
         return self.wo(out.flatten(1))
 
 
@@ -103,13 +100,8 @@ class Attention(CheckpointNames):
 # this part runs eagerly between two compiled pieces (and inside a CUDA graph all the
 # same). decode.compiled_block marks it so, when it first compiles: the mark's import
 # (torch._dynamo) takes a second that an uncompiled run need not wait for.
-def _cached_attention(
-    xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, mask: AttentionBias, cache: Optional[CacheView], backend: Backend
-) -> torch.Tensor:
-    if cache is not None and cache.inputs.kind == "decode" and decode_kernel_applies(xq, backend):
-        return cache.attend_decode(xq, xk, xv)
-    keys, values = (xk, xv) if cache is None else cache.update(xk, xv)
-    return attend(xq, keys, values, mask, backend)
+def _cached_attention(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, cache: CacheView, backend: Backend) -> torch.Tensor:
+    return cache.attend(xq, xk, xv, backend)
 
 
 class FeedForward(CheckpointNames):
@@ -145,14 +137,12 @@ class TransformerBlock(nn.Module):
             moe = args.moe
             self.feed_forward = MoeLayer(args.dim, args.hidden_dim // T, moe.num_experts, moe.num_experts_per_tok, quantized)
 
-    def forward(
-        self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionBias, cache: Optional[CacheView], backend: Backend
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: CacheView, backend: Backend) -> torch.Tensor:
         # h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h)). Each norm
         # is handed to the projection that reads its result (Linear's `norm`): for int8
         # weights at batch 1 on CUDA the matrix-vector kernel applies it as it streams x,
         # one kernel fewer (see Linear.forward for why not for bfloat16 weights).
-        h = x + self.attention(x, self.attention_norm, rope, mask, cache, backend)
+        h = x + self.attention(x, self.attention_norm, rope, cache, backend)
         return h + self.feed_forward(h, self.ffn_norm)
 
 
@@ -234,11 +224,6 @@ class Transformer(nn.Module):
         self.output = Linear(args.dim, args.vocab_size) if layout.is_last else None  # kept in float by `quantize`
         if layout.num_tensor_ranks > 1:
             add_all_reduces(list(self.layers.values()), layout)
-        self._link: Optional[Link] = None
-        # The caches of the last generate() or stream() without a cache of its own, kept for
-        # the next one of the same shapes with their captured decode graphs
-        # (mistral/generation.py); clear() lets their memory go.
-        self.spare_caches: list[RotatingBufferCache] = []
 
     @property
     def device(self) -> torch.device:
@@ -247,13 +232,6 @@ class Transformer(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
-
-    @property
-    def link(self) -> Link:
-        """This rank's messages to the others (nothing to send on a single process)."""
-        if self._link is None or self._link.device != self.device or self._link.dtype != self.dtype:
-            self._link = Link(self.layout, self.args.dim, self.device, self.dtype)
-        return self._link
 
     def step(
         self,
@@ -273,8 +251,8 @@ class Transformer(nn.Module):
         rope = rotary_cos_sin(inputs.positions, self.args.head_dim, self.args.rope_theta)
         # The cache holds this stage's layers only: the k-th of them is cache layer k.
         for k, layer in enumerate(self.layers.values()):
-            view = None if cache is None else cache.view(k, inputs)
-            h = run_block(layer, h, rope, inputs.mask, view, self.attention_backend)
+            view = CacheView(None, None, inputs) if cache is None else cache.view(k, inputs)
+            h = run_block(layer, h, rope, view, self.attention_backend)
         if self.output is None:
             return h
         assert self.norm is not None
@@ -301,12 +279,13 @@ class Transformer(nn.Module):
             raise MistralError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
         if self.layout.is_first and T and not bool(((input_ids >= 0) & (input_ids < self.args.vocab_size)).all()):
             raise MistralError(f"input_ids holds token ids outside the vocabulary 0..{self.args.vocab_size - 1}")
-        inputs = CacheInputs.uncached(seqlens, self.args.sliding_window, self.device) if cache is None else cache.prepare(seqlens)
-        x = input_ids if self.layout.is_first else self.link.recv_activations(T)
+        inputs = Uncached(seqlens, self.args.sliding_window, self.device) if cache is None else cache.prepare(seqlens)
+        link = Link(self.layout, self.args.dim, self.device, self.dtype)  # the messages of this call
+        x = input_ids if self.layout.is_first else link.recv_activations(T)
         out = self.step(x, inputs, cache)
         if cache is not None:
             cache.advance(seqlens)
-        return self.link.share_logits(out, T, self.args.vocab_size)
+        return link.share_logits(out, T, self.args.vocab_size)
 
     def make_cache(self, max_batch_size: int, max_seq_len: int) -> RotatingBufferCache:
         """A cache for this rank's layers and KV heads: W slots per row, fewer when max_seq_len < W."""

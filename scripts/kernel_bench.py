@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from bench import measure_ceilings  # scripts/ is this script's first import path
 from mistral import kernels
 from mistral.attention import attend
-from mistral.cache import CacheInputs, CacheView
+from mistral.cache import Decode
 from mistral.masks import prefill_mask
 from mistral.linear import quantize_int8
 
@@ -126,14 +126,13 @@ def decode_attention(results: dict, bandwidth: float) -> None:
     for B, length in [(1, 512), (1, 2048), (8, 512), (32, 512), (64, 1024)]:
         ks = [torch.randn(B, S, H_kv, D, device="cuda", dtype=torch.bfloat16) for _ in range(LAYERS)]
         vs = [torch.randn_like(k) for k in ks]
-        inputs = CacheInputs.decode([length - 1] * B, S, torch.device("cuda"), static=True)
+        inputs = Decode([length - 1] * B, S, torch.device("cuda"), static=True)
         xq = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16)
         xk, xv = torch.randn(B, H_kv, D, device="cuda", dtype=torch.bfloat16), torch.randn(B, H_kv, D, device="cuda", dtype=torch.bfloat16)
 
         def xformers() -> None:
             for k, v in zip(ks, vs):
-                keys, values = CacheView(k, v, inputs).update(xk, xv)
-                attend(xq, keys, values, inputs.mask, "xformers")
+                inputs.attend(k, v, xq, xk, xv, "xformers")  # the cache update, then xformers' kernel
 
         def fused(block_s: int, min_chunk: int, warps: int) -> Callable[[], None]:
             lengths = inputs.mask.k_seqinfo.seqlen

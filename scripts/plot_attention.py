@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from mistral import RotatingBufferCache  # noqa: E402
-from mistral.cache import CacheInputs  # noqa: E402
+from mistral.cache import cache_inputs  # noqa: E402
 from mistral.main import DEFAULT_MODEL, load  # noqa: E402
 
 ATTENDS = ListedColormap(["#f4f4f4", "#3b6fb6"])
@@ -56,7 +56,7 @@ def plot_masks(window: int, seqlens: list[int], new: list[int], path: Path) -> N
     size = window
     fig, axes = plt.subplots(1, 3, figsize=(14, 5.6), layout="constrained")
 
-    prefill = CacheInputs.build(seqlens, [0] * len(seqlens), size, window, torch.device("cpu"))
+    prefill = cache_inputs(seqlens, [0] * len(seqlens), size, window, torch.device("cpu"))
     tokens = [f"{NAMES[b]}{p}" for b, s in enumerate(seqlens) for p in range(s)]
     T = sum(seqlens)
     allowed = prefill.mask.materialize((T, T), dtype=torch.float32).isfinite().numpy()
@@ -64,7 +64,7 @@ def plot_masks(window: int, seqlens: list[int], new: list[int], path: Path) -> N
           f"1. first prefill: seqlens={seqlens}, W={window}\nBlockDiagonalCausalMask + local attention")
 
     cached = list(seqlens)
-    chunk = CacheInputs.build(new, cached, size, window, torch.device("cpu"))
+    chunk = cache_inputs(new, cached, size, window, torch.device("cpu"))
     queries = [f"{NAMES[b]}{p}" for b, (c, s) in enumerate(zip(cached, new)) for p in range(c, c + s)]
     keys, kv_blocks = [], []
     for b, (c, s) in enumerate(zip(cached, new)):
@@ -77,7 +77,7 @@ def plot_masks(window: int, seqlens: list[int], new: list[int], path: Path) -> N
           "BlockDiagonalMask, local attention from bottom right")
 
     lengths = [c + s for c, s in zip(cached, new)]
-    decode = CacheInputs.build([1] * len(lengths), lengths, size, window, torch.device("cpu"))
+    decode = cache_inputs([1] * len(lengths), lengths, size, window, torch.device("cpu"))
     queries = [f"{NAMES[b]}{n}" for b, n in enumerate(lengths)]
     # After the decode step's write, slot i of row b holds the latest position p with p % size == i.
     keys = []

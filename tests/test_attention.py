@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from conftest import DEVICE, rel_error
 
+from mistral import kernels
 from mistral.attention import _causal, attend, causal_blocks
-from mistral.cache import CacheInputs, CacheView, RotatingBufferCache
+from mistral.cache import Decode, RotatingBufferCache
 from mistral.masks import chunk_mask, decode_mask, prefill_mask
 
 H, H_KV, D = 4, 2, 16
@@ -137,12 +138,13 @@ def test_decode_kernel_writes_and_attends_as_the_decode_mask_says(group: int, st
     torch.manual_seed(group)
     cache = RotatingBufferCache(1, rows, size, size, H_KV, D, device=DEVICE, dtype=dtype)
     cache.k.normal_(), cache.v.normal_()
-    inputs = CacheInputs.decode(positions, size, DEVICE)
+    inputs = Decode(positions, size, DEVICE)
     B = len(positions)
     xq, xk, xv = (torch.randn(B, n, D, device=DEVICE, dtype=dtype) for n in (group * H_KV, H_KV, H_KV))
     want_k, want_v = cache.k.clone(), cache.v.clone()
-    keys, values = CacheView(want_k[0], want_v[0], inputs).update(xk, xv)
+    keys, values = inputs.update(want_k[0], want_v[0], xk, xv)
     want = attend(xq, keys, values, inputs.mask, "reference")
-    got = cache.view(0, CacheInputs.decode(positions, size, DEVICE, static=static)).attend_decode(xq, xk, xv)
+    graph = Decode(positions, size, DEVICE, static=static)
+    got = kernels.decode_attention(xq, xk, xv, cache.k[0], cache.v[0], graph.write_to, graph.mask.k_seqinfo.seqlen)
     assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v)
     assert rel_error(got, want) < (1e-5 if dtype == torch.float32 else 1e-2)

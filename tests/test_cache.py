@@ -264,16 +264,16 @@ def test_an_eager_decode_step_reads_only_filled_slots(lengths: list[int], size: 
     whole row (a window-less cache of max_tokens slots made every step cost max_tokens), and
     attends exactly as over the whole row, the graph's way (mask 3 padded to every slot)."""
     from mistral.attention import attend
-    from mistral.cache import CacheInputs, CacheView, RotatingBufferCache
+    from mistral.cache import Decode, RotatingBufferCache
     from mistral.masks import decode_mask
 
     H_KV, D, B = 2, 4, len(lengths)
     cache = RotatingBufferCache(1, B, size, None, H_KV, D)
     cache.k.normal_(), cache.v.normal_()
-    eager = CacheInputs.decode(lengths, size, DEVICE)
+    eager = Decode(lengths, size, DEVICE)
     reads = [min(n + 1, size) for n in lengths]
     xk, xv, xq = torch.randn(B, H_KV, D), torch.randn(B, H_KV, D), torch.randn(B, 2 * H_KV, D)
-    keys, values = CacheView(cache.k[0], cache.v[0], eager).update(xk, xv)
+    keys, values = eager.update(cache.k[0], cache.v[0], xk, xv)
     assert keys.shape[0] == B * max(reads)
     every_slot = decode_mask(reads, size, DEVICE)
     want = attend(xq, cache.k[0].flatten(0, 1), cache.v[0].flatten(0, 1), every_slot, "reference")

@@ -12,9 +12,10 @@ import torch
 from conftest import DEVICE, DTYPE, RTOL, random_model, rel_error, tiny_args
 
 from mistral import Transformer
-from mistral.cache import CacheInputs
+from mistral.cache import Decode, cache_inputs
 from mistral.decode import COMPILE_COSTS_S, COMPILE_SAVES_S_PER_LAYER_STEP, Runner, compile_pays, compiled_block
 from mistral.generation import stream
+from mistral.stage import Stage
 from mistral import kernels
 from mistral.kernels import expert_matvec, swiglu
 from mistral.linear import Linear
@@ -108,8 +109,9 @@ def test_compiling_only_where_it_pays() -> None:
     model = random_model(tiny_args())
     assert Runner(model, model.make_cache(1, 8), 1).run_block is TransformerBlock.__call__
     assert Runner(model, model.make_cache(1, 8), 1, compile=True).run_block is compiled_block()
-    list(stream([[1, 2, 3]], model, max_tokens=8))  # stream's default: by compile_pays(8, 2)
-    (runner,) = model.spare_caches[0].runners.values()
+    stage = Stage(model)
+    list(stream([[1, 2, 3]], model, max_tokens=8, stage=stage))  # stream's default: by compile_pays(8, 2)
+    (runner,) = stage.runners.values()
     assert runner.compiled is False
 
 
@@ -190,18 +192,18 @@ def test_expert_matvec_takes_in_swiglu(quantized: bool) -> None:
     assert rel_error(got.cpu(), want) < (1e-5 if DTYPE == torch.float32 else 1e-2)
 
 
-def test_decode_inputs_advance_like_build() -> None:
-    """A captured graph's in-place step (advance_decode) is CacheInputs.build's decode case, step after step."""
+def test_decode_inputs_advance_like_a_new_call() -> None:
+    """A captured graph's in-place step (Decode.advance) is cache_inputs' decode call, step after step."""
     size, lengths = 4, [0, 2, 5]
-    static = CacheInputs.decode(lengths, size, DEVICE, static=True)
+    static = Decode(lengths, size, DEVICE, static=True)
     for _ in range(6):  # rows wrap past the window of 4
-        want = CacheInputs.build([1, 1, 1], lengths, size, size, DEVICE)
-        assert want.kind == "decode"
+        want = cache_inputs([1, 1, 1], lengths, size, size, DEVICE)
+        assert isinstance(want, Decode)
         for inputs in (static, want):  # the rule spelled out: slot p mod size of row b; min(p + 1, size) keys
             assert inputs.positions.tolist() == lengths
-            assert inputs.write_to.tolist() == [b * size + p % size for b, p in enumerate(lengths)]  # type: ignore[union-attr]
+            assert inputs.write_to.tolist() == [b * size + p % size for b, p in enumerate(lengths)]
             assert inputs.mask.k_seqinfo.seqlen.tolist() == [min(p + 1, size) for p in lengths]
-        static.advance_decode()
+        static.advance()
         lengths = [n + 1 for n in lengths]
 
 

@@ -11,6 +11,7 @@ import torch
 from conftest import DEVICE, DTYPE, RTOL, random_model, rel_error, tiny_args
 from mistral import MistralError, Transformer
 from mistral.generation import MicroBatch, generate, sample, stream
+from mistral.stage import Stage
 
 W = 8  # tiny_args' sliding window
 
@@ -257,18 +258,23 @@ def test_a_given_cache_that_cannot_hold_the_run_is_an_error() -> None:
 
 
 def test_a_later_generate_reuses_the_caches_and_graphs_of_the_last(moe: bool) -> None:
-    """The second call of the same shapes runs on the first's caches (on CUDA, replaying the
-    first's decode graph from new positions); a call of other shapes lets them go."""
+    """The second call of the same shapes on one Stage runs on the first's caches (on CUDA,
+    replaying the first's decode graph from new positions); a call of other shapes lets them go."""
     model = random_model(tiny_args(moe=moe))
-    generate(random_prompts([3, 11], 97, seed=1), model, max_tokens=6)
-    caches = list(model.spare_caches)
+    stage = Stage(model)
+    generate(random_prompts([3, 11], 97, seed=1), model, max_tokens=6, stage=stage)
+    caches, runners = list(stage.spare_caches), dict(stage.runners)
     second = random_prompts([9, 4], 97, seed=2)  # other lengths, the same cache of W slots per row
-    tokens, _ = generate(second, model, max_tokens=6)
-    assert model.spare_caches == caches and all(len(c.runners) == 1 for c in caches)
+    tokens, _ = generate(second, model, max_tokens=6, stage=stage)
+    assert stage.spare_caches == caches and stage.runners == runners and len(runners) == 1
     for prompt, generated in zip(second, tokens):
         assert_greedy(model, prompt, generated, 6)
-    generate(second[:1], model, max_tokens=6)
-    assert model.spare_caches[0] is not caches[0] and caches[0].runners == {}
+    generate(second[:1], model, max_tokens=6, stage=stage)
+    assert stage.spare_caches[0] is not caches[0] and len(stage.runners) == 1 and stage.runners != runners
+    generate(second, model, max_tokens=6)  # without a stage: one of its own
+    assert len(stage.runners) == 1
+    with pytest.raises(MistralError, match="stage must be a Stage of this model"):
+        generate(second, random_model(tiny_args()), max_tokens=6, stage=stage)
 
 
 def test_interleaved_streams_keep_their_own_caches() -> None:
@@ -300,12 +306,13 @@ def test_a_stream_left_early_leaves_the_cache_as_promised() -> None:
 
 def test_spare_caches_follow_the_models_dtype() -> None:
     model = random_model(tiny_args())
+    stage = Stage(model)
     prompts = random_prompts([5, 9], 97, seed=6)
-    generate(prompts, model, max_tokens=4)
-    kept = model.spare_caches[0]
+    generate(prompts, model, max_tokens=4, stage=stage)
+    kept = stage.spare_caches[0]
     model.to(torch.float32 if DTYPE == torch.bfloat16 else torch.bfloat16)
-    generate(prompts, model, max_tokens=4)
-    assert model.spare_caches[0] is not kept and model.spare_caches[0].k.dtype == model.dtype
+    generate(prompts, model, max_tokens=4, stage=stage)
+    assert stage.spare_caches[0] is not kept and stage.spare_caches[0].k.dtype == model.dtype
 
 
 def test_a_long_stream_holds_a_few_steps_only() -> None:
@@ -316,7 +323,7 @@ def test_a_long_stream_holds_a_few_steps_only() -> None:
     held = []
     for i, _ in enumerate(steps):
         if i % 50 == 49:
-            mbs = [o for o in gc.get_objects() if isinstance(o, MicroBatch)]  # the stream's, running
+            mbs = [o for o in gc.get_objects() if type(o) is MicroBatch]  # the stream's, running (type(): a dead weak proxy raises on isinstance)
             assert len(mbs) == 1
             held.append(len(mbs[0].tokens) + len(mbs[0].logprobs))
     assert len(held) == 6 and max(held) <= 6
