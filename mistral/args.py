@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from mistral.errors import MistralError, check_positive_int, shown
+from mistral.errors import MistralError, check_positive_int, is_number, shown
 
 
 @dataclass
@@ -47,7 +47,7 @@ class LoraArgs:
 
     def __post_init__(self) -> None:
         _check_positive_int(self, "rank")
-        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) or self.scaling <= 0:
+        if not is_number(self.scaling) or self.scaling <= 0:
             raise MistralError(f"LoraArgs.scaling must be a positive number, got {self.scaling!r}")
 
 
@@ -95,7 +95,7 @@ class ModelArgs:
         for name in ("norm_eps", "rope_theta"):
             value = getattr(self, name)
             # JSON reads 10000 as an int and Infinity as a float: one is a fine theta, the other garbage.
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf or _overflows(value):
+            if not is_number(value) or not 0 < value < math.inf or _overflows(value):
                 raise MistralError(f"ModelArgs.{name} must be a finite positive number, got {shown(value)}")
             setattr(self, name, float(value))
         if self.sliding_window is not None:  # null: full attention

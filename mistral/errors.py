@@ -15,8 +15,18 @@ def shown(value: Any) -> str:
     return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
 
 
+def is_int(value: Any) -> bool:
+    """An int, and not a bool (True is an int to Python, never a count or an id to us)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or a float, and not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_positive_int(value: Any, name: str) -> int:
     """value, if it is a positive int (not a bool); else a MistralError naming `name`."""
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise MistralError(f"{name} must be a positive integer, got {value!r}")
     return value

@@ -14,7 +14,7 @@ import torch
 
 from mistral.cache import RotatingBufferCache
 from mistral.decode import Runner, compile_pays, usable
-from mistral.errors import MistralError, check_positive_int
+from mistral.errors import MistralError, check_positive_int, is_int, is_number
 from mistral.model import Transformer
 from mistral.parallel import split
 from mistral.stage import Stage
@@ -70,16 +70,16 @@ def check_options(
         bad = [t for t in prompt if not 0 <= t < vocab_size]
         if bad:
             raise MistralError(f"prompt {i} has token ids outside the vocabulary 0..{vocab_size - 1}: {bad[:5]}")
-    if not _is_int(max_tokens) or max_tokens < 0:
+    if not is_int(max_tokens) or max_tokens < 0:
         raise MistralError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
     # The command line hands over "nan", "abc" or 1e999 as typed: a str, or a float that is not finite.
-    if not _is_number(temperature) or not 0 <= temperature < math.inf:
+    if not is_number(temperature) or not 0 <= temperature < math.inf:
         raise MistralError(f"temperature must be >= 0 and finite, got {temperature!r}")
-    if not _is_number(top_p) or not 0 < top_p <= 1:
+    if not is_number(top_p) or not 0 < top_p <= 1:
         raise MistralError(f"top_p must be in (0, 1], got {top_p!r}")
     if chunk_size is not None:
         check_positive_int(chunk_size, "chunk_size")
-    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
+    if seed is not None and (not is_int(seed) or not 0 <= seed < 2**64):
         raise MistralError(f"seed must be an integer, got {seed!r} (0 to 2**64-1, what torch.Generator takes)")
 
 
@@ -96,7 +96,7 @@ def check_prompts(encoded_prompts: Any) -> None:
         if not isinstance(prompt, (list, tuple)):
             raise MistralError(f"prompt {i} must be a list of token ids (ints), got {type(prompt).__name__}")
         for t in prompt:
-            if not _is_int(t):
+            if not is_int(t):
                 raise MistralError(f"prompt {i} holds {t!r} ({type(t).__name__}), which is not a token id (an int)")
 
 
@@ -106,14 +106,6 @@ def check_model(model: Any) -> None:
         raise MistralError(f"model must be a mistral Transformer, got {type(model).__name__}")
     if model.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise MistralError(f"the model's weights are {model.dtype}: run it in float32, bfloat16 or float16 (model.to(dtype))")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -303,7 +295,7 @@ def stream(
         encoded_prompts, model.args.vocab_size, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
         chunk_size=chunk_size, seed=seed,
     )
-    if eos_id is not None and not _is_int(eos_id):
+    if eos_id is not None and not is_int(eos_id):
         raise MistralError(f"eos_id must be a token id (an int) or None, got {eos_id!r}")
     M = model.layout.num_pipeline_ranks if micro_batches is None else check_positive_int(micro_batches, "micro_batches")
     B = len(encoded_prompts)

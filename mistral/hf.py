@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 
 from mistral.args import ModelArgs, MoeArgs, read_json
 from mistral.checkpoint import check_writable, write_folder
-from mistral.errors import MistralError
+from mistral.errors import MistralError, is_int, is_number
 from mistral.model import checkpoint_shapes
 from mistral.tokenizer import TOKENIZER_FILES
 
@@ -126,7 +126,7 @@ def args_from_hf_config(config: dict[str, Any], source: str = CONFIG) -> ModelAr
         if value is None and key in ("num_key_value_heads", "sliding_window"):
             continue
         real = key in ("rms_norm_eps", "rope_theta")
-        if not isinstance(value, (int, float) if real else int) or isinstance(value, bool) or value <= 0:
+        if not (is_number(value) if real else is_int(value)) or value <= 0:
             raise MistralError(f"{source}: '{key}' must be a positive {'number' if real else 'integer'}, got {value!r}")
 
     n_heads = config["num_attention_heads"]

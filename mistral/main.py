@@ -20,7 +20,7 @@ from fire import decorators, parser
 from mistral import launch, parallel
 from mistral.cache import RotatingBufferCache
 from mistral.checkpoint import DEFAULT_MODEL
-from mistral.errors import MistralError, check_positive_int
+from mistral.errors import MistralError, check_positive_int, is_int
 from mistral.generation import check_options, stream
 from mistral.options import HELP, check_arguments
 from mistral.hf import convert as convert_hf
@@ -51,7 +51,7 @@ def load(
         rank, device = layout.world_rank, str(local)
     if device is None:  # not `device or ...`: fire hands "--device 0" over as the int 0
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if isinstance(device, int) and not isinstance(device, bool) and 0 <= device < 2**31:
+    if is_int(device) and 0 <= device < 2**31:
         device = f"cuda:{device}"  # what torch.device(0) means, said without asking for a GPU
     try:
         parsed = torch.device(device)

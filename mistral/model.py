@@ -3,10 +3,14 @@
 Shapes: T = tokens of all sequences packed back to back, D = dim, H = n_heads,
 H_kv = n_kv_heads, Dh = head_dim, F = hidden_dim, V = vocab_size.
 
-This file is the only definition of the math. Every way of running it is this code:
-on CUDA, mistral/decode.py compiles `TransformerBlock.forward` and replays a CUDA graph
-of `Transformer.step`; on several processes, mistral/parallel.py's `Layout` decides
-which layers and which heads a `Transformer` holds.
+This file defines the math. Every way of running it is this code: on CUDA,
+mistral/decode.py compiles `TransformerBlock.forward` and replays a CUDA graph of
+`Transformer.step`; on several processes, mistral/parallel.py's `Layout` decides which
+layers and which heads a `Transformer` holds. A few pieces have fused versions that
+run in their place where they apply (mistral/kernels.py: the matrix-vector product with
+SwiGLU or a norm taken in, the decode step's cache write and attention in one kernel,
+RMSNorm, rotary; mistral/moe.py's static-shape paths for the experts), each with a plain
+PyTorch version beside it and tests holding the two to each other and to HF transformers.
 
 Weights are kept in the layout the fast path wants (wq|wk|wv as one matrix, w1|w3 as
 one, Mixtral's experts stacked), while `state_dict()` shows them under the names and
@@ -26,7 +30,7 @@ from mistral.args import ModelArgs
 from mistral.attention import BACKENDS, Backend
 from mistral.cache import CacheInputs, CacheView, RotatingBufferCache, Uncached
 from mistral.checkpoint import CheckpointNames, Progress, check_dimensions, load_into, read_args, split_views, write_folder
-from mistral.errors import MistralError
+from mistral.errors import MistralError, is_int
 from mistral.linear import Linear, quantize_int8
 from mistral.lora import merge_lora
 from mistral.moe import MoeLayer
@@ -267,7 +271,7 @@ class Transformer(nn.Module):
 
         With a cache, seqlens[b] tokens continue the sequence in cache row b (0 = none this call).
         """
-        if not isinstance(seqlens, (list, tuple)) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in seqlens):
+        if not isinstance(seqlens, (list, tuple)) or not all(is_int(n) and n >= 0 for n in seqlens):
             raise MistralError(f"seqlens must be a list of token counts (ints >= 0), got {seqlens!r}")
         T = sum(seqlens)
         if T == 0:

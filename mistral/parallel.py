@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mistral.errors import MistralError, check_positive_int
+from mistral.errors import MistralError, check_positive_int, is_int
 
 
 def split(n: int, parts: int, index: int) -> range:
@@ -85,7 +85,7 @@ class Layout:
         P = check_positive_int(self.num_pipeline_ranks, "num_pipeline_ranks")
         T = check_positive_int(self.num_tensor_ranks, "num_tensor_ranks")
         for name, rank, n in (("pipeline_rank", self.pipeline_rank, P), ("tensor_rank", self.tensor_rank, T)):
-            if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < n:
+            if not is_int(rank) or not 0 <= rank < n:
                 raise MistralError(f"{name} must be in 0..{n - 1}, got {rank!r}")
 
     @classmethod

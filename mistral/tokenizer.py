@@ -19,7 +19,7 @@ from typing import Protocol, Sequence, Union
 
 from sentencepiece import SentencePieceProcessor
 
-from mistral.errors import MistralError
+from mistral.errors import MistralError, is_int
 
 # The tokenizer files of Mistral's releases; a model folder holds exactly one.
 SENTENCEPIECE_V1 = ("tokenizer.model", "tokenizer.model.v1")
@@ -86,7 +86,7 @@ def check_ids(ids: Sequence[int], n_words: int) -> list[int]:
         raise MistralError(f"decode takes a list of token ids, got {type(ids).__name__}")
     ids = list(ids)
     for t in ids:
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_words:
+        if not is_int(t) or not 0 <= t < n_words:
             raise MistralError(f"decode: {t!r} is not a token id of this vocabulary (ints 0..{n_words - 1})")
     return ids
 
