@@ -420,6 +420,7 @@ def generate(
     max_batch_size run as consecutive batches of that size, on one Stage.
     """
     check_model(model)
+    check_prompts(encoded_prompts)
     if "cache" in options:
         raise MistralError("generate() makes its own caches: continue a cache with stream(..., cache=...)")
     options.setdefault("stage", Stage(model))

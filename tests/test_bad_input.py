@@ -612,3 +612,34 @@ def test_a_sigterm_leaves_a_written_folder_whole_or_absent(tmp_path: Path, monke
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert list(tmp_path.iterdir()) == []
+
+
+API_VALUES = st.one_of(
+    st.integers(-5, 70), st.integers(10**12, 10**30), st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.none(),
+    st.text(max_size=3), st.lists(st.integers(-2, 5000), max_size=3), st.just(torch.tensor([1, 2])),
+)  # fmt: skip
+PROMPTS = st.one_of(
+    st.lists(st.lists(st.integers(-2, 5000), max_size=4), max_size=3),
+    st.lists(st.lists(st.one_of(st.integers(0, 100), st.floats(), st.booleans(), st.none(), st.text(max_size=2)), max_size=3), max_size=2),
+    API_VALUES,
+)
+
+
+@given(prompts=PROMPTS, options=st.dictionaries(
+    st.sampled_from(["max_tokens", "temperature", "top_p", "chunk_size", "eos_id", "seed", "micro_batches", "compile", "cuda_graphs"]),
+    API_VALUES, max_size=3,
+))  # fmt: skip
+@settings(max_examples=80, deadline=None)
+def test_fuzzed_python_api_runs_or_names_the_problem(default_model: Transformer, prompts: Any, options: dict) -> None:
+    """generate() with any arguments: it returns, or raises one one-line MistralError; never another exception."""
+    options.setdefault("max_tokens", 2)
+    if isinstance(options["max_tokens"], int) and options["max_tokens"] > 8:
+        options["max_tokens"] = 8  # a test's time, not a bad value
+    if options.get("compile") is True:
+        options["compile"] = False  # the CPU compiles for seconds; compiled blocks have their own test
+    try:
+        tokens, logprobs = mistral.generate(prompts, default_model, **options)
+    except MistralError as e:
+        assert "\n" not in str(e), str(e)
+        return
+    assert len(tokens) == len(logprobs) == len(prompts)
