@@ -27,29 +27,48 @@ class Linear(nn.Module):
             self.weight = nn.Parameter(torch.empty(shape).normal_(std=in_features**-0.5))
             self.register_parameter("scales", None)
 
-    def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None, glu: bool = False) -> torch.Tensor:
-        """x W^T; of norm(x) when given (an RMSNorm); glu: W is w1 | w3, and the result kernels.swiglu(x W^T).
+    def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:
+        """x W^T; of norm(x) when given (an RMSNorm).
 
-        Where kernels.linear_fuses (one half-precision row on CUDA): SwiGLU, and for int8
-        weights the norm too, run inside the matrix-vector kernel.
+        Where kernels.linear_fuses (one half-precision row on CUDA), int8 weights take the
+        norm into the matrix-vector kernel.
         """
         rows = x.flatten(0, -2)
+        if self._fuses_norm(rows, norm):
+            return kernels.linear(rows, self.weight, self.scales, norm.weight, norm.eps).view(*x.shape[:-1], -1)  # type: ignore[union-attr]
+        if norm is not None:
+            x = norm(x)
+            rows = x.flatten(0, -2)
+        if kernels.linear_applies(rows, self.scales):
+            return kernels.linear(rows, self.weight, self.scales).view(*x.shape[:-1], -1)
+        return nn.functional.linear(x, self.weight)
+
+    def _fuses_norm(self, rows: torch.Tensor, norm: Optional[nn.Module]) -> bool:
         # The kernel takes in the norm for int8 weights only. On an H100 (scripts/bench.py,
         # batch 1) that cut Mistral int8's step from 3.69 to 3.59 ms, but a bfloat16 step,
         # whose products already read at the copy rate, went from 5.39 to 5.45 ms: there the
         # norm's own small kernel costs less than the extra reads and sums it puts in every
         # program of the product.
-        if norm is not None and not (self.scales is not None and kernels.linear_fuses(rows) and _unhooked(norm)):
-            x, norm = norm(x), None
+        return norm is not None and self.scales is not None and kernels.linear_fuses(rows) and _unhooked(norm)
+
+
+class GatedLinear(Linear):
+    """SwiGLU's gate: silu(x W1^T) * (x W3^T), with W = W1 | W3 one matrix [2F, D] (w1 | w3).
+
+    Where kernels.linear_fuses (one half-precision row on CUDA) the product and the gate are
+    one matrix-vector kernel, which reads a row of W1 and its row of W3 together.
+    """
+
+    def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:
+        """silu(norm(x) W1^T) * (norm(x) W3^T) (of x without a norm): [..., F]."""
+        rows = x.flatten(0, -2)
+        if not kernels.linear_fuses(rows):
+            return kernels.swiglu(super().forward(x, norm))
+        norm_weight, eps = (norm.weight, norm.eps) if self._fuses_norm(rows, norm) else (None, 0.0)  # type: ignore[union-attr]
+        if norm is not None and norm_weight is None:
+            x = norm(x)
             rows = x.flatten(0, -2)
-        if kernels.linear_fuses(rows):
-            weight, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
-            return kernels.linear(rows, self.weight, self.scales, weight, eps, glu).view(*x.shape[:-1], -1)
-        if kernels.linear_applies(rows, self.scales):
-            y = kernels.linear(rows, self.weight, self.scales).view(*x.shape[:-1], -1)
-        else:
-            y = nn.functional.linear(x, self.weight)
-        return kernels.swiglu(y) if glu else y
+        return kernels.linear(rows, self.weight, self.scales, norm_weight, eps, glu=True).view(*x.shape[:-1], -1)
 
 
 def _unhooked(module: nn.Module) -> bool:

@@ -31,7 +31,7 @@ from mistral.attention import BACKENDS, Backend
 from mistral.cache import CacheInputs, CacheView, RotatingBufferCache, Uncached
 from mistral.checkpoint import CheckpointNames, Progress, check_dimensions, load_into, read_args, split_views, write_folder
 from mistral.errors import MistralError, is_int
-from mistral.linear import Linear, quantize_int8
+from mistral.linear import GatedLinear, Linear, quantize_int8
 from mistral.lora import merge_lora
 from mistral.moe import MoeLayer
 from mistral.parallel import Layout, Link, add_all_reduces, check_tensor_split
@@ -116,7 +116,7 @@ class FeedForward(CheckpointNames):
     def __init__(self, dim: int, hidden_dim: int, quantized: bool = False):
         super().__init__()
         self.hidden_dim = hidden_dim
-        self.w13 = Linear(dim, 2 * hidden_dim, quantized=quantized)
+        self.w13 = GatedLinear(dim, 2 * hidden_dim, quantized=quantized)  # silu(w1 x) * w3 x
         self.w2 = Linear(hidden_dim, dim, quantized=quantized)
 
     def checkpoint_views(self, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -124,7 +124,7 @@ class FeedForward(CheckpointNames):
 
     def forward(self, x: torch.Tensor, norm: Optional[RMSNorm] = None) -> torch.Tensor:
         """The feed-forward of norm(x) (of x without a norm)."""
-        return self.w2(self.w13(x, norm=norm, glu=True))
+        return self.w2(self.w13(x, norm))
 
 
 class TransformerBlock(nn.Module):

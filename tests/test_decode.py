@@ -18,7 +18,7 @@ from mistral.generation import stream
 from mistral.stage import Stage
 from mistral import kernels
 from mistral.kernels import expert_matvec, swiglu
-from mistral.linear import Linear
+from mistral.linear import GatedLinear, Linear
 from mistral.model import RMSNorm, TransformerBlock, apply_rotary_emb, rotary_cos_sin
 from mistral.moe import MoeLayer
 from mistral.linear import quantize_int8
@@ -149,12 +149,12 @@ def test_experts_without_grouped_matmul_decode_in_a_graph(quantized: bool) -> No
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_linear_takes_in_its_norm_and_swiglu(quantized: bool, rows: int) -> None:
-    """Linear(x, norm, glu=True) = swiglu(norm(x) W^T), spelled out in float32 on the CPU. On CUDA
-    one row runs all of it in the matrix-vector kernel (kernels.linear_fuses), 3 rows do not."""
+def test_gated_linear_takes_in_its_norm_and_swiglu(quantized: bool, rows: int) -> None:
+    """GatedLinear(x, norm) = swiglu(norm(x) W^T), spelled out in float32 on the CPU; Linear(x) = x W^T.
+    On CUDA one row runs all of it in the matrix-vector kernel (kernels.linear_fuses), 3 rows do not."""
     torch.manual_seed(0)
     K, N = 96, 2 * 40  # w1 | w3 of 40 hidden units
-    linear = Linear(K, N, quantized=quantized)
+    linear = GatedLinear(K, N, quantized=quantized)
     weight = torch.randn(N, K) * K**-0.5
     if quantized:
         linear.weight.data, linear.scales.data = quantize_int8(weight)
@@ -168,9 +168,12 @@ def test_linear_takes_in_its_norm_and_swiglu(quantized: bool, rows: int) -> None
     h1, h3 = (x_normed @ weight.T).chunk(2, dim=-1)
     want = h1 * torch.sigmoid(h1) * h3
     with torch.inference_mode():
-        got = linear.to(DEVICE, DTYPE)(x.to(DEVICE, DTYPE), norm=norm.to(DEVICE, DTYPE), glu=True)
+        got = linear.to(DEVICE, DTYPE)(x.to(DEVICE, DTYPE), norm.to(DEVICE, DTYPE))
         assert rel_error(got.cpu(), want) < (1e-5 if DTYPE == torch.float32 else 1e-2)
-        assert rel_error(linear(x.to(DEVICE, DTYPE)).cpu(), x @ weight.T) < (1e-5 if DTYPE == torch.float32 else 1e-2)
+        plain = Linear(K, N, quantized=quantized)
+        plain.load_state_dict(linear.state_dict())
+        plain.to(DEVICE, DTYPE)  # int8 weights stay int8
+        assert rel_error(plain(x.to(DEVICE, DTYPE)).cpu(), x @ weight.T) < (1e-5 if DTYPE == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
