@@ -26,7 +26,7 @@ def merge_lora(model: nn.Module, path: Union[str, Path]) -> None:
     """Add the adapter at `path` into the model's weights, in place.
 
     model.state_dict() holds the checkpoint's tensors as views into the model's fused
-    weights (see checkpoint.CheckpointNames), so adding into a view updates the model.
+    weights (see mistral/views.py), so adding into a view updates the model.
     """
     path = Path(path)
     if not path.is_file():

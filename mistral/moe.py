@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from mistral.checkpoint import CheckpointNames, split_views
+from mistral.views import CheckpointNames, split_views
 from mistral.kernels import expert_matvec, swiglu
 from mistral.linear import Linear
 

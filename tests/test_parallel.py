@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from conftest import random_model, rel_error, tiny_args
 from mistral import MistralError, ModelArgs, Transformer, parallel
 from mistral.generation import generate
-from mistral.model import TENSOR_SPLIT_DIM
+from mistral.loading import TENSOR_SPLIT_DIM
 from mistral.tokenizer import Tokenizer
 
 # Both sides compute in float32 on the CPU: the logits agree to rounding (summed in another order across ranks).

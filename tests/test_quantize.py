@@ -23,7 +23,7 @@ from conftest import edit_tensors, random_model, rel_error, tiny_args
 from make_tiny_model import make_tiny_model
 from mistral import DEFAULT_MODEL, MistralError, Transformer, generate
 from mistral.checkpoint import PARAMS, SAFETENSORS
-from mistral.model import tensor_split_dim
+from mistral.loading import tensor_split_dim
 from mistral.quantize import is_quantized, quantize_folder
 from mistral.tokenizer import load_tokenizer
 

@@ -1,0 +1,186 @@
+"""Making a Transformer: from a model folder, from random numbers, and back to a folder.
+
+Every way builds the model in place first (`empty`: its memory allocated on the device,
+nothing written), then writes each checkpoint tensor, or a tensor-parallel rank's slice of
+it, straight into its view (`checkpoint_slices`). `Transformer.from_folder`, `.random`
+and `.save` call these.
+"""
+
+import zlib
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from mistral.args import ModelArgs
+from mistral.attention import Backend
+from mistral.checkpoint import Progress, check_dimensions, load_into, read_args, write_folder
+from mistral.errors import MistralError
+from mistral.linear import quantize_int8
+from mistral.lora import merge_lora
+from mistral.model import Transformer
+from mistral.parallel import Layout, check_tensor_split
+
+# Tensor parallelism's split of each checkpoint tensor, by its name's last part
+# (Megatron-LM): wq, wk, wv, w1, w3 by output rows (whole heads, hidden units); wo, w2
+# by input columns. Everything else (embeddings, norms, the router, output) is whole on every rank.
+TENSOR_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1}
+
+
+def tensor_split_dim(name: str) -> Optional[int]:
+    """The dimension along which tensor parallelism splits a checkpoint tensor, or None (whole on every rank).
+
+    A quantized weight's scales (one per output row) follow its rows: split with wq's, whole with wo's.
+    """
+    part, kind = name.split(".")[-2:]
+    dim = TENSOR_SPLIT_DIM.get(part)
+    return None if kind == "scales" and dim != 0 else dim
+
+
+def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor of params.json's model in its checkpoint (one process's, whole)."""
+    with torch.device("meta"):  # shapes only (its first use imports torch._dynamo: for convert and quantize)
+        return {name: tuple(t.shape) for name, t in Transformer(args).state_dict().items()}
+
+
+def checkpoint_slices(model: Transformer) -> dict[str, tuple[torch.Tensor, Optional[int]]]:
+    """Per checkpoint tensor: the view of this rank's part of it, and the dimension it is split along (or None)."""
+    T = model.layout.num_tensor_ranks
+    return {
+        name: (view, tensor_split_dim(name) if T > 1 else None)
+        for name, view in model.state_dict().items()
+    }
+
+
+class _Uninitialized(TorchFunctionMode):
+    """Modules built inside hold memory of `dtype` on `device` that nothing has written.
+
+    Loading writes every weight, so the initial values a module draws in its __init__
+    would be wasted: a Mixtral's worth of float32 random numbers first. Building on the
+    "meta" device instead, and then allocating, would be PyTorch's usual way, but meta
+    tensors run their shape functions in Python through torch._dynamo, whose import
+    alone takes 1.3 s, as long as everything else of a short run on a CPU. So here the
+    factories (empty, ones, zeros, randn) allocate and the in-place initializers do nothing.
+    """
+
+    _FACTORIES = (torch.empty, torch.ones, torch.zeros, torch.randn)
+    _INITIALIZERS = (torch.Tensor.normal_, torch.Tensor.uniform_, nn.init.normal_, nn.init.kaiming_uniform_)
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.device, self.dtype = device, dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = dict(kwargs or {})
+        if func in self._FACTORIES:
+            kwargs["device"] = self.device
+            kwargs["dtype"] = kwargs.get("dtype") or self.dtype  # an int8 weight stays int8
+            return torch.empty(*args, **kwargs)
+        if func in self._INITIALIZERS:  # nn.init's functions name the tensor; Tensor's methods take it first
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+def empty(
+    args: ModelArgs,
+    device: Union[str, torch.device],
+    dtype: torch.dtype,
+    attention_backend: Backend,
+    ranks: tuple[int, int, Optional[int], Optional[int]],
+) -> Transformer:
+    """This process's part of the model, its memory allocated on the device but not written."""
+    P, T, pipeline_rank, tensor_rank = ranks
+    check_tensor_split(T, args.n_heads, args.n_kv_heads, args.hidden_dim)  # before anything is loaded
+    layout = Layout.of(P, T, pipeline_rank, tensor_rank)
+    try:
+        with _Uninitialized(torch.device(device), dtype):  # the weights are written straight into place
+            model = Transformer(args, layout=layout, attention_backend=attention_backend)
+    except MistralError:
+        raise
+    except (RuntimeError, OverflowError, TypeError, ValueError) as e:  # out of memory, or sizes past int64
+        raise MistralError(f"the model of this params.json does not fit {device} ({str(e).splitlines()[0][:200]})") from None
+    return model.eval()
+
+
+def from_folder(
+    folder: Union[str, Path],
+    *,
+    device: Union[str, torch.device] = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attention_backend: Backend = "auto",
+    progress: Optional[Progress] = None,
+    num_pipeline_ranks: int = 1,
+    num_tensor_ranks: int = 1,
+    pipeline_rank: Optional[int] = None,
+    tensor_rank: Optional[int] = None,
+    lora_path: Optional[Union[str, Path]] = None,
+) -> Transformer:
+    """Load params.json and consolidated.safetensors (or consolidated.00.pth) from a folder.
+
+    progress: called after each tensor is read (a CLI shows it while a large checkpoint loads).
+    num_pipeline_ranks, num_tensor_ranks: this process holds one part of the model
+    (see mistral/parallel.py) and reads only its own tensors and slices; its place is
+    pipeline_rank and tensor_rank, or, when not given, its rank in the process group.
+    lora_path: a LoRA adapter (lora.safetensors) to merge into the weights (see mistral/lora.py).
+    """
+    args = read_args(folder)
+    check_dimensions(folder, args)
+    model = empty(args, device, dtype, attention_backend, (num_pipeline_ranks, num_tensor_ranks, pipeline_rank, tensor_rank))
+    layout = model.layout
+    load_into(folder, checkpoint_slices(model), layout.tensor_rank, layout.num_tensor_ranks, progress=progress,
+              allow_extra=layout.world_size > 1)  # fmt: skip
+    if lora_path is not None:
+        if layout.world_size > 1:
+            raise MistralError(f"{lora_path}: LoRA adapters are not supported on several processes")
+        merge_lora(model, lora_path)
+    return model
+
+
+def random(
+    args: ModelArgs,
+    *,
+    seed: int = 0,
+    device: Union[str, torch.device] = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attention_backend: Backend = "auto",
+    num_pipeline_ranks: int = 1,
+    num_tensor_ranks: int = 1,
+    pipeline_rank: Optional[int] = None,
+    tensor_rank: Optional[int] = None,
+) -> Transformer:
+    """Random weights (normal, std dim^-0.5) made directly on the device: benchmarks need no files.
+
+    Each checkpoint tensor is drawn whole from a generator seeded by (seed, its name),
+    then this rank's slice kept, so every parallel rank holds exactly its part of the
+    model that one process would hold on the same device.
+    """
+    model = empty(args, device, dtype, attention_backend, (num_pipeline_ranks, num_tensor_ranks, pipeline_rank, tensor_rank))
+    layout, T = model.layout, model.layout.num_tensor_ranks
+    slices = checkpoint_slices(model)
+    with torch.no_grad():
+        for name, (view, dim) in slices.items():
+            if name.endswith(".scales"):
+                continue  # written with its weight
+            shape = list(view.shape)
+            if dim is not None:
+                shape[dim] *= T
+            # One 32-bit number: the CPU's generator keeps only the low 32 bits of a seed.
+            generator = torch.Generator(view.device).manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+            whole = torch.empty(shape, device=view.device).normal_(std=args.dim**-0.5, generator=generator)
+            mine = {name: whole}
+            if view.dtype == torch.int8:  # a quantized model: what `mistral quantize` makes of that weight
+                scales = name.removesuffix("weight") + "scales"
+                mine[name], mine[scales] = quantize_int8(whole)
+            for n, t in mine.items():
+                part, part_dim = slices[n]
+                part.copy_(t if part_dim is None else t.chunk(T, part_dim)[layout.tensor_rank])
+    return model
+
+
+def save(model: Transformer, folder: Union[str, Path]) -> None:
+    """Write params.json and consolidated.safetensors, the layout from_folder reads."""
+    if model.layout.world_size > 1:
+        raise MistralError(f"rank {model.layout.world_rank} holds only part of the model: save it from one process")
+    write_folder(folder, model.args, model.state_dict())
