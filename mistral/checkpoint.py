@@ -101,7 +101,7 @@ def _header(path: Path) -> tuple[dict, int]:
 
 
 # Per checkpoint tensor: the view of the model it is read into, and the dimension along
-# which a tensor-parallel rank holds one of T equal slices of it (None: the whole tensor).
+# which a tensor-parallel rank holds one of num_tensor_ranks equal slices of it (None: the whole tensor).
 Slices = dict[str, tuple[torch.Tensor, Optional[int]]]
 
 
@@ -121,12 +121,11 @@ def load_into(
     staging buffer: loading never holds a second copy of the model. allow_extra: tolerate tensors not asked for (a pipeline stage reads only its
     own layers from the shared file).
     """
-    T = num_tensor_ranks
     expected: Shapes = {}
     for name, (view, dim) in slices.items():
         shape = list(view.shape)
         if dim is not None:
-            shape[dim] *= T
+            shape[dim] *= num_tensor_ranks
         expected[name] = tuple(shape)
 
     def part(name: str) -> tuple[slice, ...]:

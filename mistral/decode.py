@@ -52,7 +52,7 @@ def compile_pays(decode_steps: int, n_layers: int) -> bool:
     return decode_steps * n_layers * COMPILE_SAVES_S_PER_LAYER_STEP > COMPILE_COSTS_S
 
 
-def usable(model: Transformer) -> bool:
+def fast_path_applies(model: Transformer) -> bool:
     """Whether compilation and graphs pay here: CUDA, xformers' kernels in half precision."""
     return (
         model.device.type == "cuda"
@@ -85,7 +85,7 @@ class Runner:
     prefill(x, seqlens) is model.step for cache.prepare(seqlens); decode(x) the same for
     one token per row, replayed from a graph captured at the first call.
 
-    compile, cuda_graphs: None uses graphs where they pay (`usable`) and does not
+    compile, cuda_graphs: None uses graphs where they pay (`fast_path_applies`) and does not
     compile (`stream` decides by `compile_pays`); False turns each off, True on.
 
     warm_up: seconds spent on what a first call of a shape does once, by kind: "compile"
@@ -103,9 +103,9 @@ class Runner:
         compile: Optional[bool] = None,
         cuda_graphs: Optional[bool] = None,
     ):
-        fast = usable(model)
+        fast = fast_path_applies(model)
         compile = bool(compile)
-        self.model, self.cache, self.B = model, cache, n_rows
+        self.model, self.cache, self.n_rows = model, cache, n_rows
         self.weights = Runner.weights_of(model)
         self.run_block: RunBlock = compiled_block() if compile else TransformerBlock.__call__
         self.cuda_graphs = (fast if cuda_graphs is None else cuda_graphs) and model.device.type == "cuda"
@@ -142,8 +142,8 @@ class Runner:
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """x: tokens [B] (first stage) or activations [B, D] -> logits [B, V] or activations, valid until the next call."""
         if not self.cuda_graphs:
-            return self.prefill(x, [1] * self.B)
-        lengths = self.cache.lengths[: self.B]
+            return self.prefill(x, [1] * self.n_rows)
+        lengths = self.cache.lengths[: self.n_rows]
         if self.graph is None:
             self._capture(x)
         elif lengths != self.graph_lengths:  # prefills, a reset or a rewind since the last step
@@ -152,13 +152,13 @@ class Runner:
         self.x.copy_(x)
         self.graph_lengths = []  # unknown, should the replay be interrupted
         self.graph.replay()
-        self.cache.advance([1] * self.B)
-        self.graph_lengths = self.cache.lengths[: self.B]  # what the graph's inputs have advanced to
+        self.cache.advance([1] * self.n_rows)
+        self.graph_lengths = self.cache.lengths[: self.n_rows]  # what the graph's inputs have advanced to
         return self.out
 
     def _capture(self, x: torch.Tensor) -> None:
         self.x = x.clone()
-        self.inputs = Decode(self.cache.lengths[: self.B], self.cache.size, x.device, static=True)
+        self.inputs = Decode(self.cache.lengths[: self.n_rows], self.cache.size, x.device, static=True)
         # Warm up on a side stream (compilation, cuBLAS workspaces, NCCL, allocator) as
         # graph capture requires. The warm-up step writes this step's keys into this
         # step's slots, which the first replay overwrites before anything reads them.

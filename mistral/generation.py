@@ -13,7 +13,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from mistral.cache import RotatingBufferCache
-from mistral.decode import Runner, compile_pays, usable
+from mistral.decode import Runner, compile_pays, fast_path_applies
 from mistral.errors import MistralError, check_positive_int, is_int, is_number
 from mistral.model import Transformer
 from mistral.parallel import split
@@ -34,7 +34,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Op
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def pick(
+def sample_step(
     logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits: [B, V] -> (tokens [B] as `sample` draws them, their log-probabilities [B],
@@ -313,7 +313,7 @@ def stream(
         return
     M = min(M, B)  # a last, short batch of generate() may have fewer prompts
     if compile is None:  # the saving was measured on a GPU; on the CPU compiling only costs
-        compile = usable(model) and compile_pays(max_tokens, model.args.n_layers)
+        compile = fast_path_applies(model) and compile_pays(max_tokens, model.args.n_layers)
     fast = dict(compile=compile, cuda_graphs=cuda_graphs)
     if cache is not None:
         if M > 1:
@@ -375,7 +375,7 @@ def _steps(
                 samples, logits = mb.run(stage)
                 if samples and link.samples:
                     assert logits is not None
-                    tokens, logprobs, finite = pick(logits, temperature, top_p, generator)
+                    tokens, logprobs, finite = sample_step(logits, temperature, top_p, generator)
                     link.send_tokens(tokens, logprobs)
                     mb.record(tokens, logprobs, eos_id, finite)
                 elif samples:

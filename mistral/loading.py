@@ -47,9 +47,9 @@ def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 def checkpoint_slices(model: Transformer) -> dict[str, tuple[torch.Tensor, Optional[int]]]:
     """Per checkpoint tensor: the view of this rank's part of it, and the dimension it is split along (or None)."""
-    T = model.layout.num_tensor_ranks
+    ranks = model.layout.num_tensor_ranks
     return {
-        name: (view, tensor_split_dim(name) if T > 1 else None)
+        name: (view, tensor_split_dim(name) if ranks > 1 else None)
         for name, view in model.state_dict().items()
     }
 
@@ -157,7 +157,7 @@ def random(
     model that one process would hold on the same device.
     """
     model = empty(args, device, dtype, attention_backend, (num_pipeline_ranks, num_tensor_ranks, pipeline_rank, tensor_rank))
-    layout, T = model.layout, model.layout.num_tensor_ranks
+    layout, ranks = model.layout, model.layout.num_tensor_ranks
     slices = checkpoint_slices(model)
     with torch.no_grad():
         for name, (view, dim) in slices.items():
@@ -165,7 +165,7 @@ def random(
                 continue  # written with its weight
             shape = list(view.shape)
             if dim is not None:
-                shape[dim] *= T
+                shape[dim] *= ranks
             # One 32-bit number: the CPU's generator keeps only the low 32 bits of a seed.
             generator = torch.Generator(view.device).manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
             whole = torch.empty(shape, device=view.device).normal_(std=args.dim**-0.5, generator=generator)
@@ -175,7 +175,7 @@ def random(
                 mine[name], mine[scales] = quantize_int8(whole)
             for n, t in mine.items():
                 part, part_dim = slices[n]
-                part.copy_(t if part_dim is None else t.chunk(T, part_dim)[layout.tensor_rank])
+                part.copy_(t if part_dim is None else t.chunk(ranks, part_dim)[layout.tensor_rank])
     return model
 
 

@@ -19,7 +19,7 @@ from mistral.args import ModelArgs
 from mistral.checkpoint import PARAMS
 from mistral.errors import MistralError
 
-A, B = ".lora_A.weight", ".lora_B.weight"
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"  # the suffixes of an adapter's two tensors
 
 
 def merge_lora(model: nn.Module, path: Union[str, Path]) -> None:
@@ -41,22 +41,22 @@ def merge_lora(model: nn.Module, path: Union[str, Path]) -> None:
             if not names:
                 raise MistralError(f"{path}: holds no tensors: an adapter that changes nothing")
             for name in sorted(names):
-                if not name.endswith((A, B)):
+                if not name.endswith((LORA_A, LORA_B)):
                     raise MistralError(f"{path}: {name} is neither a lora_A nor a lora_B weight")
-                target = name[: -len(A)] + ".weight"
+                target = name[: -len(LORA_A)] + ".weight"
                 if target not in weights:
                     raise MistralError(f"{path}: {name} adapts {target}, which the model does not have")
                 if weights[target].dim() != 2:
                     raise MistralError(f"{path}: {name} adapts {target}, of shape {list(weights[target].shape)}: "
                                        "LoRA adapts projection weights (matrices), not norms")  # fmt: skip
-                other = name[: -len(A)] + (B if name.endswith(A) else A)
+                other = name[: -len(LORA_A)] + (LORA_B if name.endswith(LORA_A) else LORA_A)
                 if other not in names:
                     raise MistralError(f"{path}: {name} has no {other}")
-            for name in sorted(n for n in names if n.endswith(A)):
-                w = weights[name[: -len(A)] + ".weight"]
+            for name in sorted(n for n in names if n.endswith(LORA_A)):
+                w = weights[name[: -len(LORA_A)] + ".weight"]
                 if w.dtype == torch.int8:
                     raise MistralError(f"{path}: a LoRA adapter merges into float weights: merge it before `mistral quantize`")
-                a, b = f.get_tensor(name), f.get_tensor(name[: -len(A)] + B)
+                a, b = f.get_tensor(name), f.get_tensor(name[: -len(LORA_A)] + LORA_B)
                 if a.shape != (lora.rank, w.shape[1]) or b.shape != (w.shape[0], lora.rank):
                     raise MistralError(
                         f"{path}: {name} is {list(a.shape)} and its lora_B {list(b.shape)}, rank {lora.rank} and the "

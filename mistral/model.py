@@ -127,16 +127,16 @@ class FeedForward(CheckpointNames):
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, num_tensor_ranks: int = 1):
         super().__init__()
-        T, quantized = num_tensor_ranks, args.quantization is not None
+        ranks, quantized = num_tensor_ranks, args.quantization is not None  # each rank holds 1/ranks of the heads
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args.dim, args.n_heads // T, args.n_kv_heads // T, args.head_dim, quantized)
+        self.attention = Attention(args.dim, args.n_heads // ranks, args.n_kv_heads // ranks, args.head_dim, quantized)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward: nn.Module
         if args.moe is None:
-            self.feed_forward = FeedForward(args.dim, args.hidden_dim // T, quantized)
+            self.feed_forward = FeedForward(args.dim, args.hidden_dim // ranks, quantized)
         else:
             moe = args.moe
-            self.feed_forward = MoeLayer(args.dim, args.hidden_dim // T, moe.num_experts, moe.num_experts_per_tok, quantized)
+            self.feed_forward = MoeLayer(args.dim, args.hidden_dim // ranks, moe.num_experts, moe.num_experts_per_tok, quantized)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: CacheView, backend: Backend) -> torch.Tensor:
         # h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h)). Each norm

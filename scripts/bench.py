@@ -33,7 +33,7 @@ import torch
 
 from mistral import ModelArgs, MoeArgs, Transformer
 from mistral.attention import BACKENDS, Backend
-from mistral.decode import Runner, compiled_block, usable
+from mistral.decode import Runner, compiled_block, fast_path_applies
 from mistral.generation import generate
 from mistral.stage import Stage
 
@@ -215,11 +215,11 @@ def bench_ours(name: str, args: ModelArgs, cfg: argparse.Namespace, device: torc
         for length in (P, cfg.prefill_len):
             prompts = random_prompts(1, length, V)
             r[f"ttft_{length}_ms"] = 1e3 * timed(lambda: generate(prompts, model, max_tokens=1, stage=stage), device, reps=cfg.reps)
-            if usable(model):
+            if fast_path_applies(model):
                 eager = dict(compile=False, cuda_graphs=False)
                 r[f"eager_ttft_{length}_ms"] = 1e3 * timed(lambda: generate(prompts, model, max_tokens=1, stage=stage, **eager), device, reps=cfg.reps)
     with section(f"{name}/ours/check_graph_vs_eager", out) as r:
-        if usable(model):
+        if fast_path_applies(model):
             r.update(check_graph(model, device, V, B=4, steps=16))
     for B in cfg.batches:
         if B > args.max_batch_size:
@@ -231,7 +231,7 @@ def bench_ours(name: str, args: ModelArgs, cfg: argparse.Namespace, device: torc
                 variants += [("graph_compiled", True, True), ("eager", False, False)]
             for label, graphs, compiled in variants:
                 fast = dict(compile=compiled, cuda_graphs=graphs)
-                if graphs is not False and usable(model):
+                if graphs is not False and fast_path_applies(model):
                     r[f"{label}_step_ms"] = 1e3 * step_time(model, prompts, device, steps=cfg.steps, **fast)
                 t1 = timed(lambda: generate(prompts, model, max_tokens=1, stage=stage, **fast), device, reps=1)
                 stage.clear()  # a first call: caches made, the decode graph captured
@@ -240,7 +240,7 @@ def bench_ours(name: str, args: ModelArgs, cfg: argparse.Namespace, device: torc
                 tn = timed(lambda: generate(prompts, model, max_tokens=N, stage=stage, **fast), device, reps=1)  # the next calls
                 r[f"{label}_decode_tok_s"] = B * (N - 1) / (tn - t1)
                 r[f"{label}_e2e_{B}x{N}_tok_s"] = B * N / tn
-                if label == "graph" and usable(model):
+                if label == "graph" and fast_path_applies(model):
                     r["graph_steady_tok_s"] = B / (r["graph_step_ms"] / 1e3)
     if not args.moe:
         with section(f"{name}/ours/throughput_32x{N}", out) as r:
