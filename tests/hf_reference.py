@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
 
-from conftest import DEVICE
+from helpers import DEVICE, tiny_args
 from mistral import Transformer
 from mistral.hf import convert
 
@@ -25,23 +25,28 @@ ROPE_THETA = 1e6
 
 
 def hf_model(
-    *, moe: bool, sliding_window: Optional[int] = W, seed: int = 0, attn: str = "eager", rope_theta: float = ROPE_THETA
+    *, moe: bool, sliding_window: Optional[int] = W, seed: int = 0, attn: str = "eager", rope_theta: float = ROPE_THETA,
+    **config: Any,
 ) -> HFModel:
     """float32 on the CPU, weights ~ N(0, dim^-0.5) (norm weights included) so logits are far from uniform.
+
+    config: more settings of the HF config (tie_word_embeddings, say).
 
     rope_theta: not HF's default of 1e4 unless asked, so that a theta lost on the way
     (in conversion or in our model) shows as wrong logits.
     """
+    ours = tiny_args()  # the same shapes, in HF's words
     common = dict(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
+        vocab_size=ours.vocab_size,
+        hidden_size=ours.dim,
+        intermediate_size=ours.hidden_dim,
+        num_hidden_layers=ours.n_layers,
+        num_attention_heads=ours.n_heads,
+        num_key_value_heads=ours.n_kv_heads,
+        rms_norm_eps=ours.norm_eps,
         sliding_window=sliding_window,
         attn_implementation=attn,
+        **config,
     )
     if moe:
         config = MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, rope_theta=rope_theta)

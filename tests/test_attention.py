@@ -12,7 +12,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from conftest import DEVICE, rel_error
+from helpers import DEVICE, rel_error
 
 from mistral import kernels
 from mistral.attention import _causal, attend, causal_blocks

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from test_cli import run_in_process
 
 import mistral
-from conftest import tiny_args
+from helpers import tiny_args
 from mistral import MistralError, ModelArgs, Transformer
 from mistral.checkpoint import PARAMS, SAFETENSORS, write_folder
 

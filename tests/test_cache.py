@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import DEVICE, RTOL, random_model, rel_error, tiny_args
+from helpers import DEVICE, RTOL, random_model, rel_error, tiny_args
 from mistral import MistralError, Transformer
 from mistral.model import apply_rotary_emb, rotary_cos_sin
 

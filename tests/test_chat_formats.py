@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import random_model, tiny_args
+from helpers import random_model, tiny_args
 from mistral.generation import generate
 from mistral.main import Conversation, load, main
 from test_tokenizer import RELEASE_NAMES, mistral_common_data

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import DEVICE, F32_RTOL, edit_tensors, rel_error
+from helpers import DEVICE, F32_RTOL, edit_tensors, rel_error
 from hf_reference import converted, hf_logits, hf_model, random_prompts
 from mistral import MistralError, Transformer
 from mistral.checkpoint import SAFETENSORS, TOKENIZER
@@ -67,12 +67,7 @@ def test_fused_experts_convert(tmp_path: Path) -> None:
 def test_tied_embeddings_convert(tmp_path: Path) -> None:
     """tie_word_embeddings: save_pretrained writes no lm_head.weight, the output layer is the
     embeddings; the converted folder holds it as output.weight and gives HF's logits."""
-    from hf_reference import random_hf
-    from transformers import MistralConfig, MistralForCausalLM
-
-    config = MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, sliding_window=8, rope_theta=1e6, tie_word_embeddings=True)  # fmt: skip
-    hf = random_hf(MistralForCausalLM, config, seed=4)
+    hf = hf_model(moe=False, seed=4, tie_word_embeddings=True)
     ours = converted(hf, tmp_path)
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as f:
         assert "lm_head.weight" not in f.keys()

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, DTYPE, RTOL, random_model, rel_error, tiny_args
+from helpers import DEVICE, DTYPE, RTOL, random_model, rel_error, tiny_args
 
 from mistral import Transformer
 from mistral.cache import Decode, cache_inputs

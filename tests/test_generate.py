@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPE, RTOL, random_model, rel_error, tiny_args
+from helpers import DEVICE, DTYPE, RTOL, random_model, rel_error, tiny_args
 from mistral import MistralError, Transformer
 from mistral.generation import MicroBatch, generate, sample, stream
 from mistral.stage import Stage

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DEVICE, DTYPE, F32_RTOL, RTOL, edit_tensors, random_model, rel_error, tiny_args
+from helpers import DEVICE, DTYPE, F32_RTOL, RTOL, edit_tensors, random_model, rel_error, tiny_args
 from hf_reference import W, converted, hf_logits, hf_model, random_prompts
 from mistral import MistralError, Transformer
 from mistral import checkpoint

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import random_model, rel_error, tiny_args
+from helpers import random_model, rel_error, tiny_args
 from mistral import MistralError, ModelArgs, Transformer, parallel
 from mistral.generation import generate
 from mistral.loading import TENSOR_SPLIT_DIM

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import edit_tensors, random_model, rel_error, tiny_args
+from helpers import edit_tensors, random_model, rel_error, tiny_args
 from make_tiny_model import make_tiny_model
 from mistral import DEFAULT_MODEL, MistralError, Transformer, generate
 from mistral.checkpoint import PARAMS, SAFETENSORS

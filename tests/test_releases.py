@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
 
-from conftest import DEVICE, F32_RTOL, rel_error
+from helpers import DEVICE, F32_RTOL, rel_error
 from hf_reference import converted, hf_logits, random_hf, random_prompts
 from mistral import MistralError, ModelArgs, Transformer
 from mistral.checkpoint import PARAMS

@@ -1,0 +1,90 @@
+"""Test helpers: the test device and tolerances, tiny random models, safetensors edits.
+
+The suite runs on the CPU in float32 (reference attention on the materialized
+xformers bias). `MISTRAL_TEST_DEVICE=cuda` runs the same tests through the xformers
+kernels in bfloat16, with the looser tolerance that precision needs.
+"""
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mistral import ModelArgs, MoeArgs, Transformer
+
+DEVICE = torch.device(os.environ.get("MISTRAL_TEST_DEVICE", "cpu"))
+DTYPE = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+# Relative error of logits between two float32 computations of the same function
+# (rounding alone lands near 1e-6). Comparisons with Hugging Face transformers run in
+# float32 on every device, so that an error of 1e-3 (a rope theta fixed wrongly) stands
+# 10x over it on the GPU too, where bfloat16's own rounding would hide it.
+F32_RTOL = 1e-4
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def tiny_args(
+    *,
+    moe: bool = False,
+    sliding_window: Optional[int] = 8,
+    n_layers: int = 2,
+    vocab_size: int = 97,
+    max_batch_size: int = 8,
+) -> ModelArgs:
+    return ModelArgs(
+        dim=64,
+        n_layers=n_layers,
+        head_dim=16,
+        hidden_dim=96,
+        n_heads=4,
+        n_kv_heads=2,
+        norm_eps=1e-5,
+        vocab_size=vocab_size,
+        rope_theta=10000.0 if not moe else 1e6,
+        sliding_window=sliding_window,
+        max_batch_size=max_batch_size,
+        moe=MoeArgs(num_experts=4, num_experts_per_tok=2) if moe else None,
+    )
+
+
+def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
+    """Random weights with std dim^-0.5, so activations neither vanish nor explode."""
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=args.dim**-0.5)
+    return model.to(device=DEVICE, dtype=DTYPE).eval()
+
+
+def edit_tensors(file: Path, **changes: Optional[torch.Tensor]) -> None:
+    """Rewrite a safetensors file. changes: tensor name with dots as "__" -> new tensor, or None to drop it."""
+    state = load_file(str(file))
+    for key, tensor in changes.items():
+        name = key.replace("__", ".")
+        if tensor is None:
+            del state[name]
+        else:
+            state[name] = tensor
+    save_file(state, str(file), metadata={"format": "pt"})
+
+
+def bfloat16_cost(seed: int = 0) -> float:
+    """What bfloat16 costs on this device: the relative error of the logits of a tiny
+    random Mixtral-style model (the test models' shape) run in bfloat16, against the
+    same weights in float32, on prompts past the window."""
+    model = Transformer.random(tiny_args(moe=True), seed=seed, device=DEVICE)
+    ids = torch.randint(0, 97, (33,), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    with torch.no_grad():
+        want = model(ids, [33])
+        got = model.to(torch.bfloat16)(ids, [33])
+    return rel_error(got, want)
+
+
+# Relative error of logits between two computations of the same function in the test
+# dtype: float32's above; in bfloat16, 4x bfloat16's measured cost (two computations
+# rounded apart differ by about sqrt(2) of it; the cost measured 6.0e-3 on an H100, README).
+RTOL = F32_RTOL if DTYPE == torch.float32 else 4 * max(bfloat16_cost(0), bfloat16_cost(1))
