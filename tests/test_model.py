@@ -4,12 +4,14 @@
   converted by mistral.hf: same logits, with the sliding window really applied on
   both sides (a model with another window must differ).
 - Packing prompts into one call changes nothing for each of them.
-- The routed MoE layer equals the dense mixture it stands for.
+- The routed MoE layer equals the dense mixture it stands for, and its loop.
+- Rotary embeddings are the closed form; state_dict shows the checkpoint's tensors.
 - from_folder reads back exactly what save wrote, and names the culprit otherwise.
 """
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,6 +24,8 @@ from hf_reference import W, converted, hf_logits, hf_model, random_prompts
 from mistral import MistralError, Transformer
 from mistral import checkpoint
 from mistral.checkpoint import PARAMS, PTH, SAFETENSORS
+from mistral.model import apply_rotary_emb, rotary_cos_sin
+from mistral.moe import MoeLayer
 
 LENGTHS = [20, 27, 33]  # all past W and past the 2 * (W - 1) tokens two windowed layers reach
 # Logits of a model with another window differ from HF's by 0.17 - 0.5 (measured, float32):
@@ -258,3 +262,68 @@ def test_integer_tensors_do_not_load_into_float_weights(tmp_path: Path, dtype: t
         edit_tensors(tmp_path / SAFETENSORS, norm__weight=state["norm.weight"])
     with pytest.raises(MistralError, match="norm.weight holds I(16|32) values, where a float weight belongs"):
         Transformer.from_folder(tmp_path)
+
+
+@pytest.mark.parametrize("theta", [1e4, 1e6, 1e8])
+def test_rotary_matches_closed_form(theta: float) -> None:
+    """Pair j of the head at position p turns by p * theta^(-2j/Dh), written out in float64."""
+    torch.manual_seed(0)
+    T, H, Dh = 6, 3, 16
+    positions = torch.tensor([0, 1, 7, 100, 2047, 4095])
+    x = torch.randn(T, H, Dh, dtype=torch.float64)
+    want = torch.empty_like(x)
+    for t, p in enumerate(positions.tolist()):
+        for j in range(Dh // 2):
+            angle = p * theta ** (-2 * j / Dh)
+            a, b = x[t, :, 2 * j], x[t, :, 2 * j + 1]
+            want[t, :, 2 * j] = a * math.cos(angle) - b * math.sin(angle)
+            want[t, :, 2 * j + 1] = a * math.sin(angle) + b * math.cos(angle)
+    got = apply_rotary_emb(x.float().to(DEVICE), rotary_cos_sin(positions.to(DEVICE), Dh, theta))
+    # Angles are float32, as in HF and Mistral's code: at position 4095 they are off by up to 2.4e-4.
+    assert rel_error(got.cpu(), want) < 1e-3
+    assert rel_error(got.cpu(), x) > 0.5  # it did rotate
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 16])  # T * 2 <= 4 experts: matrix-vector products; more: grouped
+def test_moe_forward_equals_reference_loop(T: int) -> None:
+    moe = random_model(tiny_args(moe=True)).layers["0"].feed_forward
+    assert isinstance(moe, MoeLayer)
+    torch.manual_seed(T)
+    x = torch.randn(T, 64, device=DEVICE, dtype=DTYPE)
+    with torch.no_grad():
+        assert rel_error(moe(x), moe.reference(x)) < RTOL
+
+
+def test_state_dict_shows_checkpoint_tensors_as_views(moe: bool) -> None:
+    model = random_model(tiny_args(moe=moe))
+    names = list(model.state_dict())
+    ffn = ["experts.0.w1", "experts.0.w2", "experts.0.w3", "experts.3.w3"] if moe else ["w1", "w2", "w3"]
+    for name in ["wq", "wk", "wv", "wo"]:
+        assert f"layers.1.attention.{name}.weight" in names
+    for name in ffn:
+        assert f"layers.1.feed_forward.{name}.weight" in names
+    assert not any("wqkv" in n or "w13" in n for n in names)
+    args = model.args
+    assert model.state_dict()["layers.0.attention.wk.weight"].shape == (args.n_kv_heads * args.head_dim, args.dim)
+    # Writing into a view writes into the model: how from_folder loads in place.
+    ids = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6], device=DEVICE)
+    with torch.no_grad():
+        before = model(ids, [8])
+        model.state_dict()["layers.1.attention.wv.weight"].mul_(3)
+        after = model(ids, [8])
+    assert rel_error(after, before) > 0.1  # far above RTOL in float32 (1e-4) and bfloat16 (3e-2)
+    # load_state_dict takes the checkpoint's names.
+    other = random_model(tiny_args(moe=moe), seed=1)
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(other(ids, [8]), after)
+
+
+def test_random_weights_are_seeded_by_name() -> None:
+    """Transformer.random draws each checkpoint tensor from (seed, its name): reproducible, and new for a new seed."""
+    args = tiny_args(moe=True)
+    a = Transformer.random(args, seed=5, device=DEVICE, dtype=DTYPE).state_dict()
+    b = Transformer.random(args, seed=5, device=DEVICE, dtype=DTYPE).state_dict()
+    c = Transformer.random(args, seed=6, device=DEVICE, dtype=DTYPE).state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not any(torch.equal(a[n], c[n]) for n in a)
