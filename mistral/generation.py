@@ -332,12 +332,14 @@ def stream(
             if len(p) <= cache.lengths[b]:
                 raise MistralError(f"prompt {b} has {len(p)} tokens, but the cache already holds {cache.lengths[b]}: nothing new to read")
         unseen = [p[cache.lengths[b] :] for b, p in enumerate(encoded_prompts)]
+        stage.begin([cache])
         mbs = [MicroBatch(unseen, stage.runner(cache, B, **fast), chunk_size or cache.size)]
         caches = None
     else:
         # Every cache gets the whole batch's length, so chunks split prompts alike whatever M.
         longest = max(len(p) for p in encoded_prompts)
         caches = stage.caches([len(split(B, M, i)) for i in range(M)], longest, max_tokens)
+        stage.begin(caches)
         mbs = []
         for i, mb_cache in enumerate(caches):
             rows = split(B, M, i)
@@ -423,7 +425,8 @@ def generate(
     check_prompts(encoded_prompts)
     if "cache" in options:
         raise MistralError("generate() makes its own caches: continue a cache with stream(..., cache=...)")
-    options.setdefault("stage", Stage(model))
+    if options.get("stage") is None:  # one for every batch: a later one of the same shapes runs on the first's caches
+        options["stage"] = Stage(model)
     eos_id = options.get("eos_id")
     n = model.args.max_batch_size
     all_tokens: list[list[int]] = []

@@ -10,7 +10,9 @@ runs the same command (and is the way across several nodes):
   bad argument alike); torchrun prints a 30-line report of its own after them;
 - a rank that fails ends the others: they get SIGTERM, and one that has not ended
   SECONDS_TO_END later (stopped, or hung in a collective) is killed and named;
-- the exit code is the first failed rank's (2 for an error the command explains).
+- Ctrl-C or SIGTERM reaches every rank (each runs in a process group of its own, with
+  whatever it starts), and no rank outlives the launcher;
+- the exit code is that of the rank seen failing first (2 for an error the command explains).
 """
 
 import codecs
@@ -23,7 +25,7 @@ import threading
 import time
 from typing import IO, Optional
 
-# How long the other ranks have to end once one has failed, before they are killed.
+# How long the other ranks have to end once one has failed (or a signal asked them to), before they are killed.
 SECONDS_TO_END = 5.0
 
 
@@ -38,80 +40,122 @@ def run_ranks(world_size: int, argv: list[str]) -> int:
         os.environ, WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(_free_port()), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
     )  # fmt: skip
-    ranks = [
-        subprocess.Popen([sys.executable, "-m", "mistral", *argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stderr=subprocess.PIPE)
-        for r in range(world_size)
-    ]
-    later: list[list[str]] = [[] for _ in ranks]  # ranks > 0: their lines, shown at the end
-    shown: list[str] = []  # rank 0's lines
-    readers = [threading.Thread(target=_read, args=(p.stderr, r, shown, later[r]), daemon=True) for r, p in enumerate(ranks)]
-    for reader in readers:
-        reader.start()
-    previous = signal.signal(signal.SIGTERM, lambda *_: _signal_all(ranks, signal.SIGTERM))
-    killed: list[int] = []
+    ranks = _Ranks([sys.executable, "-m", "mistral", *argv], world_size, env)
     try:
-        failed = _wait_for_a_failure(ranks)
-        if failed is not None:
-            _signal_all(ranks, signal.SIGTERM)
-            deadline = time.monotonic() + SECONDS_TO_END
-            for r, p in enumerate(ranks):
-                try:
-                    p.wait(timeout=max(deadline - time.monotonic(), 0))
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-                    killed.append(r)
+        return ranks.run()
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    for reader in readers:
-        reader.join(timeout=10)
-    seen = set(shown)
-    for lines in later:
-        for line in lines:
-            if line not in seen:
-                seen.add(line)
-                sys.stderr.write(line)
-    for r in killed:
-        sys.stderr.write(f"error: rank {r} had not ended {SECONDS_TO_END:g} s after rank {failed} failed (stopped or hung): killed\n")
-    if failed is None:
-        return 0
-    code = ranks[failed].returncode
-    return code if code > 0 else 128 - code  # as a shell reports a process a signal ended
+        ranks.kill()  # whatever is left after an exception or a second Ctrl-C
 
 
-def _wait_for_a_failure(ranks: list[subprocess.Popen]) -> Optional[int]:
-    """Wait until every rank has ended well (None) or one has failed (its rank)."""
-    while True:
+class _Ranks:
+    def __init__(self, command: list[str], world_size: int, env: dict[str, str]):
+        self.processes: list[subprocess.Popen] = []
         try:
-            for r, p in enumerate(ranks):
-                if p.poll() not in (None, 0):
-                    return r
-            if all(p.returncode == 0 for p in ranks):
-                return None
-            time.sleep(0.05)
-        except KeyboardInterrupt:  # Ctrl-C reaches every rank of the terminal's process group: wait for them
-            pass
+            for r in range(world_size):
+                self.processes.append(subprocess.Popen(
+                    command, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stderr=subprocess.PIPE, start_new_session=True,
+                ))  # fmt: skip
+        except OSError:
+            self.kill()
+            raise
+        self.shown: list[str] = []  # rank 0's lines as they passed through, without their newline
+        self.later: list[list[str]] = [[] for _ in self.processes]  # the other ranks' lines, shown at the end
+        self.readers = [threading.Thread(target=self._read, args=(r,), daemon=True) for r in range(world_size)]
+        for reader in self.readers:
+            reader.start()
+        self.asked: Optional[int] = None  # the signal that asked the run to stop
 
+    def run(self) -> int:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: self._stop(signal.SIGTERM))
+        try:
+            failed = self._wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        killed = self._end() if failed is not None or self.asked is not None else []
+        deadline = time.monotonic() + SECONDS_TO_END
+        for reader in self.readers:
+            reader.join(timeout=max(deadline - time.monotonic(), 0))
+        seen = set(self.shown)  # lines without their newline
+        for lines in self.later:
+            for line in list(lines):
+                if line.rstrip("\n") not in seen:
+                    seen.add(line.rstrip("\n"))
+                    sys.stderr.write(line)
+        if failed is not None:
+            for r in killed:
+                sys.stderr.write(f"error: rank {r} had not ended {SECONDS_TO_END:g} s after rank {failed} failed (stopped or hung): killed\n")
+            code = self.processes[failed].returncode
+            return code if code > 0 else 128 - code  # as a shell reports a process that a signal ended
+        return 0 if self.asked is None else 128 + self.asked
 
-def _signal_all(ranks: list[subprocess.Popen], signum: int) -> None:
-    for p in ranks:
-        if p.poll() is None:
-            p.send_signal(signum)
+    def _wait(self) -> Optional[int]:
+        """Until every rank has ended well (None), one has failed (its rank), or a signal asks to stop (None)."""
+        while self.asked is None:
+            try:
+                for r, p in enumerate(self.processes):
+                    if p.poll() not in (None, 0):
+                        return r
+                if all(p.returncode == 0 for p in self.processes):
+                    return None
+                time.sleep(0.05)
+            except KeyboardInterrupt:  # Ctrl-C reached this process only: the ranks have groups of their own
+                self._stop(signal.SIGINT)
+        return None
 
+    def _stop(self, signum: int) -> None:
+        self.asked = signum
+        self._signal(signum)
 
-def _read(stream: Optional[IO[bytes]], rank: int, shown: list[str], later: list[str]) -> None:
-    """Rank 0's stderr through to ours as it comes (a progress line is rewritten in place); the others' kept for the end."""
-    assert stream is not None
-    if rank > 0:
-        later.extend(line.decode(errors="replace") for line in stream)
-        return
-    decoder, pending = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
-    for chunk in iter(lambda: os.read(stream.fileno(), 65536), b""):
-        text = decoder.decode(chunk)
+    def _end(self) -> list[int]:
+        """Ask the ranks still running to end (SIGTERM, unless a signal already asked them); kill
+        those that have not after SECONDS_TO_END. Returns the ranks killed."""
+        if self.asked is None:
+            self._signal(signal.SIGTERM)
+        deadline, killed = time.monotonic() + SECONDS_TO_END, []
+        for r, p in enumerate(self.processes):
+            try:
+                p.wait(timeout=max(deadline - time.monotonic(), 0))
+            except subprocess.TimeoutExpired:
+                self._signal(signal.SIGKILL, [p])
+                p.wait()
+                killed.append(r)
+        return killed
+
+    def _signal(self, signum: int, processes: Optional[list[subprocess.Popen]] = None) -> None:
+        for p in self.processes if processes is None else processes:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signum)  # the rank and what it started (compile workers)
+                except ProcessLookupError:
+                    pass
+
+    def kill(self) -> None:
+        """End every rank at once: the launcher is leaving."""
+        self._signal(signal.SIGKILL)
+        for p in self.processes:
+            p.wait()
+
+    def _read(self, rank: int) -> None:
+        """Rank 0's stderr through to ours as it comes (a progress line is rewritten in place); the others' kept for the end."""
+        stream: Optional[IO[bytes]] = self.processes[rank].stderr
+        assert stream is not None
+        if rank > 0:
+            self.later[rank].extend(line.decode(errors="replace") for line in stream)
+            return
+        decoder, pending = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
+        for chunk in iter(lambda: os.read(stream.fileno(), 65536), b""):
+            pending = self._pass_on(pending, decoder.decode(chunk))
+        rest = self._pass_on(pending, decoder.decode(b"", final=True))
+        if rest:
+            self.shown.append(rest)
+
+    def _pass_on(self, pending: str, text: str) -> str:
+        """Write rank 0's text as it comes; keep its complete lines; return the unfinished last one."""
         sys.stderr.write(text)
         sys.stderr.flush()
-        *complete, pending = (pending + text).split("\n")
-        shown.extend(line + "\n" for line in complete)
+        *complete, rest = (pending + text).split("\n")
+        self.shown.extend(complete)
+        return rest
 
 
 def _free_port() -> int:

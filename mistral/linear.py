@@ -28,28 +28,27 @@ class Linear(nn.Module):
             self.register_parameter("scales", None)
 
     def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:
-        """x W^T; of norm(x) when given (an RMSNorm).
-
-        Where kernels.linear_fuses (one half-precision row on CUDA), int8 weights take the
-        norm into the matrix-vector kernel.
-        """
+        """x W^T; of norm(x) when given (an RMSNorm)."""
+        x, fused = self._norm(x, norm)
         rows = x.flatten(0, -2)
-        if self._fuses_norm(rows, norm):
-            return kernels.linear(rows, self.weight, self.scales, norm.weight, norm.eps).view(*x.shape[:-1], -1)  # type: ignore[union-attr]
-        if norm is not None:
-            x = norm(x)
-            rows = x.flatten(0, -2)
+        if fused is not None:
+            return kernels.linear(rows, self.weight, self.scales, fused.weight, fused.eps).view(*x.shape[:-1], -1)
         if kernels.linear_applies(rows, self.scales):
             return kernels.linear(rows, self.weight, self.scales).view(*x.shape[:-1], -1)
         return nn.functional.linear(x, self.weight)
 
-    def _fuses_norm(self, rows: torch.Tensor, norm: Optional[nn.Module]) -> bool:
-        # The kernel takes in the norm for int8 weights only. On an H100 (scripts/bench.py,
-        # batch 1) that cut Mistral int8's step from 3.69 to 3.59 ms, but a bfloat16 step,
-        # whose products already read at the copy rate, went from 5.39 to 5.45 ms: there the
-        # norm's own small kernel costs less than the extra reads and sums it puts in every
-        # program of the product.
-        return norm is not None and self.scales is not None and kernels.linear_fuses(rows) and _unhooked(norm)
+    def _norm(self, x: torch.Tensor, norm: Optional[nn.Module]) -> tuple[torch.Tensor, Optional[nn.Module]]:
+        """(x, the norm that the product takes in), or (norm(x), None) where it does not."""
+        # The matrix-vector kernel (one half-precision row on CUDA) takes in the norm for int8
+        # weights only. On an H100 (scripts/bench.py, batch 1) that cut Mistral int8's step
+        # from 3.69 to 3.59 ms, but a bfloat16 step, whose products already read at the copy
+        # rate, went from 5.39 to 5.45 ms: there the norm's own small kernel costs less than
+        # the extra reads and sums it puts in every program of the product.
+        if norm is None:
+            return x, None
+        if self.scales is not None and kernels.linear_fuses(x.flatten(0, -2)) and _unhooked(norm):
+            return x, norm
+        return norm(x), None
 
 
 class GatedLinear(Linear):
@@ -61,14 +60,12 @@ class GatedLinear(Linear):
 
     def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:
         """silu(norm(x) W1^T) * (norm(x) W3^T) (of x without a norm): [..., F]."""
+        x, fused = self._norm(x, norm)
         rows = x.flatten(0, -2)
         if not kernels.linear_fuses(rows):
-            return kernels.swiglu(super().forward(x, norm))
-        norm_weight, eps = (norm.weight, norm.eps) if self._fuses_norm(rows, norm) else (None, 0.0)  # type: ignore[union-attr]
-        if norm is not None and norm_weight is None:
-            x = norm(x)
-            rows = x.flatten(0, -2)
-        return kernels.linear(rows, self.weight, self.scales, norm_weight, eps, glu=True).view(*x.shape[:-1], -1)
+            return kernels.swiglu(super().forward(x))
+        weight, eps = (None, 0.0) if fused is None else (fused.weight, fused.eps)
+        return kernels.linear(rows, self.weight, self.scales, weight, eps, glu=True).view(*x.shape[:-1], -1)
 
 
 def _unhooked(module: nn.Module) -> bool:

@@ -18,7 +18,7 @@ shapes of Mistral's checkpoints, as views: see mistral/views.py.
 """
 
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -142,7 +142,7 @@ class TransformerBlock(nn.Module):
         # h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h)). Each norm
         # is handed to the projection that reads its result (Linear's `norm`): for int8
         # weights at batch 1 on CUDA the matrix-vector kernel applies it as it streams x,
-        # one kernel fewer (see Linear.forward for why not for bfloat16 weights).
+        # one kernel fewer (see Linear._norm for why not for bfloat16 weights).
         h = x + self.attention(x, self.attention_norm, rope, cache, backend)
         return h + self.feed_forward(h, self.ffn_norm)
 
@@ -258,21 +258,40 @@ class Transformer(nn.Module):
         )
 
     # Making a model from a folder, from random numbers, and writing it: mistral/loading.py,
-    # which imports this module (so each imports it where it is called).
+    # which imports this module (so each method imports it where it is called), and this
+    # module none of the file formats.
 
     @classmethod
-    def from_folder(cls, folder: Union[str, Path], **options: Any) -> "Transformer":
-        """Load params.json and consolidated.safetensors (or consolidated.00.pth) from a folder: loading.from_folder."""
+    def from_folder(
+        cls, folder: Union[str, Path], *, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
+        attention_backend: Backend = "auto", progress: Optional[Callable[[int, int, int], None]] = None,
+        num_pipeline_ranks: int = 1, num_tensor_ranks: int = 1, pipeline_rank: Optional[int] = None,
+        tensor_rank: Optional[int] = None, lora_path: Optional[Union[str, Path]] = None,
+    ) -> "Transformer":  # fmt: skip
+        """Load params.json and consolidated.safetensors (or consolidated.00.pth) from a folder
+        (loading.from_folder says what each option does)."""
         from mistral.loading import from_folder
 
-        return from_folder(folder, **options)
+        return from_folder(
+            folder, device=device, dtype=dtype, attention_backend=attention_backend, progress=progress,
+            num_pipeline_ranks=num_pipeline_ranks, num_tensor_ranks=num_tensor_ranks, pipeline_rank=pipeline_rank,
+            tensor_rank=tensor_rank, lora_path=lora_path,
+        )  # fmt: skip
 
     @classmethod
-    def random(cls, args: ModelArgs, **options: Any) -> "Transformer":
-        """Random weights made directly on the device: loading.random."""
+    def random(
+        cls, args: ModelArgs, *, seed: int = 0, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
+        attention_backend: Backend = "auto", num_pipeline_ranks: int = 1, num_tensor_ranks: int = 1,
+        pipeline_rank: Optional[int] = None, tensor_rank: Optional[int] = None,
+    ) -> "Transformer":  # fmt: skip
+        """Random weights made directly on the device, seeded per tensor (loading.random)."""
         from mistral.loading import random
 
-        return random(args, **options)
+        return random(
+            args, seed=seed, device=device, dtype=dtype, attention_backend=attention_backend,
+            num_pipeline_ranks=num_pipeline_ranks, num_tensor_ranks=num_tensor_ranks, pipeline_rank=pipeline_rank,
+            tensor_rank=tensor_rank,
+        )  # fmt: skip
 
     def save(self, folder: Union[str, Path]) -> None:
         """Write params.json and consolidated.safetensors, the layout from_folder reads: loading.save."""

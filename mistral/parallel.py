@@ -1,6 +1,7 @@
 """Several processes, one model: pipeline stages and tensor-parallel slices.
 
-torchrun starts P x T processes. World rank r = p * T + t is pipeline stage p and
+P x T processes run, started by `mistral` itself on one machine (mistral/launch.py) or
+by torchrun. World rank r = p * T + t is pipeline stage p and
 tensor rank t, so the T ranks of a stage are neighbours (one node), while stages may
 span nodes. A stage is an ordinary `Transformer` that holds some of the layers, and of
 each layer some of the heads; `Layout` says which, and nothing else in the model
@@ -68,6 +69,7 @@ def split(n: int, parts: int, index: int) -> range:
 
 
 def _launch(P: int, T: int) -> str:
+    """How to start P x T processes by hand, for a script (the command line starts its own)."""
     flags = (f" --num_pipeline_ranks {P}" if P > 1 else "") + (f" --num_tensor_ranks {T}" if T > 1 else "")
     return f"torchrun --nproc-per-node {P * T} -m mistral generate MODEL_DIR ...{flags}"
 
@@ -99,13 +101,12 @@ class Layout:
         """A layout; ranks not given are this process's place in the process group (world rank = p * T + t)."""
         P = check_positive_int(num_pipeline_ranks, "num_pipeline_ranks")
         T = check_positive_int(num_tensor_ranks, "num_tensor_ranks")
-        if (pipeline_rank is None or tensor_rank is None) and P * T > 1:
-            rank = _check_process_group(P, T)
-            pipeline_rank = rank // T if pipeline_rank is None else pipeline_rank
-            tensor_rank = rank % T if tensor_rank is None else tensor_rank
-        layout = cls(pipeline_rank or 0, P, tensor_rank or 0, T)
-        if P * T > 1:
-            _check_process_group(P, T, layout.world_rank)
+        if P * T == 1:
+            return cls(pipeline_rank or 0, P, tensor_rank or 0, T)
+        rank = _check_process_group(P, T)
+        layout = cls(rank // T if pipeline_rank is None else pipeline_rank, P, rank % T if tensor_rank is None else tensor_rank, T)
+        if layout.world_rank != rank:
+            raise MistralError(f"this process is rank {rank} of the process group, not {layout.world_rank} (= pipeline_rank x T + tensor_rank)")
         return layout
 
     @property
@@ -147,7 +148,7 @@ def check_tensor_split(num_tensor_ranks: int, n_heads: int, n_kv_heads: int, hid
             raise MistralError(f"num_tensor_ranks={T} does not divide the model's {name}={value}")
 
 
-def _check_process_group(P: int, T: int, rank: Optional[int] = None) -> int:
+def _check_process_group(P: int, T: int) -> int:
     """A parallel model talks over the default process group of P x T processes; returns this one's rank."""
     if not dist.is_initialized():
         raise MistralError(
@@ -159,8 +160,6 @@ def _check_process_group(P: int, T: int, rank: Optional[int] = None) -> int:
             f"num_pipeline_ranks={P} x num_tensor_ranks={T} needs {P * T} processes, "
             f"but the process group has {dist.get_world_size()}: {_launch(P, T)}"
         )
-    if rank is not None and dist.get_rank() != rank:
-        raise MistralError(f"this process is rank {dist.get_rank()} of the process group, not {rank} (= pipeline_rank x T + tensor_rank)")
     return dist.get_rank()
 
 

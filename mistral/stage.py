@@ -25,6 +25,8 @@ from mistral.parallel import Link
 
 
 class Stage:
+    """This process's part of `model` being run: its link to the other ranks, its caches, their Runners."""
+
     def __init__(self, model: Transformer):
         if not isinstance(model, Transformer):
             raise MistralError(f"model must be a mistral Transformer, got {type(model).__name__}")
@@ -32,8 +34,8 @@ class Stage:
         self._link: Optional[Link] = None
         # The caches of the last stream that made its own, for the next one of the same shapes.
         self.spare_caches: list[RotatingBufferCache] = []
-        # Per cache, batch and fast-path options: its Runner. A Runner holds its cache, so
-        # an id here is never reused while its entry lives.
+        # Per cache, batch and fast-path options: its Runner, for the caches of the latest call
+        # only (`begin`). A Runner holds its cache, so an id here is never reused while its entry lives.
         self.runners: dict[tuple, Runner] = {}
 
     @property
@@ -52,6 +54,12 @@ class Stage:
         if found is None or found.weights != Runner.weights_of(self.model):
             found = self.runners[key] = Runner(self.model, cache, n_rows, **fast)
         return found
+
+    def begin(self, caches: Sequence[RotatingBufferCache]) -> None:
+        """A call on these caches starts: the Runners on them stay (their graphs replay), the
+        others go, and with them the memory of caches a caller has let go."""
+        weights = Runner.weights_of(self.model)
+        self.runners = {k: r for k, r in self.runners.items() if any(r.cache is c for c in caches) and r.weights == weights}
 
     def caches(self, rows: Sequence[int], longest: int, max_tokens: int) -> list[RotatingBufferCache]:
         """A cache of rows[i] rows for each micro-batch, for prompts of up to `longest` tokens.

@@ -39,7 +39,6 @@ from bench import MISTRAL_7B, MIXTRAL_8X7B, TINY, TINY_MOE, decode_floor, measur
 from mistral import ModelArgs, Transformer, parallel
 from mistral.decode import Runner
 from mistral.generation import generate, stream
-from mistral.stage import Stage
 
 # The small model of the check: Mixtral-shaped, big enough for real kernels.
 CHECK = dict(MIXTRAL_8X7B, dim=256, n_layers=4, head_dim=32, hidden_dim=512, n_heads=8, n_kv_heads=2, sliding_window=64)
@@ -146,7 +145,7 @@ def fast_vs_eager(model: Transformer, prompts: list[list[int]], steps: int = 16)
     return max(errors)
 
 
-def timed_run(stage: Stage, prompts: list[list[int]], new_tokens: int, micro_batches: int, device: torch.device) -> dict:
+def timed_run(model: Transformer, prompts: list[list[int]], new_tokens: int, micro_batches: int, device: torch.device) -> dict:
     """One timed generation; every rank takes part, rank 0's clock counts."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -154,7 +153,7 @@ def timed_run(stage: Stage, prompts: list[list[int]], new_tokens: int, micro_bat
     sync(device)
     start = time.perf_counter()
     marks = {}
-    for step, _ in enumerate(stream(prompts, stage.model, max_tokens=new_tokens, micro_batches=micro_batches, stage=stage)):
+    for step, _ in enumerate(stream(prompts, model, max_tokens=new_tokens, micro_batches=micro_batches)):
         if step in (0, 2):  # the first token; the first decode step (graph capture) done
             sync(device)
             marks[step] = time.perf_counter() - start
@@ -232,9 +231,8 @@ def main() -> None:
                 for label, M in (("plain", 1), ("micro", min(P, B))):
                     if label == "micro" and M == 1:
                         continue
-                    stage = Stage(model)
-                    generate(prompts, model, max_tokens=3, micro_batches=M, stage=stage)  # warm-up: compilation, communicators
-                    entry[label] = timed_run(stage, prompts, cfg.new_tokens, M, device) | {"micro_batches": M}
+                    generate(prompts, model, max_tokens=3, micro_batches=M)  # warm-up: compilation, communicators
+                    entry[label] = timed_run(model, prompts, cfg.new_tokens, M, device) | {"micro_batches": M}
                     log(f"mixtral {name} batch {B} {label}:", json.dumps(entry[label]), f"floor {entry['floor_decode_tok_s']:.0f}")
                 save()
             del model
@@ -245,17 +243,15 @@ def main() -> None:
         prompts = random_prompts(1, cfg.prompt_len, args.vocab_size, seed=1)
         section = results["mistral"] = {}
         model = Transformer.random(args, device=device, dtype=dtype, num_tensor_ranks=N)
-        stage = Stage(model)
-        generate(prompts, model, max_tokens=3, stage=stage)
-        section[f"T={N}"] = timed_run(stage, prompts, cfg.new_tokens, 1, device)
+        generate(prompts, model, max_tokens=3)
+        section[f"T={N}"] = timed_run(model, prompts, cfg.new_tokens, 1, device)
         del model
         free()
         if dist.get_rank() == 0:  # one GPU, the others wait
             one = Transformer.random(args, device=device, dtype=dtype)
-            stage = Stage(one)
-            generate(prompts, one, max_tokens=3, stage=stage)
+            generate(prompts, one, max_tokens=3)
             start, steps = time.perf_counter(), []
-            for _ in stream(prompts, one, max_tokens=cfg.new_tokens, stage=stage):
+            for _ in stream(prompts, one, max_tokens=cfg.new_tokens):
                 sync(device)
                 steps.append(time.perf_counter() - start)
             section["one GPU"] = {"ttft_ms": 1e3 * steps[0], "steady_decode_tok_s": (cfg.new_tokens - 3) / (steps[-1] - steps[2])}

@@ -102,7 +102,7 @@ def plot_rolling_buffer(window: int, path: Path, steps: Sequence[int] = (3, 4, 6
     for n in range(1, max(steps) + 1):
         inputs = cache.prepare([1])
         position = torch.tensor([[[n - 1.0]]])  # [T=1, H_kv=1, D=1]
-        cache.view(0, inputs).update(position, position)
+        inputs.update(cache.k[0], cache.v[0], position, position)  # layer 0's write
         cache.advance([1])
         if n in steps:
             filled = min(n, window)

@@ -68,7 +68,10 @@ def test_tied_embeddings_convert(tmp_path: Path) -> None:
     """tie_word_embeddings: save_pretrained writes no lm_head.weight, the output layer is the
     embeddings; the converted folder holds it as output.weight and gives HF's logits."""
     hf = hf_model(moe=False, seed=4, tie_word_embeddings=True)
-    ours = converted(hf, tmp_path)
+    try:
+        ours = converted(hf, tmp_path)
+    except MistralError as e:
+        pytest.fail(f"a tied-embeddings model does not convert: {e}")
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as f:
         assert "lm_head.weight" not in f.keys()
     assert torch.equal(ours.output.weight, ours.tok_embeddings.weight)

@@ -277,6 +277,22 @@ def test_a_later_generate_reuses_the_caches_and_graphs_of_the_last(moe: bool) ->
         generate(second, random_model(tiny_args()), max_tokens=6, stage=stage)
 
 
+def test_a_stage_keeps_the_runners_of_its_latest_call_only() -> None:
+    """A chat's turns on one cache replay one Runner (and graph); caches a caller has moved on
+    from are let go, not kept alive by the Stage's Runners."""
+    model = random_model(tiny_args())
+    stage = Stage(model)
+    cache = model.make_cache(1, 32)
+    list(stream([[1, 2, 3]], model, max_tokens=3, cache=cache, stage=stage))
+    (first,) = stage.runners.values()
+    list(stream([[1, 2, 3, 4, 5, 6]], model, max_tokens=3, cache=cache, stage=stage))  # the next turn
+    assert list(stage.runners.values()) == [first]
+    for _ in range(3):
+        cache = model.make_cache(1, 32)
+        list(stream([[1, 2, 3]], model, max_tokens=3, cache=cache, stage=stage))
+    assert [r.cache for r in stage.runners.values()] == [cache]
+
+
 def test_interleaved_streams_keep_their_own_caches() -> None:
     model = random_model(tiny_args())
     prompts = [random_prompts([5, 12], 97, seed=3), random_prompts([10, 2], 97, seed=4)]

@@ -330,6 +330,31 @@ def test_an_error_of_every_rank_is_one_line(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines() == ["error: num_tensor_ranks=3 does not divide the model's n_kv_heads=2"], done.stderr
 
 
+def test_ctrl_c_ends_every_rank_of_mistrals_launcher(tmp_path: Path) -> None:
+    """The ranks run in process groups of their own, so a terminal's Ctrl-C reaches the launcher
+    only: it passes the signal on, and the run ends quietly (130) with no rank left running."""
+    import signal
+    import time
+
+    from make_tiny_model import make_tiny_model
+
+    folder = make_tiny_model(str(tmp_path / "model"), n_layers=2, seed=2)  # generates on and on
+    command = launched("mistral", "generate", str(folder), "hello", "--num_tensor_ranks", "2", "--max_tokens", "1000000", "--device", "cpu")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert process.stdout is not None and process.stdout.read(len("hello") + 20)  # both ranks decode
+        ranks = subprocess.run(["ps", "-o", "pid=", "--ppid", str(process.pid)], capture_output=True, text=True).stdout.split()
+        assert len(ranks) == 2
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and b"Traceback" not in err, err.decode()
+    time.sleep(0.5)
+    assert not [pid for pid in ranks if Path(f"/proc/{pid}").exists()], "a rank outlived the launcher"
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "mistral"])
 def test_a_rank_that_stops_answering_ends_the_others_with_one_line(tmp_path: Path, launcher: str) -> None:
     """SIGSTOP one of two tensor-parallel ranks mid-generation: the other gives up after
