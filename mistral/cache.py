@@ -182,7 +182,8 @@ def cache_inputs(seqlens: Sequence[int], cached: Sequence[int], size: int, slidi
                     f"sequence {b} would reach {cached[b] + seqlens[b]} tokens, past the cache's {size} slots "
                     f"(sliding_window={sliding_window}): make a larger cache"
                 )
-    if len(rows) == len(seqlens) and all(s == 1 for s in seqlens):
+    # Mask 3 reads every filled slot of a row: one token each, where the row is no longer than the window.
+    if len(rows) == len(seqlens) and all(s == 1 for s in seqlens) and (sliding_window is None or size <= sliding_window):
         return Decode(cached[: len(seqlens)], size, device)
 
     def tensor(values: list) -> torch.Tensor:
@@ -275,9 +276,10 @@ class RotatingBufferCache:
         device: torch.device = torch.device("cpu"),
         dtype: torch.dtype = torch.float32,
         overhead: float = 0.0,
+        lookahead: int = 0,
     ):
         self.sliding_window = sliding_window
-        self.size = RotatingBufferCache.row_size(max_seq_len, sliding_window)
+        self.size = RotatingBufferCache.row_size(max_seq_len, sliding_window, lookahead)
         shape = (n_layers, max_batch_size, self.size, n_kv_heads, head_dim)
         # Keys and values of one position in every row: a window-less model with a huge
         # max_seq_len would otherwise die in torch.zeros asking for hundreds of GB, or be
@@ -296,9 +298,11 @@ class RotatingBufferCache:
         self.reset()
 
     @staticmethod
-    def row_size(max_seq_len: int, sliding_window: Optional[int]) -> int:
-        """Slots per row: a window-less model needs one for every position, a windowed one never more than W."""
-        return max_seq_len if sliding_window is None else min(sliding_window, max_seq_len)
+    def row_size(max_seq_len: int, sliding_window: Optional[int], lookahead: int = 0) -> int:
+        """Slots per row: a window-less model needs one for every position, a windowed one never more than W;
+        `lookahead` more for tokens written ahead and maybe taken back (speculative decoding's proposals):
+        writing them overwrites only positions that no later token's window reaches."""
+        return (max_seq_len if sliding_window is None else min(sliding_window, max_seq_len)) + lookahead
 
     @property
     def max_batch_size(self) -> int:
@@ -328,9 +332,12 @@ class RotatingBufferCache:
 
         The next token reads positions length-W+1 .. length-1, which the buffer still
         holds unless later tokens overwrote them (position p + size takes p's slot), those
-        of an earlier rewind included: once the row has wrapped (more tokens written than
-        slots), only `length` >= written - 1 keeps them, and otherwise the row starts over.
+        of an earlier rewind included: the slots hold positions written-size .. written-1,
+        so once the row has wrapped (more tokens written than slots) only `length` >=
+        written - (size - W) - 1 keeps them (written - 1 when size is W; a cache with
+        `lookahead` slots takes back that many more), and otherwise the row starts over.
         """
         written = self.written[row]
         assert 0 <= length <= self.lengths[row]
-        self.lengths[row] = length if written <= self.size or length >= written - 1 else 0
+        reach = self.size if self.sliding_window is None else min(self.sliding_window, self.size)
+        self.lengths[row] = length if written <= self.size or length >= written - (self.size - reach) - 1 else 0

@@ -24,14 +24,19 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Op
     """logits: [B, V] -> tokens [B]. Greedy at temperature 0, else temperature + nucleus (top-p)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    return torch.multinomial(probabilities(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
+
+
+def probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """logits: [..., V] -> what `sample` draws from at temperature > 0: [..., V], unnormalized under top_p < 1."""
     # Subtracting the max first keeps a tiny temperature from turning logits into inf - inf.
     probs = torch.softmax((logits - logits.max(dim=-1, keepdim=True).values) / temperature, dim=-1)
     if top_p < 1:
         # Keep the most likely tokens until their mass reaches top_p; the first always stays.
-        probs, order = probs.sort(dim=-1, descending=True)
-        probs[probs.cumsum(dim=-1) - probs > top_p] = 0
-        return order.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        ordered, order = probs.sort(dim=-1, descending=True)
+        ordered[ordered.cumsum(dim=-1) - ordered > top_p] = 0
+        probs = torch.zeros_like(probs).scatter_(-1, order, ordered)
+    return probs
 
 
 def sample_step(
@@ -258,6 +263,7 @@ def stream(
     cuda_graphs: Optional[bool] = None,
     warm_up: Optional[dict[str, float]] = None,
     stage: Optional[Stage] = None,
+    speculate: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens [B], logprobs [B]) on the model's device after each step.
 
@@ -288,6 +294,10 @@ def stream(
     stage: the model's Stage (mistral/stage.py) to run on, which keeps its caches and
     decode graphs for the next call of the same shapes; by default a new one for this call.
 
+    speculate: propose up to this many tokens per row and step by prompt lookup, and check
+    them in one forward call (mistral/speculate.py): greedy output is the same token for
+    token, sampled output follows the same distribution; on one process, without a cache.
+
     Every rank of a parallel model yields the same tokens.
     """
     check_model(model)
@@ -309,11 +319,23 @@ def stream(
         stage = Stage(model)
     elif not isinstance(stage, Stage) or stage.model is not model:
         raise MistralError("stage must be a Stage of this model (Stage(model))")
+    if not is_int(speculate) or speculate < 0:
+        raise MistralError(f"speculate must be a number of tokens (an int >= 0), got {speculate!r}")
+    if speculate and (cache is not None or model.layout.world_size > 1 or (micro_batches or 1) > 1):
+        raise MistralError("speculative decoding runs on one process, in one micro-batch, without a given cache")
     if max_tokens == 0:
         return
     M = min(M, B)  # a last, short batch of generate() may have fewer prompts
     if compile is None:  # the saving was measured on a GPU; on the CPU compiling only costs
         compile = fast_path_applies(model) and compile_pays(max_tokens, model.args.n_layers)
+    if speculate:
+        from mistral.speculate import speculative_stream  # which imports this module
+
+        yield from speculative_stream(
+            encoded_prompts, stage, max_tokens=max_tokens, speculate=speculate, temperature=temperature, top_p=top_p,
+            chunk_size=chunk_size, eos_id=eos_id, seed=seed, compile=compile,
+        )  # fmt: skip
+        return
     fast = dict(compile=compile, cuda_graphs=cuda_graphs)
     if cache is not None:
         if M > 1:

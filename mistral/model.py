@@ -238,8 +238,9 @@ class Transformer(nn.Module):
             cache.advance(seqlens)
         return link.share_logits(out, T, self.args.vocab_size)
 
-    def make_cache(self, max_batch_size: int, max_seq_len: int) -> RotatingBufferCache:
-        """A cache for this rank's layers and KV heads: W slots per row, fewer when max_seq_len < W."""
+    def make_cache(self, max_batch_size: int, max_seq_len: int, lookahead: int = 0) -> RotatingBufferCache:
+        """A cache for this rank's layers and KV heads: W slots per row, fewer when max_seq_len < W,
+        and `lookahead` more for tokens that may be taken back (speculative decoding)."""
         attention = next(iter(self.layers.values())).attention
         # The CPU's decode attention (attention._reference) copies one layer's filled keys and
         # values in float32, once for each query head of a key head; CUDA's kernel reads in place.
@@ -255,6 +256,7 @@ class Transformer(nn.Module):
             device=self.device,
             dtype=self.dtype,
             overhead=overhead,
+            lookahead=lookahead,
         )
 
     # Making a model from a folder, from random numbers, and writing it: mistral/loading.py,

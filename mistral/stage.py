@@ -61,15 +61,16 @@ class Stage:
         weights = Runner.weights_of(self.model)
         self.runners = {k: r for k, r in self.runners.items() if any(r.cache is c for c in caches) and r.weights == weights}
 
-    def caches(self, rows: Sequence[int], longest: int, max_tokens: int) -> list[RotatingBufferCache]:
-        """A cache of rows[i] rows for each micro-batch, for prompts of up to `longest` tokens.
+    def caches(self, rows: Sequence[int], longest: int, max_tokens: int, lookahead: int = 0) -> list[RotatingBufferCache]:
+        """A cache of rows[i] rows for each micro-batch, for prompts of up to `longest` tokens
+        (and `lookahead` slots more per row, for speculative decoding's proposals).
 
         The last stream's (`keep`) when their shapes are these, with the decode graphs captured
         on them; otherwise new ones, made once the spare ones are let go. While a stream runs
         there are none spare: a stream interleaved with it makes its own.
         """
         model, (spare, self.spare_caches) = self.model, (self.spare_caches, [])
-        size = RotatingBufferCache.row_size(longest + max_tokens, model.args.sliding_window)
+        size = RotatingBufferCache.row_size(longest + max_tokens, model.args.sliding_window, lookahead)
         shape = lambda c: (c.max_batch_size, c.size, c.k.dtype, c.k.device)  # noqa: E731
         if [shape(c) for c in spare] == [(n, size, model.dtype, model.device) for n in rows]:
             for c in spare:
@@ -78,7 +79,7 @@ class Stage:
         self.forget(spare)
         del spare
         try:
-            return [model.make_cache(n, longest + max_tokens) for n in rows]
+            return [model.make_cache(n, longest + max_tokens, lookahead) for n in rows]
         except CacheTooLarge as e:
             raise MistralError(f"{e}, so max_tokens={max(e.fits - longest, 0)} at most after a prompt of {longest}") from None
 

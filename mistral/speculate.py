@@ -1,0 +1,184 @@
+"""Speculative decoding over the rolling buffer: propose tokens, check them in one forward call.
+
+At batch 1 a decode step reads every weight once, so a call on k + 1 tokens costs about
+what a call on one costs. Each step here feeds every row its last token and up to k
+tokens proposed to follow it, and the model's choice at each position decides:
+
+- greedy: a proposal is kept while it is the model's argmax, and the model's own next
+  token follows the kept ones, so the output is plain greedy decoding's, token for token;
+- sampling: a proposed token x is kept with probability p(x), p being what `sample`
+  draws from (temperature, top-p), and a rejected one is replaced by a draw from p
+  without x, renormalized: the standard accept/reject rule of speculative sampling
+  (Leviathan et al., 2023) for a proposal that is certain (q(x) = 1), so every token
+  follows p exactly.
+
+Proposals come from prompt lookup (`propose`): the text so far, prompt and generated,
+is searched for the latest earlier occurrence of its last n tokens (n = 3, 2, 1), and
+what followed it there is proposed. Code and chat repeat themselves enough for that to
+pay without a second model.
+
+The cache. Writing k proposals ahead in a row of W slots would overwrite positions
+p - W, which the tokens after a rejection still read. So the rows hold W + k slots
+(`lookahead`): writing k ahead overwrites only positions older than any later
+token's window, and `RotatingBufferCache.rewind` takes back the rejected ones. Every
+call is a chunk call (mask 2, windowed); the decode mask, which reads a whole row,
+never runs on such rows.
+"""
+
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from mistral.cache import RotatingBufferCache
+from mistral.errors import MistralError
+from mistral.generation import NON_FINITE, prefill_calls, probabilities, sample_step
+from mistral.stage import Stage
+
+# The n-grams prompt lookup searches for, longest first.
+MAX_NGRAM = 3
+
+
+def propose(history: Sequence[int], k: int, max_ngram: int = MAX_NGRAM) -> list[int]:
+    """Up to k tokens to follow `history`: those that followed the latest earlier occurrence
+    of its last n tokens, for the longest n <= max_ngram that occurs earlier; else none."""
+    if k <= 0:
+        return []
+    for n in range(min(max_ngram, len(history) - 1), 0, -1):
+        suffix = list(history[-n:])
+        for start in range(len(history) - n - 1, -1, -1):  # the latest occurrence first
+            if list(history[start : start + n]) == suffix:
+                return list(history[start + n : start + n + k])
+    return []
+
+
+def speculative_stream(
+    encoded_prompts: list[list[int]],
+    stage: Stage,
+    *,
+    max_tokens: int,
+    speculate: int,
+    temperature: float,
+    top_p: float,
+    chunk_size: Optional[int],
+    eos_id: Optional[int],
+    seed: Optional[int],
+    compile: bool,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`stream` with up to `speculate` proposed tokens per row and step: the same (tokens [B],
+    logprobs [B]) per step, each step yielded once every row has its token (a row that has
+    produced eos yields eos, log-probability 0, until the others end)."""
+    model = stage.model
+    B, k = len(encoded_prompts), speculate
+    longest = max(len(p) for p in encoded_prompts)
+    chunk = chunk_size or RotatingBufferCache.row_size(longest + max_tokens, model.args.sliding_window)  # as stream's
+    (cache,) = stage.caches([B], longest, max_tokens, lookahead=k)
+    stage.begin([cache])
+    runner = stage.runner(cache, B, compile=compile, cuda_graphs=False)  # every call is a chunk call
+    generator = None if seed is None else torch.Generator(model.device).manual_seed(seed)
+
+    history = [list(p) for p in encoded_prompts]  # per row: the prompt and every token yielded or to be
+    tokens: list[list[int]] = [[] for _ in range(B)]  # per row: the tokens generated, not yet yielded from `yielded` on
+    logprobs: list[list[float]] = [[] for _ in range(B)]
+    done = [False] * B  # the row has produced eos
+    last_logits: list[Optional[torch.Tensor]] = [None] * B
+    for call in prefill_calls(encoded_prompts, chunk):
+        out = stage.forward(runner, call.input_ids, call.seqlens, list(call.ends.values()))
+        assert out is not None
+        for i, b in enumerate(call.ends):  # a prompt's last logits come from the call where it ends
+            last_logits[b] = out[i]
+    first, first_logprobs, finite = sample_step(torch.stack(last_logits), temperature, top_p, generator)  # type: ignore[arg-type]
+    _check_finite(finite)
+    for b, (t, lp) in enumerate(zip(first.tolist(), first_logprobs.tolist())):
+        _take(b, [t], [lp], history, tokens, logprobs, done, eos_id)
+    yielded = 0
+    try:
+        while True:
+            ready = min(len(tokens[b]) for b in range(B) if not done[b]) if not all(done) else max(map(len, tokens))
+            ready = min(ready, max_tokens)
+            for s in range(yielded, ready):
+                yield _step(s, tokens, logprobs, eos_id, model.device)
+            yielded = max(yielded, ready)
+            rows = [b for b in range(B) if not done[b] and len(tokens[b]) < max_tokens]
+            if not rows or yielded >= max_tokens:
+                break
+            # Each running row's last token (sampled, not fed yet) and its proposals, no more than it may still use.
+            proposals = {b: propose(history[b], min(k, max_tokens - len(tokens[b]) - 1)) for b in rows}
+            fed = {b: [history[b][-1], *proposals[b]] for b in rows}
+            seqlens = [len(fed[b]) if b in fed else 0 for b in range(B)]
+            before = list(cache.lengths[:B])
+            out = stage.forward(runner, sum((fed[b] for b in rows), []), seqlens, list(range(sum(seqlens))))
+            assert out is not None
+            _check_finite(torch.isfinite(out).all())
+            chosen = _choose(out, [len(fed[b]) for b in rows], [proposals[b] for b in rows], temperature, top_p, generator)
+            for b, (new, new_logprobs) in zip(rows, chosen):
+                accepted = len(new) - 1  # proposals kept; the last token is the model's own
+                cache.rewind(b, before[b] + 1 + accepted)  # the fed last token and the kept proposals stay
+                _take(b, new, new_logprobs, history, tokens, logprobs, done, eos_id)
+    finally:
+        stage.keep([cache])  # for the next stream of the same shapes
+
+
+def _choose(
+    logits: torch.Tensor, counts: list[int], proposals: list[list[int]], temperature: float, top_p: float,
+    generator: Optional[torch.Generator],
+) -> list[tuple[list[int], list[float]]]:  # fmt: skip
+    """Per row: the kept proposals and the model's next token, with their log-probabilities.
+
+    logits: [sum(counts), V], row r's counts[r] positions back to back; position i of a row
+    predicts the token after its i-th fed token, so proposal i is checked at position i.
+    """
+    logprobs = torch.log_softmax(logits, dim=-1)
+    if temperature == 0:
+        choice = logits.argmax(dim=-1).tolist()  # the one read of the device this step
+    else:
+        probs = probabilities(logits, temperature, top_p)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+        uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
+        flat = torch.tensor([t for p in proposals for t in p + [0]], device=logits.device)  # position-aligned (0: no proposal)
+        p_proposed = probs.gather(-1, flat[:, None]).squeeze(-1)
+        keep = (uniform < p_proposed).tolist()
+        # A rejected proposal's replacement: p without it, renormalized; after the last proposal, p itself.
+        residual = probs.scatter(-1, flat[:, None], 0.0)
+        has_proposal = torch.tensor([i < len(p) for p in proposals for i in range(len(p) + 1)], device=logits.device)
+        draw_from = torch.where(has_proposal[:, None], residual, probs)
+        draw_from = torch.where(draw_from.sum(-1, keepdim=True) > 0, draw_from, probs)  # p was all on the proposal
+        replacement = torch.multinomial(draw_from, 1, generator=generator).squeeze(-1).tolist()
+    out, start = [], 0
+    for count, proposal in zip(counts, proposals):
+        new = []
+        for i in range(count):
+            at = start + i
+            if i < len(proposal):
+                kept = choice[at] == proposal[i] if temperature == 0 else keep[at]
+                if kept:
+                    new.append(proposal[i])
+                    continue
+            new.append(choice[at] if temperature == 0 else replacement[at])
+            break
+        out.append((new, [float(logprobs[start + i, t]) for i, t in enumerate(new)]))
+        start += count
+    return out
+
+
+def _take(b: int, new: list[int], new_logprobs: list[float], history: list[list[int]], tokens: list[list[int]],
+          logprobs: list[list[float]], done: list[bool], eos_id: Optional[int]) -> None:  # fmt: skip
+    """Row b's new tokens, up to its first eos."""
+    for t, lp in zip(new, new_logprobs):
+        history[b].append(t)
+        tokens[b].append(t)
+        logprobs[b].append(lp)
+        if t == eos_id:
+            done[b] = True
+            return
+
+
+def _step(s: int, tokens: list[list[int]], logprobs: list[list[float]], eos_id: Optional[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step s of every row: its token, or eos (log-probability 0) past a row's end."""
+    ts = [row[s] if s < len(row) else eos_id for row in tokens]
+    lps = [row[s] if s < len(row) else 0.0 for row in logprobs]
+    return torch.tensor(ts, device=device), torch.tensor(lps, device=device)
+
+
+def _check_finite(finite: torch.Tensor) -> None:
+    if not bool(finite):
+        raise MistralError(NON_FINITE)

@@ -1,0 +1,143 @@
+"""Speculative decoding (mistral/speculate.py): the tokens of plain decoding, over a rolling buffer.
+
+Greedy speculation must return exactly plain greedy decoding's tokens, whatever the
+window, the prompts, the chunks, eos and max_tokens; sampled speculation must draw each
+token from the distribution plain sampling draws from.
+"""
+
+import pytest
+import torch
+from helpers import random_model, tiny_args
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mistral import MistralError, generate
+from mistral.generation import probabilities
+from mistral.speculate import _choose, propose
+
+
+def test_propose_follows_the_latest_occurrence_of_the_longest_ngram() -> None:
+    history = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3]
+    assert propose(history, 2) == [7, 8]  # "2 3" last occurred before "7 8" (and "5 2 3" never before)
+    assert propose(history + [7], 3) == [8, 5, 2]  # "2 3 7"
+    assert propose([4, 5, 6], 3) == []  # nothing repeats
+    assert propose([4, 5, 4], 3) == [5, 4]  # the unigram "4", cut where the history ends
+    assert propose(history, 0) == []
+
+
+def repetitive_prompts(draw: st.DrawFn, vocab: int) -> list[int]:
+    """A prompt of a few phrases repeated: prompt lookup finds something to propose."""
+    phrases = draw(st.lists(st.lists(st.integers(3, vocab - 1), min_size=1, max_size=5), min_size=1, max_size=3))
+    order = draw(st.lists(st.integers(0, len(phrases) - 1), min_size=1, max_size=8))
+    return [1] + [t for i in order for t in phrases[i]]
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> tuple:
+    window = draw(st.sampled_from([4, 8, None]))
+    prompts = [repetitive_prompts(draw, 97) for _ in range(draw(st.integers(1, 3)))]
+    k = draw(st.integers(1, 6))
+    chunk = draw(st.sampled_from([None, 3, 5]))
+    max_tokens = draw(st.integers(1, 24))
+    return window, prompts, k, chunk, max_tokens
+
+
+MODELS = {window: random_model(tiny_args(sliding_window=window, max_batch_size=3), seed=11) for window in (4, 8, None)}
+
+
+@given(case=cases())
+@settings(max_examples=40, deadline=None, report_multiple_bugs=False)
+def test_greedy_speculation_returns_plain_greedy_tokens(case: tuple) -> None:
+    """Windows shorter than the prompts (the buffer wraps many times while proposals are taken
+    back), packed rows that keep different numbers of proposals, chunked prefill, max_tokens
+    reached inside a run of kept proposals: every token the same."""
+    window, prompts, k, chunk, max_tokens = case
+    model = MODELS[window]
+    want, want_logprobs = generate(prompts, model, max_tokens=max_tokens, chunk_size=chunk)
+    got, got_logprobs = generate(prompts, model, max_tokens=max_tokens, chunk_size=chunk, speculate=k)
+    assert got == want
+    for g, w in zip(got_logprobs, want_logprobs):
+        assert g == pytest.approx(w, abs=1e-4)
+
+
+def test_eos_inside_a_run_of_kept_proposals_ends_the_row_there() -> None:
+    model = MODELS[8]
+    prompts = [[1, 5, 6, 7, 5, 6, 7, 5, 6], [1, 9, 10, 9, 10, 9]]
+    plain, _ = generate(prompts, model, max_tokens=20)
+    for eos in {plain[0][3], plain[1][5], plain[0][-1]}:
+        want, _ = generate(prompts, model, max_tokens=20, eos_id=eos)
+        assert generate(prompts, model, max_tokens=20, eos_id=eos, speculate=4)[0] == want
+
+
+def test_speculation_keeps_proposals() -> None:
+    """Not only correct but useful: on a prompt that repeats, most steps keep a proposal."""
+    model = MODELS[8]
+    calls = []
+    hook = model.layers["0"].register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        prompt = [1] + [5, 6, 7, 8] * 6
+        tokens, _ = generate([prompt], model, max_tokens=30, speculate=4)
+    finally:
+        hook.remove()
+    assert len(tokens[0]) == 30
+    assert len(calls) - 1 < 30  # target forward calls after the prefill, for 29 more tokens
+
+
+def test_sampled_speculation_draws_from_the_target_distribution() -> None:
+    """The accept/reject rule, against the closed form: position 0's token follows p0 whatever
+    the proposal x; given that the proposal was kept, the next token follows p1."""
+    torch.manual_seed(0)
+    V, n = 5, 20000
+    logits = torch.randn(2, V) * 1.5  # positions 0 and 1 of one row: the fed token, then proposal x
+    x, temperature, top_p = 2, 0.8, 0.95
+    p = probabilities(logits, temperature, top_p)
+    p = p / p.sum(-1, keepdim=True)
+    generator = torch.Generator().manual_seed(1)
+    first, second = torch.zeros(V), torch.zeros(V)
+    for _ in range(n):
+        ((new, _),) = _choose(logits, [2], [[x]], temperature, top_p, generator)
+        first[new[0]] += 1
+        if new[0] == x:
+            second[new[1]] += 1
+    for counts, want in ((first, p[0]), (second, p[1])):
+        total = counts.sum()
+        sd = torch.sqrt(total * want * (1 - want)) + 1e-9
+        assert bool(((counts - total * want).abs() <= 5 * sd + 1).all()), (counts / total, want)
+
+
+def test_sampled_speculation_runs_and_is_seeded() -> None:
+    model = MODELS[8]
+    prompts = [[1, 5, 6, 7, 5, 6, 7, 5], [1, 9, 10]]
+    a = generate(prompts, model, max_tokens=12, temperature=0.9, top_p=0.9, seed=3, speculate=3)
+    b = generate(prompts, model, max_tokens=12, temperature=0.9, top_p=0.9, seed=3, speculate=3)
+    assert a == b and all(len(t) == 12 for t in a[0])
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "2"])
+def test_a_bad_speculate_is_named(value: object) -> None:
+    with pytest.raises(MistralError, match="speculate must be a number of tokens"):
+        generate([[1, 2]], MODELS[8], max_tokens=2, speculate=value)  # type: ignore[arg-type]
+
+
+def test_speculation_with_a_given_cache_is_refused() -> None:
+    from mistral import stream
+
+    model = MODELS[8]
+    with pytest.raises(MistralError, match="speculative decoding runs on one process"):
+        list(stream([[1, 2]], model, max_tokens=2, speculate=2, cache=model.make_cache(1, 16)))
+
+
+def test_a_cache_with_lookahead_rewinds_past_k_taken_back_tokens() -> None:
+    """W + k slots: after writing k tokens ahead (the buffer wrapped), taking all k back keeps the row."""
+    from mistral.cache import RotatingBufferCache
+
+    W, k = 4, 3
+    cache = RotatingBufferCache(1, 1, 100, W, 1, 1, lookahead=k)
+    assert cache.size == W + k
+    cache.advance([20 + k])  # 20 tokens, then k proposals
+    cache.rewind(0, 20)
+    assert cache.lengths == [20]
+    plain = RotatingBufferCache(1, 1, 100, W, 1, 1)
+    plain.advance([20 + k])
+    plain.rewind(0, 20)
+    assert plain.lengths == [0]  # without the lookahead slots, positions 17..19 were overwritten: start over
