@@ -67,6 +67,7 @@ def check_options(
     top_p: float,
     chunk_size: Optional[int],
     seed: Optional[int] = None,
+    speculate: int = 0,
 ) -> None:
     check_prompts(encoded_prompts)
     for i, prompt in enumerate(encoded_prompts):
@@ -86,6 +87,8 @@ def check_options(
         check_positive_int(chunk_size, "chunk_size")
     if seed is not None and (not is_int(seed) or not 0 <= seed < 2**64):
         raise MistralError(f"seed must be an integer, got {seed!r} (0 to 2**64-1, what torch.Generator takes)")
+    if not is_int(speculate) or speculate < 0:
+        raise MistralError(f"speculate must be a number of tokens (an int >= 0), got {speculate!r}")
 
 
 def check_prompts(encoded_prompts: Any) -> None:
@@ -303,7 +306,7 @@ def stream(
     check_model(model)
     check_options(
         encoded_prompts, model.args.vocab_size, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-        chunk_size=chunk_size, seed=seed,
+        chunk_size=chunk_size, seed=seed, speculate=speculate,
     )
     if eos_id is not None and not is_int(eos_id):
         raise MistralError(f"eos_id must be a token id (an int) or None, got {eos_id!r}")
@@ -319,8 +322,6 @@ def stream(
         stage = Stage(model)
     elif not isinstance(stage, Stage) or stage.model is not model:
         raise MistralError("stage must be a Stage of this model (Stage(model))")
-    if not is_int(speculate) or speculate < 0:
-        raise MistralError(f"speculate must be a number of tokens (an int >= 0), got {speculate!r}")
     if speculate and (cache is not None or model.layout.world_size > 1 or (micro_batches or 1) > 1):
         raise MistralError("speculative decoding runs on one process, in one micro-batch, without a given cache")
     if max_tokens == 0:

@@ -243,6 +243,7 @@ def generate(
     num_tensor_ranks: int = 1,
     micro_batches: int | None = None,
     lora: str | None = None,
+    speculate: int = 0,
 ) -> None:
     """Complete prompts: [MODEL_DIR] PROMPT [PROMPT ...]. Prints the text as it is generated, then a speed summary on stderr.
 
@@ -275,6 +276,9 @@ def generate(
             follow each other through the stages; by default one group per stage.
         lora: a LoRA adapter (lora.safetensors, with the rank and scaling in the `lora` section
             of the params.json beside it) to merge into the weights at load.
+        speculate: propose up to this many tokens a step by prompt lookup (what followed the last
+            words where they occurred before), checked in one forward call; greedy output is the same,
+            token for token, and sampled output follows the same distribution. One process only.
     """
     folder, prompts = split_model_and_prompts([str(i) for i in inputs])
     if not prompts:
@@ -283,10 +287,13 @@ def generate(
         if not p.strip():
             raise MistralError(f"prompt {i} is empty")
         check_text(p, f"prompt {i}")
-    check_options([[0]], 1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size, seed=seed)
+    check_options([[0]], 1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size, seed=seed,
+                  speculate=speculate)  # fmt: skip
     if temperature == 0 and top_p != 1:
         print("note: --top_p has no effect at --temperature 0, which decodes greedily", file=sys.stderr)
     world_size = check_positive_int(num_pipeline_ranks, "num_pipeline_ranks") * check_positive_int(num_tensor_ranks, "num_tensor_ranks")
+    if speculate and world_size > 1:
+        raise MistralError("--speculate runs on one process: leave out --num_tensor_ranks and --num_pipeline_ranks")
     if world_size > 1 and not launch.started_by_a_launcher():
         sys.exit(launch.run_ranks(world_size, sys.argv[1:]))  # this command again, once per rank
     start = time.perf_counter()
@@ -318,6 +325,7 @@ def generate(
     timing = Timing(load_s=load_s)
     options = dict(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size, seed=seed, micro_batches=micro_batches,
+        speculate=speculate,
         stage=Stage(model),  # one for every batch: a later batch of the same shapes runs on the first's caches
     )
     for first in range(0, len(prompts), n):

@@ -184,3 +184,10 @@ def test_help_shows_each_option_whole(command: str) -> None:
     shown = " ".join((lambda r: r.stdout + r.stderr)(run_cli(command, "--help")).split())
     for name, text in described.items():
         assert text in shown, f"--{name}: {text!r}"
+
+
+def test_speculate_prints_what_plain_decoding_prints(model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    prompts = ["The json module. The json module", "import os"]
+    code, out, err = run_in_process(monkeypatch, capsys, "generate", str(model_dir), *prompts, "--max_tokens", "12", "--speculate", "3", "--device", "cpu")
+    assert code == 0, err
+    assert out == expected_output(model_dir, prompts, 12)

@@ -1,0 +1,88 @@
+"""Speculative decoding by prompt lookup, measured: tokens per target forward call and wall speedup.
+
+The default model, greedy, continues held-out Python (the modules scripts/train_tiny.py
+kept out of its training: every 20th of the standard library): each prompt is the
+first `--prompt_tokens` tokens of a module, and `--max_tokens` are generated with
+speculate=0 (plain decoding) and k = 2..8. The output must be the same tokens for every
+k (the script checks it); what changes is how many forward calls produce them.
+
+    python scripts/speculate_bench.py [--prompts 8] [--prompt_tokens 512] [--max_tokens 128] [--device cpu] [--out FILE]
+
+Prints one row per k: forward calls after the prefill, tokens per call, decode seconds,
+and the speedup over plain decoding in the same process.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_tiny import split_sources  # noqa: E402
+
+from mistral import DEFAULT_MODEL, Transformer, generate  # noqa: E402
+from mistral.stage import Stage  # noqa: E402
+from mistral.tokenizer import load_tokenizer  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=8, help="held-out modules, one prompt each")
+    parser.add_argument("--prompt_tokens", type=int, default=512)
+    parser.add_argument("--max_tokens", type=int, default=128)
+    parser.add_argument("--ks", default="0,2,3,4,5,6,8", help="speculate values; 0 is plain decoding")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, help="write the rows as JSON here too")
+    options = parser.parse_args()
+
+    torch.set_num_threads(min(torch.get_num_threads(), 4))
+    dtype = torch.bfloat16 if options.device.startswith("cuda") else torch.float32
+    model = Transformer.from_folder(DEFAULT_MODEL, device=options.device, dtype=dtype)
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    _, held_out, names = split_sources()
+    prompts = [tokenizer.encode(text, bos=True)[: options.prompt_tokens] for text in held_out[: options.prompts]]
+    calls: list[int] = []
+    model.layers["0"].register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+
+    rows, reference = [], None
+    for k in map(int, options.ks.split(",")):
+        stage = Stage(model)
+        generate(prompts[:1], model, max_tokens=4, speculate=k, stage=stage)  # warm-up
+        steps = decode_s = 0.0
+        outputs = []
+        for prompt in prompts:  # one at a time: batch 1, where a step reads every weight once
+            calls.clear()
+            start = time.perf_counter()
+            tokens, _ = generate([prompt], model, max_tokens=options.max_tokens, speculate=k, stage=stage)
+            if options.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            decode_s += time.perf_counter() - start
+            prefill_calls = -(-len(prompt) // model.args.sliding_window) if model.args.sliding_window else 1
+            steps += len(calls) - prefill_calls
+            outputs.append(tokens[0])
+        reference = reference or outputs
+        generated = sum(len(t) for t in outputs)
+        rows.append(dict(
+            speculate=k, same_tokens=outputs == reference, forward_calls=int(steps),
+            tokens_per_call=round((generated - len(prompts)) / max(steps, 1), 3), seconds=round(decode_s, 3),
+        ))  # fmt: skip
+    plain = rows[0]["seconds"]
+    for r in rows:
+        r["speedup"] = round(plain / r["seconds"], 3)
+    print(f"default model, greedy, {len(prompts)} held-out modules ({', '.join(names[: len(prompts)])}), "
+          f"{options.prompt_tokens}-token prompts, {options.max_tokens} new tokens each, {options.device}")  # fmt: skip
+    print(f"{'k':>3} {'same':>5} {'calls':>6} {'tok/call':>9} {'seconds':>8} {'speedup':>8}")
+    for r in rows:
+        print(f"{r['speculate']:>3} {str(r['same_tokens']):>5} {r['forward_calls']:>6} {r['tokens_per_call']:>9} {r['seconds']:>8} {r['speedup']:>8}")
+    if options.out:
+        options.out.write_text(json.dumps(dict(device=options.device, modules=names[: len(prompts)], rows=rows), indent=2))
+    if not all(r["same_tokens"] for r in rows):
+        sys.exit("speculative decoding changed the greedy tokens")
+
+
+if __name__ == "__main__":
+    main()
