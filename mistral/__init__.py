@@ -17,8 +17,8 @@ logging.getLogger("xformers").setLevel(logging.ERROR)
 
 _MODULES = {
     "DEFAULT_MODEL": "checkpoint", "ModelArgs": "args", "MoeArgs": "args", "MistralError": "errors",
-    "RotatingBufferCache": "cache", "Tokenizer": "tokenizer", "Transformer": "model", "generate": "generation",
-    "stream": "generation",
+    "RotatingBufferCache": "cache", "Stage": "stage", "Tokenizer": "tokenizer", "Transformer": "model",
+    "generate": "generation", "stream": "generation",
 }  # fmt: skip
 __all__ = sorted(_MODULES)
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from mistral.errors import MistralError
     from mistral.generation import generate, stream
     from mistral.model import Transformer
+    from mistral.stage import Stage
     from mistral.tokenizer import Tokenizer
 
 

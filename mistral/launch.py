@@ -11,11 +11,13 @@ runs the same command (and is the way across several nodes):
 - a rank that fails ends the others: they get SIGTERM, and one that has not ended
   SECONDS_TO_END later (stopped, or hung in a collective) is killed and named;
 - Ctrl-C or SIGTERM reaches every rank (each runs in a process group of its own, with
-  whatever it starts), and no rank outlives the launcher;
+  whatever it starts), and no rank outlives the launcher, even one killed outright
+  (`follow_launcher`);
 - the exit code is that of the rank seen failing first (2 for an error the command explains).
 """
 
 import codecs
+import ctypes
 import os
 import signal
 import socket
@@ -25,8 +27,22 @@ import threading
 import time
 from typing import IO, Optional
 
+LAUNCHER_PID = "MISTRAL_LAUNCHER_PID"  # set in the ranks' environment: the process they follow
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
 # How long the other ranks have to end once one has failed (or a signal asked them to), before they are killed.
 SECONDS_TO_END = 5.0
+
+
+def follow_launcher() -> None:
+    """In a rank this module started: die with the launcher, however it ends (SIGKILL, a closed
+    terminal), so that no rank runs on without it. Linux only (prctl's parent-death signal)."""
+    launcher = os.environ.get(LAUNCHER_PID)
+    if launcher is None or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != int(launcher):  # it ended before the line above
+        os._exit(128 + signal.SIGKILL)
 
 
 def started_by_a_launcher() -> bool:
@@ -38,7 +54,7 @@ def run_ranks(world_size: int, argv: list[str]) -> int:
     """Run `python -m mistral ARGV` as ranks 0..world_size-1 on this machine; returns the exit code."""
     env = dict(
         os.environ, WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+        MASTER_PORT=str(_free_port()), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **{LAUNCHER_PID: str(os.getpid())},
     )  # fmt: skip
     ranks = _Ranks([sys.executable, "-m", "mistral", *argv], world_size, env)
     try:

@@ -215,6 +215,8 @@ MUTATIONS = [
              "test_parallel.py -k every_rank", "each rank's copy of one error line is printed"),
     Mutation("launcher-names-no-stopped-rank", "launch.py", r"killed\.append\(r\)", "pass",
              "test_parallel.py -k 'stops_answering and mistral'", "the rank killed for not ending is not named"),
+    Mutation("ranks-outlive-a-killed-launcher", "launch.py", r"\.prctl\(PR_SET_PDEATHSIG, signal\.SIGKILL\)", ".getpid()",
+             "test_parallel.py -k 'kill_ends and SIGKILL'", "ranks run on after their launcher was killed"),
     Mutation("stage-runner-not-kept", "stage.py", r"found = self\.runners\[key\] = Runner\(", "found = Runner(",
              "test_generate.py -k reuses", "a Stage makes a new Runner (and graph) for every stream on the same cache"),
     Mutation("chat-cache-cut-by-max-context", "main.py", r"max_context if window is None else window", "max_context",

@@ -330,9 +330,11 @@ def test_an_error_of_every_rank_is_one_line(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines() == ["error: num_tensor_ranks=3 does not divide the model's n_kv_heads=2"], done.stderr
 
 
-def test_ctrl_c_ends_every_rank_of_mistrals_launcher(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGKILL"])
+def test_ctrl_c_or_a_kill_ends_every_rank_of_mistrals_launcher(tmp_path: Path, signum: str) -> None:
     """The ranks run in process groups of their own, so a terminal's Ctrl-C reaches the launcher
-    only: it passes the signal on, and the run ends quietly (130) with no rank left running."""
+    only: it passes the signal on, and the run ends quietly (130) with no rank left running.
+    A launcher killed outright takes its ranks with it (their parent-death signal)."""
     import signal
     import time
 
@@ -342,17 +344,29 @@ def test_ctrl_c_ends_every_rank_of_mistrals_launcher(tmp_path: Path) -> None:
     command = launched("mistral", "generate", str(folder), "hello", "--num_tensor_ranks", "2", "--max_tokens", "1000000", "--device", "cpu")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    ranks: list[str] = []
+
+    def running(pid: str) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        except OSError:
+            return False
+
     try:
         assert process.stdout is not None and process.stdout.read(len("hello") + 20)  # both ranks decode
         ranks = subprocess.run(["ps", "-o", "pid=", "--ppid", str(process.pid)], capture_output=True, text=True).stdout.split()
-        assert len(ranks) == 2
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=60)
+        assert len(ranks) == 2, ranks
+        process.send_signal(getattr(signal, signum))
+        process.wait(timeout=60)
+        time.sleep(1)
+        alive = [pid for pid in ranks if running(pid)]
     finally:
         process.kill()
-    assert process.returncode == 130 and b"Traceback" not in err, err.decode()
-    time.sleep(0.5)
-    assert not [pid for pid in ranks if Path(f"/proc/{pid}").exists()], "a rank outlived the launcher"
+        for pid in ranks:  # whatever the outcome, none is left behind by the test
+            subprocess.run(["kill", "-9", pid], capture_output=True)
+    err = process.stderr.read() if process.stderr else b""
+    assert not alive, "a rank outlived the launcher"
+    assert process.returncode == (130 if signum == "SIGINT" else -signal.SIGKILL) and b"Traceback" not in err, err.decode()
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "mistral"])
