@@ -108,6 +108,19 @@ def check_prompts(encoded_prompts: Any) -> None:
                 raise MistralError(f"prompt {i} holds {t!r} ({type(t).__name__}), which is not a token id (an int)")
 
 
+def check_draft(draft: Any, model: Transformer, speculate: int) -> None:
+    """A draft model speculation can use with `model`."""
+    if not speculate:
+        raise MistralError("a draft model proposes tokens for speculative decoding: give speculate=K (--speculate K) too")
+    check_model(draft)
+    if draft.layout.world_size > 1:
+        raise MistralError("the draft model must be whole on one process")
+    if draft.args.vocab_size != model.args.vocab_size:
+        raise MistralError(f"the draft model's vocabulary ({draft.args.vocab_size} tokens) is not the model's ({model.args.vocab_size})")
+    if draft.device != model.device:
+        raise MistralError(f"the draft model is on {draft.device}, the model on {model.device}: put both on one device")
+
+
 def check_model(model: Any) -> None:
     """A Transformer whose weights are in one of the dtypes the model runs in."""
     if not isinstance(model, Transformer):
@@ -267,6 +280,7 @@ def stream(
     warm_up: Optional[dict[str, float]] = None,
     stage: Optional[Stage] = None,
     speculate: int = 0,
+    draft: Optional[Transformer] = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens [B], logprobs [B]) on the model's device after each step.
 
@@ -300,6 +314,8 @@ def stream(
     speculate: propose up to this many tokens per row and step by prompt lookup, and check
     them in one forward call (mistral/speculate.py): greedy output is the same token for
     token, sampled output follows the same distribution; on one process, without a cache.
+    draft: with speculate, a smaller model of the same vocabulary (on the same device)
+    whose own tokens are the proposals instead.
 
     Every rank of a parallel model yields the same tokens.
     """
@@ -324,6 +340,8 @@ def stream(
         raise MistralError("stage must be a Stage of this model (Stage(model))")
     if speculate and (cache is not None or model.layout.world_size > 1 or (micro_batches or 1) > 1):
         raise MistralError("speculative decoding runs on one process, in one micro-batch, without a given cache")
+    if draft is not None:
+        check_draft(draft, model, speculate)
     if max_tokens == 0:
         return
     M = min(M, B)  # a last, short batch of generate() may have fewer prompts
@@ -334,7 +352,7 @@ def stream(
 
         yield from speculative_stream(
             encoded_prompts, stage, max_tokens=max_tokens, speculate=speculate, temperature=temperature, top_p=top_p,
-            chunk_size=chunk_size, eos_id=eos_id, seed=seed, compile=compile,
+            chunk_size=chunk_size, eos_id=eos_id, seed=seed, compile=compile, draft=draft,
         )  # fmt: skip
         return
     fast = dict(compile=compile, cuda_graphs=cuda_graphs)

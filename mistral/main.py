@@ -244,6 +244,7 @@ def generate(
     micro_batches: int | None = None,
     lora: str | None = None,
     speculate: int = 0,
+    draft: str | None = None,
 ) -> None:
     """Complete prompts: [MODEL_DIR] PROMPT [PROMPT ...]. Prints the text as it is generated, then a speed summary on stderr.
 
@@ -279,6 +280,8 @@ def generate(
         speculate: propose up to this many tokens a step by prompt lookup (what followed the last
             words where they occurred before), checked in one forward call; greedy output is the same,
             token for token, and sampled output follows the same distribution. One process only.
+        draft: with --speculate, a model folder of a smaller model with the same tokenizer, whose
+            own tokens are the proposals instead of prompt lookup's.
     """
     folder, prompts = split_model_and_prompts([str(i) for i in inputs])
     if not prompts:
@@ -294,10 +297,15 @@ def generate(
     world_size = check_positive_int(num_pipeline_ranks, "num_pipeline_ranks") * check_positive_int(num_tensor_ranks, "num_tensor_ranks")
     if speculate and world_size > 1:
         raise MistralError("--speculate runs on one process: leave out --num_tensor_ranks and --num_pipeline_ranks")
+    if draft is not None and not speculate:
+        raise MistralError("--draft proposes tokens for speculative decoding: give --speculate K too")
+    if draft is not None and not is_dir(Path(str(draft))):
+        raise MistralError(f"{draft}: draft model folder not found")
     if world_size > 1 and not launch.started_by_a_launcher():
         sys.exit(launch.run_ranks(world_size, sys.argv[1:]))  # this command again, once per rank
     start = time.perf_counter()
     model, tokenizer = load(folder, device, dtype, num_pipeline_ranks, num_tensor_ranks, None if lora is None else str(lora))
+    draft_model = None if draft is None else Transformer.from_folder(str(draft), device=model.device, dtype=model.dtype)
     load_s = time.perf_counter() - start
     completions = [Completion(tokenizer, tokenizer.encode(p, bos=True)) for p in prompts]
     n = model.args.max_batch_size
@@ -325,7 +333,7 @@ def generate(
     timing = Timing(load_s=load_s)
     options = dict(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size, seed=seed, micro_batches=micro_batches,
-        speculate=speculate,
+        speculate=speculate, draft=draft_model,
         stage=Stage(model),  # one for every batch: a later batch of the same shapes runs on the first's caches
     )
     for first in range(0, len(prompts), n):

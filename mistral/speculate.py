@@ -32,6 +32,7 @@ import torch
 from mistral.cache import RotatingBufferCache
 from mistral.errors import MistralError
 from mistral.generation import NON_FINITE, prefill_calls, probabilities, sample_step
+from mistral.model import Transformer
 from mistral.stage import Stage
 
 # The n-grams prompt lookup searches for, longest first.
@@ -63,10 +64,14 @@ def speculative_stream(
     eos_id: Optional[int],
     seed: Optional[int],
     compile: bool,
+    draft: Optional[Transformer] = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`stream` with up to `speculate` proposed tokens per row and step: the same (tokens [B],
     logprobs [B]) per step, each step yielded once every row has its token (a row that has
-    produced eos yields eos, log-probability 0, until the others end)."""
+    produced eos yields eos, log-probability 0, until the others end).
+
+    draft: a smaller model of the same vocabulary whose own tokens are the proposals
+    (`Drafter`); by default prompt lookup (`propose`)."""
     model = stage.model
     B, k = len(encoded_prompts), speculate
     longest = max(len(p) for p in encoded_prompts)
@@ -75,6 +80,7 @@ def speculative_stream(
     stage.begin([cache])
     runner = stage.runner(cache, B, compile=compile, cuda_graphs=False)  # every call is a chunk call
     generator = None if seed is None else torch.Generator(model.device).manual_seed(seed)
+    drafter = None if draft is None else Drafter(draft, encoded_prompts, max_tokens, k, chunk, compile)
 
     history = [list(p) for p in encoded_prompts]  # per row: the prompt and every token yielded or to be
     tokens: list[list[int]] = [[] for _ in range(B)]  # per row: the tokens generated, not yet yielded from `yielded` on
@@ -102,17 +108,24 @@ def speculative_stream(
             if not rows or yielded >= max_tokens:
                 break
             # Each running row's last token (sampled, not fed yet) and its proposals, no more than it may still use.
-            proposals = {b: propose(history[b], min(k, max_tokens - len(tokens[b]) - 1)) for b in rows}
+            budgets = {b: min(k, max_tokens - len(tokens[b]) - 1) for b in rows}
+            if drafter is None:
+                proposals, drafted = {b: propose(history[b], budgets[b]) for b in rows}, None
+            else:
+                proposals, drafted = drafter.propose(history, budgets, temperature, top_p, generator)
             fed = {b: [history[b][-1], *proposals[b]] for b in rows}
             seqlens = [len(fed[b]) if b in fed else 0 for b in range(B)]
             before = list(cache.lengths[:B])
             out = stage.forward(runner, sum((fed[b] for b in rows), []), seqlens, list(range(sum(seqlens))))
             assert out is not None
             _check_finite(torch.isfinite(out).all())
-            chosen = _choose(out, [len(fed[b]) for b in rows], [proposals[b] for b in rows], temperature, top_p, generator)
+            q = None if drafted is None else [drafted[b] for b in rows]
+            chosen = _choose(out, [len(fed[b]) for b in rows], [proposals[b] for b in rows], temperature, top_p, generator, q)
             for b, (new, new_logprobs) in zip(rows, chosen):
                 accepted = len(new) - 1  # proposals kept; the last token is the model's own
                 cache.rewind(b, before[b] + 1 + accepted)  # the fed last token and the kept proposals stay
+                if drafter is not None:
+                    drafter.rewind(b, before[b] + 1 + accepted)
                 _take(b, new, new_logprobs, history, tokens, logprobs, done, eos_id)
     finally:
         stage.keep([cache])  # for the next stream of the same shapes
@@ -120,12 +133,14 @@ def speculative_stream(
 
 def _choose(
     logits: torch.Tensor, counts: list[int], proposals: list[list[int]], temperature: float, top_p: float,
-    generator: Optional[torch.Generator],
+    generator: Optional[torch.Generator], q: Optional[list[torch.Tensor]] = None,
 ) -> list[tuple[list[int], list[float]]]:  # fmt: skip
     """Per row: the kept proposals and the model's next token, with their log-probabilities.
 
     logits: [sum(counts), V], row r's counts[r] positions back to back; position i of a row
     predicts the token after its i-th fed token, so proposal i is checked at position i.
+    q: per row, the distributions [len(proposal), V] its proposals were drawn from (a draft
+    model's); without, each proposal is certain (prompt lookup).
     """
     logprobs = torch.log_softmax(logits, dim=-1)
     if temperature == 0:
@@ -133,14 +148,17 @@ def _choose(
     else:
         probs = probabilities(logits, temperature, top_p)
         probs = probs / probs.sum(dim=-1, keepdim=True)
-        uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
         flat = torch.tensor([t for p in proposals for t in p + [0]], device=logits.device)  # position-aligned (0: no proposal)
-        p_proposed = probs.gather(-1, flat[:, None]).squeeze(-1)
-        keep = (uniform < p_proposed).tolist()
-        # A rejected proposal's replacement: p without it, renormalized; after the last proposal, p itself.
-        residual = probs.scatter(-1, flat[:, None], 0.0)
         has_proposal = torch.tensor([i < len(p) for p in proposals for i in range(len(p) + 1)], device=logits.device)
-        draw_from = torch.where(has_proposal[:, None], residual, probs)
+        if q is None:
+            proposed = torch.zeros_like(probs).scatter_(-1, flat[:, None], 1.0) * has_proposal[:, None]
+        else:
+            proposed = torch.cat([torch.cat([qr.to(probs.dtype), probs.new_zeros(1, probs.shape[-1])]) for qr in q])
+        uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
+        # Keep x with probability min(1, p(x) / q(x)); a rejected one is replaced by a draw from (p - q)+,
+        # normalized; after the last proposal, from p itself.
+        keep = (uniform * proposed.gather(-1, flat[:, None]).squeeze(-1) < probs.gather(-1, flat[:, None]).squeeze(-1)).tolist()
+        draw_from = torch.where(has_proposal[:, None], (probs - proposed).clamp(min=0), probs)
         draw_from = torch.where(draw_from.sum(-1, keepdim=True) > 0, draw_from, probs)  # p was all on the proposal
         replacement = torch.multinomial(draw_from, 1, generator=generator).squeeze(-1).tolist()
     out, start = [], 0
@@ -158,6 +176,60 @@ def _choose(
         out.append((new, [float(logprobs[start + i, t]) for i, t in enumerate(new)]))
         start += count
     return out
+
+
+class Drafter:
+    """Proposals from a draft model: a smaller model of the same vocabulary, run on its own
+    Stage and cache (W + k slots a row too), that drafts each row's next tokens one by one.
+
+    Its cache holds what the target's does, and whatever it drafted since; each round first
+    feeds what it has not seen of the history (the last token, after a fully kept run also
+    its own last draft), then its drafts; `rewind` follows the target's.
+    """
+
+    def __init__(self, draft: Transformer, prompts: list[list[int]], max_tokens: int, k: int, chunk: int, compile: bool):
+        self.stage = Stage(draft)
+        longest = max(len(p) for p in prompts)
+        (self.cache,) = self.stage.caches([len(prompts)], longest, max_tokens, lookahead=k)
+        self.stage.begin([self.cache])
+        self.runner = self.stage.runner(self.cache, len(prompts), compile=compile, cuda_graphs=False)
+        for call in prefill_calls([p[:-1] for p in prompts], chunk):  # all but the last token, which `propose` feeds
+            self.stage.forward(self.runner, call.input_ids, call.seqlens, [])
+
+    def propose(
+        self, history: list[list[int]], budgets: dict[int, int], temperature: float, top_p: float,
+        generator: Optional[torch.Generator],
+    ) -> tuple[dict[int, list[int]], dict[int, torch.Tensor]]:  # fmt: skip
+        """Per row b, up to budgets[b] drafted tokens, and the distributions [n, V] they were drawn from."""
+        B = len(history)
+        drafted: dict[int, list[int]] = {b: [] for b in budgets}
+        q: dict[int, list[torch.Tensor]] = {b: [] for b in budgets}
+        unseen = {b: history[b][self.cache.lengths[b] :] for b, n in budgets.items() if n > 0}
+        while unseen:
+            seqlens = [len(unseen[b]) if b in unseen else 0 for b in range(B)]
+            ends = [sum(seqlens[: b + 1]) - 1 for b in range(B) if b in unseen]
+            logits = self.stage.forward(self.runner, sum((unseen[b] for b in sorted(unseen)), []), seqlens, ends)
+            assert logits is not None
+            if temperature == 0:
+                chosen = logits.argmax(dim=-1)
+                dists = [None] * len(ends)
+            else:
+                probs = probabilities(logits, temperature, top_p)
+                probs = probs / probs.sum(dim=-1, keepdim=True)
+                chosen = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                dists = list(probs)
+            for b, t, dist in zip(sorted(unseen), chosen.tolist(), dists):
+                drafted[b].append(t)
+                if dist is not None:
+                    q[b].append(dist)
+            unseen = {b: [drafted[b][-1]] for b in sorted(unseen) if len(drafted[b]) < budgets[b]}
+        empty = torch.empty(0, self.stage.model.args.vocab_size, device=self.stage.model.device)
+        return drafted, {b: torch.stack(d) if d else empty for b, d in q.items()}
+
+    def rewind(self, row: int, length: int) -> None:
+        """Keep what the target keeps, of what this cache holds."""
+        if self.cache.lengths[row] > length:
+            self.cache.rewind(row, length)
 
 
 def _take(b: int, new: list[int], new_logprobs: list[float], history: list[list[int]], tokens: list[list[int]],

@@ -43,18 +43,22 @@ def cases(draw: st.DrawFn) -> tuple:
 
 
 MODELS = {window: random_model(tiny_args(sliding_window=window, max_batch_size=3), seed=11) for window in (4, 8, None)}
+# Draft models: one layer, other weights; and each model for itself (every proposal kept).
+DRAFTS = {window: random_model(tiny_args(sliding_window=window, max_batch_size=3, n_layers=1), seed=12) for window in (4, 8, None)}
 
 
-@given(case=cases())
-@settings(max_examples=40, deadline=None, report_multiple_bugs=False)
-def test_greedy_speculation_returns_plain_greedy_tokens(case: tuple) -> None:
+@given(case=cases(), proposer=st.sampled_from(["lookup", "draft", "itself"]))
+@settings(max_examples=60, deadline=None, report_multiple_bugs=False)
+def test_greedy_speculation_returns_plain_greedy_tokens(case: tuple, proposer: str) -> None:
     """Windows shorter than the prompts (the buffer wraps many times while proposals are taken
     back), packed rows that keep different numbers of proposals, chunked prefill, max_tokens
-    reached inside a run of kept proposals: every token the same."""
+    reached inside a run of kept proposals, proposals by prompt lookup or a draft model:
+    every token the same."""
     window, prompts, k, chunk, max_tokens = case
     model = MODELS[window]
+    draft = {"lookup": None, "draft": DRAFTS[window], "itself": model}[proposer]
     want, want_logprobs = generate(prompts, model, max_tokens=max_tokens, chunk_size=chunk)
-    got, got_logprobs = generate(prompts, model, max_tokens=max_tokens, chunk_size=chunk, speculate=k)
+    got, got_logprobs = generate(prompts, model, max_tokens=max_tokens, chunk_size=chunk, speculate=k, draft=draft)
     assert got == want
     for g, w in zip(got_logprobs, want_logprobs):
         assert g == pytest.approx(w, abs=1e-4)
@@ -103,6 +107,50 @@ def test_sampled_speculation_draws_from_the_target_distribution() -> None:
         total = counts.sum()
         sd = torch.sqrt(total * want * (1 - want)) + 1e-9
         assert bool(((counts - total * want).abs() <= 5 * sd + 1).all()), (counts / total, want)
+
+
+def test_a_draft_of_the_model_itself_has_every_proposal_kept() -> None:
+    import copy
+
+    model = MODELS[8]
+    draft = copy.deepcopy(model)  # the same weights, and no hook
+    calls = []
+    hook = model.layers["0"].register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        tokens, _ = generate([[1, 5, 6]], model, max_tokens=21, speculate=4, draft=draft)
+    finally:
+        hook.remove()
+    assert calls == [3, 5, 5, 5, 5]  # the prefill, then 4 calls of the last token and 4 kept proposals: 1 + 4 * 5 tokens
+    assert tokens == generate([[1, 5, 6]], model, max_tokens=21)[0]
+
+
+def test_sampled_speculation_with_a_draft_draws_from_the_target_distribution() -> None:
+    """min(1, p/q) and the residual (p - q)+: given proposals drawn from q, the first token follows p."""
+    torch.manual_seed(4)
+    V, n = 5, 20000
+    logits, draft_logits = torch.randn(2, V) * 1.5, torch.randn(V) * 1.5
+    temperature, top_p = 1.0, 1.0
+    p = probabilities(logits, temperature, top_p)
+    p = p / p.sum(-1, keepdim=True)
+    q = torch.softmax(draft_logits, -1)
+    generator = torch.Generator().manual_seed(5)
+    first = torch.zeros(V)
+    for _ in range(n):
+        x = int(torch.multinomial(q, 1, generator=generator))
+        ((new, _),) = _choose(logits, [2], [[x]], temperature, top_p, generator, [q[None]])
+        first[new[0]] += 1
+    sd = torch.sqrt(n * p[0] * (1 - p[0]))
+    assert bool(((first - n * p[0]).abs() <= 5 * sd + 1).all()), (first / n, p[0])
+
+
+def test_a_bad_draft_is_named() -> None:
+    model = MODELS[8]
+    with pytest.raises(MistralError, match="give speculate=K"):
+        generate([[1, 2]], model, max_tokens=2, draft=DRAFTS[8])
+    with pytest.raises(MistralError, match="the draft model's vocabulary \\(50 tokens\\) is not the model's \\(97\\)"):
+        generate([[1, 2]], model, max_tokens=2, speculate=2, draft=random_model(tiny_args(vocab_size=50)))
+    with pytest.raises(MistralError, match="model must be a mistral Transformer"):
+        generate([[1, 2]], model, max_tokens=2, speculate=2, draft="small")  # type: ignore[arg-type]
 
 
 def test_sampled_speculation_runs_and_is_seeded() -> None:
