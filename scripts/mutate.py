@@ -232,7 +232,8 @@ MUTATIONS = [
     Mutation("quantize-skips-the-tokenizer", "quantize.py", r"check_vocabulary\(src, load_tokenizer\(src\), args\.vocab_size\)", "pass",
              "test_quantize.py -k working_tokenizer", "quantize copies a broken tokenizer and reports success"),
     # --- speculative decoding ------------------------------------------------------------
-    Mutation("speculation-without-lookahead-slots", "speculate.py", r"lookahead=k\)", "lookahead=0)",
+    Mutation("speculation-without-lookahead-slots", "speculate.py", r"stage\.caches\(\[B\], longest, max_tokens, lookahead=k\)",
+             "stage.caches([B], longest, max_tokens, lookahead=0)",
              "test_speculate.py -k greedy_speculation", "proposals written ahead overwrite positions still in the window"),
     Mutation("speculation-keeps-one-proposal-too-many", "speculate.py", r"cache\.rewind\(b, before\[b\] \+ 1 \+ accepted\)",
              "cache.rewind(b, before[b] + 2 + accepted) if before[b] + 2 + accepted <= cache.lengths[b] else None",
