@@ -19,7 +19,7 @@ from fire import decorators, parser
 
 from mistral import launch, parallel
 from mistral.cache import RotatingBufferCache
-from mistral.checkpoint import DEFAULT_MODEL
+from mistral.checkpoint import DEFAULT_MODEL, read_args
 from mistral.errors import MistralError, check_positive_int, is_int
 from mistral.generation import check_options, stream
 from mistral.options import HELP, check_arguments
@@ -44,25 +44,13 @@ def load(
     if not is_dir(folder):
         raise MistralError(f"{folder}: model folder not found")
     tokenizer = load_tokenizer(folder)  # before the weights: a folder without one fails at once
+    device = check_device(device)
     rank = 0
     if num_pipeline_ranks != 1 or num_tensor_ranks != 1:
-        # One process per rank, started by torchrun: each reads and runs its own part only.
-        layout, local = parallel.init(num_pipeline_ranks, num_tensor_ranks, device)
+        # One process per rank (started by mistral's launcher or torchrun): each reads and runs its own part only.
+        layout, local = parallel.init(num_pipeline_ranks, num_tensor_ranks, None if device is None else device.split(":")[0])
         rank, device = layout.world_rank, str(local)
-    if device is None:  # not `device or ...`: fire hands "--device 0" over as the int 0
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if is_int(device) and 0 <= device < 2**31:
-        device = f"cuda:{device}"  # what torch.device(0) means, said without asking for a GPU
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):  # and "--device 1e999" as a float, 2**63 as too large an int
-        raise MistralError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
-    # meta holds no values; mps, xpu: not run here; torch keeps an index in 8 bits (cuda:200 reads cuda:-56)
-    if parsed.type not in ("cpu", "cuda") or not 0 <= (parsed.index or 0) < 128:
-        raise MistralError(f"device must be cpu, cuda or cuda:N, got {device!r}")
-    device = str(parsed)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MistralError(f"device {device!r}: no CUDA GPU is available")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     if dtype not in DTYPES:
         raise MistralError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -74,6 +62,35 @@ def load(
     if rank > 0:
         parallel.silence()  # rank 0 prints the results
     return model, tokenizer
+
+
+def check_device(device: Any) -> Optional[str]:
+    """--device as torch names it (None: not given), if it is one the model runs on here."""
+    if device is None:  # not `device or ...`: fire hands "--device 0" over as the int 0
+        return None
+    if is_int(device) and 0 <= device < 2**31:
+        device = f"cuda:{device}"  # what torch.device(0) means, said without asking for a GPU
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):  # and "--device 1e999" as a float, 2**63 as too large an int
+        raise MistralError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
+    # meta holds no values; mps, xpu: not run here; torch keeps an index in 8 bits (cuda:200 reads cuda:-56)
+    if parsed.type not in ("cpu", "cuda") or not 0 <= (parsed.index or 0) < 128:
+        raise MistralError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise MistralError(f"device {str(parsed)!r}: no CUDA GPU is available")
+    return str(parsed)
+
+
+def check_layout(folder: Path, num_pipeline_ranks: int, num_tensor_ranks: int, micro_batches: Optional[int]) -> None:
+    """A layout that the folder's model divides, checked before any rank starts."""
+    if not is_dir(folder):
+        raise MistralError(f"{folder}: model folder not found")
+    args = read_args(folder)
+    parallel.check_tensor_split(num_tensor_ranks, args.n_heads, args.n_kv_heads, args.hidden_dim)
+    parallel.Layout(0, num_pipeline_ranks).layers(args.n_layers)  # at least one layer a stage
+    if micro_batches is not None:
+        check_positive_int(micro_batches, "micro_batches")
 
 
 class LoadProgress:
@@ -302,6 +319,8 @@ def generate(
     if draft is not None and not is_dir(Path(str(draft))):
         raise MistralError(f"{draft}: draft model folder not found")
     if world_size > 1 and not launch.started_by_a_launcher():
+        check_device(device)
+        check_layout(folder, num_pipeline_ranks, num_tensor_ranks, micro_batches)
         sys.exit(launch.run_ranks(world_size, sys.argv[1:]))  # this command again, once per rank
     start = time.perf_counter()
     model, tokenizer = load(folder, device, dtype, num_pipeline_ranks, num_tensor_ranks, None if lora is None else str(lora))
@@ -442,13 +461,13 @@ MAX_LINE = 1 << 20
 
 
 def read_line(number: int) -> Optional[str]:
-    """Line `number` of the input after a "> " prompt, without its newline; None at the end of input."""
+    """Line `number` of the input, without its newline (after a "> " prompt on a terminal; piped
+    input gets none, so the output is the answers alone); None at the end of input."""
     if sys.stdin is None:  # started with stdin closed (<&-)
         return None
     try:
         if sys.stdin.isatty():  # input() edits the line (arrows, history) on a terminal
             return input("> ")
-        write("> ")
         line = sys.stdin.readline(MAX_LINE + 1)
     except EOFError:
         return None
@@ -537,7 +556,7 @@ def convert(hf_dir: str, out_dir: str) -> None:
 
 
 @text_arguments
-def quantize(model_dir: str, out_dir: str, method: str = "int8") -> None:
+def quantize(model_dir: str, out_dir: str, *, method: str = "int8") -> None:
     """Quantize a model folder's weights into a new folder, which generate and chat run unchanged.
 
     Args:
@@ -606,6 +625,8 @@ def main() -> None:
     # SIGTERM ends the command as Ctrl-C does, through every `finally` on the way: a
     # folder being written (quantize, convert) takes its temporary files with it.
     previous = signal.signal(signal.SIGTERM, _terminate)
+    if sys.stderr is None:  # started with stderr closed (2>&-): print(file=None) would write to stdout
+        sys.stderr = open(os.devnull, "w")
     try:
         if sys.stdout is None:  # started with stdout closed (>&-)
             raise MistralError("stdout is closed: give the output somewhere to go (a file, a pipe)")

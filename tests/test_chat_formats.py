@@ -48,7 +48,7 @@ def test_generate_and_chat_run(folder: Path, monkeypatch: pytest.MonkeyPatch, ca
     assert out.startswith("Grüße 🙂")
     out = run_main(monkeypatch, capsys, "chat", str(folder), "--max_tokens", "4", "--device", "cpu", "--system", SYSTEM,
                    stdin="Hello there\n[INST] And then? 🙂\n")
-    assert out.count("> ") == 3  # two turns, then end of input
+    assert out.count("\n") == 2  # two turns, an answer a line
 
 
 def test_chat_turns_are_the_official_format_and_the_cache_is_right(folder: Path) -> None:
