@@ -577,13 +577,13 @@ COMMANDS = {"generate": generate, "chat": chat, "convert": convert, "quantize": 
 def run(args: list[str]) -> None:
     """Check the whole command line, then let fire call the command (or show its help)."""
     if not args or args[0] in HELP:
-        fire.Fire(COMMANDS, command=args, name="mistral")
+        write(command_help(None) + "\n")
         return
     name, rest = args[0], args[1:]
     # --help anywhere before "--" shows the command's help, and runs nothing: fire would run
     # the command with the arguments before it and show help on what it returned.
     if name in COMMANDS and any(a in HELP for a in rest[: rest.index("--") if "--" in rest else None]):
-        fire.Fire(COMMANDS, command=[name, "--help"], name="mistral")
+        write(command_help(name) + "\n")
         return
     if name not in COMMANDS:
         raise MistralError(f"{name!r}: no such command: mistral {{{', '.join(COMMANDS)}}} ..., or mistral --help")
@@ -595,6 +595,19 @@ def run(args: list[str]) -> None:
     if prompts:
         command = with_inputs(command, prompts)
     fire.Fire({name: command}, command=[name, *fire_args], name="mistral")
+
+
+def command_help(name: Optional[str]) -> str:
+    """fire's help page of `mistral NAME` (of `mistral`, for None), without the line fire puts
+    before it ("INFO: Showing help with the command 'mistral NAME -- --help'", a command that
+    would run NAME on "--help")."""
+    from fire import helptext, trace
+
+    path = trace.FireTrace(COMMANDS, name="mistral")
+    if name is None:
+        return helptext.HelpText(COMMANDS, path)
+    path.AddAccessedProperty(COMMANDS[name], name, [name], None, None)
+    return helptext.HelpText(COMMANDS[name], path)
 
 
 def with_inputs(command: Callable, extra: list[str]) -> Callable:
