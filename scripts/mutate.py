@@ -212,7 +212,7 @@ MUTATIONS = [
              "COMPILE_SAVES_S_PER_LAYER_STEP < COMPILE_COSTS_S", "test_decode.py -k pays", "a one-shot run compiles, a long one does not"),
     # --- the command line, its launcher and a run's state --------------------------------
     Mutation("launcher-repeats-lines", "launch.py", r"if line\.rstrip\(\"\\n\"\) not in seen:", "if True:",
-             "test_parallel.py -k every_rank", "each rank's copy of one error line is printed"),
+             "test_parallel.py -k error_of_every_rank", "each rank's copy of one error line is printed"),
     Mutation("launcher-names-no-stopped-rank", "launch.py", r"killed\.append\(r\)", "pass",
              "test_parallel.py -k 'stops_answering and mistral'", "the rank killed for not ending is not named"),
     Mutation("ranks-outlive-a-killed-launcher", "launch.py", r"\.prctl\(PR_SET_PDEATHSIG, signal\.SIGKILL\)", ".getpid()",

@@ -320,14 +320,23 @@ def test_gpu_script_runs_on_cpu(tmp_path: Path) -> None:
 
 
 def test_an_error_of_every_rank_is_one_line(tmp_path: Path) -> None:
-    """mistral's launcher: each of 3 ranks refuses the layout alike; the user reads it once, and nothing of a launcher's."""
+    """mistral's launcher: both ranks refuse the folder's broken tokenizer alike; the user reads
+    it once, and nothing of a launcher's. A layout the model does not divide is refused before
+    any rank starts."""
     from make_tiny_model import make_tiny_model
 
     folder = make_tiny_model(str(tmp_path / "model"))
-    command = launched("mistral", "generate", str(folder), "hi", "--num_tensor_ranks", "3", "--device", "cpu")
-    done = subprocess.run(command, capture_output=True, text=True, timeout=150, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(launched("mistral", "generate", str(folder), "hi", "--num_tensor_ranks", "3", "--device", "cpu"),
+                          capture_output=True, text=True, timeout=150, env=env)  # fmt: skip
     assert (done.returncode, done.stdout) == (2, ""), done.stderr
     assert done.stderr.strip().splitlines() == ["error: num_tensor_ranks=3 does not divide the model's n_kv_heads=2"], done.stderr
+    (folder / "tokenizer.model").write_bytes(b"not a tokenizer")
+    done = subprocess.run(launched("mistral", "generate", str(folder), "hi", "--num_tensor_ranks", "2", "--device", "cpu"),
+                          capture_output=True, text=True, timeout=150, env=env)  # fmt: skip
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "tokenizer.model: not a sentencepiece model" in lines[0], done.stderr
 
 
 @pytest.mark.parametrize("signum", ["SIGINT", "SIGKILL"])
