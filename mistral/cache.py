@@ -22,6 +22,7 @@ brings seqlens = [2, 3] new tokens (a prefill chunk):
 never decide which mask applies.
 """
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -219,6 +220,34 @@ def cache_inputs(seqlens: Sequence[int], cached: Sequence[int], size: int, slidi
         mask=chunk_mask(active, kv_seqlens, sliding_window, device), n_keys=key,
         read_from=slots(tensor(read_row), tensor(read_pos), size), read_to=tensor(read_to), new_to=tensor(new_to), **writes,
     )  # fmt: skip
+
+
+@dataclass
+class PrefillCall:
+    """One forward call of a chunked prefill: chunk c of every prompt, packed back to back."""
+
+    input_ids: list[int]
+    seqlens: list[int]  # per prompt; 0 once a prompt has ended
+    ends: dict[int, int]  # prompt b -> row of its last token among this call's tokens, if it ends here
+
+
+def prefill_calls(prompts: Sequence[Sequence[int]], chunk: int) -> list[PrefillCall]:
+    """The calls that read `prompts` into a cache, `chunk` tokens of each per call.
+
+    Prompts of different lengths share every call until they end, so a short prompt's
+    last logits come from an early call.
+    """
+    calls = []
+    for start in range(0, max(len(p) for p in prompts), chunk):
+        pieces = [list(p[start : start + chunk]) for p in prompts]
+        seqlens = [len(piece) for piece in pieces]
+        ends, row = {}, -1
+        for b, (prompt, n) in enumerate(zip(prompts, seqlens)):
+            row += n
+            if n and start + n == len(prompt):
+                ends[b] = row
+        calls.append(PrefillCall(sum(pieces, []), seqlens, ends))
+    return calls
 
 
 class CacheView:

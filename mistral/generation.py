@@ -7,55 +7,18 @@ order, so the messages between ranks pair up, and the sampler's tokens reach all
 """
 
 import math
-from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional
 
 import torch
 
-from mistral.cache import RotatingBufferCache
+from mistral.cache import RotatingBufferCache, prefill_calls
 from mistral.decode import Runner, compile_pays, fast_path_applies
 from mistral.errors import MistralError, check_positive_int, is_int, is_number
 from mistral.model import Transformer
 from mistral.parallel import split
+from mistral.sampling import NON_FINITE, sample_step
+from mistral.speculate import speculative_stream
 from mistral.stage import Stage
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """logits: [B, V] -> tokens [B]. Greedy at temperature 0, else temperature + nucleus (top-p)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    return torch.multinomial(probabilities(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
-
-
-def probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """logits: [..., V] -> what `sample` draws from at temperature > 0: [..., V], unnormalized under top_p < 1."""
-    # Subtracting the max first keeps a tiny temperature from turning logits into inf - inf.
-    probs = torch.softmax((logits - logits.max(dim=-1, keepdim=True).values) / temperature, dim=-1)
-    if top_p < 1:
-        # Keep the most likely tokens until their mass reaches top_p; the first always stays.
-        ordered, order = probs.sort(dim=-1, descending=True)
-        ordered[ordered.cumsum(dim=-1) - ordered > top_p] = 0
-        probs = torch.zeros_like(probs).scatter_(-1, order, ordered)
-    return probs
-
-
-def sample_step(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits: [B, V] -> (tokens [B] as `sample` draws them, their log-probabilities [B],
-    whether the logits are all finite: a device flag, for the caller to read a step later).
-
-    NaN or inf would decode as garbage (greedy) or fail inside torch.multinomial: sampling
-    reads the flag here, greedy decoding leaves it to the caller.
-    """
-    finite = torch.isfinite(logits).all()
-    if temperature > 0 and not bool(finite):
-        raise MistralError(NON_FINITE)
-    tokens = sample(logits, temperature, top_p, generator)
-    return tokens, torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1), finite
-
-
-NON_FINITE = "the model's logits are not finite (NaN or inf): are its weights or params.json corrupt?"
 
 
 def check_options(
@@ -127,34 +90,6 @@ def check_model(model: Any) -> None:
         raise MistralError(f"model must be a mistral Transformer, got {type(model).__name__}")
     if model.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise MistralError(f"the model's weights are {model.dtype}: run it in float32, bfloat16 or float16 (model.to(dtype))")
-
-
-@dataclass
-class PrefillCall:
-    """One forward call of a chunked prefill: chunk c of every prompt, packed back to back."""
-
-    input_ids: list[int]
-    seqlens: list[int]  # per prompt; 0 once a prompt has ended
-    ends: dict[int, int]  # prompt b -> row of its last token among this call's tokens, if it ends here
-
-
-def prefill_calls(prompts: Sequence[Sequence[int]], chunk: int) -> list[PrefillCall]:
-    """The calls that read `prompts` into a cache, `chunk` tokens of each per call.
-
-    Prompts of different lengths share every call until they end, so a short prompt's
-    last logits come from an early call.
-    """
-    calls = []
-    for start in range(0, max(len(p) for p in prompts), chunk):
-        pieces = [list(p[start : start + chunk]) for p in prompts]
-        seqlens = [len(piece) for piece in pieces]
-        ends, row = {}, -1
-        for b, (prompt, n) in enumerate(zip(prompts, seqlens)):
-            row += n
-            if n and start + n == len(prompt):
-                ends[b] = row
-        calls.append(PrefillCall(sum(pieces, []), seqlens, ends))
-    return calls
 
 
 class MicroBatch:
@@ -348,8 +283,6 @@ def stream(
     if compile is None:  # the saving was measured on a GPU; on the CPU compiling only costs
         compile = fast_path_applies(model) and compile_pays(max_tokens, model.args.n_layers)
     if speculate:
-        from mistral.speculate import speculative_stream  # which imports this module
-
         yield from speculative_stream(
             encoded_prompts, stage, max_tokens=max_tokens, speculate=speculate, temperature=temperature, top_p=top_p,
             chunk_size=chunk_size, eos_id=eos_id, seed=seed, compile=compile, draft=draft,

@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from mistral.args import ModelArgs, MoeArgs, read_json
 from mistral.checkpoint import check_writable, write_folder
 from mistral.errors import MistralError, is_int, is_number
-from mistral.loading import checkpoint_shapes
+from mistral.model import checkpoint_shapes
 from mistral.tokenizer import TOKENIZER_FILES
 
 CONFIG = "config.json"

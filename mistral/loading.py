@@ -3,12 +3,12 @@
 Every way builds the model in place first (`empty`: its memory allocated on the device,
 nothing written), then writes each checkpoint tensor, or a tensor-parallel rank's slice of
 it, straight into its view (`checkpoint_slices`). `Transformer.from_folder`, `.random`
-and `.save` call these.
+and `.save` call these, handing in the class.
 """
 
 import zlib
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, TypeVar, Union
 
 import torch
 from torch import nn
@@ -20,8 +20,11 @@ from mistral.checkpoint import Progress, check_dimensions, load_into, read_args,
 from mistral.errors import MistralError
 from mistral.linear import quantize_int8
 from mistral.lora import merge_lora
-from mistral.model import Transformer
 from mistral.parallel import Layout, check_tensor_split
+
+# The model class (model.Transformer), handed in by its methods: this module builds and fills
+# it, and imports nothing of the math above it.
+Model = TypeVar("Model", bound=nn.Module)
 
 # Tensor parallelism's split of each checkpoint tensor, by its name's last part
 # (Megatron-LM): wq, wk, wv, w1, w3 by output rows (whole heads, hidden units); wo, w2
@@ -39,13 +42,7 @@ def tensor_split_dim(name: str) -> Optional[int]:
     return None if kind == "scales" and dim != 0 else dim
 
 
-def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """The name and shape of every tensor of params.json's model in its checkpoint (one process's, whole)."""
-    with torch.device("meta"):  # shapes only (its first use imports torch._dynamo: for convert and quantize)
-        return {name: tuple(t.shape) for name, t in Transformer(args).state_dict().items()}
-
-
-def checkpoint_slices(model: Transformer) -> dict[str, tuple[torch.Tensor, Optional[int]]]:
+def checkpoint_slices(model: Any) -> dict[str, tuple[torch.Tensor, Optional[int]]]:
     """Per checkpoint tensor: the view of this rank's part of it, and the dimension it is split along (or None)."""
     ranks = model.layout.num_tensor_ranks
     return {
@@ -84,19 +81,20 @@ class _Uninitialized(TorchFunctionMode):
 
 
 def empty(
+    cls: type[Model],
     args: ModelArgs,
     device: Union[str, torch.device],
     dtype: torch.dtype,
     attention_backend: Backend,
     ranks: tuple[int, int, Optional[int], Optional[int]],
-) -> Transformer:
+) -> Model:
     """This process's part of the model, its memory allocated on the device but not written."""
     P, T, pipeline_rank, tensor_rank = ranks
     check_tensor_split(T, args.n_heads, args.n_kv_heads, args.hidden_dim)  # before anything is loaded
     layout = Layout.of(P, T, pipeline_rank, tensor_rank)
     try:
         with _Uninitialized(torch.device(device), dtype):  # the weights are written straight into place
-            model = Transformer(args, layout=layout, attention_backend=attention_backend)
+            model = cls(args, layout=layout, attention_backend=attention_backend)
     except MistralError:
         raise
     except (RuntimeError, OverflowError, TypeError, ValueError) as e:  # out of memory, or sizes past int64
@@ -105,6 +103,7 @@ def empty(
 
 
 def from_folder(
+    cls: type[Model],
     folder: Union[str, Path],
     *,
     device: Union[str, torch.device] = "cpu",
@@ -116,7 +115,7 @@ def from_folder(
     pipeline_rank: Optional[int] = None,
     tensor_rank: Optional[int] = None,
     lora_path: Optional[Union[str, Path]] = None,
-) -> Transformer:
+) -> Model:
     """Load params.json and consolidated.safetensors (or consolidated.00.pth) from a folder.
 
     progress: called after each tensor is read (a CLI shows it while a large checkpoint loads).
@@ -127,7 +126,7 @@ def from_folder(
     """
     args = read_args(folder)
     check_dimensions(folder, args)
-    model = empty(args, device, dtype, attention_backend, (num_pipeline_ranks, num_tensor_ranks, pipeline_rank, tensor_rank))
+    model = empty(cls, args, device, dtype, attention_backend, (num_pipeline_ranks, num_tensor_ranks, pipeline_rank, tensor_rank))
     layout = model.layout
     load_into(folder, checkpoint_slices(model), layout.tensor_rank, layout.num_tensor_ranks, progress=progress,
               allow_extra=layout.world_size > 1)  # fmt: skip
@@ -139,6 +138,7 @@ def from_folder(
 
 
 def random(
+    cls: type[Model],
     args: ModelArgs,
     *,
     seed: int = 0,
@@ -149,14 +149,14 @@ def random(
     num_tensor_ranks: int = 1,
     pipeline_rank: Optional[int] = None,
     tensor_rank: Optional[int] = None,
-) -> Transformer:
+) -> Model:
     """Random weights (normal, std dim^-0.5) made directly on the device: benchmarks need no files.
 
     Each checkpoint tensor is drawn whole from a generator seeded by (seed, its name),
     then this rank's slice kept, so every parallel rank holds exactly its part of the
     model that one process would hold on the same device.
     """
-    model = empty(args, device, dtype, attention_backend, (num_pipeline_ranks, num_tensor_ranks, pipeline_rank, tensor_rank))
+    model = empty(cls, args, device, dtype, attention_backend, (num_pipeline_ranks, num_tensor_ranks, pipeline_rank, tensor_rank))
     layout, ranks = model.layout, model.layout.num_tensor_ranks
     slices = checkpoint_slices(model)
     with torch.no_grad():
@@ -179,7 +179,7 @@ def random(
     return model
 
 
-def save(model: Transformer, folder: Union[str, Path]) -> None:
+def save(model: Any, folder: Union[str, Path]) -> None:
     """Write params.json and consolidated.safetensors, the layout from_folder reads."""
     if model.layout.world_size > 1:
         raise MistralError(f"rank {model.layout.world_rank} holds only part of the model: save it from one process")

@@ -260,8 +260,8 @@ class Transformer(nn.Module):
         )
 
     # Making a model from a folder, from random numbers, and writing it: mistral/loading.py,
-    # which imports this module (so each method imports it where it is called), and this
-    # module none of the file formats.
+    # imported where it is called (the file formats it reads are none of the math's business),
+    # which builds the class it is handed.
 
     @classmethod
     def from_folder(
@@ -275,7 +275,7 @@ class Transformer(nn.Module):
         from mistral.loading import from_folder
 
         return from_folder(
-            folder, device=device, dtype=dtype, attention_backend=attention_backend, progress=progress,
+            cls, folder, device=device, dtype=dtype, attention_backend=attention_backend, progress=progress,
             num_pipeline_ranks=num_pipeline_ranks, num_tensor_ranks=num_tensor_ranks, pipeline_rank=pipeline_rank,
             tensor_rank=tensor_rank, lora_path=lora_path,
         )  # fmt: skip
@@ -290,7 +290,7 @@ class Transformer(nn.Module):
         from mistral.loading import random
 
         return random(
-            args, seed=seed, device=device, dtype=dtype, attention_backend=attention_backend,
+            cls, args, seed=seed, device=device, dtype=dtype, attention_backend=attention_backend,
             num_pipeline_ranks=num_pipeline_ranks, num_tensor_ranks=num_tensor_ranks, pipeline_rank=pipeline_rank,
             tensor_rank=tensor_rank,
         )  # fmt: skip
@@ -300,3 +300,9 @@ class Transformer(nn.Module):
         from mistral.loading import save
 
         save(self, folder)
+
+
+def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor of params.json's model in its checkpoint (one process's, whole)."""
+    with torch.device("meta"):  # shapes only (its first use imports torch._dynamo: for convert and quantize)
+        return {name: tuple(t.shape) for name, t in Transformer(args).state_dict().items()}

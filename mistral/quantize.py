@@ -22,7 +22,7 @@ from mistral.args import QUANTIZATION_METHODS, QuantArgs
 from mistral.checkpoint import PARAMS, Progress, check_writable, read_args, weights_path, write_folder
 from mistral.errors import MistralError
 from mistral.linear import quantize_int8
-from mistral.loading import checkpoint_shapes
+from mistral.model import checkpoint_shapes
 from mistral.tokenizer import check_vocabulary, load_tokenizer
 
 QUANTIZED = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")

@@ -29,9 +29,9 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from mistral.cache import RotatingBufferCache
+from mistral.cache import RotatingBufferCache, prefill_calls
 from mistral.errors import MistralError
-from mistral.generation import NON_FINITE, prefill_calls, probabilities, sample_step
+from mistral.sampling import NON_FINITE, probabilities, sample_step
 from mistral.model import Transformer
 from mistral.stage import Stage
 

@@ -262,7 +262,7 @@ def test_help_after_other_arguments_shows_help_and_runs_nothing(cli: Any, args: 
     assert err == "", err  # no model ran, and no "INFO: Showing help with the command ..." line
 
 
-@pytest.mark.parametrize("after_s", [0.2, 0.6, 1.0])
+@pytest.mark.parametrize("after_s", [0.4, 0.8, 1.2])  # once Python runs our code (its own start-up takes up to 0.2 s on a busy machine)
 def test_ctrl_c_during_start_up_is_quiet(after_s: float) -> None:
     """SIGINT while the package and torch import (the first second or two of a run): no traceback."""
     import signal

@@ -10,7 +10,8 @@ import torch
 
 from helpers import DEVICE, DTYPE, RTOL, random_model, rel_error, tiny_args
 from mistral import MistralError, Transformer
-from mistral.generation import MicroBatch, generate, sample, stream
+from mistral.generation import MicroBatch, generate, stream
+from mistral.sampling import sample
 from mistral.stage import Stage
 
 W = 8  # tiny_args' sliding window

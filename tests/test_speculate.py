@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mistral import MistralError, generate
-from mistral.generation import probabilities
+from mistral.sampling import probabilities
 from mistral.speculate import _choose, propose
 
 
