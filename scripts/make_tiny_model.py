@@ -19,6 +19,7 @@ import torch
 from mistral import ModelArgs, MoeArgs, Transformer
 from mistral.checkpoint import TOKENIZER
 
+EOS_ID = 2  # Mistral's: unk 0, bos 1, eos 2
 STDLIB_MODULES = ("json", "pathlib", "collections", "itertools", "functools", "argparse", "textwrap", "string", "re", "os")
 
 
@@ -41,7 +42,7 @@ def train_tokenizer(path: Path, vocab_size: int, text: Optional[str] = None, **o
         byte_fallback=True,
         unk_id=0,
         bos_id=1,
-        eos_id=2,
+        eos_id=EOS_ID,
         pad_id=-1,
         minloglevel=2,
         **options,
@@ -58,8 +59,16 @@ def make_tiny_model(
     dim: int = 64,
     n_layers: int = 2,
     seed: int = 0,
+    never_eos: bool = False,
 ) -> Path:
-    """A random model small enough for a CPU test, with its tokenizer."""
+    """A random model small enough for a CPU test, with its tokenizer.
+
+    never_eos: greedy decoding never ends on eos, for tests that need a run to go on: eos's
+    row of the output layer is zero (logit 0) and two other rows are opposite, so one of
+    their logits is above 0 whatever the hidden state. (Left to chance, a random model's
+    greedy text ended on eos after 10 tokens on one machine and ran past 3000 on another:
+    near-ties fall with the CPU's rounding.)
+    """
     out = Path(folder)
     args = ModelArgs(
         dim=dim,
@@ -78,6 +87,11 @@ def make_tiny_model(
     model = Transformer(args)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=dim**-0.5)
+    if never_eos:
+        with torch.no_grad():
+            weight = model.output.weight
+            weight[EOS_ID] = 0
+            weight[EOS_ID + 2] = -weight[EOS_ID + 1]
     model.save(out)
     train_tokenizer(out / TOKENIZER, vocab_size)
     return out

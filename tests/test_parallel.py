@@ -349,7 +349,7 @@ def test_ctrl_c_or_a_kill_ends_every_rank_of_mistrals_launcher(tmp_path: Path, s
 
     from make_tiny_model import make_tiny_model
 
-    folder = make_tiny_model(str(tmp_path / "model"), n_layers=2, seed=2)  # generates on and on
+    folder = make_tiny_model(str(tmp_path / "model"), n_layers=2, seed=2, never_eos=True)  # generates on and on
     command = launched("mistral", "generate", str(folder), "hello", "--num_tensor_ranks", "2", "--max_tokens", "1000000", "--device", "cpu")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -378,6 +378,18 @@ def test_ctrl_c_or_a_kill_ends_every_rank_of_mistrals_launcher(tmp_path: Path, s
     assert process.returncode == (130 if signum == "SIGINT" else -signal.SIGKILL) and b"Traceback" not in err, err.decode()
 
 
+def test_a_never_eos_model_decodes_on(tmp_path: Path) -> None:
+    """The long-running tests below need a model whose greedy text never ends: eos's logit is 0,
+    and some token's is above it whatever the input."""
+    from make_tiny_model import EOS_ID, make_tiny_model
+
+    model = Transformer.from_folder(make_tiny_model(str(tmp_path / "model"), n_layers=2, seed=2, never_eos=True))
+    logits = model(torch.randint(0, 512, (300,)), [100, 200])
+    assert (logits[:, EOS_ID] == 0).all() and (logits.max(dim=-1).values > 0).all()
+    tokens, _ = generate([[1, 5, 9], [1, 300]], model, max_tokens=400, eos_id=EOS_ID)
+    assert [len(t) for t in tokens] == [400, 400]
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "mistral"])
 def test_a_rank_that_stops_answering_ends_the_others_with_one_line(tmp_path: Path, launcher: str) -> None:
     """SIGSTOP one of two tensor-parallel ranks mid-generation: the other gives up after
@@ -389,7 +401,7 @@ def test_a_rank_that_stops_answering_ends_the_others_with_one_line(tmp_path: Pat
 
     from make_tiny_model import make_tiny_model
 
-    folder = make_tiny_model(str(tmp_path / "model"), n_layers=2, seed=2)  # its greedy text runs past 3000 tokens, no eos
+    folder = make_tiny_model(str(tmp_path / "model"), n_layers=2, seed=2, never_eos=True)
     command = launched(launcher, "generate", str(folder), "hello", "--num_tensor_ranks", "2", "--max_tokens", "1000000", "--device", "cpu")
     # 20 s, not less: on a busy 2-core machine one rank's start-up (imports, loading) can lead the other's by 10 s
     env = dict(os.environ, OMP_NUM_THREADS="1", MISTRAL_TIMEOUT_S="20", PYTHONUNBUFFERED="1")
