@@ -352,9 +352,13 @@ class RotatingBufferCache:
             self.lengths[b] += s
             self.written[b] = max(self.written[b], self.lengths[b])
 
-    def reset(self) -> None:
-        self.lengths = [0] * self.max_batch_size
-        self.written = [0] * self.max_batch_size  # per row: tokens ever written since the reset, rewound or not
+    def reset(self, row: Optional[int] = None) -> None:
+        """Empty every row, or one (a new sequence starts there): its next token is position 0."""
+        if row is None:
+            self.lengths = [0] * self.max_batch_size
+            self.written = [0] * self.max_batch_size  # per row: tokens ever written since the reset, rewound or not
+        else:
+            self.lengths[row] = self.written[row] = 0
 
     def rewind(self, row: int, length: int) -> None:
         """Keep the first `length` tokens of a row only, so that its sequence goes on otherwise from there.

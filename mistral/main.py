@@ -20,13 +20,14 @@ from fire import decorators, parser
 from mistral import launch, parallel
 from mistral.cache import RotatingBufferCache
 from mistral.checkpoint import DEFAULT_MODEL, read_args
-from mistral.errors import MistralError, check_positive_int, is_int
+from mistral.errors import MistralError, check_positive_int, is_int, is_number
 from mistral.generation import check_options, stream
 from mistral.options import HELP, check_arguments
 from mistral.hf import convert as convert_hf
 from mistral.model import Transformer
 from mistral.quantize import quantize_folder
 from mistral.stage import Stage
+from mistral.text import Completion
 from mistral.tokenizer import TOKENIZER_FILES, ChatTokenizer, Message, check_text, check_vocabulary, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -130,34 +131,6 @@ def split_model_and_prompts(inputs: Sequence[str]) -> tuple[Path, list[str]]:
         if is_dir(Path(first)) or (any(s in first for s in separators) and not any(c.isspace() for c in first)):
             return Path(first), list(inputs[1:])
     return DEFAULT_MODEL, list(inputs)
-
-
-class Completion:
-    """One prompt's completion, growing token by token.
-
-    Its text is decode(prompt + completion) minus the prompt's text: decoding the new
-    tokens alone would lose the space sentencepiece folds into a word's first piece.
-    """
-
-    def __init__(self, tokenizer: ChatTokenizer, prompt_tokens: list[int]):
-        self.tokenizer, self.prompt_tokens = tokenizer, list(prompt_tokens)  # a copy: a chat's history grows
-        self.prompt_text = tokenizer.decode(prompt_tokens)
-        self.tokens: list[int] = []
-        self.logprobs: list[float] = []
-        self.finish_reason: Optional[str] = None  # "eos" or "length"
-        self.shown = 0  # characters of the text already written out
-
-    @property
-    def text(self) -> str:
-        return self.tokenizer.decode(self.prompt_tokens + self.tokens)[len(self.prompt_text) :]
-
-    def unshown(self, final: bool = False) -> str:
-        """The text not written yet. A character spelled by several byte tokens decodes
-        to U+FFFD until its last byte arrives, so a trailing U+FFFD waits unless final."""
-        text = self.text
-        end = len(text) if final else len(text.rstrip("\ufffd"))
-        new, self.shown = text[self.shown : end], max(self.shown, end)
-        return new
 
 
 @dataclass
@@ -571,7 +544,69 @@ def quantize(model_dir: str, out_dir: str, *, method: str = "int8") -> None:
     print(f"wrote {out_dir} ({method}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 
-COMMANDS = {"generate": generate, "chat": chat, "convert": convert, "quantize": quantize}
+@text_arguments
+def serve(
+    model_dir: str | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int | None = None,
+    max_context: int = 32768,
+    max_queue: int = 256,
+    chunk_size: int | None = None,
+    model_name: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    grace_s: float = 10.0,
+) -> None:
+    """Serve a model over HTTP with OpenAI's API: mistral serve [MODEL_DIR]. Needs pip install 'mistral[serve]'.
+
+    /v1/completions and /v1/chat/completions (the folder's chat format), whole or streamed,
+    /v1/models and /health. Requests join the running batch between forward calls and
+    leave it when they finish, so none waits for another to end (continuous batching).
+    SIGTERM or Ctrl-C: nothing new is accepted, what runs may finish for --grace_s seconds.
+
+    Args:
+        model_dir: folder with params.json, consolidated.safetensors and one tokenizer file;
+            by default the small model shipped in the package.
+        host: address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
+        port: port to listen on (0: any free one, printed when the server is up).
+        max_batch: requests running at once, each in a row of the KV cache (default: the model's max_batch_size).
+        max_context: the longest a request may run, prompt and answer, in tokens; a model without
+            a sliding window keeps that many in each row of its cache.
+        max_queue: requests that may wait for a row; past that a request gets 429.
+        chunk_size: prompt tokens read per forward call, beside the rows that decode (default: a row's slots).
+        model_name: the model's name in the API (default: the folder's name).
+        device: "cpu", "cuda", "cuda:1", ... (default: cuda when available).
+        dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU).
+        grace_s: seconds that running requests may take to finish after SIGTERM, before they are ended.
+    """
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise MistralError("mistral serve needs the optional extra: pip install 'mistral[serve]' (starlette, uvicorn)") from None
+    from mistral.engine import Engine
+    from mistral.serve import model_name_of, serve as run_server
+
+    folder = DEFAULT_MODEL if model_dir is None else Path(str(model_dir))
+    host = str(host)
+    if not is_int(port) or not 0 <= port < 65536:
+        raise MistralError(f"port must be an integer in 0..65535, got {port!r}")
+    check_positive_int(max_context, "max_context")
+    if not is_int(max_queue) or max_queue < 0:
+        raise MistralError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+    for name, value in (("max_batch", max_batch), ("chunk_size", chunk_size)):
+        if value is not None:
+            check_positive_int(value, name)
+    if not is_number(grace_s) or not 0 <= grace_s < 1e6:
+        raise MistralError(f"grace_s must be a number of seconds in [0, 1e6), got {grace_s!r}")
+    model, tokenizer = load(folder, device, dtype)
+    engine = Engine(model, max_batch=max_batch, max_context=max_context, chunk_size=chunk_size)
+    run_server(engine, tokenizer, model_name_of(folder) if model_name is None else str(model_name), host, port, max_queue, grace_s)
+
+
+COMMANDS = {"generate": generate, "chat": chat, "serve": serve, "convert": convert, "quantize": quantize}
 
 
 def run(args: list[str]) -> None:

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from mistral.generation import generate
-from mistral.main import DEFAULT_MODEL, Completion, Conversation, Timing, load, main, split_model_and_prompts, timing_line
+from mistral.text import Completion
+from mistral.main import DEFAULT_MODEL, Conversation, Timing, load, main, split_model_and_prompts, timing_line
 from mistral.model import Transformer
 
 ROOT = Path(__file__).resolve().parent.parent

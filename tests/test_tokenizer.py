@@ -6,11 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import sentencepiece as spm
 from make_tiny_model import train_tokenizer
 
 from mistral import MistralError
-from mistral.main import Completion
+from mistral.text import Completion
 from mistral.tokenizer import Tokenizer, load_tokenizer
 
 TEXTS = [
@@ -182,6 +184,29 @@ def test_streamed_answer_never_splits_a_character(released: tuple) -> None:
     pieces.append(answer.unshown(final=True))
     assert "".join(pieces).strip() == text
     assert not any("\ufffd" in p for p in pieces)
+
+
+def test_streamed_pieces_make_the_whole_text(released: tuple) -> None:
+    """Completion.unshown decodes a few tokens of context, not the whole text: its pieces, joined,
+    are `text` for any tokens (byte tokens, control tokens, spaces, cut characters), held back
+    only while the text ends in a cut character."""
+    ours, _ = released
+    prompt = ours.encode_chat([{"role": "user", "content": "Say it"}])
+    vocab = ours.n_words
+
+    @settings(max_examples=60, deadline=None, derandomize=True)
+    @given(st.lists(st.integers(0, vocab - 1), max_size=40), st.sets(st.integers(0, 40)))
+    def check(tokens: list[int], final_at: set[int]) -> None:
+        answer = Completion(ours, prompt)
+        pieces = []
+        for i, token in enumerate(tokens):
+            answer.tokens.append(token)
+            pieces.append(answer.unshown(final=i in final_at))
+            assert answer.text.startswith("".join(pieces))
+        pieces.append(answer.unshown(final=True))
+        assert "".join(pieces) == answer.text
+
+    check()
 
 
 @pytest.mark.parametrize(

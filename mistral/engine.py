@@ -1,0 +1,255 @@
+"""Continuous batching: requests join and leave one cache between forward calls.
+
+`generate` fixes its batch when it starts. A server cannot: requests arrive while others
+run, and a finished one should give its place to the next at once. The rolling buffer
+suits this: every row has the same slots (W, for a windowed model), so a row takes a new
+sequence the moment the old one ends, with nothing to page or compact.
+
+Each `Engine.step` is one forward call:
+
+- waiting requests take the free rows, first come first served;
+- while some prompt still has tokens to read, the call is a chunk call (mask 2): every
+  decoding row feeds its last token, and the prompts feed up to `chunk_size` tokens
+  among them, oldest first, so a long prompt never stalls the rows that decode; a
+  prompt read whole samples its first token in that call;
+- otherwise it is a decode step (mask 3) on rows 0..n-1, n the smallest bucket (1, 2,
+  4, ...) that holds every busy row, replayed on CUDA from a graph captured per bucket;
+  a free row below n decodes a placeholder that nobody reads.
+
+Worked example, 4 rows, chunk_size 4: A (decoding) in row 0, B (a prompt of 6 tokens,
+2 read) in row 1, C (a new prompt of 3) arrives:
+
+    rows      = [A, B, C, -]              C takes the first free row
+    seqlens   = [1, 4, 0, 0]              A's last token; B, the oldest prompt, takes the budget
+    sampled   = A                         B has 0 of its tokens left to read, C all 3
+    next call = [1, 0, 3, 0]              A; B samples its first token (from the last call) ...
+
+Each request samples with its own options and its own generator, so a seeded request
+draws the same numbers whatever runs beside it, and greedy ones give the tokens that the
+request alone would (the same math on other rows: equal up to float rounding).
+"""
+
+import itertools
+from collections import deque
+from typing import Optional, Sequence
+
+import torch
+
+from mistral.cache import CacheTooLarge
+from mistral.errors import MistralError, check_positive_int, is_int
+from mistral.generation import check_model, check_options
+from mistral.model import Transformer
+from mistral.sampling import NON_FINITE, sample_step
+from mistral.stage import Stage
+
+# The most alternatives per token a request may ask for (OpenAI's top_logprobs limit).
+MAX_TOP_LOGPROBS = 20
+
+
+class Request:
+    """One prompt being completed: its options, and what the engine has made of it so far."""
+
+    def __init__(
+        self,
+        prompt: Sequence[int],
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: Optional[int] = None,
+        eos_id: Optional[int] = None,
+        top_logprobs: int = 0,
+    ):
+        self.prompt = list(prompt) if isinstance(prompt, (list, tuple)) else prompt  # checked by Engine.submit
+        self.max_tokens, self.temperature, self.top_p, self.seed = max_tokens, temperature, top_p, seed
+        self.eos_id, self.top_logprobs = eos_id, top_logprobs
+        self.tokens: list[int] = []  # generated so far, eos left out
+        self.logprobs: list[float] = []
+        self.top: list[list[tuple[int, float]]] = []  # per token, the top_logprobs most likely (token, log-probability)
+        self.finish_reason: Optional[str] = None  # "stop" (eos, or the caller's stop), "length", "cancelled"
+        self.row: Optional[int] = None  # the cache row it runs in
+        self.read = 0  # prompt tokens in the cache
+        self.arrival = 0  # order of submission
+        self.generator: Optional[torch.Generator] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    """Requests of one model run together in the rows of one cache; `step` runs one forward call.
+
+    max_batch: rows of the cache (requests running at once; default the model's max_batch_size).
+    max_context: the longest a request may run, prompt and answer; a window-less model's rows
+    hold that many slots, a windowed model's W.
+    chunk_size: prompt tokens read per call, shared by the prompts being read (default: a row's slots).
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        max_batch: Optional[int] = None,
+        max_context: int = 32768,
+        chunk_size: Optional[int] = None,
+        stage: Optional[Stage] = None,
+        cuda_graphs: Optional[bool] = None,
+    ):
+        check_model(model)
+        if model.layout.world_size > 1:
+            raise MistralError("the engine runs a model whole on one process")
+        if stage is None:
+            stage = Stage(model)
+        elif not isinstance(stage, Stage) or stage.model is not model:
+            raise MistralError("stage must be a Stage of this model (Stage(model))")
+        rows = model.args.max_batch_size if max_batch is None else check_positive_int(max_batch, "max_batch")
+        self.model, self.stage, self.cuda_graphs = model, stage, cuda_graphs
+        self.max_context = check_positive_int(max_context, "max_context")
+        try:
+            self.cache = model.make_cache(rows, max_context)
+        except CacheTooLarge as e:
+            raise MistralError(f"{e}: lower max_context ({max_context}) or max_batch ({rows})") from None
+        self.chunk = self.cache.size if chunk_size is None else check_positive_int(chunk_size, "chunk_size")
+        self.rows: list[Optional[Request]] = [None] * rows
+        self.waiting: deque[Request] = deque()
+        self.arrivals = itertools.count()
+        stage.begin([self.cache])
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request runs or waits."""
+        return bool(self.waiting) or any(r is not None for r in self.rows)
+
+    @property
+    def running(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request (after `check`). max_tokens=0 finishes at once."""
+        self.check(request)
+        request.arrival = next(self.arrivals)
+        if request.seed is not None:
+            request.generator = torch.Generator(self.model.device).manual_seed(request.seed)
+        if request.max_tokens == 0:
+            request.finish_reason = "length"
+        else:
+            self.waiting.append(request)
+        return request
+
+    def check(self, request: Request) -> None:
+        """A MistralError naming what is wrong with the request, if anything; it changes nothing."""
+        if not isinstance(request, Request):
+            raise MistralError(f"request must be an engine.Request, got {type(request).__name__}")
+        r = request
+        check_options([r.prompt], self.model.args.vocab_size, max_tokens=r.max_tokens, temperature=r.temperature,
+                      top_p=r.top_p, chunk_size=None, seed=r.seed)  # fmt: skip
+        if r.eos_id is not None and not is_int(r.eos_id):
+            raise MistralError(f"eos_id must be a token id (an int) or None, got {r.eos_id!r}")
+        if not is_int(r.top_logprobs) or not 0 <= r.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise MistralError(f"top_logprobs must be an int in 0..{MAX_TOP_LOGPROBS}, got {r.top_logprobs!r}")
+        # The last token sampled is never fed: a request reaches prompt + max_tokens - 1 positions.
+        if len(r.prompt) + r.max_tokens - 1 > self.max_context:
+            raise MistralError(
+                f"the prompt ({len(r.prompt)} tokens) and max_tokens={r.max_tokens} reach {len(r.prompt) + r.max_tokens - 1} "
+                f"tokens, past max_context={self.max_context}"
+            )
+        if r.row is not None or r.finished or r.tokens:
+            raise MistralError("this request was submitted before: make a new one")
+
+    def finish(self, request: Request, reason: str = "cancelled") -> None:
+        """End a request (a client gone, a stop string seen): its row is free for the next call."""
+        if request.finished:
+            return
+        request.finish_reason = reason
+        if request.row is None:
+            self.waiting.remove(request)
+        else:
+            self.rows[request.row] = None
+            request.row = None
+
+    @torch.inference_mode()
+    def step(self) -> list[Request]:
+        """One forward call. Returns the requests that sampled a token in it (or finished on eos)."""
+        for b, r in enumerate(self.rows):
+            if not self.waiting:
+                break
+            if r is None:
+                self.rows[b] = r = self.waiting.popleft()
+                r.row = b
+                self.cache.reset(b)
+        busy = [(b, r) for b, r in enumerate(self.rows) if r is not None]
+        if not busy:
+            return []
+        if all(r.read == len(r.prompt) for _, r in busy):
+            sampling, logits = busy, self._decode(busy)
+        else:
+            sampling, logits = self._chunk(busy)
+        return self._sample([r for _, r in sampling], logits)
+
+    def _decode(self, busy: list[tuple[int, Request]]) -> torch.Tensor:
+        """A decode step on the smallest bucket of rows holding the busy ones: their logits [len(busy), V]."""
+        n = min(len(self.rows), 1 << busy[-1][0].bit_length())  # rows 0..n-1, n a power of 2 > the last busy row
+        for b in range(n):  # a free row's placeholder must find a slot: a window-less row cannot roll
+            if self.rows[b] is None and self.cache.lengths[b] >= self.cache.size:
+                self.cache.reset(b)
+        ids = [0 if r is None else r.tokens[-1] for r in self.rows[:n]]
+        logits = self.stage.forward(self.stage.runner(self.cache, n, cuda_graphs=self.cuda_graphs), ids)
+        assert logits is not None
+        return logits[[b for b, _ in busy]]
+
+    def _chunk(self, busy: list[tuple[int, Request]]) -> tuple[list[tuple[int, Request]], torch.Tensor]:
+        """A chunk call: the decoding rows' last tokens and up to `chunk` prompt tokens, oldest prompts first.
+        Returns the rows that sample (decoding, or a prompt read whole) and their logits."""
+        fed: dict[int, list[int]] = {b: [r.tokens[-1]] for b, r in busy if r.read == len(r.prompt)}
+        budget = self.chunk
+        for b, r in sorted(((b, r) for b, r in busy if b not in fed), key=lambda item: item[1].arrival):
+            if budget == 0:
+                break
+            fed[b] = r.prompt[r.read : r.read + budget]
+            budget -= len(fed[b])
+        seqlens = [len(fed.get(b, ())) for b in range(max(fed) + 1)]
+        ids, wanted, sampling = [], [], []
+        for b, tokens in sorted(fed.items()):
+            ids += tokens
+            r = self.rows[b]
+            assert r is not None
+            if r.read == len(r.prompt) or r.read + len(tokens) == len(r.prompt):
+                wanted.append(len(ids) - 1)
+                sampling.append((b, r))
+        logits = self.stage.forward(self.stage.runner(self.cache, len(self.rows), cuda_graphs=self.cuda_graphs), ids, seqlens, wanted)
+        assert logits is not None
+        for b, tokens in fed.items():
+            r = self.rows[b]
+            assert r is not None
+            r.read = min(r.read + len(tokens), len(r.prompt))  # a decoding row's token is not the prompt's
+        return sampling, logits
+
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[Request]:
+        """Each request's token from its row of logits [R, V]: the greedy ones together, each other with its own generator."""
+        if not requests:
+            return []
+        tokens = torch.empty(len(requests), dtype=torch.long, device=logits.device)
+        logprobs = torch.empty(len(requests), device=logits.device)
+        greedy = torch.tensor([i for i, r in enumerate(requests) if r.temperature == 0], dtype=torch.long, device=logits.device)
+        if len(greedy):
+            tokens[greedy], logprobs[greedy], finite = sample_step(logits[greedy], 0.0, 1.0, None)
+            if not bool(finite):
+                raise MistralError(NON_FINITE)
+        for i, r in enumerate(requests):
+            if r.temperature > 0:  # sample_step checks these logits itself
+                tokens[i : i + 1], logprobs[i : i + 1], _ = sample_step(logits[i : i + 1], r.temperature, r.top_p, r.generator)
+        top = max(r.top_logprobs for r in requests)
+        alternatives = torch.log_softmax(logits, dim=-1).topk(top, dim=-1) if top else None
+        for i, (r, token, logprob) in enumerate(zip(requests, tokens.tolist(), logprobs.tolist())):
+            if token == r.eos_id:
+                self.finish(r, "stop")
+                continue
+            r.tokens.append(token)
+            r.logprobs.append(logprob)
+            if r.top_logprobs and alternatives is not None:
+                values, indices = alternatives.values[i, : r.top_logprobs], alternatives.indices[i, : r.top_logprobs]
+                r.top.append(list(zip(indices.tolist(), values.tolist())))
+            if len(r.tokens) == r.max_tokens:
+                self.finish(r, "length")
+        return requests

@@ -1,0 +1,154 @@
+"""The continuous-batching engine against generate(): requests that come and go between
+forward calls get the tokens each would get alone."""
+
+from functools import cache
+from typing import Optional
+
+import pytest
+import torch
+from helpers import DEVICE, random_model, tiny_args
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mistral import MistralError
+from mistral.engine import Engine, Request
+from mistral.generation import generate
+
+
+@cache
+def model(window: Optional[int]) -> torch.nn.Module:
+    return random_model(tiny_args(sliding_window=window, max_batch_size=4), seed=3)
+
+
+@cache
+def alone(window: Optional[int], prompt: tuple[int, ...], max_tokens: int, eos_id: Optional[int] = None) -> list[int]:
+    (tokens,), _ = generate([list(prompt)], model(window), max_tokens=max_tokens, eos_id=eos_id)
+    return tokens
+
+
+def run(engine: Engine, requests: list[Request], arrivals: list[int]) -> int:
+    """Submit request i before step arrivals[i]; step until all have finished. Returns the steps run."""
+    steps = 0
+    order = sorted(range(len(requests)), key=lambda i: arrivals[i])
+    while order or engine.busy:
+        while order and arrivals[order[0]] <= steps:
+            engine.submit(requests[order.pop(0)])
+        engine.step()
+        steps += 1
+        assert steps < 1000
+    return steps
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    window=st.sampled_from([4, 8, None]),
+    specs=st.lists(st.tuples(st.integers(1, 20), st.integers(1, 12), st.integers(0, 12)), min_size=1, max_size=7),
+    chunk=st.integers(1, 12),
+    rows=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_requests_that_come_and_go_get_the_tokens_they_get_alone(
+    window: Optional[int], specs: list[tuple[int, int, int]], chunk: int, rows: int, seed: int
+) -> None:
+    """Random prompt lengths, answer lengths and arrival steps, rows fewer than requests (some
+    wait), prompts read in chunks beside the rows that decode, windows shorter than a prompt
+    and none: each request's greedy tokens are those of generate() on it alone."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [tuple(torch.randint(0, 97, (n,), generator=g).tolist()) for n, _, _ in specs]
+    requests = [Request(p, max_tokens=m) for p, (_, m, _) in zip(prompts, specs)]
+    run(Engine(model(window), max_batch=rows, max_context=40, chunk_size=chunk), requests, [a for _, _, a in specs])
+    for r, p, (_, m, _) in zip(requests, prompts, specs):
+        assert r.finish_reason == "length" and r.tokens == alone(window, p, m)
+
+
+def test_eos_ends_a_request_and_frees_its_row() -> None:
+    prompt = (5, 17, 3)
+    tokens = alone(8, prompt, 12)
+    eos = tokens[4]  # the fifth token, taken as eos: the request ends before it
+    engine = Engine(model(8), max_batch=1, max_context=40)
+    first, second = Request(prompt, max_tokens=12, eos_id=eos), Request((9, 9), max_tokens=3)
+    run(engine, [first, second], [0, 0])
+    assert first.finish_reason == "stop" and first.tokens == tokens[: tokens.index(eos)]
+    assert second.tokens == alone(8, (9, 9), 3)  # it waited for the one row, then ran
+
+
+def test_a_seeded_request_samples_alike_alone_and_in_a_crowd() -> None:
+    """Each request draws from a generator of its own: the same seed gives the same tokens
+    whatever else runs beside it (and generate() with that seed gives them too)."""
+    prompt = [4, 8, 15, 16, 23]
+    options = dict(max_tokens=10, temperature=1.0, top_p=0.9, seed=42)
+    (expected,), _ = generate([prompt], model(8), **options)  # type: ignore[arg-type]
+    lone = Request(prompt, **options)  # type: ignore[arg-type]
+    run(Engine(model(8), max_batch=4), [lone], [0])
+    crowd = [Request([7, 7, 7], max_tokens=6, temperature=1.0, seed=1), Request(prompt, **options),  # type: ignore[arg-type]
+             Request([1, 2], max_tokens=9, temperature=0.5), Request([3] * 11, max_tokens=4)]  # fmt: skip
+    run(Engine(model(8), max_batch=3, chunk_size=3), crowd, [0, 1, 0, 2])
+    assert lone.tokens == crowd[1].tokens == expected
+    assert crowd[0].tokens != expected[:6]
+
+
+def test_a_cancelled_request_frees_its_row_for_the_next() -> None:
+    engine = Engine(model(8), max_batch=1)
+    long, waiting = Request([1, 2, 3], max_tokens=30), Request([4, 5], max_tokens=5)
+    engine.submit(long)
+    engine.submit(waiting)
+    for _ in range(3):
+        engine.step()
+    assert len(long.tokens) == 3 and waiting.row is None and engine.waiting
+    engine.finish(long)
+    engine.step()
+    assert long.finish_reason == "cancelled" and waiting.row == 0 and len(long.tokens) == 3
+    while engine.busy:
+        engine.step()
+    assert waiting.tokens == alone(8, (4, 5), 5)
+
+
+def test_a_free_row_of_a_window_less_cache_starts_over() -> None:
+    """Row 0 ends early while row 1 decodes on: row 0 decodes placeholders in the decode
+    step's bucket of 2 rows, past the end of its max_context slots, which it cannot roll."""
+    engine = Engine(model(None), max_batch=2, max_context=16)
+    short, long = Request([1, 2, 3, 4, 5], max_tokens=2), Request([6, 7], max_tokens=15)
+    run(engine, [short, long], [0, 0])
+    assert long.tokens == alone(None, (6, 7), 15) and short.tokens == alone(None, (1, 2, 3, 4, 5), 2)
+
+
+def test_logprobs_and_top_alternatives_are_the_models() -> None:
+    prompt = [11, 12, 13]
+    engine = Engine(model(8), max_batch=2)
+    r = engine.submit(Request(prompt, max_tokens=4, top_logprobs=3))
+    run(engine, [], [])
+    logits = model(8)(torch.tensor(prompt + r.tokens[:-1], device=DEVICE), [len(prompt) + 3]).float()[len(prompt) - 1 :]
+    logprobs = torch.log_softmax(logits, dim=-1)
+    assert torch.allclose(torch.tensor(r.logprobs), logprobs.gather(-1, torch.tensor(r.tokens)[:, None]).squeeze(-1).cpu(), atol=1e-4)
+    for top, row in zip(r.top, logprobs):
+        values, indices = row.topk(3)
+        assert [t for t, _ in top] == indices.tolist() and torch.allclose(torch.tensor([v for _, v in top]), values.cpu(), atol=1e-4)
+    assert [t for t, _ in r.top[0]][0] == r.tokens[0]  # greedy: the token is the first alternative
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(prompt=[], max_tokens=3), "prompt 0 is empty"),
+        (dict(prompt=[1, 500], max_tokens=3), "outside the vocabulary"),
+        (dict(prompt="hi", max_tokens=3), "must be a list of token ids"),
+        (dict(prompt=[1, 2], max_tokens=-1), "max_tokens must be"),
+        (dict(prompt=[1, 2], max_tokens=3, temperature=float("nan")), "temperature must be"),
+        (dict(prompt=[1, 2], max_tokens=3, top_p=0), "top_p must be"),
+        (dict(prompt=[1, 2], max_tokens=3, top_logprobs=21), "top_logprobs must be"),
+        (dict(prompt=[1, 2], max_tokens=3, eos_id="x"), "eos_id must be"),
+        (dict(prompt=[1] * 30, max_tokens=12), r"reach 41 tokens, past max_context=40"),
+    ],
+)
+def test_a_bad_request_is_named_and_changes_nothing(options: dict, message: str) -> None:
+    engine = Engine(model(8), max_batch=2, max_context=40)
+    prompt = options.pop("prompt")
+    with pytest.raises(MistralError, match=message):
+        engine.submit(Request(prompt, **options))
+    assert not engine.busy
+
+
+def test_max_tokens_zero_finishes_at_once() -> None:
+    engine = Engine(model(8))
+    r = engine.submit(Request([1, 2], max_tokens=0))
+    assert r.finish_reason == "length" and not engine.busy and engine.step() == []

@@ -1,0 +1,292 @@
+"""`mistral serve` as clients meet it: the official `openai` client against a server the
+test starts on a free port of 127.0.0.1, with the default model on the CPU.
+
+Every greedy answer must be the text generate() gives for the same request alone,
+whatever else the server runs beside it; bad requests get an OpenAI error body and a
+4xx status; a client that leaves frees its row; SIGTERM ends the server cleanly.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import openai
+import pytest
+
+from mistral import DEFAULT_MODEL, Transformer
+from mistral.generation import generate
+from mistral.text import Completion
+from mistral.tokenizer import load_tokenizer
+
+MODEL = "default_model"  # the folder's name
+TOKENIZER = load_tokenizer(DEFAULT_MODEL)
+
+
+class Served:
+    """A `mistral serve` process and its address."""
+
+    def __init__(self, *options: str):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, "-m", "mistral", "serve", "--port", "0", *options]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        assert self.process.stderr is not None
+        line = self.process.stderr.readline()  # the line that says where it listens, once it does
+        found = re.search(r"on (http://\S+) \(", line)
+        assert found, line + self.process.stderr.read()
+        self.url = found.group(1)
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=120)
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(f"{self.url}/health", timeout=10) as answer:
+            return json.load(answer)
+
+    def post(self, path: str, body: bytes, method: str = "POST") -> tuple[int, Any]:
+        request = urllib.request.Request(f"{self.url}{path}", data=body, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                return answer.status, json.load(answer)
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM; the exit code and what it wrote on stderr."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.process.communicate(timeout=60)
+        finally:
+            self.process.kill()
+        return self.process.returncode, err
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    server = Served("--max_batch", "8", "--max_queue", "64")
+    yield server
+    code, err = server.stop()
+    assert "Traceback" not in err, err
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    return Transformer.from_folder(DEFAULT_MODEL)
+
+
+def expected(model: Transformer, prompt: list[int], max_tokens: int, **options: Any) -> tuple[str, int]:
+    """generate()'s answer for one prompt alone: its text (as the server decodes it) and its length in tokens."""
+    (tokens,), _ = generate([prompt], model, max_tokens=max_tokens, eos_id=TOKENIZER.eos_id, **options)
+    completion = Completion(TOKENIZER, prompt)
+    completion.tokens = tokens
+    return completion.text, len(tokens)
+
+
+PROMPTS = [
+    "def fibonacci(n):",
+    "import os\nimport sys\n",
+    "class Path:",
+    "    for i in range(len(items)):\n",
+    "# The standard library\n" * 12,  # about 100 tokens: longer than the window (64), read in chunks
+    "x = [",
+    "def main():\n    parser = argparse.ArgumentParser()\n",
+    "    return",
+]
+
+
+def test_whole_and_streamed_completions_are_generates(served: Served, model: Transformer) -> None:
+    for prompt in PROMPTS[:3]:
+        text, n = expected(model, TOKENIZER.encode(prompt, bos=True), 24)
+        whole = served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+        assert whole.choices[0].text == text and whole.usage.completion_tokens == n, prompt
+        assert whole.choices[0].finish_reason == ("length" if n == 24 else "stop")
+        chunks = list(served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=True))
+        assert "".join(c.choices[0].text for c in chunks) == text
+        assert len(chunks) > 3 and chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_chat_answers_in_the_folders_format(served: Served, model: Transformer) -> None:
+    messages = [{"role": "system", "content": "Answer in Python."}, {"role": "user", "content": "def square(x):"}]
+    text, n = expected(model, TOKENIZER.encode_chat(messages), 20)
+    whole = served.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)  # type: ignore[arg-type]
+    assert whole.choices[0].message.content == text and whole.choices[0].message.role == "assistant"
+    assert whole.usage is not None and whole.usage.prompt_tokens == len(TOKENIZER.encode_chat(messages))
+    stream = served.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0, stream=True,  # type: ignore[arg-type]
+                                                   stream_options={"include_usage": True})  # fmt: skip
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.completion_tokens == n  # type: ignore[union-attr]
+
+
+def test_32_clients_at_once_each_get_what_they_get_alone(served: Served, model: Transformer) -> None:
+    """32 clients with different prompts, lengths and max_tokens, half of them streaming, on 8
+    rows: requests wait, join and leave between forward calls, prompts are read beside the
+    rows that decode, and each greedy answer is generate()'s for that request alone."""
+    jobs = [(PROMPTS[i % len(PROMPTS)] + "    " * (i // len(PROMPTS)), 4 + (7 * i) % 29, i % 2 == 0) for i in range(32)]
+
+    def ask(job: tuple[str, int, bool]) -> str:
+        prompt, max_tokens, stream = job
+        if stream:
+            chunks = served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True)
+            return "".join(c.choices[0].text for c in chunks)
+        return served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(ask, jobs))
+    for (prompt, max_tokens, _), answer in zip(jobs, answers):
+        assert answer == expected(model, TOKENIZER.encode(prompt, bos=True), max_tokens)[0], (prompt, max_tokens)
+
+
+def test_a_seeded_sampled_request_is_the_same_alone_and_in_a_crowd(served: Served, model: Transformer) -> None:
+    options = dict(temperature=0.9, top_p=0.95, seed=7)
+    prompt = "def parse(text):"
+    text, _ = expected(model, TOKENIZER.encode(prompt, bos=True), 30, **options)  # type: ignore[arg-type]
+    alone = served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, **options).choices[0].text  # type: ignore[arg-type]
+
+    def other(i: int) -> str:
+        return served.client.completions.create(model=MODEL, prompt=PROMPTS[i % 8], max_tokens=20 + i, temperature=1.0, seed=i).choices[0].text
+
+    with ThreadPoolExecutor(12) as pool:
+        crowd = [pool.submit(other, i) for i in range(6)]
+        ours = pool.submit(lambda: served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, **options).choices[0].text)  # type: ignore[arg-type]
+        crowd += [pool.submit(other, i) for i in range(6, 11)]
+        assert ours.result() == alone == text
+        assert len({c.result() for c in crowd}) > 1  # the others sampled answers of their own
+
+
+def test_n_choices_and_a_list_of_prompts(served: Served, model: Transformer) -> None:
+    answer = served.client.completions.create(model=MODEL, prompt=["import re\n", "class A:"], max_tokens=8, temperature=0, n=2)
+    texts = [c.text for c in sorted(answer.choices, key=lambda c: c.index)]
+    first, second = (expected(model, TOKENIZER.encode(p, bos=True), 8)[0] for p in ("import re\n", "class A:"))
+    assert texts == [first, first, second, second]
+
+
+def test_stop_strings_cut_the_text_where_they_start(served: Served, model: Transformer) -> None:
+    prompt = "def fibonacci(n):"
+    text, _ = expected(model, TOKENIZER.encode(prompt, bos=True), 40)
+    stop = text[10:14]  # four characters from inside the greedy answer
+    cut = text[: text.index(stop)]
+    whole = served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stop=[stop, "never seen"])
+    assert whole.choices[0].text == cut and whole.choices[0].finish_reason == "stop"
+    chunks = served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == cut
+
+
+def test_logprobs_are_the_models(served: Served, model: Transformer) -> None:
+    prompt = "import os\n"
+    ids = TOKENIZER.encode(prompt, bos=True)
+    (tokens,), (logprobs,) = generate([ids], model, max_tokens=6)
+    answer = served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=3)
+    got = answer.choices[0].logprobs
+    assert got is not None and got.token_logprobs == pytest.approx(logprobs, abs=1e-4)
+    assert all(len(top) <= 3 and max(top.values()) == pytest.approx(lp, abs=1e-4) for top, lp in zip(got.top_logprobs, logprobs))  # type: ignore[union-attr]
+    chat = served.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3,
+                                                 temperature=0, logprobs=True, top_logprobs=2)  # fmt: skip
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert len(content) == 3 and all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob == pytest.approx(t.logprob) for t in content)
+
+
+def test_models_and_health(served: Served) -> None:
+    assert [m.id for m in served.client.models.list()] == [MODEL]
+    assert served.health() == {"status": "ok", "running": 0, "waiting": 0}
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row(served: Served) -> None:
+    stream = served.client.completions.create(model=MODEL, prompt="def f():", max_tokens=20000, temperature=0, stream=True)
+    for _, _ in zip(stream, range(5)):
+        pass
+    assert served.health()["running"] == 1
+    stream.close()
+    deadline = time.monotonic() + 10
+    while served.health()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert served.health() == {"status": "ok", "running": 0, "waiting": 0}
+
+
+BAD = [
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", b"\xff\xfe", 400, None),
+    ("/v1/completions", b"[1, 2]", 400, None),
+    ("/v1/completions", {"prompt": "x"}, 400, "model"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 400, "model"),
+    ("/v1/completions", {"model": MODEL}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temprature": 0}, 400, "temprature"),
+    ("/v1/completions", {"model": MODEL, "prompt": 42}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [1, 99999]}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": True}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**7}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", b'{"model": "default_model", "prompt": "x", "temperature": NaN}', 400, "temperature"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 100}, 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": [""]}, 400, "stop"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": 1.5}, 400, "seed"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 9}, 400, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, 400, "echo"),
+    ("/v1/chat/completions", {"model": MODEL}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": {"a": 1}}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/completion", {"model": MODEL, "prompt": "x"}, 404, None),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param", BAD, ids=[f"{i}-{p}" for i, (_, _, _, p) in enumerate(BAD)])
+def test_a_bad_request_gets_an_openai_error_body(served: Served, path: str, body: Any, status: int, param: Optional[str]) -> None:
+    code, answer = served.post(path, body if isinstance(body, bytes) else json.dumps(body).encode())
+    assert code == status, answer
+    error = answer["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"], answer
+    assert "Traceback" not in error["message"] and "\n" not in error["message"]
+
+
+def test_a_bad_stream_request_is_refused_before_it_streams(served: Served) -> None:
+    with pytest.raises(openai.BadRequestError, match="past max_context"):
+        served.client.completions.create(model=MODEL, prompt="x", max_tokens=10**6, stream=True)
+    code, answer = served.post("/v1/completions", b"", method="GET")
+    assert code == 405 and answer["error"]["message"]
+
+
+def test_a_full_queue_gets_429_and_sigterm_ends_the_server_while_requests_run() -> None:
+    server = Served("--max_batch", "1", "--max_queue", "0", "--grace_s", "1")
+    chunks: list[str] = []
+    failures: list[BaseException] = []
+
+    def long_stream() -> None:
+        try:
+            for c in server.client.completions.create(model=MODEL, prompt="def f():", max_tokens=20000, temperature=0, stream=True):
+                chunks.append(c.choices[0].text)
+        except BaseException as e:  # the server ends the stream: a connection cut off is the client's to see
+            failures.append(e)
+
+    reader = threading.Thread(target=long_stream)
+    reader.start()
+    deadline = time.monotonic() + 30
+    while len(chunks) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(openai.RateLimitError, match="busy"):
+        server.client.completions.create(model=MODEL, prompt="x", max_tokens=3)
+    started = time.monotonic()
+    code, err = server.stop()
+    reader.join(timeout=30)
+    assert time.monotonic() - started < 20 and not reader.is_alive()
+    assert code == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert len(chunks) >= 3
