@@ -1,0 +1,194 @@
+"""Serving benchmark: requests arriving at random on the continuous-batching engine, against
+the same requests run as static batches through generate().
+
+For each arrival rate, the same requests (prompts of 128-1024 tokens, answers of 64-512,
+drawn once with a seed) arrive as a Poisson process and run on mistral/engine.py as
+`mistral serve` runs them: they join the batch between forward calls and leave it when
+done. Measured: throughput (answer tokens over the time from the first arrival to the
+last token), time to first token (TTFT, from arrival) and time between tokens (TBT), p50
+and p99. The reference rates: the steady decode rate of the engine's full bucket
+(max_batch rows decoding, replayed from its graph on CUDA), and the same requests as
+static batches of max_batch through generate() (every batch runs until its longest
+answer is done; only the answers' own tokens count).
+
+Random weights of Mistral 7B's shapes built on the device (no files); answers run to
+their length (no eos). Weights and prompts are random, so the tokens mean nothing: only
+the times do.
+
+    python scripts/serve_bench.py --out $OUT                      # GPU, Mistral 7B shapes, ~4 min on an H200
+    python scripts/serve_bench.py --device cpu --tiny              # any machine: checks the script, ~20 s
+"""
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mistral import ModelArgs, Transformer
+from mistral.engine import Engine, Request
+from mistral.generation import generate
+from mistral.stage import Stage
+
+MISTRAL_7B = dict(
+    dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8, norm_eps=1e-5, vocab_size=32000,
+    rope_theta=10000.0, sliding_window=4096, max_batch_size=32,
+)  # fmt: skip
+TINY = dict(
+    dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, norm_eps=1e-5, vocab_size=97,
+    rope_theta=10000.0, sliding_window=32, max_batch_size=8,
+)  # fmt: skip
+
+
+def log(*parts: Any) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def workload(n: int, prompt_range: tuple[int, int], answer_range: tuple[int, int], vocab: int, seed: int) -> list[tuple[list[int], int]]:
+    """n (prompt, answer length) pairs, uniform in the ranges."""
+    rng = random.Random(seed)
+    return [([rng.randrange(3, vocab) for _ in range(rng.randint(*prompt_range))], rng.randint(*answer_range)) for _ in range(n)]
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": math.nan, "p99": math.nan}
+    if len(values) == 1:
+        return {"p50": values[0], "p99": values[0]}
+    q = statistics.quantiles(values, n=100, method="inclusive")
+    return {"p50": q[49], "p99": q[98]}
+
+
+def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float, seed: int) -> dict[str, Any]:
+    """The jobs arriving as a Poisson process of `rate` requests/s (inf: all at once), run to the end."""
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    for _ in jobs:
+        arrivals.append(t)
+        t += 0.0 if math.isinf(rate) else rng.expovariate(rate)
+    requests = [Request(prompt, max_tokens=n) for prompt, n in jobs]
+    times: dict[int, list[float]] = {i: [] for i in range(len(jobs))}
+    index = {id(r): i for i, r in enumerate(requests)}
+    start = time.perf_counter()
+    nxt, steps, busy_rows = 0, 0, 0
+    while nxt < len(jobs) or engine.busy:
+        now = time.perf_counter() - start
+        while nxt < len(jobs) and arrivals[nxt] <= now:
+            engine.submit(requests[nxt])
+            nxt += 1
+        if not engine.busy:
+            time.sleep(max(arrivals[nxt] - now, 0))
+            continue
+        busy_rows += engine.running
+        changed = engine.step()  # reads its tokens on the host: the step is done
+        steps += 1
+        now = time.perf_counter() - start
+        for r in changed:
+            times[index[id(r)]] += [now] * (len(r.tokens) - len(times[index[id(r)]]))
+    elapsed = time.perf_counter() - start
+    ttft = [times[i][0] - arrivals[i] for i in times if times[i]]
+    tbt = [b - a for i in times for a, b in zip(times[i], times[i][1:])]
+    generated = sum(len(r.tokens) for r in requests)
+    assert generated == sum(n for _, n in jobs), "a request ended early"
+    return {
+        "rate_per_s": rate, "requests": len(jobs), "generated_tokens": generated, "seconds": elapsed,
+        "tokens_per_s": generated / elapsed, "steps": steps, "mean_busy_rows": busy_rows / max(steps, 1),
+        "ttft_s": percentiles(ttft), "tbt_s": percentiles(tbt),
+    }  # fmt: skip
+
+
+def steady_decode(engine: Engine, rows: int, steps: int, device: torch.device) -> float:
+    """Tokens/s of `rows` requests decoding together, after their prompts and the graph's capture."""
+    requests = [engine.submit(Request([5 + i, 7, 9], max_tokens=steps + 40)) for i in range(rows)]
+    for _ in range(20):  # prefill, capture, a few replays
+        engine.step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync(device)
+    seconds = time.perf_counter() - start
+    for r in requests:
+        engine.finish(r)
+    return rows * steps / seconds
+
+
+def static_batches(model: Transformer, jobs: list[tuple[list[int], int]], rows: int) -> dict[str, Any]:
+    """The jobs as consecutive batches of `rows` through generate(), each run to its longest answer."""
+    stage = Stage(model)
+    sync(model.device)
+    start = time.perf_counter()
+    for first in range(0, len(jobs), rows):
+        batch = jobs[first : first + rows]
+        generate([p for p, _ in batch], model, max_tokens=max(n for _, n in batch), stage=stage)
+    sync(model.device)
+    elapsed = time.perf_counter() - start
+    generated = sum(n for _, n in jobs)
+    return {"generated_tokens": generated, "seconds": elapsed, "tokens_per_s": generated / elapsed}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes and workload: checks the script, measures nothing real")
+    p.add_argument("--out", type=Path, default=None, help="folder for serve_bench.json")
+    p.add_argument("--rates", default="1,4,16,inf", help="arrival rates in requests/s (inf: all at once, the saturated server)")
+    p.add_argument("--requests", type=int, default=128)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--prompt", default="128,1024", help="prompt lengths: min,max")
+    p.add_argument("--answer", default="64,512", help="answer lengths: min,max")
+    p.add_argument("--chunk-size", type=int, default=None, help="prompt tokens per forward call (default: the engine's)")
+    p.add_argument("--steady-steps", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    cfg = p.parse_args()
+    if cfg.tiny:
+        cfg.requests, cfg.max_batch, cfg.prompt, cfg.answer, cfg.steady_steps = 24, 8, "8,40", "4,24", 10
+    device = torch.device(cfg.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    args = ModelArgs(**dict(TINY if cfg.tiny else MISTRAL_7B, max_batch_size=cfg.max_batch))
+    log(f"building random weights of {'tiny' if cfg.tiny else 'Mistral 7B'} shapes on {device}")
+    model = Transformer.random(args, device=device, dtype=dtype)
+    prompt_range = tuple(int(v) for v in cfg.prompt.split(","))
+    answer_range = tuple(int(v) for v in cfg.answer.split(","))
+    jobs = workload(cfg.requests, prompt_range, answer_range, args.vocab_size, cfg.seed)  # type: ignore[arg-type]
+    engine = Engine(model, max_batch=cfg.max_batch, max_context=prompt_range[1] + answer_range[1], chunk_size=cfg.chunk_size)
+    results: dict[str, Any] = {"config": vars(cfg) | {"torch": torch.__version__}, "device": str(device)}
+    if device.type == "cuda":
+        results["device_name"] = torch.cuda.get_device_name(device)
+    log("warm-up: every bucket of rows, prompts of every length read beside decoding rows")
+    run_arrivals(engine, jobs[: cfg.max_batch + 3], math.inf, cfg.seed)
+    results["steady_decode_tokens_per_s"] = steady_decode(engine, cfg.max_batch, cfg.steady_steps, device)
+    log(f"steady decode, {cfg.max_batch} rows: {results['steady_decode_tokens_per_s']:.1f} tokens/s")
+    results["static"] = static_batches(model, jobs, cfg.max_batch)
+    log(f"static batches of {cfg.max_batch}: {results['static']['tokens_per_s']:.1f} tokens/s")
+    results["runs"] = []
+    for rate in (float(r) for r in cfg.rates.split(",")):
+        run = run_arrivals(engine, jobs, rate, cfg.seed + 1)
+        results["runs"].append(run)
+        log(f"rate {rate:g}/s: {run['tokens_per_s']:.1f} tokens/s, TTFT p50 {run['ttft_s']['p50']:.3f} s p99 {run['ttft_s']['p99']:.3f} s, "
+            f"TBT p50 {run['tbt_s']['p50'] * 1e3:.1f} ms p99 {run['tbt_s']['p99'] * 1e3:.1f} ms, {run['mean_busy_rows']:.1f} rows busy")  # fmt: skip
+    if cfg.out:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        (cfg.out / "serve_bench.json").write_text(json.dumps(results, indent=1, default=str))
+    steady = results["steady_decode_tokens_per_s"]
+    print("| arrivals (requests/s) | tokens/s | / steady decode | / static batches | TTFT p50 | TTFT p99 | TBT p50 | TBT p99 | rows busy |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for run in results["runs"]:
+        print(f"| {run['rate_per_s']:g} | {run['tokens_per_s']:,.1f} | {run['tokens_per_s'] / steady:.2f} | "
+              f"{run['tokens_per_s'] / results['static']['tokens_per_s']:.2f} | {run['ttft_s']['p50']:.3f} s | {run['ttft_s']['p99']:.3f} s | "
+              f"{run['tbt_s']['p50'] * 1e3:.1f} ms | {run['tbt_s']['p99'] * 1e3:.1f} ms | {run['mean_busy_rows']:.1f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
