@@ -97,8 +97,6 @@ class Engine:
         cuda_graphs: Optional[bool] = None,
     ):
         check_model(model)
-        if model.layout.world_size > 1:
-            raise MistralError("the engine runs a model whole on one process")
         if stage is None:
             stage = Stage(model)
         elif not isinstance(stage, Stage) or stage.model is not model:
@@ -187,18 +185,18 @@ class Engine:
             sampling, logits = self._chunk(busy)
         return self._sample([r for _, r in sampling], logits)
 
-    def _decode(self, busy: list[tuple[int, Request]]) -> torch.Tensor:
-        """A decode step on the smallest bucket of rows holding the busy ones: their logits [len(busy), V]."""
+    def _decode(self, busy: list[tuple[int, Request]]) -> Optional[torch.Tensor]:
+        """A decode step on the smallest bucket of rows holding the busy ones: their logits [len(busy), V]
+        (on the last pipeline stage; None elsewhere)."""
         n = min(len(self.rows), 1 << busy[-1][0].bit_length())  # rows 0..n-1, n a power of 2 > the last busy row
         for b in range(n):  # a free row's placeholder must find a slot: a window-less row cannot roll
             if self.rows[b] is None and self.cache.lengths[b] >= self.cache.size:
                 self.cache.reset(b)
         ids = [0 if r is None else r.tokens[-1] for r in self.rows[:n]]
         logits = self.stage.forward(self.stage.runner(self.cache, n, cuda_graphs=self.cuda_graphs), ids)
-        assert logits is not None
-        return logits[[b for b, _ in busy]]
+        return None if logits is None else logits[[b for b, _ in busy]]
 
-    def _chunk(self, busy: list[tuple[int, Request]]) -> tuple[list[tuple[int, Request]], torch.Tensor]:
+    def _chunk(self, busy: list[tuple[int, Request]]) -> tuple[list[tuple[int, Request]], Optional[torch.Tensor]]:
         """A chunk call: the decoding rows' last tokens and up to `chunk` prompt tokens, oldest prompts first.
         Returns the rows that sample (decoding, or a prompt read whole) and their logits."""
         fed: dict[int, list[int]] = {b: [r.tokens[-1]] for b, r in busy if r.read == len(r.prompt)}
@@ -218,38 +216,46 @@ class Engine:
                 wanted.append(len(ids) - 1)
                 sampling.append((b, r))
         logits = self.stage.forward(self.stage.runner(self.cache, len(self.rows), cuda_graphs=self.cuda_graphs), ids, seqlens, wanted)
-        assert logits is not None
         for b, tokens in fed.items():
             r = self.rows[b]
             assert r is not None
             r.read = min(r.read + len(tokens), len(r.prompt))  # a decoding row's token is not the prompt's
         return sampling, logits
 
-    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[Request]:
-        """Each request's token from its row of logits [R, V]: the greedy ones together, each other with its own generator."""
+    def _sample(self, requests: list[Request], logits: Optional[torch.Tensor]) -> list[Request]:
+        """Each request's token from its row of logits [R, V], on the rank that samples (the greedy
+        ones together, each other with its own generator); the other ranks receive them."""
         if not requests:
             return []
-        tokens = torch.empty(len(requests), dtype=torch.long, device=logits.device)
-        logprobs = torch.empty(len(requests), device=logits.device)
-        greedy = torch.tensor([i for i, r in enumerate(requests) if r.temperature == 0], dtype=torch.long, device=logits.device)
-        if len(greedy):
-            tokens[greedy], logprobs[greedy], finite = sample_step(logits[greedy], 0.0, 1.0, None)
-            if not bool(finite):
-                raise MistralError(NON_FINITE)
-        for i, r in enumerate(requests):
-            if r.temperature > 0:  # sample_step checks these logits itself
-                tokens[i : i + 1], logprobs[i : i + 1], _ = sample_step(logits[i : i + 1], r.temperature, r.top_p, r.generator)
-        top = max(r.top_logprobs for r in requests)
-        alternatives = torch.log_softmax(logits, dim=-1).topk(top, dim=-1) if top else None
+        link, top = self.stage.link, None
+        if link.samples:
+            assert logits is not None
+            tokens = torch.empty(len(requests), dtype=torch.long, device=logits.device)
+            logprobs = torch.empty(len(requests), device=logits.device)
+            greedy = torch.tensor([i for i, r in enumerate(requests) if r.temperature == 0], dtype=torch.long, device=logits.device)
+            if len(greedy):
+                tokens[greedy], logprobs[greedy], finite = sample_step(logits[greedy], 0.0, 1.0, None)
+                if not bool(finite):
+                    raise MistralError(NON_FINITE)
+            for i, r in enumerate(requests):
+                if r.temperature > 0:  # sample_step checks these logits itself
+                    tokens[i : i + 1], logprobs[i : i + 1], _ = sample_step(logits[i : i + 1], r.temperature, r.top_p, r.generator)
+            link.send_tokens(tokens, logprobs)
+            # Every other rank waits for them now (a step is one call, no micro-batches to run
+            # meanwhile), and a send still pending when the engine is let go would never arrive.
+            link.flush()
+            k = max(r.top_logprobs for r in requests)
+            top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1) if k else None
+        else:
+            tokens, logprobs = link.recv_tokens(len(requests))
         for i, (r, token, logprob) in enumerate(zip(requests, tokens.tolist(), logprobs.tolist())):
             if token == r.eos_id:
                 self.finish(r, "stop")
                 continue
             r.tokens.append(token)
             r.logprobs.append(logprob)
-            if r.top_logprobs and alternatives is not None:
-                values, indices = alternatives.values[i, : r.top_logprobs], alternatives.indices[i, : r.top_logprobs]
-                r.top.append(list(zip(indices.tolist(), values.tolist())))
+            if r.top_logprobs and top is not None:  # the sampling rank's alone
+                r.top.append(list(zip(top.indices[i, : r.top_logprobs].tolist(), top.values[i, : r.top_logprobs].tolist())))
             if len(r.tokens) == r.max_tokens:
                 self.finish(r, "length")
         return requests

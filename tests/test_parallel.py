@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 
 from helpers import random_model, rel_error, tiny_args
 from mistral import MistralError, ModelArgs, Transformer, parallel
+from mistral.engine import Engine, Request
 from mistral.generation import generate
 from mistral.loading import TENSOR_SPLIT_DIM
 from mistral.tokenizer import Tokenizer
@@ -78,7 +79,20 @@ def run_checks(model: Transformer) -> dict[str, Any]:
     out["eos"] = generate(PROMPTS, model, max_tokens=MAX_TOKENS, eos_id=eos_id, micro_batches=2)
     out["sampled_1"] = generate(PROMPTS, model, max_tokens=MAX_TOKENS, micro_batches=1, **SAMPLING)
     out["sampled_2"] = generate(PROMPTS, model, max_tokens=MAX_TOKENS, micro_batches=2, **SAMPLING)
+    out["sampled_alone"] = generate(PROMPTS[:1], model, max_tokens=MAX_TOKENS, **SAMPLING)
+    out["engine"] = engine_run(model)
     return out
+
+
+def engine_run(model: Transformer) -> tuple[list[list[int]], list[list[float]]]:
+    """PROMPTS and one sampled request through the serving engine on 2 rows (the others wait),
+    prompts read 4 tokens a call beside the rows that decode: every rank submits the same."""
+    engine = Engine(model, max_batch=2, max_context=40, chunk_size=4)
+    requests = [engine.submit(Request(p, max_tokens=MAX_TOKENS)) for p in PROMPTS]
+    requests.append(engine.submit(Request(PROMPTS[0], max_tokens=MAX_TOKENS, **SAMPLING)))
+    while engine.busy:
+        engine.step()
+    return [r.tokens for r in requests], [r.logprobs for r in requests]
 
 
 def worker(rank: int, P: int, T: int, port: int, folders: dict[str, Path], out_dir: Path) -> None:
@@ -231,6 +245,21 @@ def test_greedy_tokens_equal_single_process(group: tuple, reference: dict, check
             for got, w in zip(r[kind][check][1], logprobs):
                 assert got == pytest.approx(w, rel=1e-4, abs=1e-4)
     assert any(len(t) < MAX_TOKENS for t in want(reference, "mistral", T)["eos"][0])  # eos did stop a sequence
+
+
+def test_the_engine_gives_every_rank_the_single_processes_tokens(group: tuple, reference: dict) -> None:
+    """Requests that wait for rows and join between calls: every rank ends with the tokens
+    the single process gives, which are generate()'s (the sampled one draws as generate's
+    single micro-batch does)."""
+    P, T, ranks = group
+    for kind in KINDS:
+        expected = want(reference, kind, T)
+        tokens, logprobs = expected["engine"]
+        assert tokens[: len(PROMPTS)] == expected["greedy_1"][0] and tokens[-1] == expected["sampled_alone"][0][0]
+        for r in ranks:
+            assert r[kind]["engine"][0] == tokens
+            for got, w in zip(r[kind]["engine"][1], logprobs):
+                assert got == pytest.approx(w, rel=1e-4, abs=1e-4)
 
 
 def test_sampling_is_the_same_on_every_rank(group: tuple, reference: dict) -> None:
