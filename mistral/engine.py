@@ -31,7 +31,7 @@ request alone would (the same math on other rows: equal up to float rounding).
 
 import itertools
 from collections import deque
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -75,6 +75,11 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def options(self) -> dict[str, Any]:
+        """What makes a new request like this one (for another rank of a tensor-parallel server)."""
+        return dict(prompt=self.prompt, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                    seed=self.seed, eos_id=self.eos_id, top_logprobs=self.top_logprobs)  # fmt: skip
 
 
 class Engine:

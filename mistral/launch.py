@@ -50,13 +50,14 @@ def started_by_a_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def run_ranks(world_size: int, argv: list[str]) -> int:
-    """Run `python -m mistral ARGV` as ranks 0..world_size-1 on this machine; returns the exit code."""
+def run_ranks(world_size: int, argv: list[str], seconds_to_end: float = SECONDS_TO_END) -> int:
+    """Run `python -m mistral ARGV` as ranks 0..world_size-1 on this machine; returns the exit code.
+    seconds_to_end: what the ranks have to end after a signal or a failed rank, before they are killed."""
     env = dict(
         os.environ, WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(_free_port()), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **{LAUNCHER_PID: str(os.getpid())},
     )  # fmt: skip
-    ranks = _Ranks([sys.executable, "-m", "mistral", *argv], world_size, env)
+    ranks = _Ranks([sys.executable, "-m", "mistral", *argv], world_size, env, seconds_to_end)
     try:
         return ranks.run()
     finally:
@@ -64,7 +65,8 @@ def run_ranks(world_size: int, argv: list[str]) -> int:
 
 
 class _Ranks:
-    def __init__(self, command: list[str], world_size: int, env: dict[str, str]):
+    def __init__(self, command: list[str], world_size: int, env: dict[str, str], seconds_to_end: float = SECONDS_TO_END):
+        self.seconds_to_end = seconds_to_end
         self.processes: list[subprocess.Popen] = []
         try:
             for r in range(world_size):
@@ -88,7 +90,7 @@ class _Ranks:
         finally:
             signal.signal(signal.SIGTERM, previous)
         killed = self._end() if failed is not None or self.asked is not None else []
-        deadline = time.monotonic() + SECONDS_TO_END
+        deadline = time.monotonic() + self.seconds_to_end
         for reader in self.readers:
             reader.join(timeout=max(deadline - time.monotonic(), 0))
         seen = set(self.shown)  # lines without their newline
@@ -99,7 +101,7 @@ class _Ranks:
                     sys.stderr.write(line)
         if failed is not None:
             for r in killed:
-                sys.stderr.write(f"error: rank {r} had not ended {SECONDS_TO_END:g} s after rank {failed} failed (stopped or hung): killed\n")
+                sys.stderr.write(f"error: rank {r} had not ended {self.seconds_to_end:g} s after rank {failed} failed (stopped or hung): killed\n")
             code = self.processes[failed].returncode
             return code if code > 0 else 128 - code  # as a shell reports a process that a signal ended
         return 0 if self.asked is None else 128 + self.asked
@@ -124,10 +126,10 @@ class _Ranks:
 
     def _end(self) -> list[int]:
         """Ask the ranks still running to end (SIGTERM, unless a signal already asked them); kill
-        those that have not after SECONDS_TO_END. Returns the ranks killed."""
+        those that have not after seconds_to_end. Returns the ranks killed."""
         if self.asked is None:
             self._signal(signal.SIGTERM)
-        deadline, killed = time.monotonic() + SECONDS_TO_END, []
+        deadline, killed = time.monotonic() + self.seconds_to_end, []
         for r, p in enumerate(self.processes):
             try:
                 p.wait(timeout=max(deadline - time.monotonic(), 0))

@@ -558,6 +558,7 @@ def serve(
     device: str | None = None,
     dtype: str | None = None,
     grace_s: float = 10.0,
+    num_tensor_ranks: int = 1,
 ) -> None:
     """Serve a model over HTTP with OpenAI's API: mistral serve [MODEL_DIR]. Needs pip install 'mistral[serve]'.
 
@@ -580,6 +581,8 @@ def serve(
         device: "cpu", "cuda", "cuda:1", ... (default: cuda when available).
         dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU).
         grace_s: seconds that running requests may take to finish after SIGTERM, before they are ended.
+        num_tensor_ranks: split every layer over this many processes (tensor parallelism, one GPU
+            each), which mistral starts; rank 0 serves HTTP and every rank runs each forward call.
     """
     try:
         import starlette  # noqa: F401
@@ -587,7 +590,7 @@ def serve(
     except ImportError:
         raise MistralError("mistral serve needs the optional extra: pip install 'mistral[serve]' (starlette, uvicorn)") from None
     from mistral.engine import Engine
-    from mistral.serve import model_name_of, serve as run_server
+    from mistral.serve import Plans, follow, model_name_of, serve as run_server
 
     folder = DEFAULT_MODEL if model_dir is None else Path(str(model_dir))
     host = str(host)
@@ -601,9 +604,20 @@ def serve(
             check_positive_int(value, name)
     if not is_number(grace_s) or not 0 <= grace_s < 1e6:
         raise MistralError(f"grace_s must be a number of seconds in [0, 1e6), got {grace_s!r}")
-    model, tokenizer = load(folder, device, dtype)
+    ranks = check_positive_int(num_tensor_ranks, "num_tensor_ranks")
+    if ranks > 1 and not launch.started_by_a_launcher():
+        check_device(device)
+        check_layout(folder, 1, ranks, None)
+        # The ranks have grace_s to end after a signal, and a few seconds more to say goodbye.
+        sys.exit(launch.run_ranks(ranks, sys.argv[1:], seconds_to_end=grace_s + launch.SECONDS_TO_END))
+    model, tokenizer = load(folder, device, dtype, num_tensor_ranks=ranks)
     engine = Engine(model, max_batch=max_batch, max_context=max_context, chunk_size=chunk_size)
-    run_server(engine, tokenizer, model_name_of(folder) if model_name is None else str(model_name), host, port, max_queue, grace_s)
+    plans = Plans() if ranks > 1 else None  # every rank makes the group, in the same order
+    if plans is not None and model.layout.world_rank > 0:
+        follow(engine, plans)
+        return
+    name = model_name_of(folder) if model_name is None else str(model_name)
+    run_server(engine, tokenizer, name, host, port, max_queue, grace_s, plans)
 
 
 COMMANDS = {"generate": generate, "chat": chat, "serve": serve, "convert": convert, "quantize": quantize}

@@ -43,12 +43,63 @@ class Update:
     error: Optional[str] = None
 
 
+class Plans:
+    """A tensor-parallel server's messages from rank 0, which alone serves HTTP, to the other
+    ranks: before each forward call, the requests that join and those that end, and whether
+    the call runs. Idle, rank 0 sends an empty plan every HEARTBEAT_S, so that the others,
+    which wait for one at most MISTRAL_TIMEOUT_S, end when rank 0 is gone, not when nobody asks.
+    Over a gloo group of its own: plans are small Python objects, on the host."""
+
+    HEARTBEAT_S = 1.0
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        from mistral import parallel
+
+        self.dist, self.answered = dist, parallel.answered
+        self.group = dist.new_group(backend="gloo", timeout=parallel.timeout())
+
+    def send(self, plan: Optional[tuple[list, bool]]) -> None:
+        self.dist.broadcast_object_list([plan], src=0, group=self.group)
+
+    def receive(self) -> Optional[tuple[list, bool]]:
+        """(what happens before the call, whether it runs), or None: the server has ended."""
+        message: list[Any] = [None]
+        with self.answered():
+            self.dist.broadcast_object_list(message, src=0, group=self.group)
+        return message[0]
+
+
+def follow(engine: Engine, plans: Plans) -> None:
+    """A rank > 0 of a tensor-parallel server: run the calls rank 0 plans, on the same requests, until it ends.
+    Signals are rank 0's to act on (mistral's launcher sends them to every rank)."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    requests: dict[int, Request] = {}
+    while (plan := plans.receive()) is not None:
+        changes, runs = plan
+        for kind, item in changes:
+            if kind == "submit":
+                r = engine.submit(Request(**item))
+                requests[r.arrival] = r
+            else:
+                arrival, reason = item
+                engine.finish(requests[arrival], reason)
+        if runs:
+            engine.step()
+        requests = {a: r for a, r in requests.items() if not r.finished}
+
+
 class Worker:
     """The engine's thread: it takes requests and ends them between forward calls, and calls
-    each request's listener with what every call brought it."""
+    each request's listener with what every call brought it. With `plans`, every call is
+    planned for the other ranks of a tensor-parallel server first."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, engine: Engine, plans: Optional[Plans] = None):
+        self.engine, self.plans = engine, plans
         self.inbox: "queue.SimpleQueue[tuple[str, Any]]" = queue.SimpleQueue()
         self.wake = threading.Event()
         self.listeners: dict[Request, Callable[[Update], None]] = {}
@@ -78,45 +129,58 @@ class Worker:
 
     def _run(self) -> None:
         while True:
-            self.wake.wait()
-            self.wake.clear()
-            while True:
-                self._take_inbox()
-                if self.closing:
-                    for request in list(self.listeners):
-                        self.engine.finish(request)
-                        self._tell(request)
-                    return
-                if not self.engine.busy:
-                    break
-                try:
-                    changed = self.engine.step()
-                except Exception as e:  # a model that fails (NaN logits, out of memory) fails what runs, not the server
-                    self._fail_all(f"{type(e).__name__}: {e}" if not isinstance(e, MistralError) else str(e))
-                    continue
-                for request in changed:
+            if not self.engine.busy:
+                self.wake.wait(Plans.HEARTBEAT_S if self.plans else None)
+                self.wake.clear()
+            changes = self._take_inbox()
+            if self.closing:
+                for request in list(self.listeners):
+                    self.engine.finish(request)
                     self._tell(request)
+                if self.plans:
+                    self.plans.send(None)
+                return
+            runs = self.engine.busy
+            if self.plans:
+                self.plans.send((changes, runs))
+            if not runs:
+                continue
+            try:
+                changed = self.engine.step()
+            except Exception as e:  # a model that fails (NaN logits, out of memory) fails what runs, not the server
+                self._fail_all(f"{type(e).__name__}: {e}" if not isinstance(e, MistralError) else str(e))
+                continue
+            for request in changed:
+                self._tell(request)
 
-    def _take_inbox(self) -> None:
+    def _take_inbox(self) -> list[tuple[str, Any]]:
+        """Apply what the HTTP side asked for; returns it as a plan's changes."""
+        changes: list[tuple[str, Any]] = []
+
+        def finish(request: Request, reason: str) -> None:
+            self.engine.finish(request, reason)
+            changes.append(("finish", (request.arrival, reason)))
+
         while True:
             try:
                 kind, item = self.inbox.get_nowait()
             except queue.Empty:
-                return
+                return changes
             if kind == "submit":
                 request, listener = item
                 self.listeners[request], self.seen[request] = listener, 0
                 self.engine.submit(request)  # checked in the HTTP thread already
+                changes.append(("submit", request.options()))
                 if request.finished:  # max_tokens 0
                     self._tell(request)
             elif kind == "finish":
                 request, reason = item
                 if request in self.listeners:
-                    self.engine.finish(request, reason)
+                    finish(request, reason)
                     self._forget(request)
             else:  # finish_all
                 for request in list(self.listeners):
-                    self.engine.finish(request)
+                    finish(request, "cancelled")
                     self._tell(request)
 
     def _tell(self, request: Request) -> None:
@@ -143,9 +207,9 @@ class Worker:
 class Server:
     """What the HTTP handlers share: the model's name, tokenizer, engine and worker, and the admission count."""
 
-    def __init__(self, engine: Engine, tokenizer: ChatTokenizer, model_name: str, max_queue: int):
+    def __init__(self, engine: Engine, tokenizer: ChatTokenizer, model_name: str, max_queue: int, plans: Optional[Plans] = None):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
-        self.worker = Worker(engine)
+        self.worker = Worker(engine, plans)
         self.max_waiting = len(engine.rows) + max_queue  # requests running or waiting
         self.outstanding = 0  # in the HTTP thread: requests handed to the worker, not finished
         self.closing = False
@@ -340,15 +404,17 @@ def app(server: Server) -> Any:
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: wrong_method, Exception: failed})
 
 
-def serve(engine: Engine, tokenizer: ChatTokenizer, model_name: str, host: str, port: int, max_queue: int, grace_s: float) -> None:
+def serve(engine: Engine, tokenizer: ChatTokenizer, model_name: str, host: str, port: int, max_queue: int, grace_s: float,
+          plans: Optional[Plans] = None) -> None:  # fmt: skip
     """Serve until SIGTERM or Ctrl-C: then accept nothing new, let what runs finish for up to
-    grace_s seconds, end the rest, and exit as the signal asks (SystemExit 143 or 130)."""
+    grace_s seconds, end the rest, and exit as the signal asks (SystemExit 143 or 130).
+    plans: on rank 0 of a tensor-parallel server, the other ranks' messages (they `follow`)."""
     import contextlib
     import signal
 
     import uvicorn
 
-    server = Server(engine, tokenizer, model_name, max_queue)
+    server = Server(engine, tokenizer, model_name, max_queue, plans)
     signals: list[int] = []
 
     class HTTPServer(uvicorn.Server):
@@ -391,7 +457,12 @@ def serve(engine: Engine, tokenizer: ChatTokenizer, model_name: str, host: str, 
             await asyncio.to_thread(server.worker.close)
 
     loop: Any = None
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:  # an error on the way (the port in use): the worker, and the other ranks, end too
+        server.closing = True
+        if server.worker.thread.is_alive():
+            server.worker.close()
     if not http.started:
         raise MistralError(f"cannot serve on {host}:{port} (in use, or not an address of this machine?)")
     if signals:

@@ -40,9 +40,10 @@ class Served:
         command = [sys.executable, "-m", "mistral", "serve", "--port", "0", *options]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         assert self.process.stderr is not None
-        line = self.process.stderr.readline()  # the line that says where it listens, once it does
-        found = re.search(r"on (http://\S+) \(", line)
-        assert found, line + self.process.stderr.read()
+        lines: list[str] = []
+        while not (found := re.search(r"on (http://\S+) \(", lines[-1] if lines else "")):  # where it listens, once it does
+            lines.append(self.process.stderr.readline())
+            assert lines[-1], "".join(lines)  # it ended before
         self.url = found.group(1)
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=120)
 
@@ -290,3 +291,22 @@ def test_a_full_queue_gets_429_and_sigterm_ends_the_server_while_requests_run() 
     assert time.monotonic() - started < 20 and not reader.is_alive()
     assert code == 128 + signal.SIGTERM and "Traceback" not in err, err
     assert len(chunks) >= 3
+
+
+def test_a_tensor_parallel_server_answers_as_one_process_does(model: Transformer) -> None:
+    """Two tensor ranks, started by mistral: rank 0 serves HTTP, both run every forward call on
+    the requests rank 0 plans; SIGTERM ends both (the other rank waits for rank 0's word)."""
+    server = Served("--num_tensor_ranks", "2", "--device", "cpu", "--max_batch", "4", "--grace_s", "1")
+    try:
+        jobs = [(PROMPTS[i], 6 + 3 * i) for i in range(6)]
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda job: server.client.completions.create(
+                model=MODEL, prompt=job[0], max_tokens=job[1], temperature=0).choices[0].text, jobs))  # fmt: skip
+        assert answers == [expected(model, TOKENIZER.encode(p, bos=True), n)[0] for p, n in jobs]
+        chunks = server.client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=10, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in chunks) == expected(model, TOKENIZER.encode(PROMPTS[0], bos=True), 10)[0]
+        time.sleep(2.5)  # idle past two heartbeats: the other rank still waits for rank 0's plans
+        assert server.health() == {"status": "ok", "running": 0, "waiting": 0}
+    finally:
+        code, err = server.stop()
+    assert code == 128 + signal.SIGTERM and "Traceback" not in err and "error" not in err, err
