@@ -39,7 +39,7 @@ def run(engine: Engine, requests: list[Request], arrivals: list[int]) -> int:
     return steps
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=40, deadline=None, derandomize=True, report_multiple_bugs=False)
 @given(
     window=st.sampled_from([4, 8, None]),
     specs=st.lists(st.tuples(st.integers(1, 20), st.integers(1, 12), st.integers(0, 12)), min_size=1, max_size=7),
