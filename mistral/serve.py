@@ -14,6 +14,7 @@ string, is ended, and its cache row is free for the next call.
 """
 
 import asyncio
+import contextlib
 import functools
 import json
 import queue
@@ -348,7 +349,7 @@ def app(server: Server) -> Any:
     """The Starlette application of `server`."""
     from starlette.applications import Starlette
     from starlette.requests import Request as HTTPRequest
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     def error(e: BadRequest) -> JSONResponse:
@@ -373,11 +374,24 @@ def app(server: Server) -> Any:
                     if server.closing:
                         raise BadRequest("the server is shutting down", status=503)
                     return StreamingResponse(server.events(params), media_type="text/event-stream")
-                return JSONResponse(await server.answer(params))
+                body = await while_connected(http, server.answer(params))
+                return JSONResponse(body) if body is not None else Response(status_code=499)  # nginx's "client closed request"
             except BadRequest as e:
                 return error(e)
 
         return handle
+
+    async def while_connected(http: HTTPRequest, answer: Any) -> Optional[dict]:
+        """The whole answer, or None if the client leaves first: then its requests end (their rows are free)."""
+        task = asyncio.ensure_future(answer)
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.1)
+            if not task.done() and await http.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return None
+        return task.result()
 
     async def health(http: HTTPRequest) -> JSONResponse:
         engine = server.engine
@@ -409,7 +423,6 @@ def serve(engine: Engine, tokenizer: ChatTokenizer, model_name: str, host: str, 
     """Serve until SIGTERM or Ctrl-C: then accept nothing new, let what runs finish for up to
     grace_s seconds, end the rest, and exit as the signal asks (SystemExit 143 or 130).
     plans: on rank 0 of a tensor-parallel server, the other ranks' messages (they `follow`)."""
-    import contextlib
     import signal
 
     import uvicorn

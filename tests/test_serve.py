@@ -211,6 +211,24 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(served: Served) -> None:
     assert served.health() == {"status": "ok", "running": 0, "waiting": 0}
 
 
+def test_a_client_that_leaves_before_a_whole_answer_frees_its_row(served: Served) -> None:
+    import socket
+
+    host, port = served.url.removeprefix("http://").split(":")
+    body = json.dumps({"model": MODEL, "prompt": "def f():", "max_tokens": 20000, "temperature": 0}).encode()
+    with socket.create_connection((host, int(port))) as connection:
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not served.health()["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert served.health()["running"] == 1
+    deadline = time.monotonic() + 10
+    while served.health()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert served.health() == {"status": "ok", "running": 0, "waiting": 0}
+
+
 BAD = [
     ("/v1/completions", b"{not json", 400, None),
     ("/v1/completions", b"\xff\xfe", 400, None),
