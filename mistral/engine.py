@@ -16,17 +16,23 @@ Each `Engine.step` is one forward call:
   4, ...) that holds every busy row, replayed on CUDA from a graph captured per bucket;
   a free row below n decodes a placeholder that nobody reads.
 
-Worked example, 4 rows, chunk_size 4: A (decoding) in row 0, B (a prompt of 6 tokens,
-2 read) in row 1, C (a new prompt of 3) arrives:
+Worked example, 4 rows, chunk_size 4: A decodes in row 0, B (a prompt of 6 tokens, 2 of
+them read) is in row 1, and C, a new prompt of 3, arrives:
 
-    rows      = [A, B, C, -]              C takes the first free row
-    seqlens   = [1, 4, 0, 0]              A's last token; B, the oldest prompt, takes the budget
-    sampled   = A                         B has 0 of its tokens left to read, C all 3
-    next call = [1, 0, 3, 0]              A; B samples its first token (from the last call) ...
+    rows     [A, B, C, -]       C takes the first free row
+    call 1   [1, 4, 0, 0]       A's last token; B, the older prompt, the 4 tokens it has left
+                                (samples: A, and B, whose prompt is read whole)
+    call 2   [1, 1, 3, 0]       A and B decode; C's 3 tokens fit the budget (samples: A, B, C)
+    call 3   a decode step on rows 0..3 (the bucket of 4; row 3 decodes a placeholder)
 
 Each request samples with its own options and its own generator, so a seeded request
 draws the same numbers whatever runs beside it, and greedy ones give the tokens that the
 request alone would (the same math on other rows: equal up to float rounding).
+
+On several ranks (tensor parallel, pipeline stages), every rank's engine runs the same
+calls on the same requests, submitted and ended in the same order (a tensor-parallel
+server's rank 0 sends the others its plan: mistral/serve.py); the sampling rank's tokens
+reach the others once per call.
 """
 
 import itertools

@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+from mistral.engine import MAX_TOP_LOGPROBS
 from mistral.errors import is_int, is_number
 from mistral.tokenizer import ChatTokenizer, Message
 from mistral.text import Completion
@@ -21,7 +22,6 @@ from mistral.text import Completion
 MAX_N = 16  # choices per request
 MAX_STOPS = 4  # OpenAI's limit on stop strings
 MAX_LOGPROBS = 5  # completions' logprobs
-MAX_TOP_LOGPROBS = 20  # chat's top_logprobs
 
 
 class BadRequest(ValueError):

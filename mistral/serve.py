@@ -215,8 +215,11 @@ class Server:
         self.outstanding = 0  # in the HTTP thread: requests handed to the worker, not finished
         self.closing = False
 
-    def requests(self, params: Params) -> list[Request]:
-        """The engine requests of a checked request: each prompt n times (choice i samples with seed + i)."""
+    def admit(self, params: Params) -> list[Request]:
+        """The engine requests of a checked request (each prompt n times; choice i samples with
+        seed + i), if they fit the context and the server has room for them."""
+        if self.closing:
+            raise BadRequest("the server is shutting down", status=503)
         out = []
         for prompt in params.prompts:
             max_tokens = params.max_tokens
@@ -231,16 +234,13 @@ class Server:
                 self.engine.check(r)
             except MistralError as e:
                 raise BadRequest(str(e), "messages" if params.chat else "prompt", "context_length_exceeded") from None
+        if self.outstanding + len(out) > self.max_waiting:
+            raise BadRequest(f"the server is busy ({self.outstanding} requests run or wait): try again later", code="busy", status=429)
         return out
 
-    async def run(self, params: Params) -> AsyncIterator[tuple[Choice, str]]:
-        """Run a checked request; yields (choice, new text) as the engine's steps come in, until every choice has finished.
-        Leaving early (a client gone) ends the requests still running."""
-        if self.closing:
-            raise BadRequest("the server is shutting down", status=503)
-        requests = self.requests(params)
-        if self.outstanding + len(requests) > self.max_waiting:
-            raise BadRequest(f"the server is busy ({self.outstanding} requests run or wait): try again later", code="busy", status=429)
+    async def run(self, params: Params, requests: list[Request]) -> AsyncIterator[tuple[Choice, str]]:
+        """Run a request's admitted engine requests; yields (choice, new text) as the engine's steps
+        come in, until every choice has finished. Leaving early (a client gone) ends those still running."""
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue[tuple[int, Update]] = asyncio.Queue()
         choices = [Choice(i, Completion(self.tokenizer, r.prompt), params.stop) for i, r in enumerate(requests)]
@@ -266,11 +266,11 @@ class Server:
                 self.worker.finish(requests[i])
             self.outstanding -= len(running)
 
-    async def answer(self, params: Params) -> dict:
+    async def answer(self, params: Params, requests: list[Request]) -> dict:
         """The whole answer's body."""
         choices: dict[int, Choice] = {}
         texts: dict[int, list[str]] = {}
-        async for choice, text in self.run(params):
+        async for choice, text in self.run(params, requests):
             choices[choice.index] = choice
             texts.setdefault(choice.index, []).append(text)
         body = []
@@ -286,26 +286,19 @@ class Server:
         return {
             "id": new_id("chatcmpl" if params.chat else "cmpl"), "object": "chat.completion" if params.chat else "text_completion",
             "created": now(), "model": self.model_name, "choices": body,
-            "usage": usage(sum(len(c.completion.prompt_tokens) for c in choices.values()),
-                           sum(len(c.completion.tokens) for c in choices.values())),
+            "usage": usage(sum(map(len, params.prompts)), sum(len(c.completion.tokens) for c in choices.values())),
         }  # fmt: skip
 
-    async def events(self, params: Params) -> AsyncIterator[str]:
-        """The answer as server-sent events: a chunk per step and choice, [DONE] last."""
+    async def events(self, params: Params, requests: list[Request]) -> AsyncIterator[str]:
+        """The answer as server-sent events: a chunk per step and choice, [DONE] last. A failure
+        once the stream has begun (the model's) is an event with OpenAI's error body."""
         kind, object_name = ("chatcmpl", "chat.completion.chunk") if params.chat else ("cmpl", "text_completion")
         head = {"id": new_id(kind), "object": object_name, "created": now(), "model": self.model_name}
-        run = self.run(params)
+        run = self.run(params, requests)
         choices: dict[int, Choice] = {}
-        try:
-            first = await anext(run, None)  # errors before the first event become a status, not a broken stream
-        except BadRequest as e:
-            yield _event(e.body())
-            return
         shown: dict[int, int] = {}  # tokens whose logprobs went out, per choice
-        step = first
         try:
-            while step is not None:
-                choice, text = step
+            async for choice, text in run:
                 i = choice.index
                 if params.chat and i not in choices:
                     yield _event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
@@ -321,15 +314,13 @@ class Server:
                     else:
                         entry.update(text=text, logprobs=logprobs)
                     yield _event({**head, "choices": [entry]})
-                step = await anext(run, None)
         except BadRequest as e:
             yield _event(e.body())
             return
         finally:
             await run.aclose()
         if params.include_usage:
-            prompt = sum(len(c.completion.prompt_tokens) for c in choices.values())
-            yield _event({**head, "choices": [], "usage": usage(prompt, sum(len(c.completion.tokens) for c in choices.values()))})
+            yield _event({**head, "choices": [], "usage": usage(sum(map(len, params.prompts)), sum(len(c.completion.tokens) for c in choices.values()))})
         yield "data: [DONE]\n\n"
 
 
@@ -369,12 +360,10 @@ def app(server: Server) -> Any:
         async def handle(http: HTTPRequest) -> Any:
             try:
                 params = parse(await body_of(http), server.tokenizer, server.model_name)
+                requests = server.admit(params)  # before a stream's status line goes out
                 if params.stream:
-                    server.requests(params)  # the checks a stream must pass before its status line goes out
-                    if server.closing:
-                        raise BadRequest("the server is shutting down", status=503)
-                    return StreamingResponse(server.events(params), media_type="text/event-stream")
-                body = await while_connected(http, server.answer(params))
+                    return StreamingResponse(server.events(params, requests), media_type="text/event-stream")
+                body = await while_connected(http, server.answer(params, requests))
                 return JSONResponse(body) if body is not None else Response(status_code=499)  # nginx's "client closed request"
             except BadRequest as e:
                 return error(e)

@@ -303,6 +303,8 @@ def test_a_full_queue_gets_429_and_sigterm_ends_the_server_while_requests_run() 
         time.sleep(0.05)
     with pytest.raises(openai.RateLimitError, match="busy"):
         server.client.completions.create(model=MODEL, prompt="x", max_tokens=3)
+    with pytest.raises(openai.RateLimitError, match="busy"):  # a stream too: a status, before it begins
+        server.client.completions.create(model=MODEL, prompt="x", max_tokens=3, stream=True)
     started = time.monotonic()
     code, err = server.stop()
     reader.join(timeout=30)
