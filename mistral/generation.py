@@ -76,8 +76,8 @@ def check_draft(draft: Any, model: Transformer, speculate: int) -> None:
     if not speculate:
         raise MistralError("a draft model proposes tokens for speculative decoding: give speculate=K (--speculate K) too")
     check_model(draft)
-    if draft.layout.world_size > 1:
-        raise MistralError("the draft model must be whole on one process")
+    if draft.layout.world_size > 1 or model.layout.world_size > 1:
+        raise MistralError("speculation with a draft model runs on one process (prompt lookup runs on several)")
     if draft.args.vocab_size != model.args.vocab_size:
         raise MistralError(f"the draft model's vocabulary ({draft.args.vocab_size} tokens) is not the model's ({model.args.vocab_size})")
     if draft.device != model.device:
@@ -248,7 +248,7 @@ def stream(
 
     speculate: propose up to this many tokens per row and step by prompt lookup, and check
     them in one forward call (mistral/speculate.py): greedy output is the same token for
-    token, sampled output follows the same distribution; on one process, without a cache.
+    token, sampled output follows the same distribution; in one micro-batch, without a cache.
     draft: with speculate, a smaller model of the same vocabulary (on the same device)
     whose own tokens are the proposals instead.
 
@@ -273,8 +273,8 @@ def stream(
         stage = Stage(model)
     elif not isinstance(stage, Stage) or stage.model is not model:
         raise MistralError("stage must be a Stage of this model (Stage(model))")
-    if speculate and (cache is not None or model.layout.world_size > 1 or (micro_batches or 1) > 1):
-        raise MistralError("speculative decoding runs on one process, in one micro-batch, without a given cache")
+    if speculate and (cache is not None or (micro_batches or 1) > 1):
+        raise MistralError("speculative decoding runs in one micro-batch, without a given cache")
     if draft is not None:
         check_draft(draft, model, speculate)
     if max_tokens == 0:

@@ -269,7 +269,7 @@ def generate(
             of the params.json beside it) to merge into the weights at load.
         speculate: propose up to this many tokens a step by prompt lookup (what followed the last
             words where they occurred before), checked in one forward call; greedy output is the same,
-            token for token, and sampled output follows the same distribution. One process only.
+            token for token, and sampled output follows the same distribution.
         draft: with --speculate, a model folder of a smaller model with the same tokenizer, whose
             own tokens are the proposals instead of prompt lookup's.
     """
@@ -285,8 +285,10 @@ def generate(
     if temperature == 0 and top_p != 1:
         print("note: --top_p has no effect at --temperature 0, which decodes greedily", file=sys.stderr)
     world_size = check_positive_int(num_pipeline_ranks, "num_pipeline_ranks") * check_positive_int(num_tensor_ranks, "num_tensor_ranks")
-    if speculate and world_size > 1:
-        raise MistralError("--speculate runs on one process: leave out --num_tensor_ranks and --num_pipeline_ranks")
+    if speculate and micro_batches not in (None, 1):
+        raise MistralError("--speculate runs the prompts in one micro-batch: leave out --micro_batches")
+    if draft is not None and world_size > 1:
+        raise MistralError("--draft runs on one process (--speculate alone runs on several): leave out --num_tensor_ranks and --num_pipeline_ranks")
     if draft is not None and not speculate:
         raise MistralError("--draft proposes tokens for speculative decoding: give --speculate K too")
     if draft is not None and not is_dir(Path(str(draft))):

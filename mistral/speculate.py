@@ -33,6 +33,7 @@ from mistral.cache import RotatingBufferCache, prefill_calls
 from mistral.errors import MistralError
 from mistral.sampling import NON_FINITE, probabilities, sample_step
 from mistral.model import Transformer
+from mistral.parallel import Link
 from mistral.stage import Stage
 
 # The n-grams prompt lookup searches for, longest first.
@@ -89,11 +90,15 @@ def speculative_stream(
     last_logits: list[Optional[torch.Tensor]] = [None] * B
     for call in prefill_calls(encoded_prompts, chunk):
         out = stage.forward(runner, call.input_ids, call.seqlens, list(call.ends.values()))
-        assert out is not None
-        for i, b in enumerate(call.ends):  # a prompt's last logits come from the call where it ends
-            last_logits[b] = out[i]
-    first, first_logprobs, finite = sample_step(torch.stack(last_logits), temperature, top_p, generator)  # type: ignore[arg-type]
-    _check_finite(finite)
+        for i, b in enumerate(call.ends if out is not None else ()):  # a prompt's last logits come from the call where it ends
+            last_logits[b] = out[i]  # type: ignore[index]
+    link = stage.link  # on several ranks the sampling rank chooses, and tells the others
+    if link.samples:
+        first, first_logprobs, finite = sample_step(torch.stack(last_logits), temperature, top_p, generator)  # type: ignore[arg-type]
+        _check_finite(finite)
+        _send(link, first, first_logprobs)
+    else:
+        first, first_logprobs = link.recv_tokens(B)
     for b, (t, lp) in enumerate(zip(first.tolist(), first_logprobs.tolist())):
         _take(b, [t], [lp], history, tokens, logprobs, done, eos_id)
     yielded = 0
@@ -117,10 +122,15 @@ def speculative_stream(
             seqlens = [len(fed[b]) if b in fed else 0 for b in range(B)]
             before = list(cache.lengths[:B])
             out = stage.forward(runner, sum((fed[b] for b in rows), []), seqlens, list(range(sum(seqlens))))
-            assert out is not None
-            _check_finite(torch.isfinite(out).all())
-            q = None if drafted is None else [drafted[b] for b in rows]
-            chosen = _choose(out, [len(fed[b]) for b in rows], [proposals[b] for b in rows], temperature, top_p, generator, q)
+            counts = [len(fed[b]) for b in rows]
+            if link.samples:
+                assert out is not None
+                _check_finite(torch.isfinite(out).all())
+                q = None if drafted is None else [drafted[b] for b in rows]
+                chosen = _choose(out, counts, [proposals[b] for b in rows], temperature, top_p, generator, q)
+                _send(link, *_packed(chosen, counts, model.device))
+            else:
+                chosen = _unpacked(*link.recv_tokens(sum(counts)), counts)
             for b, (new, new_logprobs) in zip(rows, chosen):
                 accepted = len(new) - 1  # proposals kept; the last token is the model's own
                 cache.rewind(b, before[b] + 1 + accepted)  # the fed last token and the kept proposals stay
@@ -230,6 +240,31 @@ class Drafter:
         """Keep what the target keeps, of what this cache holds."""
         if self.cache.lengths[row] > length:
             self.cache.rewind(row, length)
+
+
+def _send(link: Link, tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
+    """The sampling rank's choice to every other rank, which waits for it now (a send still
+    pending at the end of the stream would never arrive)."""
+    link.send_tokens(tokens, logprobs)
+    link.flush()
+
+
+def _packed(chosen: list[tuple[list[int], list[float]]], counts: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's kept tokens in the counts[r] places it was fed, -1 after them: one message of known size."""
+    tokens, logprobs = [], []
+    for (new, new_logprobs), count in zip(chosen, counts):
+        tokens += new + [-1] * (count - len(new))
+        logprobs += new_logprobs + [0.0] * (count - len(new))
+    return torch.tensor(tokens, device=device), torch.tensor(logprobs, device=device)
+
+
+def _unpacked(tokens: torch.Tensor, logprobs: torch.Tensor, counts: list[int]) -> list[tuple[list[int], list[float]]]:
+    """What `_packed` packed."""
+    out = []
+    for row, row_logprobs in zip(tokens.split(counts), logprobs.split(counts)):
+        n = int((row >= 0).sum())
+        out.append((row[:n].tolist(), row_logprobs[:n].tolist()))
+    return out
 
 
 def _take(b: int, new: list[int], new_logprobs: list[float], history: list[list[int]], tokens: list[list[int]],

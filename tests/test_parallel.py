@@ -80,6 +80,8 @@ def run_checks(model: Transformer) -> dict[str, Any]:
     out["sampled_1"] = generate(PROMPTS, model, max_tokens=MAX_TOKENS, micro_batches=1, **SAMPLING)
     out["sampled_2"] = generate(PROMPTS, model, max_tokens=MAX_TOKENS, micro_batches=2, **SAMPLING)
     out["sampled_alone"] = generate(PROMPTS[:1], model, max_tokens=MAX_TOKENS, **SAMPLING)
+    out["speculated"] = generate(PROMPTS, model, max_tokens=MAX_TOKENS, speculate=3)
+    out["speculated_sampled"] = generate(PROMPTS, model, max_tokens=MAX_TOKENS, speculate=3, **SAMPLING)
     out["engine"] = engine_run(model)
     return out
 
@@ -260,6 +262,20 @@ def test_the_engine_gives_every_rank_the_single_processes_tokens(group: tuple, r
             assert r[kind]["engine"][0] == tokens
             for got, w in zip(r[kind]["engine"][1], logprobs):
                 assert got == pytest.approx(w, rel=1e-4, abs=1e-4)
+
+
+def test_speculation_gives_every_rank_the_single_processes_tokens(group: tuple, reference: dict) -> None:
+    """Prompt lookup on several ranks: every rank proposes alike, the sampling rank chooses and
+    tells the others, whose caches keep what it kept; greedy, plain greedy decoding's tokens."""
+    P, T, ranks = group
+    for kind in KINDS:
+        expected = want(reference, kind, T)
+        assert expected["speculated"][0] == expected["greedy_1"][0]
+        for r in ranks:
+            assert r[kind]["speculated"][0] == expected["speculated"][0]
+            for got, w in zip(r[kind]["speculated"][1], expected["speculated"][1]):
+                assert got == pytest.approx(w, rel=1e-4, abs=1e-4)
+            assert r[kind]["speculated_sampled"][0] == expected["speculated_sampled"][0]
 
 
 def test_sampling_is_the_same_on_every_rank(group: tuple, reference: dict) -> None:

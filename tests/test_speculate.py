@@ -171,7 +171,7 @@ def test_speculation_with_a_given_cache_is_refused() -> None:
     from mistral import stream
 
     model = MODELS[8]
-    with pytest.raises(MistralError, match="speculative decoding runs on one process"):
+    with pytest.raises(MistralError, match="speculative decoding runs in one micro-batch, without a given cache"):
         list(stream([[1, 2]], model, max_tokens=2, speculate=2, cache=model.make_cache(1, 16)))
 
 
