@@ -75,8 +75,8 @@ def matvecs(results: dict, bandwidth: float) -> None:
             g, glu = torch.rand(K, device="cuda", dtype=torch.bfloat16) + 0.5, name == "w13"
             fused = "+norm+swiglu" if glu else "+norm"
             candidates |= {
-                f"bf16 triton {fused}": (lambda: [kernels.linear(x, w, None, g, 1e-5, glu) for w in ws], 2),
-                f"int8 triton {fused}": (lambda: [kernels.linear(x, q, s, g, 1e-5, glu) for q, s in qs], 1),
+                f"bf16 triton {fused}": (lambda: [kernels.linear(x, w, norm=g, eps=1e-5, glu=glu) for w in ws], 2),
+                f"int8 triton {fused}": (lambda: [kernels.linear(x, q, s, norm=g, eps=1e-5, glu=glu) for q, s in qs], 1),
             }
         for M in (8, 32):
             xm = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -109,7 +109,7 @@ def expert_matvecs(results: dict, bandwidth: float) -> None:
         experts = torch.tensor([5, 2], device="cuda")
         glu = name == "w13"
         candidates = {
-            "experts int8": lambda: [kernels.expert_matvec(x, q, experts, s, glu) for q, s in stacks],
+            "experts int8": lambda: [kernels.expert_matvec(x, q, experts, s, glu=glu) for q, s in stacks],
             "2 plain int8": lambda: [[kernels.linear(x[p : p + 1], q[e], s[e]) for p, e in enumerate((5, 2))] for q, s in stacks],
         }
         for label, fn in candidates.items():
