@@ -415,11 +415,12 @@ def write_folder(
 ) -> None:  # fmt: skip
     """Write params.json and consolidated.safetensors (and copies of `tokenizer` / `tokenizers`) into folder.
 
-    tensors: a state dict, or a stream that makes each tensor as it is written.
-    The files are written into a temporary folder beside it and moved in at the end: a
-    failure (a full disk, SIGTERM, a bad tensor met by a stream) leaves no folder that looks like a model but holds
-    only part of one, and no temporary folder either. A folder that already holds files
-    is refused: merged into, it would hold two models' files (two tokenizers, say).
+    tensors: a state dict, or a stream that makes each tensor as it is written. The files
+    are written into a temporary folder beside it and moved in at the end: a failure (a
+    full disk, SIGTERM, a bad tensor that a stream meets) leaves no folder that looks like
+    a model but holds only part of one, and no temporary folder either. A folder that
+    already holds files is refused: merged into, it would hold two models' files (two
+    tokenizers, say).
     """
     folder = Path(folder)
     check_writable(folder)

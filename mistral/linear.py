@@ -109,8 +109,8 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     levels, s = (max - min) / 15, q = round((W - min) / s) in 0..15, W ~ q * s + min, each
     weight within s / 2. Asymmetric (a minimum per group, as gpt-fast's int4 has a zero per
     group) rather than symmetric (codes -7..7, s = max|W| / 7): its step is at most 14/15 of
-    the symmetric one, and half of it for a group that lies on one side of zero, for one
-    more number per group (in bfloat16 on the GPU, 2 bytes per 128 weights of 64).
+    the symmetric one, and half of it for a group that lies on one side of zero, for a
+    second number per group (held in bfloat16 on the GPU: 2 bytes beside a group of 128's 64).
     """
     groups = w.float().unflatten(-1, (-1, group_size))  # [..., out, in / G, G]
     mins, maxs = groups.amin(dim=-1), groups.amax(dim=-1)

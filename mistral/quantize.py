@@ -25,7 +25,7 @@ import torch
 
 from mistral.args import QUANTIZATION_METHODS, ModelArgs, QuantArgs
 from mistral.checkpoint import (
-    PARAMS, Progress, Specs, TensorStream, check_writable, open_tensors, read_args, weights_path, write_folder,
+    DTYPES, PARAMS, Progress, Specs, TensorStream, check_writable, open_tensors, read_args, weights_path, write_folder,
 )  # fmt: skip
 from mistral.errors import MistralError
 from mistral.linear import quantize
@@ -103,6 +103,8 @@ def _check_source(path: Path, args: ModelArgs, specs: Specs) -> None:
             raise MistralError(f"{path}: {name} is {list(shape)}, params.json implies {list(expected[name])}")
         if not dtype.is_floating_point:
             raise MistralError(f"{path}: {name} holds {dtype} values, where a float weight belongs")
+        if dtype not in DTYPES.values():  # a .pth's float8, say: no model weight, and no safetensors name here
+            raise MistralError(f"{path}: {name} holds {dtype} values, which no model weight has")
 
 
 def _quantized(name: str, tensor: torch.Tensor, quantization: QuantArgs) -> dict[str, torch.Tensor]:
