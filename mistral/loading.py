@@ -76,7 +76,7 @@ class _Uninitialized(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func in self._FACTORIES:
             kwargs["device"] = self.device
-            kwargs["dtype"] = kwargs.get("dtype") or self.dtype  # an int8 weight stays int8
+            kwargs["dtype"] = kwargs.get("dtype") or self.dtype  # a quantized weight stays int8 (uint8 for int4)
             return torch.empty(*args, **kwargs)
         if func in self._INITIALIZERS:  # nn.init's functions name the tensor; Tensor's methods take it first
             return args[0] if args else kwargs["tensor"]
