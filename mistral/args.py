@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from mistral.errors import MistralError, check_positive_int, is_number, shown
+from mistral.errors import MistralError, check_positive_int, is_int, is_number, shown
 
 
 @dataclass
@@ -21,14 +21,19 @@ class MoeArgs:
             _check_positive_int(self, name)
 
 
-# Weight-only quantization methods this code reads (params.json "quantization": {"method": ...}).
-# int8: each linear layer's weight as int8, with one scale per output row (W = q * scale).
-QUANTIZATION_METHODS = ("int8",)
+# Weight-only quantization methods this code reads (params.json "quantization": {"method": ...}),
+# each projection weight stored as (mistral/linear.py has the formats):
+# int8: int8 codes with one scale per output row (W = q * scale);
+# int4: 4-bit codes, two a byte, with a scale and a minimum per group of `group_size`
+#       consecutive input columns (W = q * scale + min).
+QUANTIZATION_METHODS = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass
 class QuantArgs:
     method: str
+    group_size: Optional[int] = None  # int4's input columns per scale; int8 has none (a scale per row)
 
     def __post_init__(self) -> None:
         if self.method not in QUANTIZATION_METHODS:
@@ -36,6 +41,13 @@ class QuantArgs:
                 f"quantization method {self.method!r} is not one this version reads ({', '.join(QUANTIZATION_METHODS)}): "
                 "re-quantize the original folder with `mistral quantize`"
             )
+        sizes = ", ".join(map(str, INT4_GROUP_SIZES[:-1])) + f" or {INT4_GROUP_SIZES[-1]}"
+        if self.method == "int4" and self.group_size is None:
+            raise MistralError(f"quantization method 'int4' needs a group_size ({sizes})")
+        if self.method == "int4" and (not is_int(self.group_size) or self.group_size not in INT4_GROUP_SIZES):
+            raise MistralError(f"group_size {shown(self.group_size)}: int4 groups are {sizes} input columns")
+        if self.method != "int4" and self.group_size is not None:
+            raise MistralError(f"group_size {shown(self.group_size)}: {self.method} has one scale per output row (group sizes are int4's)")
 
 
 @dataclass
@@ -108,6 +120,11 @@ class ModelArgs:
             raise MistralError(
                 f"ModelArgs.moe: num_experts_per_tok={self.moe.num_experts_per_tok} must be in 1..num_experts={self.moe.num_experts}"
             )
+        group = self.quantization.group_size if self.quantization is not None else None
+        for name, width, reads in (("dim", self.dim, "wq, wk, wv, w1, w3"), ("n_heads * head_dim", self.n_heads * self.head_dim, "wo"),
+                                   ("hidden_dim", self.hidden_dim, "w2")):  # fmt: skip
+            if group is not None and width % group:
+                raise MistralError(f"int4 group_size={group} does not divide the model's {name}={width} (the input width of {reads})")
 
     @classmethod
     def from_json(cls, path: Path) -> "ModelArgs":
@@ -124,7 +141,10 @@ class ModelArgs:
         return _build(cls, {k: v for k, v in params.items() if k not in IGNORED_KEYS}, str(path))
 
     def to_json(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        params = dataclasses.asdict(self)
+        if self.quantization is not None:  # no "group_size": null for int8
+            params["quantization"] = {k: v for k, v in params["quantization"].items() if v is not None}
+        Path(path).write_text(json.dumps(params, indent=2) + "\n")
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -8,19 +8,20 @@ torch.load(weights_only=True), which cannot run code hidden in the pickle.
 import ctypes
 import dataclasses
 import json
+import math
 import os
 import shutil
 import struct
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from mistral.args import ModelArgs
 from mistral.errors import MistralError, shown
@@ -70,12 +71,13 @@ def check_dimensions(folder: Union[str, Path], args: ModelArgs) -> None:
     }  # fmt: skip
     if layers and args.n_layers > len(layers):  # more in the file: load_into names the extra tensors
         raise MistralError(f"{path}: holds {len(layers)} layers, but params.json says n_layers={args.n_layers}")
+    columns = args.dim // 2 if args.quantization is not None and args.quantization.method == "int4" else args.dim  # two a byte
     implied = {
         "tok_embeddings.weight": [args.vocab_size, args.dim],
-        "layers.0.attention.wq.weight": [args.n_heads * args.head_dim, args.dim],
-        "layers.0.attention.wk.weight": [args.n_kv_heads * args.head_dim, args.dim],
-        "layers.0.feed_forward.w1.weight": [args.hidden_dim, args.dim],
-        "layers.0.feed_forward.experts.0.w1.weight": [args.hidden_dim, args.dim],
+        "layers.0.attention.wq.weight": [args.n_heads * args.head_dim, columns],
+        "layers.0.attention.wk.weight": [args.n_kv_heads * args.head_dim, columns],
+        "layers.0.feed_forward.w1.weight": [args.hidden_dim, columns],
+        "layers.0.feed_forward.experts.0.w1.weight": [args.hidden_dim, columns],
     }
     for name, shape in implied.items():
         found = header.get(name, {}).get("shape") if isinstance(header.get(name), dict) else None
@@ -143,9 +145,20 @@ def load_into(
                 dtypes = {n: f.get_slice(n).get_dtype() for n in slices}
         except SafetensorError as e:
             raise MistralError(f"{path}: unreadable safetensors file ({e})") from None
-        _check_int8(path, {n: dtypes[n] == "I8" for n in slices}, slices)
+        _check_quantized(path, dtypes, slices)
         _check_float(path, dtypes, slices)
         return _read_safetensors(path, slices, tensor_rank, progress)
+    state = _load_pth(path)
+    _check(path, {n: tuple(t.shape) for n, t in state.items()}, expected, allow_extra)
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    dtypes = {n: names.get(state[n].dtype, str(state[n].dtype)) for n in slices}
+    _check_quantized(path, dtypes, slices)
+    _check_float(path, dtypes, slices)
+    _copy_each(slices, lambda n: state[n][part(n)], progress)
+
+
+def _load_pth(path: Path) -> dict[str, torch.Tensor]:
+    """A .pth checkpoint's tensors, memory-mapped (read when used)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for a bad pickle; all mean the same to a user
@@ -154,11 +167,50 @@ def load_into(
         raise MistralError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
     if not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise MistralError(f"{path}: expected a dict of tensors, found {sorted({type(t).__name__ for t in state.values()})}")
-    _check(path, {n: tuple(t.shape) for n, t in state.items()}, expected, allow_extra)
-    _check_int8(path, {n: state[n].dtype == torch.int8 for n in slices}, slices)
-    names = {dtype: name for name, dtype in DTYPES.items()}
-    _check_float(path, {n: names.get(state[n].dtype, str(state[n].dtype)) for n in slices}, slices)
-    _copy_each(slices, lambda n: state[n][part(n)], progress)
+    return state
+
+
+# Per tensor of a file: its dtype and shape (the header of a safetensors file; what a stream will write).
+Specs = dict[str, tuple[torch.dtype, tuple[int, ...]]]
+
+
+@contextmanager
+def open_tensors(path: Path) -> Iterator[tuple[Specs, Callable[[str], torch.Tensor]]]:
+    """A weights file's tensors, to read one at a time: (their dtypes and shapes, in the file's order; read(name)).
+
+    A safetensors file's header is read (and checked by safetensors) first, and each tensor
+    read into memory of its own, which goes when the caller lets the tensor go: a memory
+    map (safetensors' own reading) would keep every page read so far resident, the whole
+    file by the end. A .pth is memory-mapped (its pickle has no header to read apart).
+    """
+    if path.suffix != ".safetensors":
+        state = _load_pth(path)
+        yield {n: (t.dtype, tuple(t.shape)) for n, t in state.items()}, state.__getitem__
+        return
+    try:
+        with safe_open(str(path), framework="pt") as f:  # reads and checks the header only
+            names = list(f.keys())
+    except SafetensorError as e:
+        raise MistralError(f"{path}: unreadable safetensors file ({e})") from None
+    header, base = _header(path)
+    for n in names:
+        if header[n]["dtype"] not in DTYPES:
+            raise MistralError(f"{path}: {n} has dtype {header[n]['dtype']}, which no model weight has")
+    names.sort(key=lambda n: header[n]["data_offsets"][0])  # one pass through the file
+    specs = {n: (DTYPES[header[n]["dtype"]], tuple(header[n]["shape"])) for n in names}
+
+    def read(name: str) -> torch.Tensor:
+        begin, end = header[name]["data_offsets"]
+        data = torch.empty(end - begin, dtype=torch.uint8)
+        try:
+            _read_into(file, base + begin, data, path)
+        except OSError as e:
+            raise MistralError(f"{path}: cannot read ({e.strerror or e})") from None
+        dtype, shape = specs[name]
+        return data.view(dtype).view(shape)
+
+    with open(path, "rb", buffering=0) as file:
+        yield specs, read
 
 
 # safetensors' names of the dtypes a checkpoint may hold.
@@ -308,25 +360,67 @@ def _check_float(path: Path, dtypes: dict[str, str], slices: Slices) -> None:
             raise MistralError(f"{path}: {n} holds {dtypes[n]} values, where a float weight belongs")
 
 
-def _check_int8(path: Path, int8: dict[str, bool], slices: Slices) -> None:
-    """A quantized tensor goes only where params.json says one is (copying it into a float weight would run, wrongly)."""
-    wrong = [n for n, (view, _) in slices.items() if int8[n] != (view.dtype == torch.int8)]
-    if wrong:
-        n = wrong[0]
-        found, implied = ("int8", "a float tensor") if int8[n] else ("a float tensor", "int8")
-        raise MistralError(f"{path}: {n} is {found}, but params.json's 'quantization' implies {implied}")
+# The dtypes of quantized weights (mistral/linear.py), as an error names them.
+QUANTIZED_DTYPES = {torch.int8: "int8", torch.uint8: "int4 (uint8, two codes a byte)"}
+
+
+def _check_quantized(path: Path, dtypes: dict[str, str], slices: Slices) -> None:
+    """A quantized tensor goes only where params.json says one of its kind is (copied into a float
+    weight, or int8 codes read as int4 pairs, it would run, wrongly)."""
+    for n, (view, _) in slices.items():
+        found = DTYPES.get(dtypes[n])
+        if (found in QUANTIZED_DTYPES or view.dtype in QUANTIZED_DTYPES) and found != view.dtype:
+            held = QUANTIZED_DTYPES.get(found) or ("a float tensor" if found is not None and found.is_floating_point else dtypes[n])
+            implied = QUANTIZED_DTYPES.get(view.dtype, "a float tensor")
+            raise MistralError(f"{path}: {n} is {held}, but params.json's 'quantization' implies {implied}")
+
+
+@dataclass
+class TensorStream:
+    """Tensors to write one at a time: each one's dtype and shape known first (`specs`, in the
+    file's order), then `tensors` yields (name, tensor) in that order, each made just before it
+    is written and let go after, so a writer holds one tensor at a time, not the model."""
+
+    specs: Specs
+    tensors: Iterable[tuple[str, torch.Tensor]]
+
+    @classmethod
+    def of(cls, state_dict: Mapping[str, torch.Tensor]) -> "TensorStream":
+        return cls({n: (t.dtype, tuple(t.shape)) for n, t in state_dict.items()}, state_dict.items())
+
+
+def write_safetensors(path: Path, stream: TensorStream) -> None:
+    """A safetensors file, written a tensor at a time: the header first (8 bytes of its length,
+    little-endian, then JSON: per tensor its dtype, shape and data_offsets [begin, end) in the
+    data, padded with spaces to a multiple of 8 bytes), then each tensor's bytes, back to back."""
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (dtype, shape) in stream.specs.items():
+        end = offset + dtype.itemsize * math.prod(shape)
+        header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for (name, tensor), (want, (dtype, shape)) in zip(stream.tensors, stream.specs.items(), strict=True):
+            assert (name, tensor.dtype, tuple(tensor.shape)) == (want, dtype, shape), (name, want)
+            f.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
 
 
 def write_folder(
-    folder: Union[str, Path], args: ModelArgs, state_dict: dict[str, torch.Tensor], tokenizer: Optional[Path] = None,
-    *, tokenizers: Sequence[Path] = (),
-) -> None:
+    folder: Union[str, Path], args: ModelArgs, tensors: Union[Mapping[str, torch.Tensor], TensorStream],
+    tokenizer: Optional[Path] = None, *, tokenizers: Sequence[Path] = (),
+) -> None:  # fmt: skip
     """Write params.json and consolidated.safetensors (and copies of `tokenizer` / `tokenizers`) into folder.
 
-    The files are written into a temporary folder beside it and moved in at the end: a
-    failure (a full disk, SIGTERM) leaves no folder that looks like a model but holds
-    only part of one, and no temporary folder either. A folder that already holds files
-    is refused: merged into, it would hold two models' files (two tokenizers, say).
+    tensors: a state dict, or a stream that makes each tensor as it is written. The files
+    are written into a temporary folder beside it and moved in at the end: a failure (a
+    full disk, SIGTERM, a bad tensor that a stream meets) leaves no folder that looks like
+    a model but holds only part of one, and no temporary folder either. A folder that
+    already holds files is refused: merged into, it would hold two models' files (two
+    tokenizers, say).
     """
     folder = Path(folder)
     check_writable(folder)
@@ -335,20 +429,15 @@ def write_folder(
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         args.to_json(tmp / PARAMS)
-        save_file({n: t.detach().contiguous().cpu() for n, t in state_dict.items()}, str(tmp / SAFETENSORS))
+        write_safetensors(tmp / SAFETENSORS, tensors if isinstance(tensors, TensorStream) else TensorStream.of(tensors))
         for source in ([tokenizer] if tokenizer is not None else []) + list(tokenizers):
             shutil.copyfile(source, tmp / source.name)
-        mask = _umask()
-        for file in tmp.iterdir():
-            file.chmod(0o666 & ~mask)  # what a file written plainly gets (safetensors writes 0600)
-        tmp.chmod(0o777 & ~mask)
+        tmp.chmod(0o777 & ~_umask())  # what a folder made plainly gets (mkdtemp's is 0700)
         if folder.is_dir():
             folder.rmdir()  # empty (checked above)
         tmp.rename(folder)  # one rename of the whole folder: a SIGTERM leaves it complete or absent
     except OSError as e:
         raise MistralError(f"{folder}: cannot write ({e.strerror or e})") from None
-    except SafetensorError as e:  # its own error for the system's (a full disk)
-        raise MistralError(f"{folder}: cannot write ({str(e).splitlines()[0]})") from None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

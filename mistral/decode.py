@@ -8,7 +8,7 @@ alone:
 
 - `TransformerBlock.forward` is compiled by torch.compile, which fuses the pieces
   between the matmuls (norms, rotary, SwiGLU, residual adds) into a few kernels; at
-  batch 1 the matrix-vector kernel (mistral/kernels.py) takes in SwiGLU, and for int8
+  batch 1 the matrix-vector kernel (mistral/kernels.py) takes in SwiGLU, and for quantized
   weights the norms before wq|wk|wv and w1|w3. The cache update and attention stay
   eager (`model._cached_attention`), and so do the tensor-parallel all-reduces: hooks on the modules run as they do in eager mode.
   Prefill runs this way too.

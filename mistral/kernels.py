@@ -14,10 +14,14 @@
   (every program reads all of x anyway, so each sums its squares too) and SwiGLU's
   silu(y1) * y3 (a program reads rows of w1 and the same rows of w3). int8 weights w
   (weight-only quantization) with up to 64 rows: their rows are turned into x's dtype
-  in registers, so a decode step reads 1 byte per weight.
+  in registers, so a decode step reads 1 byte per weight. int4 weights (packed codes, a
+  scale and a minimum per group of columns) at one row: the same kernel unpacks each
+  byte's two codes and applies their group's scale and minimum in registers, half a byte
+  per weight read; more rows: the weight is turned into x's dtype whole for cuBLAS.
 
-Both take int8 weights with one scale per output row, or weights in x's dtype. Elsewhere
-(the CPU, no Triton) the same operators run in plain PyTorch: the reference.
+Both take weights in x's dtype, int8 weights with one scale per output row, or int4 ones
+(linear.Linear has the formats). Elsewhere (the CPU, no Triton) the same operators run in
+plain PyTorch: the reference, in float32 on the CPU.
 """
 
 import functools
@@ -63,23 +67,40 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     return nn.functional.silu(h1) * h3
 
 
+def dequantize_int4(w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int4 weights (linear.Linear's format) w: uint8 [..., N, K / 2], scales, mins [..., N, K / G] -> W [..., N, K]
+    in dtype, computed in float32: W[n, k] = q[n, k] * scales[n, k // G] + mins[n, k // G]."""
+    q = torch.stack((w & 15, w >> 4), dim=-1).flatten(-2)  # column 2j: byte j's low nibble; 2j + 1: its high one
+    groups = q.unflatten(-1, (scales.shape[-1], -1)).float()  # [..., N, K / G, G]
+    return (groups * scales[..., None].float() + mins[..., None].float()).flatten(-2).to(dtype)
+
+
 @_op("expert_matvec")
 def expert_matvec(
-    x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, scales: Optional[torch.Tensor] = None, glu: bool = False
+    x: torch.Tensor,
+    w: torch.Tensor,
+    experts: torch.Tensor,
+    scales: Optional[torch.Tensor] = None,
+    mins: Optional[torch.Tensor] = None,
+    glu: bool = False,
 ) -> torch.Tensor:
-    """x: [P, K], w: [E, N, K], experts: [P], scales: [E, N] for int8 w -> [P, N], row p = w[experts[p]] @ x[p].
+    """x: [P, K], w: [E, N, K] -> [P, N], row p = w[experts[p]] @ x[p]; experts: [P].
 
+    int8 w: scales [E, N]; int4 w: [E, N, K / 2] packed, scales and mins [E, N, K / G].
     glu: w is w1 | w3 of SwiGLU, and the result swiglu(row p): [P, N / 2].
     """
     if x.is_cuda and triton is not None:
-        return _triton_matvec(x, w, experts, scales, glu=glu)
-    y = torch.einsum("pnk,pk->pn", w[experts].to(x.dtype), x)
-    y = y if scales is None else y * scales[experts]
+        return _triton_matvec(x, w, experts, scales, mins, glu=glu)
+    if mins is not None:
+        y = torch.einsum("pnk,pk->pn", dequantize_int4(w[experts], scales[experts], mins[experts], x.dtype), x)
+    else:
+        y = torch.einsum("pnk,pk->pn", w[experts].to(x.dtype), x)
+        y = y if scales is None else y * scales[experts]
     return swiglu(y) if glu else y
 
 
 @expert_matvec.register_fake
-def _(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, scales: Optional[torch.Tensor] = None, glu: bool = False) -> torch.Tensor:
+def _(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, scales=None, mins=None, glu: bool = False) -> torch.Tensor:  # type: ignore[no-untyped-def]
     return x.new_empty(x.shape[0], w.shape[1] // 2 if glu else w.shape[1])
 
 
@@ -88,19 +109,24 @@ def linear(
     x: torch.Tensor,
     w: torch.Tensor,
     scales: Optional[torch.Tensor] = None,
+    mins: Optional[torch.Tensor] = None,
     norm: Optional[torch.Tensor] = None,
     eps: float = 0.0,
     glu: bool = False,
 ) -> torch.Tensor:
-    """x: [M, K], w: [N, K] in x's dtype, or int8 with scales [N] -> [M, N] = x @ (w * scales[:, None])^T.
+    """x: [M, K] -> [M, N] = x @ W^T: w [N, K] in x's dtype, or int8 with scales [N] (W = w * scales[:, None]),
+    or int4, w [N, K / 2] packed with scales and mins [N, K / G] (W = dequantize_int4(w, scales, mins)).
 
     Where `linear_fuses(x)` only (one half-precision row on CUDA): norm, eps: the product is that of
     RMSNorm(x) with this weight [K] and eps; glu: w is w1 | w3, and the result swiglu(y): [1, N / 2].
     """
     if linear_fuses(x):
-        return _triton_matvec(x, w[None], None, None if scales is None else scales[None], norm, eps, glu)
+        stacked = [None if t is None else t[None] for t in (scales, mins)]
+        return _triton_matvec(x, w[None], None, *stacked, norm, eps, glu)
     if norm is not None or glu:
         raise ValueError("mistral::linear fuses the norm and SwiGLU only where linear_fuses(x)")
+    if mins is not None:
+        return nn.functional.linear(x, dequantize_int4(w, scales, mins, x.dtype))
     if scales is not None and 1 < _triton_rows(x) <= INT8_KERNEL_MAX_ROWS:
         return _triton_small_linear(x, w, scales)
     y = nn.functional.linear(x, w.to(x.dtype))
@@ -123,7 +149,7 @@ def linear_fuses(x: torch.Tensor) -> bool:
 
 
 @linear.register_fake
-def _(x: torch.Tensor, w: torch.Tensor, scales=None, norm=None, eps: float = 0.0, glu: bool = False) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _(x: torch.Tensor, w: torch.Tensor, scales=None, mins=None, norm=None, eps: float = 0.0, glu: bool = False) -> torch.Tensor:  # type: ignore[no-untyped-def]
     return x.new_empty(x.shape[0], w.shape[0] // 2 if glu else w.shape[0])
 
 
@@ -270,24 +296,24 @@ if triton is not None:
         tune = triton.autotune(configs=configs, key=key, do_bench=bench, cache_results=True, prune_configs_by=pruning)
         return lambda kernel: tune(triton.jit(kernel))
 
-    def _glu_pairs(configs: list, named_args: dict, **kwargs: object) -> list:
-        # SwiGLU's programs take rows in (w1, w3) pairs: at least two rows.
-        return [c for c in configs if not kwargs["GLU"] or c.kwargs["BLOCK_N"] >= 2]
+    def _fitting(configs: list, named_args: dict, **kwargs: Any) -> list:
+        # SwiGLU's programs take rows in (w1, w3) pairs: at least two rows. int4's take whole groups.
+        return [c for c in configs if (not kwargs["GLU"] or c.kwargs["BLOCK_N"] >= 2) and c.kwargs["BLOCK_K"] >= kwargs["GROUP"]]
 
     # Matrix-vector products are bound by the weights' reads, which want many bytes in
     # flight: few rows per program and long runs of each row (blocks of 1-8 rows by
     # 512-4096 columns beat cuBLAS's GEMV by 1-20% per Mistral shape on an H200; int8
     # rows want the longest runs, to load 16 bytes at a time).
     @_tuned(
-        ["N", "K", "HAS_SCALES", "EXPERTS", "NORM", "GLU"],
+        ["N", "K", "HAS_SCALES", "EXPERTS", "NORM", "GLU", "GROUP"],
         (1, 2048, 4), (1, 4096, 8), (2, 1024, 4), (2, 2048, 8), (2, 4096, 8), (4, 512, 4), (4, 1024, 4),
         (4, 1024, 8), (4, 2048, 8), (4, 4096, 8), (8, 512, 4), (8, 1024, 8), (8, 2048, 8), (16, 256, 4),
         (16, 512, 8), (16, 1024, 8), (32, 128, 4),
-        prune=_glu_pairs,
+        prune=_fitting,
     )  # fmt: skip
     def _matvec_kernel(
-        x_ptr, w_ptr, e_ptr, s_ptr, g_ptr, y_ptr, N, K, eps,
-        HAS_SCALES: tl.constexpr, EXPERTS: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
+        x_ptr, w_ptr, e_ptr, s_ptr, m_ptr, g_ptr, y_ptr, N, K, eps,
+        HAS_SCALES: tl.constexpr, EXPERTS: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         # Program (n, p): rows n*BLOCK_N .. of pair p's expert (of the one matrix without
@@ -295,6 +321,8 @@ if triton is not None:
         # so the loop only loads and multiplies.
         # GLU: w is w1 | w3 (N rows each, 2N in all), and the program's rows alternate
         # between them: local row 2i is row r of w1, 2i + 1 row r of w3, r = n*BLOCK_N/2 + i.
+        # GROUP > 0: int4 weights, K / 2 bytes a row, and a scale and a minimum (s_ptr,
+        # m_ptr) per GROUP columns of a row; BLOCK_K is a multiple of GROUP (whole groups).
         pid_n = tl.program_id(0)
         p = tl.program_id(1)
         if EXPERTS:
@@ -311,7 +339,11 @@ if triton is not None:
             rows = out_rows
             w_n = N
         row_ok = out_rows < N
-        w_rows = w_ptr + e * w_n * K + rows.to(tl.int64)[:, None] * K
+        if GROUP:
+            row_bytes = K // 2
+        else:
+            row_bytes = K
+        w_rows = w_ptr + e * w_n * row_bytes + rows.to(tl.int64)[:, None] * row_bytes
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         squares = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -321,15 +353,30 @@ if triton is not None:
             if NORM:  # RMSNorm(x) = x * g / rms(x): g here, the rms once x has been read whole
                 squares += xk * xk
                 xk *= tl.load(g_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            wk = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            if w_ptr.dtype.element_ty == tl.int8:
-                # int8 -> float32 by bits, not by the conversion instruction, which runs at a
-                # quarter of the rate of plain arithmetic and so, at one conversion per byte
-                # read, could not keep up with the memory: q + 128 written into the low bits
-                # of 2^23's mantissa is the float 2^23 + 128 + q, exactly.
-                wf = (wk.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+            if GROUP:
+                # Byte j of the block holds column 2j in its low nibble and 2j + 1 in its high
+                # one: the two joined along a new last axis are the columns in order.
+                half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                packed = tl.load(w_rows + half[None, :], mask=row_ok[:, None] & (half < K // 2)[None, :], other=0).to(tl.int32)
+                q = tl.reshape(tl.join(packed & 15, packed >> 4), (BLOCK_N, BLOCK_K))
+                # Codes 0..15 -> float by bits, as int8's are below: 2^23 + q, less 2^23, exactly.
+                qf = (q + 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                groups = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+                at = (e * w_n + rows.to(tl.int64))[:, None] * (K // GROUP) + groups[None, :]
+                group_ok = row_ok[:, None] & (groups < K // GROUP)[None, :]
+                s = tl.load(s_ptr + at, mask=group_ok, other=0.0).to(tl.float32)[:, :, None]
+                m = tl.load(m_ptr + at, mask=group_ok, other=0.0).to(tl.float32)[:, :, None]
+                wf = tl.reshape(tl.reshape(qf, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * s + m, (BLOCK_N, BLOCK_K))
             else:
-                wf = wk.to(tl.float32)
+                wk = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                if w_ptr.dtype.element_ty == tl.int8:
+                    # int8 -> float32 by bits, not by the conversion instruction, which runs at a
+                    # quarter of the rate of plain arithmetic and so, at one conversion per byte
+                    # read, could not keep up with the memory: q + 128 written into the low bits
+                    # of 2^23's mantissa is the float 2^23 + 128 + q, exactly.
+                    wf = (wk.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+                else:
+                    wf = wk.to(tl.float32)
             acc += wf * xk[None, :]
         y = tl.sum(acc, axis=1)
         if NORM:
@@ -350,28 +397,36 @@ if triton is not None:
         w: torch.Tensor,
         experts: Optional[torch.Tensor],
         scales: Optional[torch.Tensor],
+        mins: Optional[torch.Tensor] = None,
         norm: Optional[torch.Tensor] = None,
         eps: float = 0.0,
         glu: bool = False,
+        config: Optional[Sequence[int]] = None,
     ) -> torch.Tensor:
-        """y[p] = w[experts[p]] @ x[p]; without experts, w: [1, N, K] is every row's. norm, eps, glu: `linear`'s."""
+        """y[p] = w[experts[p]] @ x[p]; without experts, w: [1, N, K] is every row's (K / 2 bytes of int4, with mins).
+        norm, eps, glu: `linear`'s. config: (BLOCK_N, BLOCK_K, num_warps), else the shipped or autotuned one."""
         x, w = x.contiguous(), w.contiguous()
         P, K = x.shape
         N = w.shape[1] // 2 if glu else w.shape[1]  # rows of the result
         y = x.new_empty(P, N)
         s = w if scales is None else scales.contiguous()  # unused pointers where not needed
+        m = w if mins is None else mins.contiguous()
         e = w if experts is None else experts
         g = w if norm is None else norm
         rows = 2 if glu else 1  # weight rows per output row
-        flags = dict(HAS_SCALES=scales is not None, EXPERTS=experts is not None, NORM=norm is not None, GLU=glu)
-        known = _known_configs(x.device).get(matvec_key(N, K, x.dtype, w.dtype, **flags))
+        group = 0 if mins is None else K // s.shape[-1]
+        flags = dict(HAS_SCALES=scales is not None and mins is None, EXPERTS=experts is not None, NORM=norm is not None, GLU=glu)
+        # (int4's key names its group size; int8's and bfloat16's keys are those measured before int4)
+        known = config or _known_configs(x.device).get(matvec_key(N, K, x.dtype, w.dtype, **flags, **({"GROUP": group} if group else {})))
         if known is not None:  # measured once and shipped: no autotuning (seconds of compiling) on a fresh machine
             block_n, block_k, warps = known
             grid_n = triton.cdiv(N * rows, block_n)
-            _matvec_fixed[(grid_n, P)](x, w, e, s, g, y, N, K, eps, **flags, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+            _matvec_fixed[(grid_n, P)](
+                x, w, e, s, m, g, y, N, K, eps, **flags, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps
+            )
             return y
         grid = lambda meta: (triton.cdiv(N * rows, meta["BLOCK_N"]), P)  # noqa: E731
-        _matvec_kernel[grid](x, w, e, s, g, y, N, K, eps, **flags)
+        _matvec_kernel[grid](x, w, e, s, m, g, y, N, K, eps, **flags, GROUP=group)
         return y
 
     @_tuned(

@@ -18,7 +18,7 @@ from mistral.args import ModelArgs
 from mistral.attention import Backend
 from mistral.checkpoint import Progress, check_dimensions, load_into, read_args, write_folder
 from mistral.errors import MistralError
-from mistral.linear import quantize_int8
+from mistral.linear import quantize
 from mistral.lora import merge_lora
 from mistral.parallel import Layout, check_tensor_split
 
@@ -32,21 +32,24 @@ Model = TypeVar("Model", bound=nn.Module)
 TENSOR_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1}
 
 
-def tensor_split_dim(name: str) -> Optional[int]:
-    """The dimension along which tensor parallelism splits a checkpoint tensor, or None (whole on every rank).
+def tensor_split_dim(name: str, ndim: int) -> Optional[int]:
+    """The dimension along which tensor parallelism splits a checkpoint tensor of ndim dimensions, or None (whole on every rank).
 
-    A quantized weight's scales (one per output row) follow its rows: split with wq's, whole with wo's.
+    A quantized weight's scales (and int4's mins) follow its dimensions where they have them:
+    int8's, one per output row [out], split with wq's rows and whole beside wo's columns;
+    int4's, one per group of input columns [out, in / group_size], split with wq's rows and
+    with wo's columns (whole groups to a rank: parallel.check_tensor_split). An int4 weight's
+    bytes [out, in / 2] split by columns as its columns do.
     """
-    part, kind = name.split(".")[-2:]
-    dim = TENSOR_SPLIT_DIM.get(part)
-    return None if kind == "scales" and dim != 0 else dim
+    dim = TENSOR_SPLIT_DIM.get(name.split(".")[-2])
+    return dim if dim is not None and dim < ndim else None
 
 
 def checkpoint_slices(model: Any) -> dict[str, tuple[torch.Tensor, Optional[int]]]:
     """Per checkpoint tensor: the view of this rank's part of it, and the dimension it is split along (or None)."""
     ranks = model.layout.num_tensor_ranks
     return {
-        name: (view, tensor_split_dim(name) if ranks > 1 else None)
+        name: (view, tensor_split_dim(name, view.dim()) if ranks > 1 else None)
         for name, view in model.state_dict().items()
     }
 
@@ -73,7 +76,7 @@ class _Uninitialized(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func in self._FACTORIES:
             kwargs["device"] = self.device
-            kwargs["dtype"] = kwargs.get("dtype") or self.dtype  # an int8 weight stays int8
+            kwargs["dtype"] = kwargs.get("dtype") or self.dtype  # a quantized weight stays int8 (uint8 for int4)
             return torch.empty(*args, **kwargs)
         if func in self._INITIALIZERS:  # nn.init's functions name the tensor; Tensor's methods take it first
             return args[0] if args else kwargs["tensor"]
@@ -90,7 +93,7 @@ def empty(
 ) -> Model:
     """This process's part of the model, its memory allocated on the device but not written."""
     P, T, pipeline_rank, tensor_rank = ranks
-    check_tensor_split(T, args.n_heads, args.n_kv_heads, args.hidden_dim)  # before anything is loaded
+    check_tensor_split(T, args)  # before anything is loaded
     layout = Layout.of(P, T, pipeline_rank, tensor_rank)
     try:
         with _Uninitialized(torch.device(device), dtype):  # the weights are written straight into place
@@ -161,18 +164,19 @@ def random(
     slices = checkpoint_slices(model)
     with torch.no_grad():
         for name, (view, dim) in slices.items():
-            if name.endswith(".scales"):
+            if name.endswith((".scales", ".mins")):
                 continue  # written with its weight
             shape = list(view.shape)
             if dim is not None:
                 shape[dim] *= ranks
+            if view.dtype == torch.uint8:
+                shape[-1] *= 2  # an int4 weight: the float weight's columns, two codes a byte
             # One 32-bit number: the CPU's generator keeps only the low 32 bits of a seed.
             generator = torch.Generator(view.device).manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
             whole = torch.empty(shape, device=view.device).normal_(std=args.dim**-0.5, generator=generator)
             mine = {name: whole}
-            if view.dtype == torch.int8:  # a quantized model: what `mistral quantize` makes of that weight
-                scales = name.removesuffix("weight") + "scales"
-                mine[name], mine[scales] = quantize_int8(whole)
+            if args.quantization is not None and not view.dtype.is_floating_point:  # what `mistral quantize` makes of it
+                mine = {name.removesuffix("weight") + kind: t for kind, t in quantize(whole, args.quantization).items()}
             for n, t in mine.items():
                 part, part_dim = slices[n]
                 part.copy_(t if part_dim is None else t.chunk(ranks, part_dim)[layout.tensor_rank])

@@ -54,7 +54,7 @@ def merge_lora(model: nn.Module, path: Union[str, Path]) -> None:
                     raise MistralError(f"{path}: {name} has no {other}")
             for name in sorted(n for n in names if n.endswith(LORA_A)):
                 w = weights[name[: -len(LORA_A)] + ".weight"]
-                if w.dtype == torch.int8:
+                if not w.dtype.is_floating_point:  # int8, int4
                     raise MistralError(f"{path}: a LoRA adapter merges into float weights: merge it before `mistral quantize`")
                 a, b = f.get_tensor(name), f.get_tensor(name[: -len(LORA_A)] + LORA_B)
                 if a.shape != (lora.rank, w.shape[1]) or b.shape != (w.shape[0], lora.rank):

@@ -88,7 +88,7 @@ def check_layout(folder: Path, num_pipeline_ranks: int, num_tensor_ranks: int, m
     if not is_dir(folder):
         raise MistralError(f"{folder}: model folder not found")
     args = read_args(folder)
-    parallel.check_tensor_split(num_tensor_ranks, args.n_heads, args.n_kv_heads, args.hidden_dim)
+    parallel.check_tensor_split(num_tensor_ranks, args)
     parallel.Layout(0, num_pipeline_ranks).layers(args.n_layers)  # at least one layer a stage
     if micro_batches is not None:
         check_positive_int(micro_batches, "micro_batches")
@@ -103,14 +103,20 @@ class LoadProgress:
     def __init__(self, folder: Path, after_s: float = 1.0):
         self.folder, self.after_s = folder, after_s
         self.start = self.last = time.perf_counter()
+        self.open = False  # a line shown and not yet ended
 
     def __call__(self, done: int, total: int, nbytes: int) -> None:
         now = time.perf_counter()
         if now - self.start < self.after_s or (done < total and now - self.last < 0.2):
             return
-        self.last = now
-        print(f"\rloading {self.folder}: {done}/{total} tensors, {nbytes / 2**30:.2f} GiB", end="\n" if done == total else "",
+        self.last, self.open = now, done < total
+        print(f"\rloading {self.folder}: {done}/{total} tensors, {nbytes / 2**30:.2f} GiB", end="" if self.open else "\n",
               file=sys.stderr, flush=True)
+
+    def end(self) -> None:
+        """End a line that an error cut short, so that the error's line is a line of its own."""
+        if self.open:
+            print(file=sys.stderr, flush=True)
 
 
 def is_dir(path: Path) -> bool:
@@ -531,18 +537,24 @@ def convert(hf_dir: str, out_dir: str) -> None:
 
 
 @text_arguments
-def quantize(model_dir: str, out_dir: str, *, method: str = "int8") -> None:
+def quantize(model_dir: str, out_dir: str, *, method: str = "int8", group_size: int | None = None) -> None:
     """Quantize a model folder's weights into a new folder, which generate and chat run unchanged.
 
     Args:
         model_dir: folder with params.json and consolidated.safetensors (or consolidated.00.pth).
         out_dir: folder to write: params.json records the method, consolidated.safetensors holds
             the quantized weights with their scales, and the tokenizer files are copied.
-        method: int8, the one method: each projection weight (attention, feed-forward, experts)
-            as int8 with one scale per output row; embeddings, norms, router and output unchanged.
+        method: int8 (each projection weight: attention, feed-forward, experts, as int8 with one
+            scale per output row) or int4 (two 4-bit codes a byte, a scale and a minimum per group
+            of input columns); embeddings, norms, router and output unchanged.
+        group_size: int4 only, the input columns per scale: 32, 64 or 128 (128 when not given),
+            which must divide the model's widths; 32 or 64 for the default model, 192 wide.
     """
-    start = time.perf_counter()
-    quantize_folder(model_dir, out_dir, str(method), progress=LoadProgress(Path(model_dir)))
+    start, progress = time.perf_counter(), LoadProgress(Path(model_dir))
+    try:
+        quantize_folder(model_dir, out_dir, str(method), group_size, progress=progress)
+    finally:  # the source is read as the output is written: a write that fails does so mid-line
+        progress.end()
     print(f"wrote {out_dir} ({method}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 

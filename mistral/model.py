@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mistral import kernels
-from mistral.args import ModelArgs
+from mistral.args import ModelArgs, QuantArgs
 from mistral.attention import BACKENDS, Backend
 from mistral.cache import CacheInputs, CacheView, RotatingBufferCache, Uncached
 from mistral.errors import MistralError, is_int
@@ -75,11 +75,11 @@ class Attention(CheckpointNames):
 
     fused = ("wqkv",)
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, quantized: bool = False):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, quantization: Optional[QuantArgs] = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.wqkv = Linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, quantized=quantized)  # wq | wk | wv
-        self.wo = Linear(n_heads * head_dim, dim, quantized=quantized)
+        self.wqkv = Linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, quantization=quantization)  # wq | wk | wv
+        self.wo = Linear(n_heads * head_dim, dim, quantization=quantization)
 
     def checkpoint_views(self, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
@@ -110,11 +110,11 @@ class FeedForward(CheckpointNames):
 
     fused = ("w13",)
 
-    def __init__(self, dim: int, hidden_dim: int, quantized: bool = False):
+    def __init__(self, dim: int, hidden_dim: int, quantization: Optional[QuantArgs] = None):
         super().__init__()
         self.hidden_dim = hidden_dim
-        self.w13 = GatedLinear(dim, 2 * hidden_dim, quantized=quantized)  # silu(w1 x) * w3 x
-        self.w2 = Linear(hidden_dim, dim, quantized=quantized)
+        self.w13 = GatedLinear(dim, 2 * hidden_dim, quantization=quantization)  # silu(w1 x) * w3 x
+        self.w2 = Linear(hidden_dim, dim, quantization=quantization)
 
     def checkpoint_views(self, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return split_views(fused, "w13", {"w1": self.hidden_dim, "w3": self.hidden_dim})
@@ -127,20 +127,20 @@ class FeedForward(CheckpointNames):
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, num_tensor_ranks: int = 1):
         super().__init__()
-        ranks, quantized = num_tensor_ranks, args.quantization is not None  # each rank holds 1/ranks of the heads
+        ranks, quantization = num_tensor_ranks, args.quantization  # each rank holds 1/ranks of the heads
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args.dim, args.n_heads // ranks, args.n_kv_heads // ranks, args.head_dim, quantized)
+        self.attention = Attention(args.dim, args.n_heads // ranks, args.n_kv_heads // ranks, args.head_dim, quantization)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward: nn.Module
         if args.moe is None:
-            self.feed_forward = FeedForward(args.dim, args.hidden_dim // ranks, quantized)
+            self.feed_forward = FeedForward(args.dim, args.hidden_dim // ranks, quantization)
         else:
             moe = args.moe
-            self.feed_forward = MoeLayer(args.dim, args.hidden_dim // ranks, moe.num_experts, moe.num_experts_per_tok, quantized)
+            self.feed_forward = MoeLayer(args.dim, args.hidden_dim // ranks, moe.num_experts, moe.num_experts_per_tok, quantization)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: CacheView, backend: Backend) -> torch.Tensor:
         # h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h)). Each norm
-        # is handed to the projection that reads its result (Linear's `norm`): for int8
+        # is handed to the projection that reads its result (Linear's `norm`): for quantized
         # weights at batch 1 on CUDA the matrix-vector kernel applies it as it streams x,
         # one kernel fewer (see Linear._norm for why not for bfloat16 weights).
         h = x + self.attention(x, self.attention_norm, rope, cache, backend)
@@ -165,7 +165,7 @@ class Transformer(nn.Module):
         if attention_backend not in BACKENDS:
             raise MistralError(f"attention_backend must be one of {BACKENDS}, got {attention_backend!r}")
         layout = layout or Layout()
-        check_tensor_split(layout.num_tensor_ranks, args.n_heads, args.n_kv_heads, args.hidden_dim)
+        check_tensor_split(layout.num_tensor_ranks, args)
         own_layers = layout.layers(args.n_layers)
         self.args, self.layout, self.attention_backend = args, layout, attention_backend
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim) if layout.is_first else None

@@ -8,11 +8,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from mistral.args import QuantArgs
 from mistral.views import CheckpointNames, split_views
-from mistral.kernels import expert_matvec, swiglu
+from mistral.kernels import dequantize_int4, expert_matvec, swiglu
 from mistral.linear import Linear
 
-# Pairs up to which experts without a grouped matmul (int8 ones, float16 ones on CUDA)
+# Pairs up to which experts without a grouped matmul (quantized ones, float16 ones on CUDA)
 # run as matrix-vector products, static shapes that a CUDA graph can capture: every
 # decode batch up to 64 sequences at 2 experts each.
 MATVEC_MAX_PAIRS = 128
@@ -22,7 +23,7 @@ class MoeLayer(CheckpointNames):
     """gate logits -> top-k experts -> softmax over those k only -> weighted sum.
 
     The experts' weights are stacked, w1 | w3 as w13 [E, 2F, D] and w2 [E, D, F] (each with
-    its scales [E, rows] when quantized), so the
+    its scales (and mins) when quantized), so the
     experts of a forward call run with shapes that do not depend on the routing (a CUDA
     graph needs static shapes), and each chosen expert's weights are read once, the
     others not at all:
@@ -35,11 +36,13 @@ class MoeLayer(CheckpointNames):
 
     fused = ("w13", "w2")
 
-    def __init__(self, dim: int, hidden_dim: int, num_experts: int, num_experts_per_tok: int, quantized: bool = False):
+    def __init__(
+        self, dim: int, hidden_dim: int, num_experts: int, num_experts_per_tok: int, quantization: Optional[QuantArgs] = None
+    ):
         super().__init__()
         self.gate = nn.Linear(dim, num_experts, bias=False)  # the router stays in the model's dtype
-        self.w13 = Linear(dim, 2 * hidden_dim, experts=num_experts, quantized=quantized)
-        self.w2 = Linear(hidden_dim, dim, experts=num_experts, quantized=quantized)
+        self.w13 = Linear(dim, 2 * hidden_dim, experts=num_experts, quantization=quantization)
+        self.w2 = Linear(hidden_dim, dim, experts=num_experts, quantization=quantization)
         self.hidden_dim, self.num_experts_per_tok = hidden_dim, num_experts_per_tok
 
     def checkpoint_views(self, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -70,15 +73,15 @@ class MoeLayer(CheckpointNames):
         pair_expert = chosen.flatten()  # [T * A], pair p is (token p // A, slot p % A)
         w13, w2 = self.w13, self.w2
         # The grouped matmul takes bfloat16 only on CUDA and, under torch.compile, everywhere
-        # (its shape function checks so); int8 experts none. Those keep to the matrix-vector
+        # (its shape function checks so); quantized experts none. Those keep to the matrix-vector
         # products up to MATVEC_MAX_PAIRS (each pair reading its expert's rows).
         grouped = w13.scales is None and (x.dtype == torch.bfloat16 or not (x.is_cuda or torch.compiler.is_compiling()))
         if T * A <= (E if grouped else MATVEC_MAX_PAIRS):
-            h = expert_matvec(x.repeat_interleave(A, dim=0), w13.weight, pair_expert, w13.scales, glu=True)
-            y = expert_matvec(h, w2.weight, pair_expert, w2.scales) * weights.flatten()[:, None]
+            h = expert_matvec(x.repeat_interleave(A, dim=0), w13.weight, pair_expert, w13.scales, w13.mins, glu=True)
+            y = expert_matvec(h, w2.weight, pair_expert, w2.scales, w2.mins) * weights.flatten()[:, None]
             return y.view(T, A, -1).sum(dim=1)
         if not grouped:
-            # A prefill: int8 experts are turned into x's dtype one at a time, where all at
+            # A prefill: quantized experts are turned into x's dtype one at a time, where all at
             # once would not fit beside them.
             return self.reference(x)
         order = pair_expert.argsort(stable=True)  # pairs grouped by expert, tokens ascending
@@ -103,6 +106,8 @@ class MoeLayer(CheckpointNames):
 
 def _linear(x: torch.Tensor, stack: Linear, e: int) -> torch.Tensor:
     """x @ W[e]^T for expert e of a stacked Linear."""
+    if stack.mins is not None:
+        return nn.functional.linear(x, dequantize_int4(stack.weight[e], stack.scales[e], stack.mins[e], x.dtype))
     w = stack.weight[e].to(x.dtype)
     y = nn.functional.linear(x, w)
     return y if stack.scales is None else y * stack.scales[e]

@@ -58,6 +58,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mistral.args import ModelArgs
 from mistral.errors import MistralError, check_positive_int, is_int
 
 
@@ -140,12 +141,20 @@ class Layout:
         return split(n_layers, self.num_pipeline_ranks, self.pipeline_rank)
 
 
-def check_tensor_split(num_tensor_ranks: int, n_heads: int, n_kv_heads: int, hidden_dim: int) -> None:
-    """Tensor parallelism splits whole heads and equal hidden slices: T must divide them."""
+def check_tensor_split(num_tensor_ranks: int, args: ModelArgs) -> None:
+    """Tensor parallelism splits whole heads and equal hidden slices: T must divide them. wo and
+    w2 are split by input columns, and int4's groups of columns must not straddle two ranks."""
     T = check_positive_int(num_tensor_ranks, "num_tensor_ranks")
-    for name, value in (("n_kv_heads", n_kv_heads), ("n_heads", n_heads), ("hidden_dim", hidden_dim)):
+    for name, value in (("n_kv_heads", args.n_kv_heads), ("n_heads", args.n_heads), ("hidden_dim", args.hidden_dim)):
         if value % T:
             raise MistralError(f"num_tensor_ranks={T} does not divide the model's {name}={value}")
+    group = args.quantization.group_size if args.quantization is not None else None
+    for name, width in (("wo", args.n_heads * args.head_dim), ("w2", args.hidden_dim)):
+        if group is not None and width // T % group:
+            raise MistralError(
+                f"num_tensor_ranks={T} splits {name}'s {width} input columns into {width // T} a rank, "
+                f"not a multiple of the int4 group_size={group}"
+            )
 
 
 def _check_process_group(P: int, T: int) -> int:

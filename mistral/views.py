@@ -11,10 +11,10 @@ from torch import nn
 
 
 def split_views(fused: dict[str, torch.Tensor], name: str, parts: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors `part.weight` (and `part.scales` when quantized) as views of
-    consecutive rows of `name.weight` (`name.scales`); parts: part -> its rows."""
+    """Checkpoint tensors `part.weight` (and `part.scales`, `part.mins` when quantized) as views of
+    consecutive rows of `name.weight` (`name.scales`, `name.mins`); parts: part -> its rows."""
     views = {}
-    for kind in ("weight", "scales"):
+    for kind in ("weight", "scales", "mins"):
         if f"{name}.{kind}" in fused:
             pieces = fused[f"{name}.{kind}"].split(list(parts.values()))
             views |= {f"{part}.{kind}": piece for part, piece in zip(parts, pieces)}
@@ -30,7 +30,7 @@ class CheckpointNames(nn.Module):
     Subclasses say where each checkpoint tensor lives in `checkpoint_views`.
     """
 
-    fused: tuple[str, ...] = ()  # the submodules whose parameters (weight, and scales if quantized) are fused
+    fused: tuple[str, ...] = ()  # the submodules whose parameters (weight, and scales, mins if quantized) are fused
 
     def __init__(self) -> None:
         super().__init__()

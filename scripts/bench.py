@@ -11,9 +11,9 @@ The table of ratios is printed last; everything goes to <out>/bench.json.
     python scripts/bench.py --models mistral --out $OUT                      # H100, with HF: ~5 min
     python scripts/bench.py --models mixtral --mixtral-layers 16 --skip-hf   # H100: half the layers fit
     python scripts/bench.py --models mixtral --hf-b1-only --out $OUT         # H200: the whole Mixtral
-    python scripts/bench.py --models mistral --int8 also --skip-hf --out $OUT # H100: bf16 and int8 side by side
-    python scripts/bench.py --models mixtral --int8 only --skip-hf --out $OUT # H100: Mixtral int8 fits one
-    python scripts/bench.py --device cpu --tiny                              # any machine, ~15 s
+    python scripts/bench.py --models mistral --quant none,int8,int4 --skip-hf --out $OUT  # bf16, int8, int4 side by side
+    python scripts/bench.py --models mixtral --quant int8,int4 --skip-hf --out $OUT      # H100: quantized Mixtral fits one
+    python scripts/bench.py --device cpu --tiny [--quant none,int8,int4-32]  # any machine, ~15 s a format
     python scripts/bench.py --models mixtral --table-from notes/bench/v4_h200_mixtral.json --device cpu
 """
 
@@ -131,12 +131,14 @@ def param_counts(args: ModelArgs) -> dict[str, float]:
 def decode_floor(args: ModelArgs, B: int, context: float, ceil: dict, bytes_per: int = 2) -> dict[str, float]:
     """Fewest seconds per step: every weight read once (expected experts touched by B tokens), the KV read once.
 
-    An int8 model (args.quantization) reads its projections (attention, experts) at 1 byte a weight.
+    A quantized model (args.quantization) reads its projections (attention, experts) at 1 byte a weight
+    (int8), or half a byte and a bfloat16 scale and minimum per group of G (int4: 0.5 + 4 / G).
     """
     p = param_counts(args)
     E, k = p["experts"], p["k"]
     touched = E * (1 - (1 - k / E) ** B) if E > 1 else 1  # experts read per layer, random routing
-    projection_bytes = 1 if args.quantization else bytes_per
+    quant = args.quantization
+    projection_bytes = bytes_per if quant is None else 1 if quant.method == "int8" else 0.5 + 4 / quant.group_size
     weights = ((p["shared"] - p["attn"]) * bytes_per + (p["attn"] + p["ffn"] * touched) * projection_bytes
                + B * args.dim * bytes_per)  # + embedding rows; fmt: skip
     kv = B * context * args.n_layers * 2 * args.n_kv_heads * args.head_dim * bytes_per
@@ -437,6 +439,14 @@ def table(names: list[str], ceil: dict, cfgs: dict[str, ModelArgs], cfg: argpars
     return rows
 
 
+def quantization(quant: str) -> Optional[dict[str, Any]]:
+    """--quant's name of a format as params.json's section: none, int8, int4 (groups of 128), int4-G."""
+    if quant == "none":
+        return None
+    method, _, group = quant.partition("-")
+    return {"method": "int8"} if method == "int8" else {"method": method, "group_size": int(group or 128)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
@@ -445,7 +455,8 @@ def main() -> None:
     p.add_argument("--models", default="mistral,mixtral")
     p.add_argument("--mixtral-layers", type=int, default=0, help="0: all 32; fewer where memory is short (say so and scale)")
     p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--int8", choices=("no", "also", "only"), default="no", help="int8 weight-only models (mistral quantize) too, or only")
+    p.add_argument("--quant", default="none", help="weight formats, comma-separated: none (the dtype's), int8, int4 (groups of "
+                   "128) or int4-G (groups of G), as `mistral quantize` makes them; --tiny's widths take int4-32")  # fmt: skip
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--attention-backend", choices=BACKENDS, default="auto", help="xformers: its kernels for every mask (decode steps and batches of causal prompts too), to compare")
     p.add_argument("--skip-hf-static", action="store_true")
@@ -487,9 +498,9 @@ def main() -> None:
         params = dict(TINY if cfg.tiny else MISTRAL_7B) if model == "mistral" else dict(TINY_MOE if cfg.tiny else MIXTRAL_8X7B)
         if model == "mixtral" and cfg.mixtral_layers:
             params["n_layers"] = cfg.mixtral_layers
-        variants = {"no": [model], "also": [model, f"{model}-int8"], "only": [f"{model}-int8"]}[cfg.int8]
-        for name in variants:
-            args = cfgs[name] = ModelArgs(**params, quantization={"method": "int8"} if name.endswith("int8") else None)
+        for quant in cfg.quant.split(","):
+            name = model if quant == "none" else f"{model}-{quant}"
+            args = cfgs[name] = ModelArgs(**params, quantization=quantization(quant))
             cfg.batches = batches if model == "mistral" else [int(b) for b in cfg.mixtral_batches.split(",")]
             if not cfg.skip_ours:
                 bench_ours(name, args, cfg, device, dtype, out)

@@ -4,9 +4,11 @@ Each row times one piece for all 32 layers of Mistral 7B (distinct weights and c
 so nothing is served from L2) inside a CUDA graph, and reports the rate against the
 copy bandwidth measured in the same run:
 
-- matrix-vector products (batch 1) of each projection, bfloat16 and int8: cuBLAS,
-  mistral/kernels.py's Triton kernel (also with the RMSNorm and SwiGLU it takes in),
-  and an Inductor-generated reduction; Mixtral's int8 experts (2 of 8 at batch 1);
+- matrix-vector products (batch 1) of each projection, bfloat16, int8 and int4 (groups of
+  128): cuBLAS, mistral/kernels.py's Triton kernel (also with the RMSNorm and SwiGLU it
+  takes in), an Inductor-generated reduction, and for int4 PyTorch's own kernel
+  (torch.ops.aten._weight_int4pack_mm, gpt-fast's) on the same weights, its result checked
+  against ours; Mixtral's int8 and int4 experts (2 of 8 at batch 1);
 - the decode attention of a layer: xformers (two index copies, split-KV flash and its
   merge) against kernels.decode_attention (one kernel);
 - the attention of a first prefill (mask 1) of prompts of one length: xformers against
@@ -30,10 +32,25 @@ from mistral import kernels
 from mistral.attention import attend
 from mistral.cache import Decode
 from mistral.masks import prefill_mask
-from mistral.linear import quantize_int8
+from mistral.linear import quantize_int4, quantize_int8
 
 LAYERS = 32
 SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336), "output": (32000, 4096)}
+GROUP = 128  # int4's group size, `mistral quantize`'s default
+INT4_BYTES = 0.5 + 4 / GROUP  # a weight's half byte, and its group's bfloat16 scale and minimum
+
+
+def held(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A quantized weight's tensors as a bfloat16 model holds them: its codes, its scales (and mins) in bfloat16."""
+    return tuple(t.to(torch.bfloat16) if t.is_floating_point() else t for t in tensors)
+
+
+def aten_int4(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, inner_k_tiles: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our int4 weight (mistral/linear.py) in the format of torch.ops.aten._weight_int4pack_mm: codes packed
+    with column 2j in the high nibble (ours: the low one), tiled by _convert_weight_to_int4pack, and per
+    group a (scale, zero) [K / G, N, 2] with W = (q - 8) * scale + zero, so zero = min + 8 * scale."""
+    packed = torch.ops.aten._convert_weight_to_int4pack((q << 4) | (q >> 4), inner_k_tiles)
+    return packed, torch.stack((scales, mins + 8 * scales), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
 def graph_time(fn: Callable[[], None], reps: int = 20) -> float:
@@ -63,20 +80,27 @@ def matvecs(results: dict, bandwidth: float) -> None:
     for name, (N, K) in SHAPES.items():
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5 for _ in range(LAYERS)]
-        qs = [quantize_int8(w.float()) for w in ws[: LAYERS]]
-        qs = [(q, s.to(torch.bfloat16)) for q, s in qs]
+        qs = [held(quantize_int8(w.float())) for w in ws]
+        fours = [held(quantize_int4(w.float(), GROUP)) for w in ws]
+        atens = [aten_int4(*four) for four in fours]
+        ours, theirs = kernels.linear(x, *fours[0]).float(), torch.ops.aten._weight_int4pack_mm(x, atens[0][0], GROUP, atens[0][1]).float()
+        results[f"{name} int4 aten vs triton rel error"] = error = ((theirs - ours).norm() / ours.norm()).item()  # ~1e-2: bf16
+        print(f"{name:6} int4 aten's product against ours: relative error {error:.1e}", flush=True)
         candidates = {
             "bf16 cublas": (lambda: [F.linear(x, w) for w in ws], 2),
             "bf16 triton": (lambda: [kernels.linear(x, w) for w in ws], 2),
             "bf16 inductor": (lambda: [inductor_sum(x[0], w) for w in ws], 2),
             "int8 triton": (lambda: [kernels.linear(x, q, s) for q, s in qs], 1),
+            "int4 triton": (lambda: [kernels.linear(x, *four) for four in fours], INT4_BYTES),
+            "int4 aten": (lambda: [torch.ops.aten._weight_int4pack_mm(x, w, GROUP, sz) for w, sz in atens], INT4_BYTES),
         }
         if name in ("wqkv", "w13", "output"):  # the products that take in the norm before them (and SwiGLU after w13)
             g, glu = torch.rand(K, device="cuda", dtype=torch.bfloat16) + 0.5, name == "w13"
             fused = "+norm+swiglu" if glu else "+norm"
             candidates |= {
-                f"bf16 triton {fused}": (lambda: [kernels.linear(x, w, None, g, 1e-5, glu) for w in ws], 2),
-                f"int8 triton {fused}": (lambda: [kernels.linear(x, q, s, g, 1e-5, glu) for q, s in qs], 1),
+                f"bf16 triton {fused}": (lambda: [kernels.linear(x, w, norm=g, eps=1e-5, glu=glu) for w in ws], 2),
+                f"int8 triton {fused}": (lambda: [kernels.linear(x, q, s, norm=g, eps=1e-5, glu=glu) for q, s in qs], 1),
+                f"int4 triton {fused}": (lambda: [kernels.linear(x, *four, norm=g, eps=1e-5, glu=glu) for four in fours], INT4_BYTES),
             }
         for M in (8, 32):
             xm = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -84,6 +108,8 @@ def matvecs(results: dict, bandwidth: float) -> None:
                 f"M={M} bf16 cublas": (lambda xm=xm: [F.linear(xm, w) for w in ws], 2),
                 f"M={M} bf16 triton": (lambda xm=xm: [kernels._triton_small_linear(xm, w, None) for w in ws], 2),
                 f"M={M} int8 triton": (lambda xm=xm: [kernels.linear(xm, q, s) for q, s in qs], 1),
+                f"M={M} int4 dequantized+cublas": (lambda xm=xm: [kernels.linear(xm, *four) for four in fours], INT4_BYTES),
+                f"M={M} int4 aten": (lambda xm=xm: [torch.ops.aten._weight_int4pack_mm(xm, w, GROUP, sz) for w, sz in atens], INT4_BYTES),
             }
         for label, (fn, itemsize) in candidates.items():
             try:
@@ -95,29 +121,34 @@ def matvecs(results: dict, bandwidth: float) -> None:
             rate = N * K * itemsize / seconds
             results[f"{name} {label}"] = {"us": seconds * 1e6, "bytes_per_s": rate, "of_copy": rate / bandwidth}
             print(f"{name:6} {label:26} {seconds * 1e6:7.1f} us  {rate / 1e12:5.2f} TB/s  {rate / bandwidth:.2f} of copy", flush=True)
-        del ws, qs
+        del ws, qs, fours, atens
         torch.cuda.empty_cache()
 
 
 def expert_matvecs(results: dict, bandwidth: float) -> None:
-    """Mixtral's experts at batch 1 (2 of 8 per layer), int8, against the same rows as one plain matrix."""
+    """Mixtral's experts at batch 1 (2 of 8 per layer), int8 and int4, against the same rows as one plain matrix."""
     layers, E = 8, 8  # 8 distinct layers: 11 GB of int8 experts, far past the L2
     for name, (N, K) in {"w13": (28672, 4096), "w2": (4096, 14336)}.items():
-        stacks = [quantize_int8(torch.randn(E * N, K, device="cuda", dtype=torch.bfloat16).float()) for _ in range(layers)]
-        stacks = [(q.view(E, N, K), s.view(E, N).to(torch.bfloat16)) for q, s in stacks]
+        stacks, fours = [], []
+        for _ in range(layers):
+            w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16).float()
+            stacks.append(held(quantize_int8(w)))
+            fours.append(held(quantize_int4(w, GROUP)))
+        del w
         x = torch.randn(2, K, device="cuda", dtype=torch.bfloat16)
         experts = torch.tensor([5, 2], device="cuda")
         glu = name == "w13"
         candidates = {
-            "experts int8": lambda: [kernels.expert_matvec(x, q, experts, s, glu) for q, s in stacks],
-            "2 plain int8": lambda: [[kernels.linear(x[p : p + 1], q[e], s[e]) for p, e in enumerate((5, 2))] for q, s in stacks],
+            "experts int8": (lambda: [kernels.expert_matvec(x, q, experts, s, glu=glu) for q, s in stacks], 1),
+            "2 plain int8": (lambda: [[kernels.linear(x[p : p + 1], q[e], s[e]) for p, e in enumerate((5, 2))] for q, s in stacks], 1),
+            "experts int4": (lambda: [kernels.expert_matvec(x, q, experts, s, m, glu=glu) for q, s, m in fours], INT4_BYTES),
         }
-        for label, fn in candidates.items():
+        for label, (fn, itemsize) in candidates.items():
             seconds = graph_time(fn) / layers
-            rate = 2 * N * K / seconds
+            rate = 2 * N * K * itemsize / seconds
             results[f"{name} {label}"] = {"us": seconds * 1e6, "bytes_per_s": rate, "of_copy": rate / bandwidth}
             print(f"{name:6} {label:26} {seconds * 1e6:7.1f} us  {rate / 1e12:5.2f} TB/s  {rate / bandwidth:.2f} of copy", flush=True)
-        del stacks
+        del stacks, fours
         torch.cuda.empty_cache()
 
 

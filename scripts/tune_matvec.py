@@ -37,9 +37,9 @@ def main() -> None:
     x, experts = torch.randn(2, 4096, device=device, dtype=torch.bfloat16), torch.tensor([5, 2], device=device)
     for n, k, glu in ((2 * 14336, 4096, True), (4096, 14336, False)):  # Mixtral 8x7B's w1|w3 and w2
         w = torch.randn(8, n, k, device=device, dtype=torch.bfloat16) / k**0.5
-        kernels.expert_matvec(x if k == 4096 else torch.randn(2, k, device=device, dtype=torch.bfloat16), w, experts, None, glu)
+        kernels.expert_matvec(x if k == 4096 else torch.randn(2, k, device=device, dtype=torch.bfloat16), w, experts, glu=glu)
         q, s = quantize_int8(w)
-        kernels.expert_matvec(x if k == 4096 else torch.randn(2, k, device=device, dtype=torch.bfloat16), q, experts, s.to(x.dtype), glu)
+        kernels.expert_matvec(x if k == 4096 else torch.randn(2, k, device=device, dtype=torch.bfloat16), q, experts, s.to(x.dtype), glu=glu)
         del w, q
     torch.cuda.synchronize()
     found = {}

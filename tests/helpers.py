@@ -60,6 +60,23 @@ def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
     return model.to(device=DEVICE, dtype=DTYPE).eval()
 
 
+# The quantizations the tests run, as params.json records them: int4's groups fit the tiny models' widths (64, 96).
+QUANTIZATIONS = {"int8": {"method": "int8"}, "int4": {"method": "int4", "group_size": 32}}
+
+
+def dequantized(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float weight [..., out, in] that a quantized Linear's tensors stand for (README's formats, spelled
+    out apart from the model's code): int8 weight * scales per row; int4 codes (column 2j in byte j's low
+    nibble, 2j + 1 in its high one) * scales + mins of each column's group."""
+    weight, scales = tensors["weight"], tensors["scales"].float()
+    if "mins" not in tensors:
+        return weight.float() * scales[..., None]
+    codes = torch.empty(*weight.shape[:-1], 2 * weight.shape[-1])
+    codes[..., 0::2], codes[..., 1::2] = weight % 16, weight // 16
+    group = codes.shape[-1] // scales.shape[-1]
+    return codes * scales.repeat_interleave(group, dim=-1) + tensors["mins"].float().repeat_interleave(group, dim=-1)
+
+
 def edit_tensors(file: Path, **changes: Optional[torch.Tensor]) -> None:
     """Rewrite a safetensors file. changes: tensor name with dots as "__" -> new tensor, or None to drop it."""
     state = load_file(str(file))

@@ -137,7 +137,7 @@ def test_full_disk_leaves_no_half_folder(tmp_path: Path, monkeypatch: pytest.Mon
     def full(*a: Any, **kw: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("mistral.checkpoint.save_file", full)
+    monkeypatch.setattr("mistral.checkpoint.write_safetensors", full)
     with pytest.raises(MistralError, match="out: cannot write \\(No space left on device\\)"):
         write_folder(tmp_path / "out", tiny_args(), Transformer(tiny_args()).state_dict())
     assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary twin
@@ -400,14 +400,14 @@ def test_sigterm_while_writing_leaves_no_temporary_folder(tmp_path: Path, monkey
     from mistral import checkpoint
     from mistral.main import _terminate
 
-    real_save = checkpoint.save_file
+    real_save = checkpoint.write_safetensors
 
-    def save_then_terminated(tensors: dict, path: str) -> None:
-        real_save(tensors, path)
+    def save_then_terminated(path: Path, stream: checkpoint.TensorStream) -> None:
+        real_save(path, stream)
         os.kill(os.getpid(), signal.SIGTERM)  # arrives while the folder is still the temporary one
 
     previous = signal.signal(signal.SIGTERM, _terminate)
-    monkeypatch.setattr(checkpoint, "save_file", save_then_terminated)
+    monkeypatch.setattr(checkpoint, "write_safetensors", save_then_terminated)
     try:
         with pytest.raises(SystemExit) as stopped:
             write_folder(tmp_path / "out", tiny_args(), Transformer(tiny_args()).state_dict())

@@ -6,12 +6,15 @@ it compiled and, for decoding, replayed from a CUDA graph.
 
 import dataclasses
 import math
+import os
+from typing import Optional
 
 import pytest
 import torch
-from helpers import DEVICE, DTYPE, RTOL, random_model, rel_error, tiny_args
+from helpers import DEVICE, DTYPE, QUANTIZATIONS, RTOL, dequantized, random_model, rel_error, tiny_args
 
 from mistral import Transformer
+from mistral.args import QuantArgs
 from mistral.cache import Decode, cache_inputs
 from mistral.decode import COMPILE_COSTS_S, COMPILE_SAVES_S_PER_LAYER_STEP, Runner, compile_pays, compiled_block
 from mistral.generation import stream
@@ -20,7 +23,7 @@ from mistral import kernels
 from mistral.kernels import expert_matvec, swiglu
 from mistral.linear import GatedLinear, Linear
 from mistral.model import RMSNorm, TransformerBlock, apply_rotary_emb, rotary_cos_sin
-from mistral.linear import quantize_int8
+from mistral.linear import quantize
 
 
 def test_runner_equals_model_forward(moe: bool) -> None:
@@ -71,11 +74,11 @@ def test_compiled_blocks_generate_what_eager_ones_do(moe: bool) -> None:
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs and float16 kernels: CUDA only")
-@pytest.mark.parametrize("quantized", [False, True], ids=["float16", "int8"])
-def test_experts_without_grouped_matmul_decode_in_a_graph(quantized: bool) -> None:
-    """float16 and int8 experts take no grouped matmul: a decode batch of 8 (16 pairs > 4 experts)
+@pytest.mark.parametrize("method", [None, "int8", "int4"], ids=["float16", "int8", "int4"])
+def test_experts_without_grouped_matmul_decode_in_a_graph(method: Optional[str]) -> None:
+    """float16 and quantized experts take no grouped matmul: a decode batch of 8 (16 pairs > 4 experts)
     must still have static shapes, which the graph captures, and the same logits as eagerly."""
-    args = dataclasses.replace(tiny_args(moe=True), quantization={"method": "int8"} if quantized else None)
+    args = dataclasses.replace(tiny_args(moe=True), quantization=QUANTIZATIONS.get(method))
     model = Transformer.random(args, device=DEVICE, dtype=torch.float16)
     ref, fast = model.make_cache(8, 32), model.make_cache(8, 32)
     runner = Runner(model, fast, 8)
@@ -91,18 +94,21 @@ def test_experts_without_grouped_matmul_decode_in_a_graph(quantized: bool) -> No
     assert runner.graph is not None
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
+@pytest.mark.parametrize("method", [None, "int8", "int4"], ids=["float", "int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_gated_linear_takes_in_its_norm_and_swiglu(quantized: bool, rows: int) -> None:
+def test_gated_linear_takes_in_its_norm_and_swiglu(method: Optional[str], rows: int) -> None:
     """GatedLinear(x, norm) = swiglu(norm(x) W^T), spelled out in float32 on the CPU; Linear(x) = x W^T.
     On CUDA one row runs all of it in the matrix-vector kernel (kernels.linear_fuses), 3 rows do not."""
     torch.manual_seed(0)
     K, N = 96, 2 * 40  # w1 | w3 of 40 hidden units
-    linear = GatedLinear(K, N, quantized=quantized)
+    quantization = None if method is None else QuantArgs(**QUANTIZATIONS[method])
+    linear = GatedLinear(K, N, quantization=quantization)
     weight = torch.randn(N, K) * K**-0.5
-    if quantized:
-        linear.weight.data, linear.scales.data = quantize_int8(weight)
-        weight = linear.weight.float() * linear.scales[:, None]
+    if quantization is not None:
+        tensors = quantize(weight, quantization)
+        for kind, t in tensors.items():
+            getattr(linear, kind).data = t
+        weight = dequantized(tensors)
     else:
         linear.weight.data = weight
     norm = RMSNorm(K, 1e-5)
@@ -114,29 +120,61 @@ def test_gated_linear_takes_in_its_norm_and_swiglu(quantized: bool, rows: int) -
     with torch.inference_mode():
         got = linear.to(DEVICE, DTYPE)(x.to(DEVICE, DTYPE), norm.to(DEVICE, DTYPE))
         assert rel_error(got.cpu(), want) < (1e-5 if DTYPE == torch.float32 else 1e-2)
-        plain = Linear(K, N, quantized=quantized)
+        plain = Linear(K, N, quantization=quantization)
         plain.load_state_dict(linear.state_dict())
-        plain.to(DEVICE, DTYPE)  # int8 weights stay int8
+        plain.to(DEVICE, DTYPE)  # quantized weights stay int8, uint8
         assert rel_error(plain(x.to(DEVICE, DTYPE)).cpu(), x @ weight.T) < (1e-5 if DTYPE == torch.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
-def test_expert_matvec_takes_in_swiglu(quantized: bool) -> None:
+@pytest.mark.parametrize("method", [None, "int8", "int4"], ids=["float", "int8", "int4"])
+def test_expert_matvec_takes_in_swiglu(method: Optional[str]) -> None:
     """expert_matvec(glu=True) = swiglu of each pair's product with its own expert."""
     torch.manual_seed(0)
     E, N, K = 3, 2 * 24, 64
     w = torch.randn(E, N, K) * K**-0.5
-    scales = None
-    if quantized:
-        q, s = zip(*(quantize_int8(we) for we in w))
-        w, scales = torch.stack(q), torch.stack(s)
-    dense = w.float() if scales is None else w.float() * scales[..., None]
+    tensors = {"weight": w} if method is None else quantize(w, QuantArgs(**QUANTIZATIONS[method]))
+    dense = w if method is None else dequantized(tensors)
     x, experts = torch.randn(4, K), torch.tensor([2, 0, 2, 1])
     want = swiglu(torch.stack([dense[e] @ x[p] for p, e in enumerate(experts.tolist())]))
     with torch.inference_mode():
         to = lambda t: None if t is None else t.to(DEVICE, DTYPE if t.is_floating_point() else t.dtype)  # noqa: E731
-        got = expert_matvec(to(x), to(w), experts.to(DEVICE), to(scales), glu=True)
+        weight, scales, mins = (to(tensors.get(kind)) for kind in ("weight", "scales", "mins"))
+        got = expert_matvec(to(x), weight, experts.to(DEVICE), scales, mins, glu=True)
     assert rel_error(got.cpu(), want) < (1e-5 if DTYPE == torch.float32 else 1e-2)
+
+
+# The matrix-vector kernel runs compiled on CUDA, or on the CPU in Triton's interpreter
+# (TRITON_INTERPRET=1, with Triton installed: CI has neither, and skips it).
+MATVEC_KERNEL_RUNS = kernels.triton is not None and (DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@pytest.mark.skipif(not MATVEC_KERNEL_RUNS, reason="Triton's kernel: CUDA, or the CPU under TRITON_INTERPRET=1")
+@pytest.mark.parametrize(
+    "quantization", [None, QuantArgs("int8"), QuantArgs("int4", 32), QuantArgs("int4", 64), QuantArgs("int4", 128)],
+    ids=["float", "int8", "int4-32", "int4-64", "int4-128"],
+)
+@pytest.mark.parametrize("config", [(4, 256, 4), (16, 128, 4), (2, 1024, 8)], ids=lambda c: "x".join(map(str, c)))
+def test_matvec_kernel_equals_the_product_of_the_weights_its_codes_stand_for(quantization: Optional[QuantArgs], config: tuple) -> None:
+    """The Triton matrix-vector kernel (programs of BLOCK_N weight rows, reading BLOCK_K columns at a
+    time; int8 and int4 codes turned into floats in registers) against float32 products with
+    helpers.dequantized's weights: sizes no block divides, stacked experts, SwiGLU and RMSNorm taken in."""
+    torch.manual_seed(0)
+    for N, K, E, glu, norm in [(37, 384, 0, False, False), (21, 640, 3, True, False), (13, 384, 0, True, True)]:
+        w = torch.randn(max(E, 1), 2 * N if glu else N, K) * K**-0.5
+        tensors = {"weight": w} if quantization is None else quantize(w, quantization)
+        dense = w if quantization is None else dequantized(tensors)
+        P, experts = (4, torch.tensor([2, 0, 2, 1])) if E else (1, torch.zeros(1, dtype=torch.long))
+        x, gain = torch.randn(P, K) * 3, torch.rand(K) + 0.5
+        xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * gain if norm else x
+        want = torch.einsum("pnk,pk->pn", dense[experts], xn)
+        want = swiglu(want) if glu else want
+        dtype = DTYPE if DEVICE.type == "cuda" else torch.float32  # the interpreter: float32 throughout
+        to = lambda t: None if t is None else t.to(DEVICE, dtype if t.is_floating_point() else t.dtype)  # noqa: E731
+        got = kernels._triton_matvec(
+            to(x), to(tensors["weight"]), experts.to(DEVICE) if E else None, to(tensors.get("scales")), to(tensors.get("mins")),
+            to(gain) if norm else None, 1e-5, glu, config=config,
+        )  # fmt: skip
+        assert rel_error(got.cpu(), want) < (1e-5 if dtype == torch.float32 else 1e-2), (N, K, E, glu, norm)
 
 
 def test_decode_inputs_advance_like_a_new_call() -> None:
@@ -154,12 +192,10 @@ def test_decode_inputs_advance_like_a_new_call() -> None:
         lengths = [n + 1 for n in lengths]
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
-def test_hooks_on_attention_and_feed_forward_reach_the_fast_path(moe: bool, quantized: bool) -> None:
+@pytest.mark.parametrize("method", [None, "int8", "int4"], ids=["float", "int8", "int4"])
+def test_hooks_on_attention_and_feed_forward_reach_the_fast_path(moe: bool, method: Optional[str]) -> None:
     """A forward hook that changes a module's output changes the Runner's logits exactly as model.forward's."""
-    args = tiny_args(moe=moe, sliding_window=8)
-    if quantized:
-        args = dataclasses.replace(args, quantization={"method": "int8"})
+    args = dataclasses.replace(tiny_args(moe=moe, sliding_window=8), quantization=QUANTIZATIONS.get(method))
     model = Transformer.random(args, seed=1, device=DEVICE, dtype=DTYPE)
     prompts = torch.randint(0, model.args.vocab_size, (9,), generator=torch.Generator().manual_seed(2)).to(DEVICE)
 

@@ -25,7 +25,7 @@ from helpers import random_model, rel_error, tiny_args
 from mistral import MistralError, ModelArgs, Transformer, parallel
 from mistral.engine import Engine, Request
 from mistral.generation import generate
-from mistral.loading import TENSOR_SPLIT_DIM
+from mistral.loading import tensor_split_dim
 from mistral.tokenizer import Tokenizer
 
 # Both sides compute in float32 on the CPU: the logits agree to rounding (summed in another order across ranks).
@@ -111,8 +111,8 @@ def worker(rank: int, P: int, T: int, port: int, folders: dict[str, Path], out_d
         shard = Transformer.random(model.args, seed=5, num_pipeline_ranks=P, num_tensor_ranks=T).state_dict()
         whole = Transformer.random(model.args, seed=5).state_dict()
         r["random_shard_is_whole"] = all(
-            torch.equal(t, whole[n] if T == 1 or n.split(".")[-2] not in TENSOR_SPLIT_DIM
-                        else whole[n].chunk(T, TENSOR_SPLIT_DIM[n.split(".")[-2]])[layout.tensor_rank])
+            torch.equal(t, whole[n] if T == 1 or tensor_split_dim(n, t.dim()) is None
+                        else whole[n].chunk(T, tensor_split_dim(n, t.dim()))[layout.tensor_rank])
             for n, t in shard.items()
         )  # fmt: skip
     errors = results["errors"] = {}
@@ -135,14 +135,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# int4 weights for T = 2 (the P1xT2 group): Mixtral's shape with hidden_dim 128, so that wo's 64
+# and w2's 128 input columns split into whole groups of 32 a rank.
+INT4 = dataclasses.replace(model_args("mixtral", 1), hidden_dim=128, quantization={"method": "int4", "group_size": 32})
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], Path]:
-    """A model folder per kind and head count (T = 3 needs 6 / 3 heads)."""
+    """A model folder per kind and head count (T = 3 needs 6 / 3 heads), and one of int4 weights."""
     out = {}
     for kind in KINDS:
         for T in (1, 3):
             folder = out[kind, T] = tmp_path_factory.mktemp(f"{kind}{T}")
             random_model(model_args(kind, T)).to("cpu").save(folder)
+    folder = out["int4", 2] = tmp_path_factory.mktemp("int4")
+    Transformer.random(INT4, seed=4).save(folder)
     return out
 
 
@@ -156,7 +163,7 @@ def group(request: pytest.FixtureRequest, folders: dict, tmp_path_factory: pytes
     """(P, T, what each rank of a P x T process group saw)."""
     P, T = request.param
     out_dir = tmp_path_factory.mktemp(f"group{P}x{T}")
-    mine = {kind: folders[kind, 3 if T == 3 else 1] for kind in KINDS}
+    mine = {kind: folders[kind, 3 if T == 3 else 1] for kind in KINDS} | ({"int4": folders["int4", 2]} if (P, T) == (1, 2) else {})
     context = mp.start_processes(worker, args=(P, T, free_port(), mine, out_dir), nprocs=P * T, join=False, start_method="spawn")
     deadline = time.monotonic() + 240
     while not context.join(timeout=1):  # raises if a rank failed
@@ -187,6 +194,11 @@ def test_bad_layouts_are_errors_before_any_process_group(monkeypatch: pytest.Mon
         Transformer.random(tiny_args(), num_tensor_ranks=3)
     with pytest.raises(MistralError, match="^num_tensor_ranks=4 does not divide the model's hidden_dim=98$"):
         Transformer.random(dataclasses.replace(tiny_args(), n_heads=8, n_kv_heads=4, hidden_dim=96 + 2), num_tensor_ranks=4)
+    int4 = dataclasses.replace(INT4, quantization={"method": "int4", "group_size": 64})
+    with pytest.raises(MistralError, match="^num_tensor_ranks=2 splits wo's 64 input columns into 32 a rank, not a multiple of the int4 group_size=64$"):
+        Transformer.random(int4, num_tensor_ranks=2)
+    with pytest.raises(MistralError, match="^num_tensor_ranks=2 splits w2's 192 input columns into 96 a rank, not a multiple of the int4 group_size=64$"):
+        Transformer.random(dataclasses.replace(int4, n_heads=8, hidden_dim=192), num_tensor_ranks=2)
     with pytest.raises(MistralError, match="needs a torch.distributed process group of 2 processes"):
         Transformer.random(tiny_args(n_layers=2), num_pipeline_ranks=2)
     with pytest.raises(MistralError, match="tensor_rank must be in 0..1, got 2"):
@@ -276,6 +288,28 @@ def test_speculation_gives_every_rank_the_single_processes_tokens(group: tuple, 
             for got, w in zip(r[kind]["speculated"][1], expected["speculated"][1]):
                 assert got == pytest.approx(w, rel=1e-4, abs=1e-4)
             assert r[kind]["speculated_sampled"][0] == expected["speculated_sampled"][0]
+
+
+def test_int4_weights_split_by_tensor_ranks(group: tuple, reference: dict) -> None:
+    """int4 weights on T = 2 ranks, each reading its rows of wq|wk|wv, w1, w3 (with their scales and
+    mins) and its columns of wo and w2 (whole groups, with their groups' scales and mins): the logits
+    and greedy tokens of one process, and Transformer.random's shards are the whole model's slices."""
+    P, T, ranks = group
+    if "int4" not in ranks[0]:
+        pytest.skip("int4 weights run in the P1xT2 group")
+    expected = reference["int4", 2]
+    for r in ranks:
+        got = r["int4"]
+        assert rel_error(got["logits"], expected["logits"]) < RTOL
+        for check in [f"greedy_{m}" for m in MICRO_BATCHES] + ["chunked", "eos"]:
+            assert got[check][0] == expected[check][0]
+        assert got["random_shard_is_whole"]
+        # The rank's 32 of wq's 64 rows, 2 groups of 32 columns each; its 32 of wo's 64 columns (16 bytes a row),
+        # one group; its 64 of w2's 128 columns, two groups.
+        shapes = got["shapes"]
+        assert shapes["layers.0.attention.wq.mins"] == (32, 2)
+        assert shapes["layers.0.attention.wo.weight"] == (64, 16) and shapes["layers.0.attention.wo.scales"] == (64, 1)
+        assert shapes["layers.0.feed_forward.experts.3.w2.mins"] == (64, 2)
 
 
 def test_sampling_is_the_same_on_every_rank(group: tuple, reference: dict) -> None:
