@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mistral.args import ModelArgs, MoeArgs, read_json
-from mistral.checkpoint import check_writable, write_folder
+from mistral.checkpoint import check_writable, count_layers, tensor_shapes, write_folder
 from mistral.errors import MistralError, is_int, is_number
 from mistral.model import checkpoint_shapes
 from mistral.tokenizer import TOKENIZER_FILES
@@ -219,10 +219,16 @@ def convert(hf_dir: Union[str, Path], out_dir: Union[str, Path]) -> ModelArgs:
         raise MistralError(f"{hf_dir}: no {CONFIG} in the HF model folder")
     config = read_json(hf_dir / CONFIG)
     args = args_from_hf_config(config, str(hf_dir / CONFIG))
+    files = _weight_files(hf_dir)
+    # Counted in the files' headers before the model's shapes are made: a config.json
+    # saying num_hidden_layers: 1000000 would take minutes to make them.
+    layers = count_layers({name: None for path in files for name in tensor_shapes(path)}, "model.layers.")
+    if layers and args.n_layers > layers:
+        raise MistralError(f"{hf_dir}: the weights hold {layers} layers, but {CONFIG} says num_hidden_layers={args.n_layers}")
     expected = checkpoint_shapes(args)
 
     state: dict[str, torch.Tensor] = {}
-    for path in _weight_files(hf_dir):
+    for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
@@ -237,6 +243,11 @@ def convert(hf_dir: Union[str, Path], out_dir: Union[str, Path]) -> ModelArgs:
                             )
                         if ours in state:
                             raise MistralError(f"{path}: {name} holds {ours}, which an earlier tensor already gave")
+                        # Written as they are, these would make a folder that does not load, or does not run.
+                        if not w.is_floating_point():
+                            raise MistralError(f"{path}: {name} holds {w.dtype} values, where a float weight belongs")
+                        if not bool(torch.isfinite(w).all()):
+                            raise MistralError(f"{path}: {name} holds values that are not finite (NaN or inf)")
                         suffix = ours.split(".", 2)[-1]
                         state[ours] = unpermute(w, getattr(args, PERMUTED[suffix])) if suffix in PERMUTED else w
         except SafetensorError as e:

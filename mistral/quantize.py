@@ -19,7 +19,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mistral.args import QUANTIZATION_METHODS, QuantArgs
-from mistral.checkpoint import PARAMS, Progress, check_writable, read_args, weights_path, write_folder
+from mistral.checkpoint import (
+    PARAMS, Progress, check_dimensions, check_writable, read_args, read_pth, weights_path, write_folder,
+)
 from mistral.errors import MistralError
 from mistral.linear import quantize_int8
 from mistral.model import checkpoint_shapes
@@ -53,6 +55,7 @@ def quantize_folder(
     if method not in QUANTIZATION_METHODS:
         raise MistralError(f"--method {method!r}: this version quantizes with {', '.join(QUANTIZATION_METHODS)}")
     quantization = QuantArgs(method)
+    check_dimensions(src, args)  # before the shapes of params.json's model are made (n_layers: 1000000 takes minutes)
     expected = checkpoint_shapes(args)
     # The tokenizer that generate would read, read here: a folder with a broken one would not run.
     check_vocabulary(src, load_tokenizer(src), args.vocab_size)
@@ -63,9 +66,7 @@ def quantize_folder(
             with safe_open(str(path), framework="pt") as f:
                 tensors = _quantized(path, expected, list(f.keys()), f.get_tensor, progress)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            if not isinstance(state, dict):
-                raise MistralError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+            state = read_pth(path)
             tensors = _quantized(path, expected, list(state), state.__getitem__, progress)
     except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
         raise MistralError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})".splitlines()[0]) from None

@@ -27,7 +27,8 @@ from test_cli import run_in_process
 import mistral
 from helpers import tiny_args
 from mistral import MistralError, ModelArgs, Transformer
-from mistral.checkpoint import PARAMS, SAFETENSORS, write_folder
+from mistral.checkpoint import PARAMS, PTH, SAFETENSORS, write_folder
+from mistral.quantize import quantize_folder
 
 Run = tuple[int, str, str]
 
@@ -483,14 +484,44 @@ def test_forward_and_decode_name_bad_ids(default_model: Transformer) -> None:
     ],
     ids=["layers", "vocab", "dim"],
 )
-def test_params_json_that_does_not_match_the_file_fails_at_once(tmp_path: Path, change: dict, fragment: str) -> None:
-    """Checked against the weights file's header before anything is allocated (n_layers: 1000000 ran for minutes)."""
+@pytest.mark.parametrize("weights", [SAFETENSORS, PTH])
+def test_params_json_that_does_not_match_the_file_fails_at_once(tmp_path: Path, change: dict, fragment: str, weights: str) -> None:
+    """Checked against the weights file's names and shapes before anything is allocated (n_layers: 1000000
+    ran for minutes), by generate and quantize alike, in a .pth as in a safetensors file."""
     folder = tmp_path / "model"
     shutil.copytree(mistral.DEFAULT_MODEL, folder)
+    if weights == PTH:
+        torch.save(load_file(str(folder / SAFETENSORS)), folder / PTH)
+        (folder / SAFETENSORS).unlink()
     params = json.loads((folder / PARAMS).read_text())
     (folder / PARAMS).write_text(json.dumps(params | change))
     with pytest.raises(MistralError, match=re.escape(fragment)):
         Transformer.from_folder(folder)
+    with pytest.raises(MistralError, match=re.escape(fragment)):
+        quantize_folder(folder, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ([1, 2], "expected a dict of tensors, got list"),
+        ({"norm.weight": [1.0] * 192}, "expected a dict of tensors, found ['Tensor', 'list']"),
+        ({5: torch.zeros(1)}, "expected tensors by name, found the key 5"),
+    ],
+    ids=["list", "a list among the tensors", "a key that is no name"],
+)
+def test_a_pth_that_is_not_tensors_by_name_is_one_error(tmp_path: Path, content: Any, fragment: str) -> None:
+    """A consolidated.00.pth holding something else is named, by generate and by quantize (a traceback, was)."""
+    folder = tmp_path / "model"
+    shutil.copytree(mistral.DEFAULT_MODEL, folder)
+    state = load_file(str(folder / SAFETENSORS))
+    (folder / SAFETENSORS).unlink()
+    torch.save(content if isinstance(content, list) else state | content, folder / PTH)
+    with pytest.raises(MistralError, match=re.escape(f"{PTH}: {fragment}")):
+        Transformer.from_folder(folder)
+    with pytest.raises(MistralError, match=re.escape(f"{PTH}: {fragment}")):
+        quantize_folder(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("content", [b"", b"\x05", b"garbage!" * 4, (2**62).to_bytes(8, "little") + b"{}"])
