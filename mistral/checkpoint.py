@@ -377,10 +377,13 @@ def write_folder(
 
 def check_writable(folder: Path) -> None:
     """Whether a model folder may be written at `folder`: before any work that would be lost."""
-    if folder.exists() and not folder.is_dir():
-        raise MistralError(f"{folder}: exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()):
-        raise MistralError(f"{folder}: the folder already holds files: write into a new or empty folder")
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise MistralError(f"{folder}: exists and is not a folder")
+        if folder.is_dir() and any(folder.iterdir()):
+            raise MistralError(f"{folder}: the folder already holds files: write into a new or empty folder")
+    except OSError as e:  # a folder we may not list
+        raise MistralError(f"{folder}: cannot write ({e.strerror or e})") from None
 
 
 def _umask() -> int:

@@ -657,7 +657,11 @@ def main() -> None:
         # Python flushes stdout again at exit; point it at /dev/null so that does not fail too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
-    except OSError as e:  # writing the output failed (a full disk behind > file); reading is checked where it happens
+    except OSError as e:
+        if e.filename is not None:  # a file or folder met without a check of its own (one we may not read, say)
+            print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+            sys.exit(2)
+        # Writing the output failed (a full disk behind > file).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         print(f"error: cannot write the output ({e.strerror or e})", file=sys.stderr)
         sys.exit(2)

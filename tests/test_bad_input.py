@@ -675,3 +675,48 @@ def test_fuzzed_python_api_runs_or_names_the_problem(default_model: Transformer,
         assert "\n" not in str(e), str(e)
         return
     assert len(tokens) == len(logprobs) == len(prompts)
+
+
+def without_root_s_reading(command: list[str]) -> list[str]:
+    """command, run without root's right to read any file (a plain user has none to drop)."""
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("setpriv") is None:
+        pytest.skip("root reads every file, and no setpriv here takes that right away")
+    drop = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", "--", *command]
+
+
+@pytest.mark.parametrize("case", ["weights", "folder", "quantize", "convert", "lora", "convert into"])
+def test_what_may_not_be_read_is_named(tmp_path: Path, case: str) -> None:
+    """A file or folder without read permission: one line naming it. safetensors calls such a file
+    "No such file or directory", and an unreadable folder's OSError read as "cannot write the output"."""
+    model, hf, out = tmp_path / "model", tmp_path / "hf", tmp_path / "out"
+    shutil.copytree(mistral.DEFAULT_MODEL, model)
+    params = json.loads((model / PARAMS).read_text())
+    (model / PARAMS).write_text(json.dumps(params | {"lora": {"rank": 2, "scaling": 1.0}}))
+    save_file({}, str(model / "lora.safetensors"))
+    weights, adapter, hf_weights = model / SAFETENSORS, model / "lora.safetensors", hf / "model.safetensors"
+    generate = ["generate", str(model), "hi", "--max_tokens", "2"]
+    args, closed, fragment = {
+        "weights": (generate, weights, f"{weights}: cannot read (Permission denied)"),
+        "folder": (generate, model, f"{model}/"),
+        "quantize": (["quantize", str(model), str(out)], weights, f"{weights}: cannot read (Permission denied)"),
+        "convert": (["convert", str(hf), str(out)], hf_weights, f"{hf_weights}: cannot read (Permission denied)"),
+        "lora": (generate + ["--lora", str(adapter)], adapter, f"{adapter}: cannot read (Permission denied)"),
+        "convert into": (["convert", str(hf), str(out)], out, f"{out}: cannot write (Permission denied)"),
+    }[case]
+    if case.startswith("convert"):
+        from hf_reference import hf_model
+
+        hf_model(moe=False).save_pretrained(hf)
+    if case == "convert into":
+        out.mkdir()
+    closed.chmod(0)
+    try:
+        run = subprocess.run(without_root_s_reading([sys.executable, "-m", "mistral", *args]),
+                             capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
+    finally:
+        closed.chmod(0o755)
+    assert_error((run.returncode, run.stdout, run.stderr), fragment, "Permission denied")
+    assert not out.exists() or case == "convert into"
