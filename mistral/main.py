@@ -20,10 +20,11 @@ from fire import decorators, parser
 from mistral import launch, parallel
 from mistral.cache import RotatingBufferCache
 from mistral.checkpoint import DEFAULT_MODEL, read_args
-from mistral.errors import MistralError, check_positive_int, is_int
+from mistral.errors import MistralError, check_positive_int
 from mistral.generation import check_options, stream
 from mistral.options import HELP, check_arguments
 from mistral.hf import convert as convert_hf
+from mistral.loading import check_device
 from mistral.model import Transformer
 from mistral.quantize import quantize_folder
 from mistral.stage import Stage
@@ -62,24 +63,6 @@ def load(
     if rank > 0:
         parallel.silence()  # rank 0 prints the results
     return model, tokenizer
-
-
-def check_device(device: Any) -> Optional[str]:
-    """--device as torch names it (None: not given), if it is one the model runs on here."""
-    if device is None:  # not `device or ...`: fire hands "--device 0" over as the int 0
-        return None
-    if is_int(device) and 0 <= device < 2**31:
-        device = f"cuda:{device}"  # what torch.device(0) means, said without asking for a GPU
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):  # and "--device 1e999" as a float, 2**63 as too large an int
-        raise MistralError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
-    # meta holds no values; mps, xpu: not run here; torch keeps an index in 8 bits (cuda:200 reads cuda:-56)
-    if parsed.type not in ("cpu", "cuda") or not 0 <= (parsed.index or 0) < 128:
-        raise MistralError(f"device must be cpu, cuda or cuda:N, got {device!r}")
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise MistralError(f"device {str(parsed)!r}: no CUDA GPU is available")
-    return str(parsed)
 
 
 def check_layout(folder: Path, num_pipeline_ranks: int, num_tensor_ranks: int, micro_batches: Optional[int]) -> None:

@@ -607,6 +607,14 @@ def test_more_api_arguments_are_named(default_model: Transformer) -> None:
         (lambda: Transformer.from_folder(5), "a model folder is a path (str or Path), got int"),
         (lambda: mistral.Tokenizer(None), "a tokenizer file is a path (str or Path), got NoneType"),
         (lambda: default_model(torch.tensor([], dtype=torch.long), []), "seqlens add up to no tokens"),
+        (lambda: default_model(torch.tensor([1, 2]), [2], cache="x"), "cache must be a RotatingBufferCache"),
+        (lambda: mistral.generate([[1, 2]], default_model, max_tokens=2, eos_id=4096), "eos_id=4096 is outside the vocabulary 0..4095"),
+        (lambda: mistral.generate([[1, 2]], default_model, max_tokens=2, eos_id=-1), "eos_id=-1 is outside the vocabulary"),
+        (lambda: Transformer.from_folder(mistral.DEFAULT_MODEL, device="meta"), "device must be cpu, cuda or cuda:N, got 'meta'"),
+        (lambda: Transformer.from_folder(mistral.DEFAULT_MODEL, device="xpu"), "device must be cpu, cuda or cuda:N, got 'xpu'"),
+        (lambda: Transformer.from_folder(mistral.DEFAULT_MODEL, dtype=torch.int8), "dtype must be a floating-point torch.dtype"),
+        (lambda: Transformer.from_folder(mistral.DEFAULT_MODEL, dtype="float16"), "got 'float16'"),
+        (lambda: Transformer(None), "args must be a ModelArgs"),
     ]
     for call, fragment in cases:
         with pytest.raises(MistralError, match=re.escape(fragment)):
