@@ -55,10 +55,11 @@ def load(
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     if dtype not in DTYPES:
         raise MistralError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    model = Transformer.from_folder(
-        folder, device=device, dtype=DTYPES[dtype], progress=LoadProgress(folder) if rank == 0 else None,
-        num_pipeline_ranks=num_pipeline_ranks, num_tensor_ranks=num_tensor_ranks, lora_path=lora,
-    )
+    with LoadProgress(folder) as progress:
+        model = Transformer.from_folder(
+            folder, device=device, dtype=DTYPES[dtype], progress=progress if rank == 0 else None,
+            num_pipeline_ranks=num_pipeline_ranks, num_tensor_ranks=num_tensor_ranks, lora_path=lora,
+        )
     check_vocabulary(folder, tokenizer, model.args.vocab_size)
     if rank > 0:
         parallel.silence()  # rank 0 prints the results
@@ -80,17 +81,28 @@ class LoadProgress:
     """Tensors and bytes read so far, on one stderr line, once loading has taken a second.
 
     A small model loads before anything is shown; a 7B checkpoint shows its progress.
+    Used as a context, it ends a line that a failed read left open: the error after it
+    starts a line of its own.
     """
 
     def __init__(self, folder: Path, after_s: float = 1.0):
         self.folder, self.after_s = folder, after_s
         self.start = self.last = time.perf_counter()
+        self.open = False  # a line shown, and not yet ended
+
+    def __enter__(self) -> "LoadProgress":
+        return self
+
+    def __exit__(self, *exception: Any) -> None:
+        if self.open:
+            print(file=sys.stderr)
+            self.open = False
 
     def __call__(self, done: int, total: int, nbytes: int) -> None:
         now = time.perf_counter()
         if now - self.start < self.after_s or (done < total and now - self.last < 0.2):
             return
-        self.last = now
+        self.last, self.open = now, done < total
         print(f"\rloading {self.folder}: {done}/{total} tensors, {nbytes / 2**30:.2f} GiB", end="\n" if done == total else "",
               file=sys.stderr, flush=True)
 
@@ -550,7 +562,8 @@ def quantize(model_dir: str, out_dir: str, *, method: str = "int8") -> None:
             as int8 with one scale per output row; embeddings, norms, router and output unchanged.
     """
     start = time.perf_counter()
-    quantize_folder(model_dir, out_dir, str(method), progress=LoadProgress(Path(model_dir)))
+    with LoadProgress(Path(model_dir)) as progress:
+        quantize_folder(model_dir, out_dir, str(method), progress=progress)
     print(f"wrote {out_dir} ({method}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 

@@ -728,3 +728,17 @@ def test_what_may_not_be_read_is_named(tmp_path: Path, case: str) -> None:
         closed.chmod(0o755)
     assert_error((run.returncode, run.stdout, run.stderr), fragment, "Permission denied")
     assert not out.exists() or case == "convert into"
+
+
+def test_an_error_while_loading_starts_a_line_of_its_own(cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed read of a large checkpoint ends the progress line it showed (the error was written on at its end)."""
+    monkeypatch.setattr("mistral.main.LoadProgress.__init__.__defaults__", (0.0,))  # shown from the first tensor on
+    src = tmp_path / "src"
+    shutil.copytree(mistral.DEFAULT_MODEL, src)
+    state = load_file(str(src / SAFETENSORS))
+    state["output.weight"] = torch.full_like(state["output.weight"], math.nan)  # read after most others
+    save_file(state, str(src / SAFETENSORS))
+    code, out, err = cli("quantize", str(src), str(tmp_path / "out"))
+    lines = err.split("\n")
+    assert (code, out) == (2, "") and len(lines) == 3 and lines[-3].startswith("\rloading "), err
+    assert lines[-2].startswith("error: ") and "output.weight holds values that are not finite" in lines[-2], err
