@@ -124,6 +124,20 @@ def test_cache_larger_than_memory_says_what_fits(cli: Any, windowless_dir: Path)
     assert fits > 0
 
 
+def test_the_kv_cache_leaves_room_for_the_rest_of_the_run(monkeypatch: pytest.MonkeyPatch, windowless_dir: Path) -> None:
+    """A window-less cache may take 80% of the free memory, its CPU attention's copies counted: a run whose
+    cache took all of it (max_tokens 10000000) was killed by the system without a word, exit 137."""
+    model = Transformer.from_folder(windowless_dir)  # float32, on the CPU
+    args, free = model.args, 10**8
+    monkeypatch.setattr("mistral.cache.free_memory", lambda device: free)
+    cache = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 4  # keys and values of one position, every layer
+    copies = 2 * args.n_heads * args.head_dim * 4  # one layer's, in float32, once for each query head
+    fits = int(free * 0.8 // (cache + copies))
+    model.make_cache(1, fits)
+    with pytest.raises(MistralError, match=f"{fits:,} tokens per sequence fit"):
+        model.make_cache(1, fits + 1)
+
+
 def test_convert_file_errors(cli: Any, tmp_path: Path) -> None:
     (tmp_path / "a_file").write_text("x")
     args = tiny_args()
