@@ -167,6 +167,19 @@ def test_convert_onto_a_file_from_the_command_line(cli: Any, tmp_path: Path, cap
     assert_error(cli("convert", str(tmp_path / "hf"), str(tmp_path / "taken")), "taken: exists and is not a folder")
 
 
+def test_convert_of_a_folder_without_a_tokenizer_says_what_to_copy(cli: Any, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """save_pretrained writes no tokenizer file: the folder converts, and the user reads what generate and chat will miss."""
+    from hf_reference import hf_model
+
+    hf_model(moe=False).save_pretrained(tmp_path / "hf")
+    capsys.readouterr()  # save_pretrained's progress bar
+    code, out, err = cli("convert", str(tmp_path / "hf"), str(tmp_path / "out"))
+    assert (code, out) == (0, ""), err
+    note = err.strip().splitlines()[-1]
+    assert note.startswith(f"note: {tmp_path / 'hf'} holds no tokenizer file (tokenizer.model, ") and "tokenizer.model.v7m1" in note, err
+    assert note.endswith(f"copy the model's own into {tmp_path / 'out'}, which generate and chat need"), err
+
+
 @pytest.fixture
 def copy_of(tmp_path: Path) -> Any:
     def copy(folder: Path) -> Path:
