@@ -496,7 +496,7 @@ def chat(
 
     Args:
         model_dir: folder with params.json, consolidated.safetensors and one tokenizer file
-            (tokenizer.model, tokenizer.model.v1/v2/v3/v7 or tekken.json), whose version
+            (tokenizer.model, tokenizer.model.v1/v2/v3/v7/v7m1 or tekken.json), whose version
             decides the chat format; by default the small model shipped in the package.
         max_tokens: most new tokens per answer.
         temperature: 0 samples greedily; higher values sample more freely.
@@ -512,6 +512,8 @@ def chat(
             of the params.json beside it) to merge into the weights at load.
     """
     check_options([[0]], 1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=None, seed=seed)
+    if temperature == 0 and top_p != 0.9:  # a --top_p given (0.9 is chat's own), which greedy decoding ignores
+        print("note: --top_p has no effect at --temperature 0, which decodes greedily", file=sys.stderr)
     check_positive_int(max_context, "max_context")
     model, tokenizer = load(DEFAULT_MODEL if model_dir is None else str(model_dir), device, dtype,
                             lora=None if lora is None else str(lora))

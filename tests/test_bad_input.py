@@ -454,6 +454,10 @@ def test_device_0_is_the_first_gpu_not_the_default(cli: Any) -> None:
 def test_top_p_at_temperature_0_is_said_to_do_nothing(cli: Any) -> None:
     code, out, err = cli("generate", "def f():", "--max_tokens", "2", "--top_p", "0.5", "--device", "cpu")
     assert code == 0 and "note: --top_p has no effect at --temperature 0" in err
+    code, out, err = cli("chat", "--temperature", "0", "--top_p", "0.5", "--max_tokens", "2", stdin="hi\n")
+    assert code == 0 and "note: --top_p has no effect at --temperature 0" in err
+    code, out, err = cli("chat", "--temperature", "0", "--max_tokens", "2", stdin="hi\n")  # chat's own top_p, not given
+    assert code == 0 and "note" not in err
 
 
 @pytest.fixture(scope="module")
