@@ -57,7 +57,7 @@ def weights_path(folder: Union[str, Path]) -> Path:
 
 
 def check_dimensions(folder: Union[str, Path], args: ModelArgs) -> None:
-    """The layer count, vocabulary and width that params.json gives, against the weights
+    """The layer count, vocabulary, widths and experts that params.json gives, against the weights
     file's names and shapes, before the model is allocated: params.json saying n_layers: 1000000
     would otherwise allocate (or fail to) for minutes before the names are compared."""
     path = weights_path(folder)
@@ -72,6 +72,8 @@ def check_dimensions(folder: Union[str, Path], args: ModelArgs) -> None:
         "layers.0.feed_forward.w1.weight": [args.hidden_dim, args.dim],
         "layers.0.feed_forward.experts.0.w1.weight": [args.hidden_dim, args.dim],
     }
+    if args.moe is not None:
+        implied["layers.0.feed_forward.gate.weight"] = [args.moe.num_experts, args.dim]  # the router: a row per expert
     for name, shape in implied.items():
         found = shapes.get(name)
         if found is not None and found != shape:

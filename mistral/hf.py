@@ -220,11 +220,15 @@ def convert(hf_dir: Union[str, Path], out_dir: Union[str, Path]) -> ModelArgs:
     config = read_json(hf_dir / CONFIG)
     args = args_from_hf_config(config, str(hf_dir / CONFIG))
     files = _weight_files(hf_dir)
-    # Counted in the files' headers before the model's shapes are made: a config.json
-    # saying num_hidden_layers: 1000000 would take minutes to make them.
-    layers = count_layers({name: None for path in files for name in tensor_shapes(path)}, "model.layers.")
+    # Layers and experts counted in the files' headers before the model's shapes are made: a
+    # config.json saying num_hidden_layers (or num_local_experts): 1000000 would take minutes to make them.
+    shapes = {name: shape for path in files for name, shape in tensor_shapes(path).items()}
+    layers = count_layers(shapes, "model.layers.")
     if layers and args.n_layers > layers:
         raise MistralError(f"{hf_dir}: the weights hold {layers} layers, but {CONFIG} says num_hidden_layers={args.n_layers}")
+    router = next((n for n in shapes if n.endswith((".block_sparse_moe.gate.weight", ".mlp.gate.weight"))), None)
+    if args.moe is not None and router is not None and shapes[router] != [args.moe.num_experts, args.dim]:
+        raise MistralError(f"{hf_dir}: {router} is {shapes[router]}, {CONFIG} implies {[args.moe.num_experts, args.dim]}")
     expected = checkpoint_shapes(args)
 
     state: dict[str, torch.Tensor] = {}

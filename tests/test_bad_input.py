@@ -512,8 +512,9 @@ def test_forward_and_decode_name_bad_ids(default_model: Transformer) -> None:
         (dict(n_layers=1_000_000), "holds 4 layers, but params.json says n_layers=1000000"),
         (dict(vocab_size=10**12), "tok_embeddings.weight is [4096, 192], params.json implies [1000000000000, 192]"),
         (dict(dim=10**9, head_dim=10**9 // 6), "tok_embeddings.weight is [4096, 192]"),
+        (dict(moe=dict(num_experts=10**6, num_experts_per_tok=2)), "gate.weight is [4, 192], params.json implies [1000000, 192]"),
     ],
-    ids=["layers", "vocab", "dim"],
+    ids=["layers", "vocab", "dim", "experts"],
 )
 @pytest.mark.parametrize("weights", [SAFETENSORS, PTH])
 def test_params_json_that_does_not_match_the_file_fails_at_once(tmp_path: Path, change: dict, fragment: str, weights: str) -> None:

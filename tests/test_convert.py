@@ -146,10 +146,18 @@ def test_bad_config(hf_dir: Path, tmp_path: Path, changes: dict, message: str) -
         convert(hf_dir, tmp_path / "ours")
 
 
-def test_a_config_of_more_layers_than_the_weights_fails_at_once(hf_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"num_hidden_layers": 1_000_000}, r"hf: the weights hold 2 layers, but config\.json says num_hidden_layers=1000000"),
+        ({"num_local_experts": 1_000_000}, r"hf: model\.layers\.\d\.\S+gate\.weight is \[4, 64\], config\.json implies \[1000000, 64\]"),
+    ],
+    ids=["layers", "experts"],
+)
+def test_a_config_of_more_layers_or_experts_than_the_weights_fails_at_once(hf_dir: Path, tmp_path: Path, changes: dict, message: str) -> None:
     """Counted in the files' headers before anything is built: num_hidden_layers: 1000000 ran for minutes."""
-    edit_config(hf_dir, num_hidden_layers=1_000_000)
-    with pytest.raises(MistralError, match=r"hf: the weights hold 2 layers, but config\.json says num_hidden_layers=1000000"):
+    edit_config(hf_dir, **changes)
+    with pytest.raises(MistralError, match=message):
         convert(hf_dir, tmp_path / "ours")
 
 
