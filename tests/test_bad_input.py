@@ -566,24 +566,28 @@ def test_a_weights_file_that_is_not_safetensors_is_one_error(tmp_path: Path, con
 
 
 ODD_VALUES = st.one_of(
-    st.integers(-(10**3), 10**3), st.integers(10**12, 10**30), st.just(10**400), st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-(10**3), 10**3), st.integers(10**4, 10**7), st.integers(10**12, 10**30), st.just(10**400), st.floats(allow_nan=True, allow_infinity=True),
     st.booleans(), st.none(), st.text(max_size=5), st.lists(st.integers(0, 3), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(0, 3), max_size=2),
 )  # fmt: skip
 
 
 @given(changes=st.dictionaries(st.sampled_from(sorted(json.loads((mistral.DEFAULT_MODEL / PARAMS).read_text()))), ODD_VALUES,
-                               min_size=1, max_size=3))  # fmt: skip
+                               max_size=3),
+       moe=st.dictionaries(st.sampled_from(["num_experts", "num_experts_per_tok"]), ODD_VALUES, max_size=2))  # fmt: skip
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_fuzzed_params_json_loads_or_names_the_problem(tmp_path_factory: pytest.TempPathFactory, changes: dict) -> None:
-    """Whatever values params.json holds, from_folder loads the model or raises one MistralError, nothing else."""
+def test_fuzzed_params_json_loads_or_names_the_problem(tmp_path_factory: pytest.TempPathFactory, changes: dict, moe: dict) -> None:
+    """Whatever values params.json holds (the default model's moe section's too), from_folder loads the model
+    and quantize writes it, or each raises one MistralError, nothing else, and soon."""
     folder = tmp_path_factory.mktemp("fuzz") / "model"
     shutil.copytree(mistral.DEFAULT_MODEL, folder)
     params = json.loads((folder / PARAMS).read_text())
-    (folder / PARAMS).write_text(json.dumps(params | changes))
-    try:
-        Transformer.from_folder(folder)
-    except MistralError as e:
-        assert "\n" not in str(e) and len(str(e)) < 2000
+    params = params | {"moe": params["moe"] | moe} | changes
+    (folder / PARAMS).write_text(json.dumps(params))
+    for load in (lambda: Transformer.from_folder(folder), lambda: quantize_folder(folder, folder.parent / "int8")):
+        try:
+            load()
+        except MistralError as e:
+            assert "\n" not in str(e) and len(str(e)) < 2000
 
 
 @pytest.mark.parametrize(
