@@ -577,7 +577,7 @@ ODD_VALUES = st.one_of(
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_fuzzed_params_json_loads_or_names_the_problem(tmp_path_factory: pytest.TempPathFactory, changes: dict, moe: dict) -> None:
     """Whatever values params.json holds (the default model's moe section's too), from_folder loads the model
-    and quantize writes it, or each raises one MistralError, nothing else, and soon."""
+    and quantize writes it, or each raises one MistralError, nothing else."""
     folder = tmp_path_factory.mktemp("fuzz") / "model"
     shutil.copytree(mistral.DEFAULT_MODEL, folder)
     params = json.loads((folder / PARAMS).read_text())
