@@ -768,7 +768,14 @@ def test_what_may_not_be_read_is_named(tmp_path: Path, case: str) -> None:
 
 def test_an_error_while_loading_starts_a_line_of_its_own(cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed read of a large checkpoint ends the progress line it showed (the error was written on at its end)."""
-    monkeypatch.setattr("mistral.main.LoadProgress.__init__.__defaults__", (0.0,))  # shown from the first tensor on
+    from mistral.main import LoadProgress
+
+    def shown_at_once(self: LoadProgress, folder: Path, after_s: float = 1.0) -> None:
+        real_init(self, folder, after_s=0.0)
+        self.start = self.last = -math.inf  # the first tensor read is shown, however fast
+
+    real_init = LoadProgress.__init__
+    monkeypatch.setattr(LoadProgress, "__init__", shown_at_once)
     src = tmp_path / "src"
     shutil.copytree(mistral.DEFAULT_MODEL, src)
     state = load_file(str(src / SAFETENSORS))
