@@ -58,19 +58,14 @@ def weights_path(folder: Union[str, Path]) -> Path:
 
 
 def check_dimensions(folder: Union[str, Path], args: ModelArgs) -> None:
-    """The layer count, vocabulary and width that params.json gives, against the weights
-    file's header, before the model is allocated: params.json saying n_layers: 1000000
+    """The layer count, vocabulary, widths and experts that params.json gives, against the weights
+    file's names and shapes, before the model is allocated: params.json saying n_layers: 1000000
     would otherwise allocate (or fail to) for minutes before the names are compared."""
     path = weights_path(folder)
-    if path.suffix != ".safetensors":
-        return  # a .pth has no header to read without loading it; load_into checks every tensor
-    header = _header(path)[0]
-    layers = {
-        int(name.split(".")[1]) for name in header
-        if name.startswith("layers.") and name.split(".")[1].isascii() and name.split(".")[1].isdigit()
-    }  # fmt: skip
-    if layers and args.n_layers > len(layers):  # more in the file: load_into names the extra tensors
-        raise MistralError(f"{path}: holds {len(layers)} layers, but params.json says n_layers={args.n_layers}")
+    shapes = tensor_shapes(path)
+    layers = count_layers(shapes, "layers.")
+    if layers and args.n_layers > layers:  # more in the file: load_into names the extra tensors
+        raise MistralError(f"{path}: holds {layers} layers, but params.json says n_layers={args.n_layers}")
     columns = args.dim // 2 if args.quantization is not None and args.quantization.method == "int4" else args.dim  # two a byte
     implied = {
         "tok_embeddings.weight": [args.vocab_size, args.dim],
@@ -79,10 +74,45 @@ def check_dimensions(folder: Union[str, Path], args: ModelArgs) -> None:
         "layers.0.feed_forward.w1.weight": [args.hidden_dim, columns],
         "layers.0.feed_forward.experts.0.w1.weight": [args.hidden_dim, columns],
     }
+    if args.moe is not None:
+        implied["layers.0.feed_forward.gate.weight"] = [args.moe.num_experts, args.dim]  # the router: a row per expert
     for name, shape in implied.items():
-        found = header.get(name, {}).get("shape") if isinstance(header.get(name), dict) else None
+        found = shapes.get(name)
         if found is not None and found != shape:
             raise MistralError(f"{path}: {name} is {found}, params.json implies {shown(shape)}")
+
+
+def tensor_shapes(path: Path) -> dict[str, Optional[list]]:
+    """The names of a weights file's tensors and their shapes (None where a header says none),
+    read from a safetensors header, or from a .pth's pickle (its tensors memory-mapped)."""
+    if path.suffix != ".safetensors":
+        return {name: list(t.shape) for name, t in read_pth(path).items()}
+    header = _header(path)[0]
+    return {
+        name: info.get("shape") if isinstance(info, dict) else None for name, info in header.items() if name != "__metadata__"
+    }
+
+
+def count_layers(shapes: dict, prefix: str) -> int:
+    """How many layers the names `{prefix}N. ...` number (HF's: prefix "model.layers.")."""
+    parts = [name[len(prefix) :].split(".")[0] for name in shapes if name.startswith(prefix)]
+    return len({part for part in parts if part.isascii() and part.isdigit()})
+
+
+def read_pth(path: Path) -> dict[str, torch.Tensor]:
+    """A consolidated.00.pth's tensors by name, memory-mapped; a MistralError if it holds anything else."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for a bad pickle; all mean the same to a user
+        raise MistralError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})".splitlines()[0]) from None
+    if not isinstance(state, dict):
+        raise MistralError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    if not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise MistralError(f"{path}: expected a dict of tensors, found {sorted({type(t).__name__ for t in state.values()})}")
+    names = [n for n in state if not isinstance(n, str)]
+    if names:  # sorting or matching them with the model's names would fail further on
+        raise MistralError(f"{path}: expected tensors by name, found the key {shown(names[0])}")
+    return state
 
 
 def _header(path: Path) -> tuple[dict, int]:
@@ -148,26 +178,13 @@ def load_into(
         _check_quantized(path, dtypes, slices)
         _check_float(path, dtypes, slices)
         return _read_safetensors(path, slices, tensor_rank, progress)
-    state = _load_pth(path)
+    state = read_pth(path)
     _check(path, {n: tuple(t.shape) for n, t in state.items()}, expected, allow_extra)
     names = {dtype: name for name, dtype in DTYPES.items()}
     dtypes = {n: names.get(state[n].dtype, str(state[n].dtype)) for n in slices}
     _check_quantized(path, dtypes, slices)
     _check_float(path, dtypes, slices)
     _copy_each(slices, lambda n: state[n][part(n)], progress)
-
-
-def _load_pth(path: Path) -> dict[str, torch.Tensor]:
-    """A .pth checkpoint's tensors, memory-mapped (read when used)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many types for a bad pickle; all mean the same to a user
-        raise MistralError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})".splitlines()[0]) from None
-    if not isinstance(state, dict):
-        raise MistralError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
-    if not all(isinstance(t, torch.Tensor) for t in state.values()):
-        raise MistralError(f"{path}: expected a dict of tensors, found {sorted({type(t).__name__ for t in state.values()})}")
-    return state
 
 
 # Per tensor of a file: its dtype and shape (the header of a safetensors file; what a stream will write).
@@ -184,7 +201,7 @@ def open_tensors(path: Path) -> Iterator[tuple[Specs, Callable[[str], torch.Tens
     file by the end. A .pth is memory-mapped (its pickle has no header to read apart).
     """
     if path.suffix != ".safetensors":
-        state = _load_pth(path)
+        state = read_pth(path)
         yield {n: (t.dtype, tuple(t.shape)) for n, t in state.items()}, state.__getitem__
         return
     try:
@@ -445,10 +462,13 @@ def write_folder(
 
 def check_writable(folder: Path) -> None:
     """Whether a model folder may be written at `folder`: before any work that would be lost."""
-    if folder.exists() and not folder.is_dir():
-        raise MistralError(f"{folder}: exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()):
-        raise MistralError(f"{folder}: the folder already holds files: write into a new or empty folder")
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise MistralError(f"{folder}: exists and is not a folder")
+        if folder.is_dir() and any(folder.iterdir()):
+            raise MistralError(f"{folder}: the folder already holds files: write into a new or empty folder")
+    except OSError as e:  # a folder we may not list
+        raise MistralError(f"{folder}: cannot write ({e.strerror or e})") from None
 
 
 def _umask() -> int:

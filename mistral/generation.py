@@ -261,6 +261,8 @@ def stream(
     )
     if eos_id is not None and not is_int(eos_id):
         raise MistralError(f"eos_id must be a token id (an int) or None, got {eos_id!r}")
+    if eos_id is not None and not 0 <= eos_id < model.args.vocab_size:  # it would never end a sequence
+        raise MistralError(f"eos_id={eos_id} is outside the vocabulary 0..{model.args.vocab_size - 1}")
     M = model.layout.num_pipeline_ranks if micro_batches is None else check_positive_int(micro_batches, "micro_batches")
     B = len(encoded_prompts)
     if B > model.args.max_batch_size:

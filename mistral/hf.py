@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mistral.args import ModelArgs, MoeArgs, read_json
-from mistral.checkpoint import check_writable, write_folder
+from mistral.checkpoint import check_writable, count_layers, tensor_shapes, write_folder
 from mistral.errors import MistralError, is_int, is_number
 from mistral.model import checkpoint_shapes
 from mistral.tokenizer import TOKENIZER_FILES
@@ -219,10 +219,20 @@ def convert(hf_dir: Union[str, Path], out_dir: Union[str, Path]) -> ModelArgs:
         raise MistralError(f"{hf_dir}: no {CONFIG} in the HF model folder")
     config = read_json(hf_dir / CONFIG)
     args = args_from_hf_config(config, str(hf_dir / CONFIG))
+    files = _weight_files(hf_dir)
+    # Layers and experts counted in the files' headers before the model's shapes are made: a
+    # config.json saying num_hidden_layers (or num_local_experts): 1000000 would take minutes to make them.
+    shapes = {name: shape for path in files for name, shape in tensor_shapes(path).items()}
+    layers = count_layers(shapes, "model.layers.")
+    if layers and args.n_layers > layers:
+        raise MistralError(f"{hf_dir}: the weights hold {layers} layers, but {CONFIG} says num_hidden_layers={args.n_layers}")
+    router = next((n for n in shapes if n.endswith((".block_sparse_moe.gate.weight", ".mlp.gate.weight"))), None)
+    if args.moe is not None and router is not None and shapes[router] != [args.moe.num_experts, args.dim]:
+        raise MistralError(f"{hf_dir}: {router} is {shapes[router]}, {CONFIG} implies {[args.moe.num_experts, args.dim]}")
     expected = checkpoint_shapes(args)
 
     state: dict[str, torch.Tensor] = {}
-    for path in _weight_files(hf_dir):
+    for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
@@ -237,6 +247,11 @@ def convert(hf_dir: Union[str, Path], out_dir: Union[str, Path]) -> ModelArgs:
                             )
                         if ours in state:
                             raise MistralError(f"{path}: {name} holds {ours}, which an earlier tensor already gave")
+                        # Written as they are, these would make a folder that does not load, or does not run.
+                        if not w.is_floating_point():
+                            raise MistralError(f"{path}: {name} holds {w.dtype} values, where a float weight belongs")
+                        if not bool(torch.isfinite(w).all()):
+                            raise MistralError(f"{path}: {name} holds values that are not finite (NaN or inf)")
                         suffix = ours.split(".", 2)[-1]
                         state[ours] = unpermute(w, getattr(args, PERMUTED[suffix])) if suffix in PERMUTED else w
         except SafetensorError as e:

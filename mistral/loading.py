@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 from mistral.args import ModelArgs
 from mistral.attention import Backend
 from mistral.checkpoint import Progress, check_dimensions, load_into, read_args, write_folder
-from mistral.errors import MistralError
+from mistral.errors import MistralError, is_int
 from mistral.linear import quantize
 from mistral.lora import merge_lora
 from mistral.parallel import Layout, check_tensor_split
@@ -83,6 +83,25 @@ class _Uninitialized(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def check_device(device: Any) -> Optional[str]:
+    """A device (--device; device= of from_folder and random) as torch names it (None: not given),
+    if it is one the model runs on here: torch's own error for mps or xpu is an assertion, and meta loads no values."""
+    if device is None:  # not `device or ...`: fire hands "--device 0" over as the int 0
+        return None
+    if is_int(device) and 0 <= device < 2**31:
+        device = f"cuda:{device}"  # what torch.device(0) means, said without asking for a GPU
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):  # and "--device 1e999" as a float, 2**63 as too large an int
+        raise MistralError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
+    # meta holds no values; mps, xpu: not run here; torch keeps an index in 8 bits (cuda:200 reads cuda:-56)
+    if parsed.type not in ("cpu", "cuda") or not 0 <= (parsed.index or 0) < 128:
+        raise MistralError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise MistralError(f"device {str(parsed)!r}: no CUDA GPU is available")
+    return str(parsed)
+
+
 def empty(
     cls: type[Model],
     args: ModelArgs,
@@ -93,6 +112,9 @@ def empty(
 ) -> Model:
     """This process's part of the model, its memory allocated on the device but not written."""
     P, T, pipeline_rank, tensor_rank = ranks
+    device = check_device(device) or "cpu"
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise MistralError(f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, torch.float16), got {dtype!r}")
     check_tensor_split(T, args)  # before anything is loaded
     layout = Layout.of(P, T, pipeline_rank, tensor_rank)
     try:

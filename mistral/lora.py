@@ -36,6 +36,10 @@ def merge_lora(model: nn.Module, path: Union[str, Path]) -> None:
         raise MistralError(f"{path.parent / PARAMS}: no 'lora' section (rank, scaling) for {path.name}")
     weights = model.state_dict()
     try:
+        path.open("rb").close()  # safetensors reports a file it may not read as "No such file or directory"
+    except OSError as e:
+        raise MistralError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
         with safe_open(str(path), framework="pt") as f:
             names = set(f.keys())
             if not names:
@@ -57,6 +61,9 @@ def merge_lora(model: nn.Module, path: Union[str, Path]) -> None:
                 if not w.dtype.is_floating_point:  # int8, int4
                     raise MistralError(f"{path}: a LoRA adapter merges into float weights: merge it before `mistral quantize`")
                 a, b = f.get_tensor(name), f.get_tensor(name[: -len(LORA_A)] + LORA_B)
+                for n, t in ((name, a), (name[: -len(LORA_A)] + LORA_B, b)):
+                    if not t.is_floating_point():  # would merge as numbers, and generate nonsense
+                        raise MistralError(f"{path}: {n} holds {t.dtype} values, where a float weight belongs")
                 if a.shape != (lora.rank, w.shape[1]) or b.shape != (w.shape[0], lora.rank):
                     raise MistralError(
                         f"{path}: {name} is {list(a.shape)} and its lora_B {list(b.shape)}, rank {lora.rank} and the "

@@ -24,6 +24,7 @@ from mistral.errors import MistralError, check_positive_int, is_int, is_number
 from mistral.generation import check_options, stream
 from mistral.options import HELP, check_arguments
 from mistral.hf import convert as convert_hf
+from mistral.loading import check_device
 from mistral.model import Transformer
 from mistral.quantize import quantize_folder
 from mistral.stage import Stage
@@ -55,32 +56,15 @@ def load(
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     if dtype not in DTYPES:
         raise MistralError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    model = Transformer.from_folder(
-        folder, device=device, dtype=DTYPES[dtype], progress=LoadProgress(folder) if rank == 0 else None,
-        num_pipeline_ranks=num_pipeline_ranks, num_tensor_ranks=num_tensor_ranks, lora_path=lora,
-    )
+    with LoadProgress(folder) as progress:
+        model = Transformer.from_folder(
+            folder, device=device, dtype=DTYPES[dtype], progress=progress if rank == 0 else None,
+            num_pipeline_ranks=num_pipeline_ranks, num_tensor_ranks=num_tensor_ranks, lora_path=lora,
+        )
     check_vocabulary(folder, tokenizer, model.args.vocab_size)
     if rank > 0:
         parallel.silence()  # rank 0 prints the results
     return model, tokenizer
-
-
-def check_device(device: Any) -> Optional[str]:
-    """--device as torch names it (None: not given), if it is one the model runs on here."""
-    if device is None:  # not `device or ...`: fire hands "--device 0" over as the int 0
-        return None
-    if is_int(device) and 0 <= device < 2**31:
-        device = f"cuda:{device}"  # what torch.device(0) means, said without asking for a GPU
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):  # and "--device 1e999" as a float, 2**63 as too large an int
-        raise MistralError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
-    # meta holds no values; mps, xpu: not run here; torch keeps an index in 8 bits (cuda:200 reads cuda:-56)
-    if parsed.type not in ("cpu", "cuda") or not 0 <= (parsed.index or 0) < 128:
-        raise MistralError(f"device must be cpu, cuda or cuda:N, got {device!r}")
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise MistralError(f"device {str(parsed)!r}: no CUDA GPU is available")
-    return str(parsed)
 
 
 def check_layout(folder: Path, num_pipeline_ranks: int, num_tensor_ranks: int, micro_batches: Optional[int]) -> None:
@@ -98,25 +82,31 @@ class LoadProgress:
     """Tensors and bytes read so far, on one stderr line, once loading has taken a second.
 
     A small model loads before anything is shown; a 7B checkpoint shows its progress.
+    Used as a context, it ends a line that a failed read left open: the error after it
+    starts a line of its own.
     """
 
     def __init__(self, folder: Path, after_s: float = 1.0):
         self.folder, self.after_s = folder, after_s
         self.start = self.last = time.perf_counter()
-        self.open = False  # a line shown and not yet ended
+        self.open = False  # a line shown, and not yet ended
+
+    def __enter__(self) -> "LoadProgress":
+        return self
+
+    def __exit__(self, *exception: Any) -> None:
+        if self.open:
+            print(file=sys.stderr)
+            self.open = False
 
     def __call__(self, done: int, total: int, nbytes: int) -> None:
         now = time.perf_counter()
         if now - self.start < self.after_s or (done < total and now - self.last < 0.2):
             return
         self.last, self.open = now, done < total
-        print(f"\rloading {self.folder}: {done}/{total} tensors, {nbytes / 2**30:.2f} GiB", end="" if self.open else "\n",
+        print(f"\rloading {self.folder}: {done}/{total} tensors, {nbytes / 2**30:.2f} GiB", end="\n" if done == total else "",
               file=sys.stderr, flush=True)
 
-    def end(self) -> None:
-        """End a line that an error cut short, so that the error's line is a line of its own."""
-        if self.open:
-            print(file=sys.stderr, flush=True)
 
 
 def is_dir(path: Path) -> bool:
@@ -482,7 +472,7 @@ def chat(
 
     Args:
         model_dir: folder with params.json, consolidated.safetensors and one tokenizer file
-            (tokenizer.model, tokenizer.model.v1/v2/v3/v7 or tekken.json), whose version
+            (tokenizer.model, tokenizer.model.v1/v2/v3/v7/v7m1 or tekken.json), whose version
             decides the chat format; by default the small model shipped in the package.
         max_tokens: most new tokens per answer.
         temperature: 0 samples greedily; higher values sample more freely.
@@ -498,6 +488,8 @@ def chat(
             of the params.json beside it) to merge into the weights at load.
     """
     check_options([[0]], 1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=None, seed=seed)
+    if temperature == 0 and top_p != 0.9:  # a --top_p given (0.9 is chat's own), which greedy decoding ignores
+        print("note: --top_p has no effect at --temperature 0, which decodes greedily", file=sys.stderr)
     check_positive_int(max_context, "max_context")
     model, tokenizer = load(DEFAULT_MODEL if model_dir is None else str(model_dir), device, dtype,
                             lora=None if lora is None else str(lora))
@@ -550,11 +542,9 @@ def quantize(model_dir: str, out_dir: str, *, method: str = "int8", group_size: 
         group_size: int4 only, the input columns per scale: 32, 64 or 128 (128 when not given),
             which must divide the model's widths; 32 or 64 for the default model, 192 wide.
     """
-    start, progress = time.perf_counter(), LoadProgress(Path(model_dir))
-    try:
+    start = time.perf_counter()
+    with LoadProgress(Path(model_dir)) as progress:  # the source is read as the output is written: a failed write ends mid-line
         quantize_folder(model_dir, out_dir, str(method), group_size, progress=progress)
-    finally:  # the source is read as the output is written: a write that fails does so mid-line
-        progress.end()
     print(f"wrote {out_dir} ({method}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 
@@ -720,7 +710,11 @@ def main() -> None:
         # Python flushes stdout again at exit; point it at /dev/null so that does not fail too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
-    except OSError as e:  # writing the output failed (a full disk behind > file); reading is checked where it happens
+    except OSError as e:
+        if e.filename is not None:  # a file or folder met without a check of its own (one we may not read, say)
+            print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+            sys.exit(2)
+        # Writing the output failed (a full disk behind > file).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         print(f"error: cannot write the output ({e.strerror or e})", file=sys.stderr)
         sys.exit(2)

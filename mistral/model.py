@@ -162,6 +162,8 @@ class Transformer(nn.Module):
 
     def __init__(self, args: ModelArgs, *, layout: Optional[Layout] = None, attention_backend: Backend = "auto"):
         super().__init__()
+        if not isinstance(args, ModelArgs):
+            raise MistralError(f"args must be a ModelArgs (ModelArgs.from_json(folder / 'params.json')), got {type(args).__name__}")
         if attention_backend not in BACKENDS:
             raise MistralError(f"attention_backend must be one of {BACKENDS}, got {attention_backend!r}")
         layout = layout or Layout()
@@ -230,6 +232,8 @@ class Transformer(nn.Module):
             raise MistralError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
         if self.layout.is_first and T and not bool(((input_ids >= 0) & (input_ids < self.args.vocab_size)).all()):
             raise MistralError(f"input_ids holds token ids outside the vocabulary 0..{self.args.vocab_size - 1}")
+        if cache is not None and not isinstance(cache, RotatingBufferCache):
+            raise MistralError(f"cache must be a RotatingBufferCache (model.make_cache), got {type(cache).__name__}")
         inputs = Uncached(seqlens, self.args.sliding_window, self.device) if cache is None else cache.prepare(seqlens)
         link = Link(self.layout, self.args.dim, self.device, self.dtype)  # the messages of this call
         x = input_ids if self.layout.is_first else link.recv_activations(T)

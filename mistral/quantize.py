@@ -25,7 +25,7 @@ import torch
 
 from mistral.args import QUANTIZATION_METHODS, ModelArgs, QuantArgs
 from mistral.checkpoint import (
-    DTYPES, PARAMS, Progress, Specs, TensorStream, check_writable, open_tensors, read_args, weights_path, write_folder,
+    DTYPES, PARAMS, Progress, Specs, TensorStream, check_dimensions, check_writable, open_tensors, read_args, weights_path, write_folder,
 )  # fmt: skip
 from mistral.errors import MistralError
 from mistral.linear import quantize
@@ -69,6 +69,7 @@ def quantize_folder(
         raise MistralError(f"--method {method!r}: this version quantizes with {', '.join(QUANTIZATION_METHODS)}")
     quantization = QuantArgs(method, 128 if method == "int4" and group_size is None else group_size)
     quantized_args = dataclasses.replace(args, quantization=quantization)  # a group size the widths refuse is named here
+    check_dimensions(src, args)  # before the shapes of params.json's model are made (n_layers: 1000000 takes minutes)
     # The tokenizer that generate would read, read here: a folder with a broken one would not run.
     check_vocabulary(src, load_tokenizer(src), args.vocab_size)
     tokenizers = [p for p in src.iterdir() if p.is_file() and (p.name.startswith("tokenizer") or p.name == "tekken.json")]

@@ -27,7 +27,8 @@ from test_cli import run_in_process
 import mistral
 from helpers import tiny_args
 from mistral import MistralError, ModelArgs, Transformer
-from mistral.checkpoint import PARAMS, SAFETENSORS, write_folder
+from mistral.checkpoint import PARAMS, PTH, SAFETENSORS, write_folder
+from mistral.quantize import quantize_folder
 
 Run = tuple[int, str, str]
 
@@ -123,6 +124,20 @@ def test_cache_larger_than_memory_says_what_fits(cli: Any, windowless_dir: Path)
     assert fits > 0
 
 
+def test_the_kv_cache_leaves_room_for_the_rest_of_the_run(monkeypatch: pytest.MonkeyPatch, windowless_dir: Path) -> None:
+    """A window-less cache may take 80% of the free memory, its CPU attention's copies counted: a run whose
+    cache took all of it (max_tokens 10000000) was killed by the system without a word, exit 137."""
+    model = Transformer.from_folder(windowless_dir)  # float32, on the CPU
+    args, free = model.args, 10**8
+    monkeypatch.setattr("mistral.cache.free_memory", lambda device: free)
+    cache = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 4  # keys and values of one position, every layer
+    copies = 2 * args.n_heads * args.head_dim * 4  # one layer's, in float32, once for each query head
+    fits = int(free * 0.8 // (cache + copies))
+    model.make_cache(1, fits)
+    with pytest.raises(MistralError, match=f"{fits:,} tokens per sequence fit"):
+        model.make_cache(1, fits + 1)
+
+
 def test_convert_file_errors(cli: Any, tmp_path: Path) -> None:
     (tmp_path / "a_file").write_text("x")
     args = tiny_args()
@@ -150,6 +165,19 @@ def test_convert_onto_a_file_from_the_command_line(cli: Any, tmp_path: Path, cap
     capsys.readouterr()  # save_pretrained's progress bar
     (tmp_path / "taken").write_text("x")
     assert_error(cli("convert", str(tmp_path / "hf"), str(tmp_path / "taken")), "taken: exists and is not a folder")
+
+
+def test_convert_of_a_folder_without_a_tokenizer_says_what_to_copy(cli: Any, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """save_pretrained writes no tokenizer file: the folder converts, and the user reads what generate and chat will miss."""
+    from hf_reference import hf_model
+
+    hf_model(moe=False).save_pretrained(tmp_path / "hf")
+    capsys.readouterr()  # save_pretrained's progress bar
+    code, out, err = cli("convert", str(tmp_path / "hf"), str(tmp_path / "out"))
+    assert (code, out) == (0, ""), err
+    note = err.strip().splitlines()[-1]
+    assert note.startswith(f"note: {tmp_path / 'hf'} holds no tokenizer file (tokenizer.model, ") and "tokenizer.model.v7m1" in note, err
+    assert note.endswith(f"copy the model's own into {tmp_path / 'out'}, which generate and chat need"), err
 
 
 @pytest.fixture
@@ -426,6 +454,10 @@ def test_device_0_is_the_first_gpu_not_the_default(cli: Any) -> None:
 def test_top_p_at_temperature_0_is_said_to_do_nothing(cli: Any) -> None:
     code, out, err = cli("generate", "def f():", "--max_tokens", "2", "--top_p", "0.5", "--device", "cpu")
     assert code == 0 and "note: --top_p has no effect at --temperature 0" in err
+    code, out, err = cli("chat", "--temperature", "0", "--top_p", "0.5", "--max_tokens", "2", stdin="hi\n")
+    assert code == 0 and "note: --top_p has no effect at --temperature 0" in err
+    code, out, err = cli("chat", "--temperature", "0", "--max_tokens", "2", stdin="hi\n")  # chat's own top_p, not given
+    assert code == 0 and "note" not in err
 
 
 @pytest.fixture(scope="module")
@@ -480,17 +512,48 @@ def test_forward_and_decode_name_bad_ids(default_model: Transformer) -> None:
         (dict(n_layers=1_000_000), "holds 4 layers, but params.json says n_layers=1000000"),
         (dict(vocab_size=10**12), "tok_embeddings.weight is [4096, 192], params.json implies [1000000000000, 192]"),
         (dict(dim=10**9, head_dim=10**9 // 6), "tok_embeddings.weight is [4096, 192]"),
+        (dict(moe=dict(num_experts=10**6, num_experts_per_tok=2)), "gate.weight is [4, 192], params.json implies [1000000, 192]"),
     ],
-    ids=["layers", "vocab", "dim"],
+    ids=["layers", "vocab", "dim", "experts"],
 )
-def test_params_json_that_does_not_match_the_file_fails_at_once(tmp_path: Path, change: dict, fragment: str) -> None:
-    """Checked against the weights file's header before anything is allocated (n_layers: 1000000 ran for minutes)."""
+@pytest.mark.parametrize("weights", [SAFETENSORS, PTH])
+def test_params_json_that_does_not_match_the_file_fails_at_once(tmp_path: Path, change: dict, fragment: str, weights: str) -> None:
+    """Checked against the weights file's names and shapes before anything is allocated (n_layers: 1000000
+    ran for minutes), by generate and quantize alike, in a .pth as in a safetensors file."""
     folder = tmp_path / "model"
     shutil.copytree(mistral.DEFAULT_MODEL, folder)
+    if weights == PTH:
+        torch.save(load_file(str(folder / SAFETENSORS)), folder / PTH)
+        (folder / SAFETENSORS).unlink()
     params = json.loads((folder / PARAMS).read_text())
     (folder / PARAMS).write_text(json.dumps(params | change))
     with pytest.raises(MistralError, match=re.escape(fragment)):
         Transformer.from_folder(folder)
+    with pytest.raises(MistralError, match=re.escape(fragment)):
+        quantize_folder(folder, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ([1, 2], "expected a dict of tensors, got list"),
+        ({"norm.weight": [1.0] * 192}, "expected a dict of tensors, found ['Tensor', 'list']"),
+        ({5: torch.zeros(1)}, "expected tensors by name, found the key 5"),
+    ],
+    ids=["list", "a list among the tensors", "a key that is no name"],
+)
+def test_a_pth_that_is_not_tensors_by_name_is_one_error(tmp_path: Path, content: Any, fragment: str) -> None:
+    """A consolidated.00.pth holding something else is named, by generate and by quantize (a traceback, was)."""
+    folder = tmp_path / "model"
+    shutil.copytree(mistral.DEFAULT_MODEL, folder)
+    state = load_file(str(folder / SAFETENSORS))
+    (folder / SAFETENSORS).unlink()
+    torch.save(content if isinstance(content, list) else state | content, folder / PTH)
+    with pytest.raises(MistralError, match=re.escape(f"{PTH}: {fragment}")):
+        Transformer.from_folder(folder)
+    with pytest.raises(MistralError, match=re.escape(f"{PTH}: {fragment}")):
+        quantize_folder(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("content", [b"", b"\x05", b"garbage!" * 4, (2**62).to_bytes(8, "little") + b"{}"])
@@ -503,24 +566,28 @@ def test_a_weights_file_that_is_not_safetensors_is_one_error(tmp_path: Path, con
 
 
 ODD_VALUES = st.one_of(
-    st.integers(-(10**3), 10**3), st.integers(10**12, 10**30), st.just(10**400), st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-(10**3), 10**3), st.integers(10**4, 10**7), st.integers(10**12, 10**30), st.just(10**400), st.floats(allow_nan=True, allow_infinity=True),
     st.booleans(), st.none(), st.text(max_size=5), st.lists(st.integers(0, 3), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(0, 3), max_size=2),
 )  # fmt: skip
 
 
 @given(changes=st.dictionaries(st.sampled_from(sorted(json.loads((mistral.DEFAULT_MODEL / PARAMS).read_text()))), ODD_VALUES,
-                               min_size=1, max_size=3))  # fmt: skip
+                               max_size=3),
+       moe=st.dictionaries(st.sampled_from(["num_experts", "num_experts_per_tok"]), ODD_VALUES, max_size=2))  # fmt: skip
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_fuzzed_params_json_loads_or_names_the_problem(tmp_path_factory: pytest.TempPathFactory, changes: dict) -> None:
-    """Whatever values params.json holds, from_folder loads the model or raises one MistralError, nothing else."""
+def test_fuzzed_params_json_loads_or_names_the_problem(tmp_path_factory: pytest.TempPathFactory, changes: dict, moe: dict) -> None:
+    """Whatever values params.json holds (the default model's moe section's too), from_folder loads the model
+    and quantize writes it, or each raises one MistralError, nothing else."""
     folder = tmp_path_factory.mktemp("fuzz") / "model"
     shutil.copytree(mistral.DEFAULT_MODEL, folder)
     params = json.loads((folder / PARAMS).read_text())
-    (folder / PARAMS).write_text(json.dumps(params | changes))
-    try:
-        Transformer.from_folder(folder)
-    except MistralError as e:
-        assert "\n" not in str(e) and len(str(e)) < 2000
+    params = params | {"moe": params["moe"] | moe} | changes
+    (folder / PARAMS).write_text(json.dumps(params))
+    for load in (lambda: Transformer.from_folder(folder), lambda: quantize_folder(folder, folder.parent / "int8")):
+        try:
+            load()
+        except MistralError as e:
+            assert "\n" not in str(e) and len(str(e)) < 2000
 
 
 @pytest.mark.parametrize(
@@ -576,6 +643,14 @@ def test_more_api_arguments_are_named(default_model: Transformer) -> None:
         (lambda: Transformer.from_folder(5), "a model folder is a path (str or Path), got int"),
         (lambda: mistral.Tokenizer(None), "a tokenizer file is a path (str or Path), got NoneType"),
         (lambda: default_model(torch.tensor([], dtype=torch.long), []), "seqlens add up to no tokens"),
+        (lambda: default_model(torch.tensor([1, 2]), [2], cache="x"), "cache must be a RotatingBufferCache"),
+        (lambda: mistral.generate([[1, 2]], default_model, max_tokens=2, eos_id=4096), "eos_id=4096 is outside the vocabulary 0..4095"),
+        (lambda: mistral.generate([[1, 2]], default_model, max_tokens=2, eos_id=-1), "eos_id=-1 is outside the vocabulary"),
+        (lambda: Transformer.from_folder(mistral.DEFAULT_MODEL, device="meta"), "device must be cpu, cuda or cuda:N, got 'meta'"),
+        (lambda: Transformer.from_folder(mistral.DEFAULT_MODEL, device="xpu"), "device must be cpu, cuda or cuda:N, got 'xpu'"),
+        (lambda: Transformer.from_folder(mistral.DEFAULT_MODEL, dtype=torch.int8), "dtype must be a floating-point torch.dtype"),
+        (lambda: Transformer.from_folder(mistral.DEFAULT_MODEL, dtype="float16"), "got 'float16'"),
+        (lambda: Transformer(None), "args must be a ModelArgs"),
     ]
     for call, fragment in cases:
         with pytest.raises(MistralError, match=re.escape(fragment)):
@@ -644,3 +719,69 @@ def test_fuzzed_python_api_runs_or_names_the_problem(default_model: Transformer,
         assert "\n" not in str(e), str(e)
         return
     assert len(tokens) == len(logprobs) == len(prompts)
+
+
+def without_root_s_reading(command: list[str]) -> list[str]:
+    """command, run without root's right to read any file (a plain user has none to drop)."""
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("setpriv") is None:
+        pytest.skip("root reads every file, and no setpriv here takes that right away")
+    drop = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", "--", *command]
+
+
+@pytest.mark.parametrize("case", ["weights", "folder", "quantize", "convert", "lora", "convert into"])
+def test_what_may_not_be_read_is_named(tmp_path: Path, case: str) -> None:
+    """A file or folder without read permission: one line naming it. safetensors calls such a file
+    "No such file or directory", and an unreadable folder's OSError read as "cannot write the output"."""
+    model, hf, out = tmp_path / "model", tmp_path / "hf", tmp_path / "out"
+    shutil.copytree(mistral.DEFAULT_MODEL, model)
+    params = json.loads((model / PARAMS).read_text())
+    (model / PARAMS).write_text(json.dumps(params | {"lora": {"rank": 2, "scaling": 1.0}}))
+    save_file({}, str(model / "lora.safetensors"))
+    weights, adapter, hf_weights = model / SAFETENSORS, model / "lora.safetensors", hf / "model.safetensors"
+    generate = ["generate", str(model), "hi", "--max_tokens", "2"]
+    args, closed, fragment = {
+        "weights": (generate, weights, f"{weights}: cannot read (Permission denied)"),
+        "folder": (generate, model, f"{model}/"),
+        "quantize": (["quantize", str(model), str(out)], weights, f"{weights}: cannot read (Permission denied)"),
+        "convert": (["convert", str(hf), str(out)], hf_weights, f"{hf_weights}: cannot read (Permission denied)"),
+        "lora": (generate + ["--lora", str(adapter)], adapter, f"{adapter}: cannot read (Permission denied)"),
+        "convert into": (["convert", str(hf), str(out)], out, f"{out}: cannot write (Permission denied)"),
+    }[case]
+    if case.startswith("convert"):
+        from hf_reference import hf_model
+
+        hf_model(moe=False).save_pretrained(hf)
+    if case == "convert into":
+        out.mkdir()
+    closed.chmod(0)
+    try:
+        run = subprocess.run(without_root_s_reading([sys.executable, "-m", "mistral", *args]),
+                             capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
+    finally:
+        closed.chmod(0o755)
+    assert_error((run.returncode, run.stdout, run.stderr), fragment, "Permission denied")
+    assert not out.exists() or case == "convert into"
+
+
+def test_an_error_while_loading_starts_a_line_of_its_own(cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed read of a large checkpoint ends the progress line it showed (the error was written on at its end)."""
+    from mistral.main import LoadProgress
+
+    def shown_at_once(self: LoadProgress, folder: Path, after_s: float = 1.0) -> None:
+        real_init(self, folder, after_s=0.0)
+        self.start = self.last = -math.inf  # the first tensor read is shown, however fast
+
+    real_init = LoadProgress.__init__
+    monkeypatch.setattr(LoadProgress, "__init__", shown_at_once)
+    src = tmp_path / "src"
+    shutil.copytree(mistral.DEFAULT_MODEL, src)
+    state = load_file(str(src / SAFETENSORS))
+    state["output.weight"] = torch.full_like(state["output.weight"], math.nan)  # read after most others
+    save_file(state, str(src / SAFETENSORS))
+    code, out, err = cli("quantize", str(src), str(tmp_path / "out"))
+    lines = err.split("\n")
+    assert (code, out) == (2, "") and len(lines) == 3 and lines[-3].startswith("\rloading "), err
+    assert lines[-2].startswith("error: ") and "output.weight holds values that are not finite" in lines[-2], err

@@ -146,6 +146,21 @@ def test_bad_config(hf_dir: Path, tmp_path: Path, changes: dict, message: str) -
         convert(hf_dir, tmp_path / "ours")
 
 
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"num_hidden_layers": 1_000_000}, r"hf: the weights hold 2 layers, but config\.json says num_hidden_layers=1000000"),
+        ({"num_local_experts": 1_000_000}, r"hf: model\.layers\.\d\.\S+gate\.weight is \[4, 64\], config\.json implies \[1000000, 64\]"),
+    ],
+    ids=["layers", "experts"],
+)
+def test_a_config_of_more_layers_or_experts_than_the_weights_fails_at_once(hf_dir: Path, tmp_path: Path, changes: dict, message: str) -> None:
+    """Counted in the files' headers before anything is built: num_hidden_layers: 1000000 ran for minutes."""
+    edit_config(hf_dir, **changes)
+    with pytest.raises(MistralError, match=message):
+        convert(hf_dir, tmp_path / "ours")
+
+
 def test_missing_config(hf_dir: Path, tmp_path: Path) -> None:
     (hf_dir / "config.json").unlink()
     with pytest.raises(MistralError, match=r"hf: no config\.json"):
@@ -185,9 +200,11 @@ def test_index_names_missing_shard(tmp_path: Path) -> None:
         ({"model__layers__0__mlp__experts__down_proj": torch.ones(4, 64, 96)}, r"already gave"),
         ({"model__layers__0__mlp__experts__gate_up_proj": torch.ones(4, 96, 64)},
          r"gate_up_proj is \[4, 96, 64\], config\.json implies \[4, 192, 64\]"),
+        ({"model__norm__weight": torch.ones(64, dtype=torch.int32)}, r"model\.norm\.weight holds torch\.int32 values, where a float weight belongs"),
+        ({"model__norm__weight": torch.full((64,), float("nan"))}, r"model\.norm\.weight holds values that are not finite"),
     ],
     ids=["unknown", "missing expert", "missing lm_head", "extra layer", "extra expert", "wrong shape", "given twice",
-         "fused wrong shape"],
+         "fused wrong shape", "integers", "nan"],
 )
 def test_bad_tensors(hf_dir: Path, tmp_path: Path, changes: dict, message: str) -> None:
     edit_tensors(hf_dir / "model.safetensors", **changes)

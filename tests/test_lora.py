@@ -132,7 +132,7 @@ def test_bad_adapter_is_a_mistral_error(tmp_path: Path, edit: str, message: str)
         Transformer.from_folder(tmp_path, lora_path=tmp_path / "lora.safetensors")
 
 
-def test_an_empty_adapter_or_one_aimed_at_a_norm_is_an_error(tmp_path: Path) -> None:
+def test_an_empty_adapter_one_aimed_at_a_norm_or_of_integers_is_an_error(tmp_path: Path) -> None:
     base = random_model(tiny_args())
     base.save(tmp_path)
     shapes = {n: t.shape for n, t in base.state_dict().items()}
@@ -144,3 +144,7 @@ def test_an_empty_adapter_or_one_aimed_at_a_norm_is_an_error(tmp_path: Path) -> 
               str(tmp_path / "lora.safetensors"))  # fmt: skip
     with pytest.raises(MistralError, match=f"adapts {norm}, of shape \\[64\\]: LoRA adapts projection weights"):
         Transformer.from_folder(tmp_path, lora_path=tmp_path / "lora.safetensors")
+    lora = write_adapter(tmp_path, ["layers.0.attention.wq.weight"], shapes)
+    save_file({n: (t * 100).to(torch.int32) for n, t in lora.items()}, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(MistralError, match=r"wq\.lora_A\.weight holds torch\.int32 values, where a float weight belongs"):
+        Transformer.from_folder(tmp_path, lora_path=tmp_path / "lora.safetensors")  # it merged, and generated nonsense
