@@ -217,7 +217,10 @@ def _prompt_tokens(prompt: Any, tokenizer: ChatTokenizer, name: str) -> list[int
     if isinstance(prompt, str):
         if not prompt:
             raise BadRequest(f"{name} is empty", "prompt")
-        return tokenizer.encode(prompt, bos=True)
+        try:
+            return tokenizer.encode(prompt, bos=True)
+        except ValueError as e:  # MistralError: not UTF-8 text (a lone surrogate)
+            raise BadRequest(f"{name}: {e}", "prompt") from None
     if isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
         bad = [t for t in prompt if not 0 <= t < tokenizer.n_words]
         if bad:

@@ -16,7 +16,10 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Op
 
 def probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """logits: [..., V] -> what `sample` draws from at temperature > 0: [..., V], unnormalized under top_p < 1."""
-    # Subtracting the max first keeps a tiny temperature from turning logits into inf - inf.
+    # Subtracting the max first keeps a tiny temperature from turning logits into inf - inf, and
+    # dividing by no less than float32's smallest normal number keeps one that float32 rounds to
+    # 0 (1e-46) from making the max's 0 / 0 a NaN: such a temperature is greedy, as it should be.
+    temperature = max(temperature, torch.finfo(torch.float32).tiny)
     probs = torch.softmax((logits - logits.max(dim=-1, keepdim=True).values) / temperature, dim=-1)
     if top_p < 1:
         # Keep the most likely tokens until their mass reaches top_p; the first always stays.

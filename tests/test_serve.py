@@ -264,6 +264,7 @@ BAD = [
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/completions", b'{"model": "default_model", "prompt": "\\ud800x"}', 400, "prompt"),
     ("/v1/completion", {"model": MODEL, "prompt": "x"}, 404, None),
 ]
 
@@ -330,3 +331,9 @@ def test_a_tensor_parallel_server_answers_as_one_process_does(model: Transformer
     finally:
         code, err = server.stop()
     assert code == 128 + signal.SIGTERM and "Traceback" not in err and "error" not in err, err
+
+
+def test_a_temperature_that_float32_rounds_to_zero_samples_greedily(served: Served, model: Transformer) -> None:
+    """1e-46 is in [0, 2] but 0 in float32: it must neither fail (0 / 0) nor break what runs beside it."""
+    answer = served.client.completions.create(model=MODEL, prompt="import os\n", max_tokens=8, temperature=1e-46)
+    assert answer.choices[0].text == expected(model, TOKENIZER.encode("import os\n", bos=True), 8)[0]
