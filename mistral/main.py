@@ -609,6 +609,8 @@ def serve(
     if not is_number(grace_s) or not 0 <= grace_s < 1e6:
         raise MistralError(f"grace_s must be a number of seconds in [0, 1e6), got {grace_s!r}")
     ranks = check_positive_int(num_tensor_ranks, "num_tensor_ranks")
+    if not launch.started_by_a_launcher():  # before the model loads (a minute, for a big one); not on a rank, beside rank 0's
+        check_address(host, port)
     if ranks > 1 and not launch.started_by_a_launcher():
         check_device(device)
         check_layout(folder, 1, ranks, None)
@@ -622,6 +624,18 @@ def serve(
         return
     name = model_name_of(folder) if model_name is None else str(model_name)
     run_server(engine, tokenizer, name, host, port, max_queue, grace_s, plans)
+
+
+def check_address(host: str, port: int) -> None:
+    """One line for an address the server could not listen on (a port in use, a host not of this machine)."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        socket.create_server((host, port), family=family).close()
+    except OSError as e:  # create_server's message names the address again; getaddrinfo's errno is its own
+        reason = os.strerror(e.errno) if e.errno and not isinstance(e, socket.gaierror) else e.strerror or str(e)
+        raise MistralError(f"cannot serve on {host}:{port}: {reason}") from None
 
 
 COMMANDS = {"generate": generate, "chat": chat, "serve": serve, "convert": convert, "quantize": quantize}

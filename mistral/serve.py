@@ -20,13 +20,15 @@ import json
 import queue
 import sys
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
 from mistral.engine import Engine, Request
-from mistral.errors import MistralError
-from mistral.openai_api import BadRequest, Choice, Params, chat_params, completion_params, new_id, now, parse_json, usage
+from mistral.errors import MistralError, is_int
+from mistral.openai_api import (BadRequest, Choice, Params, chat_params, completion_params, new_id, now, parse_json, prompt_list,
+                                usage)  # fmt: skip
 from mistral.text import Completion
 from mistral.tokenizer import ChatTokenizer
 
@@ -212,14 +214,33 @@ class Server:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.worker = Worker(engine, plans)
         self.max_waiting = len(engine.rows) + max_queue  # requests running or waiting
-        self.outstanding = 0  # in the HTTP thread: requests handed to the worker, not finished
+        # Admitted requests, counted from admission (several may arrive before any runs) until
+        # they finish; those of a stream that never began (its client gone first) vanish with it.
+        self.admitted: "weakref.WeakSet[Request]" = weakref.WeakSet()
         self.closing = False
+
+    @property
+    def outstanding(self) -> int:
+        return sum(not r.finished for r in list(self.admitted))
+
+    def check_room(self, choices: int) -> None:
+        """Refuse a request of `choices` engine requests that the server cannot take now (429, 503) or ever (400)."""
+        if self.closing:
+            raise BadRequest("the server is shutting down", status=503)
+        if choices > self.max_waiting:
+            raise BadRequest(f"{choices} choices (prompts x n) are more than this server runs and queues at once ({self.max_waiting})", "n")
+        if self.outstanding + choices > self.max_waiting:
+            raise BadRequest(f"the server is busy ({self.outstanding} requests run or wait): try again later", code="busy", status=429)
+
+    def room_for(self, body: dict, chat: bool) -> None:
+        """check_room before a request's prompts are tokenized (a body of thousands of prompts)."""
+        n = body.get("n", 1)
+        prompts = 1 if chat or "prompt" not in body else len(prompt_list(body["prompt"]))
+        self.check_room(prompts * (n if is_int(n) and n > 0 else 1))
 
     def admit(self, params: Params) -> list[Request]:
         """The engine requests of a checked request (each prompt n times; choice i samples with
         seed + i), if they fit the context and the server has room for them."""
-        if self.closing:
-            raise BadRequest("the server is shutting down", status=503)
         out = []
         for prompt in params.prompts:
             max_tokens = params.max_tokens
@@ -234,8 +255,8 @@ class Server:
                 self.engine.check(r)
             except MistralError as e:
                 raise BadRequest(str(e), "messages" if params.chat else "prompt", "context_length_exceeded") from None
-        if self.outstanding + len(out) > self.max_waiting:
-            raise BadRequest(f"the server is busy ({self.outstanding} requests run or wait): try again later", code="busy", status=429)
+        self.check_room(len(out))
+        self.admitted.update(out)
         return out
 
     async def run(self, params: Params, requests: list[Request]) -> AsyncIterator[tuple[Choice, str]]:
@@ -245,7 +266,6 @@ class Server:
         updates: asyncio.Queue[tuple[int, Update]] = asyncio.Queue()
         choices = [Choice(i, Completion(self.tokenizer, r.prompt), params.stop) for i, r in enumerate(requests)]
         running = set(range(len(requests)))
-        self.outstanding += len(requests)
         try:
             for i, r in enumerate(requests):
                 self.worker.submit(r, functools.partial(_deliver, loop, updates, i))
@@ -257,14 +277,12 @@ class Server:
                 text = choice.add(update.tokens, update.logprobs, update.top, update.finish_reason)
                 if choice.finish_reason is not None:
                     running.discard(i)
-                    self.outstanding -= 1
                     if update.finish_reason is None:  # a stop string: the engine still runs it
                         self.worker.finish(requests[i], "stop")
                 yield choice, text
         finally:
             for i in running:  # the client left, or the model failed
                 self.worker.finish(requests[i])
-            self.outstanding -= len(running)
 
     async def answer(self, params: Params, requests: list[Request]) -> dict:
         """The whole answer's body."""
@@ -344,7 +362,7 @@ def app(server: Server) -> Any:
     from starlette.routing import Route
 
     def error(e: BadRequest) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers={"Retry-After": "1"} if e.status == 429 else None)
 
     async def body_of(http: HTTPRequest) -> dict:
         if int(http.headers.get("content-length") or 0) > MAX_BODY:
@@ -359,7 +377,10 @@ def app(server: Server) -> Any:
     def endpoint(parse: Callable[[dict, ChatTokenizer, str], Params]) -> Callable:
         async def handle(http: HTTPRequest) -> Any:
             try:
-                params = parse(await body_of(http), server.tokenizer, server.model_name)
+                body = await body_of(http)
+                server.room_for(body, chat=parse is chat_params)
+                # Off the event loop: a long prompt takes a while to tokenize, and other requests stream meanwhile.
+                params = await asyncio.to_thread(parse, body, server.tokenizer, server.model_name)
                 requests = server.admit(params)  # before a stream's status line goes out
                 if params.stream:
                     return StreamingResponse(server.events(params, requests), media_type="text/event-stream")
@@ -386,8 +407,16 @@ def app(server: Server) -> Any:
         engine = server.engine
         return JSONResponse({"status": "ok", "running": engine.running, "waiting": len(engine.waiting)})
 
+    the_model = {"id": server.model_name, "object": "model", "created": 0, "owned_by": "mistral"}
+
     async def models(http: HTTPRequest) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [{"id": server.model_name, "object": "model", "created": 0, "owned_by": "mistral"}]})
+        return JSONResponse({"object": "list", "data": [the_model]})
+
+    async def model(http: HTTPRequest) -> JSONResponse:
+        name = http.path_params["name"]
+        if name != server.model_name:
+            return error(BadRequest(f"the model {name!r} does not exist: this server serves {server.model_name!r}", "model", "model_not_found", 404))
+        return JSONResponse(the_model)
 
     async def not_found(http: HTTPRequest, exc: Exception) -> JSONResponse:
         return error(BadRequest(f"no such endpoint: {http.method} {http.url.path}", code="not_found", status=404))
@@ -401,6 +430,7 @@ def app(server: Server) -> Any:
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{name:path}", model, methods=["GET"]),
         Route("/v1/completions", endpoint(completion_params), methods=["POST"]),
         Route("/v1/chat/completions", endpoint(chat_params), methods=["POST"]),
     ]

@@ -10,6 +10,14 @@ k (the script checks it); what changes is how many forward calls produce them.
 
 Prints one row per k: forward calls after the prefill, tokens per call, decode seconds,
 and the speedup over plain decoding in the same process.
+
+    python scripts/speculate_bench.py --verify --out FILE      # a GPU: Mistral 7B's shapes, random weights
+
+times instead one verify step (a row's last token and n - 1 proposals, n = 2..9, after a
+512-token prompt) against one decode step of the same model: the decode step replayed
+from its CUDA graph as generation runs it, the verify step as speculation runs it today
+(eager) and captured in a graph by hand (what capturing it would give). From the ratio,
+the speedup that t tokens kept per step would yield: t * decode / verify.
 """
 
 import argparse
@@ -24,7 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_tiny import split_sources  # noqa: E402
 
-from mistral import DEFAULT_MODEL, Transformer, generate  # noqa: E402
+from bench import MISTRAL_7B  # noqa: E402
+
+from mistral import DEFAULT_MODEL, ModelArgs, Transformer, generate  # noqa: E402
+from mistral.decode import Runner  # noqa: E402
+from mistral.model import TransformerBlock  # noqa: E402
 from mistral.stage import Stage  # noqa: E402
 from mistral.tokenizer import load_tokenizer  # noqa: E402
 
@@ -37,7 +49,10 @@ def main() -> None:
     parser.add_argument("--ks", default="0,2,3,4,5,6,8", help="speculate values; 0 is plain decoding")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here too")
+    parser.add_argument("--verify", action="store_true", help="time verify steps against a decode step (Mistral 7B's shapes)")
     options = parser.parse_args()
+    if options.verify:
+        return verify_steps(options.device, options.out)
 
     torch.set_num_threads(min(torch.get_num_threads(), 4))
     dtype = torch.bfloat16 if options.device.startswith("cuda") else torch.float32
@@ -82,6 +97,69 @@ def main() -> None:
         options.out.write_text(json.dumps(dict(device=options.device, modules=names[: len(prompts)], rows=rows), indent=2))
     if not all(r["same_tokens"] for r in rows):
         sys.exit("speculative decoding changed the greedy tokens")
+
+
+def _seconds(fn, steps: int, device: str) -> float:
+    """Wall seconds per call of fn, synchronized (what a launch-bound step costs the host too)."""
+    fn()
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+@torch.inference_mode()
+def verify_steps(device: str, out: Path | None, context: int = 512, steps: int = 50) -> None:
+    if not device.startswith("cuda"):
+        sys.exit("--verify times GPU steps: run it on a GPU")
+    model = Transformer.random(ModelArgs(**MISTRAL_7B), device=device, dtype=torch.bfloat16)
+    prompt = torch.randint(0, model.args.vocab_size, (context,), device=device)
+    cache = model.make_cache(1, context + 4 * steps, lookahead=9)
+    eager = Runner(model, cache, 1, cuda_graphs=False)
+    eager.prefill(prompt, [context])
+    graphed = Runner(model, cache, 1)
+    token = prompt[:1]
+
+    decode_s = _seconds(lambda: graphed.decode(token), steps, device)  # steps + 1 tokens on from the prompt
+    cache.rewind(0, context)
+    rows = []
+    for n in range(2, 10):
+        x = prompt[:n]
+
+        def verify(x: torch.Tensor = x, n: int = n) -> None:
+            eager.prefill(x, [n])
+            cache.rewind(0, context)
+
+        row = dict(tokens=n, eager_ms=round(_seconds(verify, steps, device) * 1e3, 3))
+        try:  # the same call captured: its inputs fixed at this position, as a graph's are
+            inputs = cache.prepare([n])
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                model.step(x, inputs, cache, TransformerBlock.__call__)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                model.step(x, inputs, cache, TransformerBlock.__call__)
+            row["graph_ms"] = round(_seconds(graph.replay, steps, device) * 1e3, 3)
+        except Exception as e:  # noqa: BLE001 - a step that cannot be captured is a finding, reported
+            row["graph_error"] = f"{type(e).__name__}: {e}"[:300]
+        for kind in ("eager", "graph"):
+            if f"{kind}_ms" in row:
+                row[f"{kind}_vs_decode"] = round(row[f"{kind}_ms"] / (decode_s * 1e3), 3)
+        rows.append(row)
+    print(f"Mistral 7B shapes, bf16, batch 1 after {context} tokens, {torch.cuda.get_device_name(device)}: "
+          f"decode step (graph) {decode_s * 1e3:.3f} ms")  # fmt: skip
+    print(f"{'n':>3} {'eager ms':>9} {'x decode':>9} {'graph ms':>9} {'x decode':>9}   speedup at 1.6 / 2.0 tokens kept per step")
+    for r in rows:
+        best = r.get("graph_vs_decode", r["eager_vs_decode"])
+        print(f"{r['tokens']:>3} {r['eager_ms']:>9} {r['eager_vs_decode']:>9} {r.get('graph_ms', '-'):>9} "
+              f"{r.get('graph_vs_decode', '-'):>9}   {1.6 / best:.2f} / {2.0 / best:.2f}" + (f"  ({r['graph_error']})" if "graph_error" in r else ""))  # fmt: skip
+    if out:
+        out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(device), context=context,
+                                       decode_graph_ms=round(decode_s * 1e3, 3), rows=rows), indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -196,6 +196,9 @@ def test_logprobs_are_the_models(served: Served, model: Transformer) -> None:
 
 def test_models_and_health(served: Served) -> None:
     assert [m.id for m in served.client.models.list()] == [MODEL]
+    assert served.client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError, match="'gpt-4' does not exist"):
+        served.client.models.retrieve("gpt-4")
     assert served.health() == {"status": "ok", "running": 0, "waiting": 0}
 
 
@@ -265,6 +268,7 @@ BAD = [
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("/v1/completions", b'{"model": "default_model", "prompt": "\\ud800x"}', 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["x"] * 80}, 400, "n"),  # more than the 72 it runs and queues
     ("/v1/completion", {"model": MODEL, "prompt": "x"}, 404, None),
 ]
 
@@ -287,6 +291,20 @@ def test_a_bad_stream_request_is_refused_before_it_streams(served: Served) -> No
 
 def test_a_full_queue_gets_429_and_sigterm_ends_the_server_while_requests_run() -> None:
     server = Served("--max_batch", "1", "--max_queue", "0", "--grace_s", "1")
+    # Requests that arrive together are counted as they are admitted, not once they begin to run.
+    barrier = threading.Barrier(6)
+
+    def at_once(_: int) -> int:
+        barrier.wait()
+        try:
+            server.client.completions.create(model=MODEL, prompt="def f():", max_tokens=300, temperature=0)
+            return 200
+        except openai.RateLimitError as e:
+            assert e.response.headers["retry-after"] == "1"
+            return 429
+
+    with ThreadPoolExecutor(6) as pool:
+        assert sorted(pool.map(at_once, range(6))) == [200] + [429] * 5
     chunks: list[str] = []
     failures: list[BaseException] = []
 
@@ -337,3 +355,14 @@ def test_a_temperature_that_float32_rounds_to_zero_samples_greedily(served: Serv
     """1e-46 is in [0, 2] but 0 in float32: it must neither fail (0 / 0) nor break what runs beside it."""
     answer = served.client.completions.create(model=MODEL, prompt="import os\n", max_tokens=8, temperature=1e-46)
     assert answer.choices[0].text == expected(model, TOKENIZER.encode("import os\n", bos=True), 8)[0]
+
+
+def test_a_port_in_use_or_an_address_of_another_machine_is_one_line_before_loading() -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        for host, at, reason in (("127.0.0.1", port, "Address already in use"), ("192.0.2.1", 8000, "Cannot assign requested address")):
+            command = [sys.executable, "-m", "mistral", "serve", "--host", host, "--port", str(at)]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=60, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+            assert result.returncode == 2 and result.stderr.splitlines() == [f"error: cannot serve on {host}:{at}: {reason}"], result.stderr
