@@ -23,6 +23,7 @@ from mistral.checkpoint import DEFAULT_MODEL, read_args
 from mistral.errors import MistralError, check_positive_int, is_int, is_number
 from mistral.generation import check_options, stream
 from mistral.options import HELP, check_arguments
+from mistral.prewarm import Prewarm
 from mistral.hf import convert as convert_hf
 from mistral.loading import check_device
 from mistral.model import Transformer
@@ -41,7 +42,11 @@ def load(
     num_pipeline_ranks: int = 1,
     num_tensor_ranks: int = 1,
     lora: Optional[str] = None,
+    warm_up: Optional[dict[str, float]] = None,
 ) -> tuple[Transformer, ChatTokenizer]:
+    """The folder's model on this rank's device, and its tokenizer. On a GPU the libraries and
+    kernels of a first call warm up meanwhile (mistral/prewarm.py): any wait for them past the
+    load goes into warm_up["libraries"]."""
     folder = Path(model_dir)
     if not is_dir(folder):
         raise MistralError(f"{folder}: model folder not found")
@@ -56,11 +61,15 @@ def load(
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     if dtype not in DTYPES:
         raise MistralError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    prewarm = Prewarm(read_args(folder), torch.device(device), DTYPES[dtype])
     with LoadProgress(folder) as progress:
         model = Transformer.from_folder(
             folder, device=device, dtype=DTYPES[dtype], progress=progress if rank == 0 else None,
             num_pipeline_ranks=num_pipeline_ranks, num_tensor_ranks=num_tensor_ranks, lora_path=lora,
         )
+    waited = prewarm.join()
+    if warm_up is not None and waited >= 0.01:
+        warm_up["libraries"] = waited
     check_vocabulary(folder, tokenizer, model.args.vocab_size)
     if rank > 0:
         parallel.silence()  # rank 0 prints the results
@@ -294,9 +303,10 @@ def generate(
         check_layout(folder, num_pipeline_ranks, num_tensor_ranks, micro_batches)
         sys.exit(launch.run_ranks(world_size, sys.argv[1:]))  # this command again, once per rank
     start = time.perf_counter()
-    model, tokenizer = load(folder, device, dtype, num_pipeline_ranks, num_tensor_ranks, None if lora is None else str(lora))
+    libraries: dict[str, float] = {}
+    model, tokenizer = load(folder, device, dtype, num_pipeline_ranks, num_tensor_ranks, None if lora is None else str(lora), libraries)
     draft_model = None if draft is None else Transformer.from_folder(str(draft), device=model.device, dtype=model.dtype)
-    load_s = time.perf_counter() - start
+    load_s = time.perf_counter() - start - sum(libraries.values())
     completions = [Completion(tokenizer, tokenizer.encode(p, bos=True)) for p in prompts]
     n = model.args.max_batch_size
     if len(prompts) > n:
@@ -320,7 +330,7 @@ def generate(
             write(f"{prompts[printed]}{completions[printed].unshown(final=True)}\n=====\n")
             printed += 1
 
-    timing = Timing(load_s=load_s)
+    timing = Timing(load_s=load_s, warm_up=libraries)
     options = dict(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, chunk_size=chunk_size, seed=seed, micro_batches=micro_batches,
         speculate=speculate, draft=draft_model,

@@ -230,7 +230,7 @@ def bench_ours(name: str, args: ModelArgs, cfg: argparse.Namespace, device: torc
             prompts = random_prompts(B, P, V, seed=B)
             variants: list[tuple[str, Optional[bool], Optional[bool]]] = [("graph", None, None)]  # the defaults
             if B in (1, max(cfg.batches)) and device.type == "cuda":
-                variants += [("graph_compiled", True, True), ("eager", False, False)]
+                variants += [("graph_compiled", True, True)] * cfg.compiled + [("eager", False, False)]
             for label, graphs, compiled in variants:
                 fast = dict(compile=compiled, cuda_graphs=graphs)
                 if graphs is not False and fast_path_applies(model):
@@ -471,6 +471,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument("--no-micro", dest="micro", action="store_false")
+    p.add_argument("--no-compiled", dest="compiled", action="store_false", help="leave out the compiled decode variant (a compile costs 20-40 s)")
     p.add_argument("--table-from", help="print the table of an earlier run's bench.json (same options) and exit")
     cfg = p.parse_args()
     if cfg.table_from:
