@@ -4,6 +4,7 @@ and the default model that `mistral generate "prompt"` runs with no model folder
 All on the shipped default model (5.5M parameters, a few seconds on a CPU).
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -194,7 +195,9 @@ def test_an_uncompiled_run_imports_neither_dynamo_nor_all_of_xformers() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}).stdout  # fmt: skip
-    assert out.strip().splitlines()[-1] == "[]"
+    # Triton, where it is installed (with a CUDA build of torch), comes in with the kernels' module.
+    triton = ["triton"] if importlib.util.find_spec("triton") is not None else []
+    assert out.strip().splitlines()[-1] == str(triton)
 
 
 def test_readme_python_example_runs_as_pasted(capsys: pytest.CaptureFixture) -> None:

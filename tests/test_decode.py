@@ -70,7 +70,10 @@ def test_compiled_blocks_generate_what_eager_ones_do(moe: bool) -> None:
 
     model = random_model(tiny_args(moe=moe))
     prompts = [[1, 5, 6], [1, 7, 8, 9, 10, 11, 12, 13, 14, 15]]  # 13 tokens, 26 pairs: the grouped path
-    assert generate(prompts, model, max_tokens=6, compile=True) == generate(prompts, model, max_tokens=6, compile=False)
+    (tokens, logprobs), (eager_tokens, eager_logprobs) = (generate(prompts, model, max_tokens=6, compile=c) for c in (True, False))
+    assert tokens == eager_tokens
+    # The same sums on the CPU; on a GPU the compiled kernels fuse and order them otherwise (2e-3 seen on an H100).
+    torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(eager_logprobs), rtol=0, atol=0 if DEVICE.type == "cpu" else 1e-2)
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs and float16 kernels: CUDA only")
@@ -160,15 +163,19 @@ def test_matvec_kernel_equals_the_product_of_the_weights_its_codes_stand_for(qua
     helpers.dequantized's weights: sizes no block divides, stacked experts, SwiGLU and RMSNorm taken in."""
     torch.manual_seed(0)
     for N, K, E, glu, norm in [(37, 384, 0, False, False), (21, 640, 3, True, False), (13, 384, 0, True, True)]:
+        dtype = DTYPE if DEVICE.type == "cuda" else torch.float32  # the interpreter: float32 throughout
         w = torch.randn(max(E, 1), 2 * N if glu else N, K) * K**-0.5
         tensors = {"weight": w} if quantization is None else quantize(w, quantization)
+        # The weights the codes stand for with the scales (and mins) the model holds: in its dtype.
+        # (Rounding int4's mins to bfloat16 moves a whole group of 32 weights at once: 1.2-1.4%
+        # of these products on an H100, which the kernel did not cause.)
+        tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
         dense = w if quantization is None else dequantized(tensors)
         P, experts = (4, torch.tensor([2, 0, 2, 1])) if E else (1, torch.zeros(1, dtype=torch.long))
         x, gain = torch.randn(P, K) * 3, torch.rand(K) + 0.5
         xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * gain if norm else x
         want = torch.einsum("pnk,pk->pn", dense[experts], xn)
         want = swiglu(want) if glu else want
-        dtype = DTYPE if DEVICE.type == "cuda" else torch.float32  # the interpreter: float32 throughout
         to = lambda t: None if t is None else t.to(DEVICE, dtype if t.is_floating_point() else t.dtype)  # noqa: E731
         got = kernels._triton_matvec(
             to(x), to(tensors["weight"]), experts.to(DEVICE) if E else None, to(tensors.get("scales")), to(tensors.get("mins")),
