@@ -38,8 +38,9 @@ try:
 except ImportError:  # the CPU install: the references below run instead
     triton = None
 
-# Rows of x up to which `linear` of int8 weights runs the Triton kernel on CUDA; past it, the weight is
-# turned into x's dtype whole and multiplied by cuBLAS (prefill: compute-bound anyway).
+# Rows of x up to which `linear` of int8 or int4 weights runs the Triton kernel on CUDA; past it, the
+# weight is turned into x's dtype whole and multiplied by cuBLAS (prefill: compute-bound anyway). (int4
+# turned whole for each call of a decode step of 32 rows made the step 106 ms on an H100, bf16's 7.)
 INT8_KERNEL_MAX_ROWS = 64
 
 
@@ -125,10 +126,10 @@ def linear(
         return _triton_matvec(x, w[None], None, *stacked, norm, eps, glu)
     if norm is not None or glu:
         raise ValueError("mistral::linear fuses the norm and SwiGLU only where linear_fuses(x)")
+    if scales is not None and 1 < _triton_rows(x) <= INT8_KERNEL_MAX_ROWS:
+        return _triton_small_linear(x, w, scales, mins)
     if mins is not None:
         return nn.functional.linear(x, dequantize_int4(w, scales, mins, x.dtype))
-    if scales is not None and 1 < _triton_rows(x) <= INT8_KERNEL_MAX_ROWS:
-        return _triton_small_linear(x, w, scales)
     y = nn.functional.linear(x, w.to(x.dtype))
     return y if scales is None else y * scales
 
@@ -284,6 +285,23 @@ if triton is not None:
         rotated = tl.reshape(tl.join(a * cos[None, :] - b * sin[None, :], a * sin[None, :] + b * cos[None, :]), (BLOCK_H, D))
         tl.store(out_ptr + (t * H + heads[:, None]) * D + d[None, :], rotated.to(out_ptr.dtype.element_ty), mask=ok)
 
+    @triton.jit
+    def _int4_tile(w_rows, s_rows, m_rows, row_ok, k0, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Columns k0 .. k0 + BLOCK_K (whole groups) of BLOCK_N int4 rows as float32 weights
+        # [BLOCK_N, BLOCK_K]; w_rows, s_rows, m_rows: [BLOCK_N, 1] pointers to each row's first
+        # byte, scale and minimum. Byte j holds column 2j in its low nibble and 2j + 1 in its
+        # high one: the two joined along a new last axis are the columns in order.
+        half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_rows + half[None, :], mask=row_ok[:, None] & (half < K // 2)[None, :], other=0).to(tl.int32)
+        q = tl.reshape(tl.join(packed & 15, packed >> 4), (BLOCK_N, BLOCK_K))
+        # Codes 0..15 -> float by bits, as int8's are in _matvec_kernel: 2^23 + q, less 2^23, exactly.
+        qf = (q + 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        groups = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+        group_ok = row_ok[:, None] & (groups < K // GROUP)[None, :]
+        s = tl.load(s_rows + groups[None, :], mask=group_ok, other=0.0).to(tl.float32)[:, :, None]
+        m = tl.load(m_rows + groups[None, :], mask=group_ok, other=0.0).to(tl.float32)[:, :, None]
+        return tl.reshape(tl.reshape(qf, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * s + m, (BLOCK_N, BLOCK_K))
+
     def _tuned(key: list[str], *blocks: tuple[int, int, int], prune: Optional[Callable] = None) -> Callable:
         """A Triton kernel, autotuned (per distinct `key` arguments) over candidates (BLOCK_N, BLOCK_K, warps).
 
@@ -354,19 +372,8 @@ if triton is not None:
                 squares += xk * xk
                 xk *= tl.load(g_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             if GROUP:
-                # Byte j of the block holds column 2j in its low nibble and 2j + 1 in its high
-                # one: the two joined along a new last axis are the columns in order.
-                half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-                packed = tl.load(w_rows + half[None, :], mask=row_ok[:, None] & (half < K // 2)[None, :], other=0).to(tl.int32)
-                q = tl.reshape(tl.join(packed & 15, packed >> 4), (BLOCK_N, BLOCK_K))
-                # Codes 0..15 -> float by bits, as int8's are below: 2^23 + q, less 2^23, exactly.
-                qf = (q + 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                groups = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
-                at = (e * w_n + rows.to(tl.int64))[:, None] * (K // GROUP) + groups[None, :]
-                group_ok = row_ok[:, None] & (groups < K // GROUP)[None, :]
-                s = tl.load(s_ptr + at, mask=group_ok, other=0.0).to(tl.float32)[:, :, None]
-                m = tl.load(m_ptr + at, mask=group_ok, other=0.0).to(tl.float32)[:, :, None]
-                wf = tl.reshape(tl.reshape(qf, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * s + m, (BLOCK_N, BLOCK_K))
+                first_group = (e * w_n + rows.to(tl.int64))[:, None] * (K // GROUP)
+                wf = _int4_tile(w_rows, s_ptr + first_group, m_ptr + first_group, row_ok, k0, K, GROUP, BLOCK_N, BLOCK_K)
             else:
                 wk = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
                 if w_ptr.dtype.element_ty == tl.int8:
@@ -430,16 +437,18 @@ if triton is not None:
         return y
 
     @_tuned(
-        ["N", "K", "BLOCK_M", "HAS_SCALES"],
+        ["N", "K", "BLOCK_M", "HAS_SCALES", "GROUP"],
         (16, 256, 4), (16, 512, 4), (16, 1024, 4), (32, 256, 4), (32, 512, 4), (64, 128, 4), (64, 256, 8), (128, 128, 8),
+        prune=lambda configs, named_args, **kwargs: [c for c in configs if c.kwargs["BLOCK_K"] >= kwargs["GROUP"]],
     )  # fmt: skip
     def _small_linear_kernel(
-        x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,
-        HAS_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr, w_ptr, s_ptr, m_ptr, y_ptr, M, N, K,
+        HAS_SCALES: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         # Program n: output columns n*BLOCK_N .. for all M rows of x (M <= BLOCK_M). Each
-        # weight tile is read once (int8 turned into x's dtype) for the tensor cores; rows
-        # of x past M are zeros (tl.dot needs at least 16), which costs no extra reads.
+        # weight tile is read once (int8 or int4 turned into x's dtype) for the tensor cores;
+        # rows of x past M are zeros (tl.dot needs at least 16), which costs no extra reads.
+        # GROUP > 0: int4 as _matvec_kernel reads it (whole groups in a tile), scaled there.
         pid_n = tl.program_id(0)
         rows_m = tl.arange(0, BLOCK_M)
         cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -449,21 +458,41 @@ if triton is not None:
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
             xt = tl.load(x_ptr + rows_m[:, None] * K + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            wt = tl.load(w_ptr + cols_n.to(tl.int64)[None, :] * K + ks[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0)
-            acc = tl.dot(xt, wt.to(xt.dtype), acc)
+            if GROUP:
+                n64 = cols_n.to(tl.int64)[:, None]
+                wf = _int4_tile(w_ptr + n64 * (K // 2), s_ptr + n64 * (K // GROUP), m_ptr + n64 * (K // GROUP), n_ok, k0, K,
+                                GROUP, BLOCK_N, BLOCK_K)  # fmt: skip
+                acc = tl.dot(xt, tl.trans(wf.to(xt.dtype)), acc)
+            else:
+                wt = tl.load(w_ptr + cols_n.to(tl.int64)[None, :] * K + ks[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0)
+                acc = tl.dot(xt, wt.to(xt.dtype), acc)
         if HAS_SCALES:
             acc *= tl.load(s_ptr + cols_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rows_m[:, None] * N + cols_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
-    def _triton_small_linear(x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Tensor:
+    def _triton_small_linear(
+        x: torch.Tensor,
+        w: torch.Tensor,
+        scales: Optional[torch.Tensor],
+        mins: Optional[torch.Tensor] = None,
+        config: Optional[tuple[int, int, int]] = None,
+    ) -> torch.Tensor:
+        """config: (BLOCK_N, BLOCK_K, warps) instead of the tuned one (the tests, in Triton's interpreter)."""
         x, w = x.contiguous(), w.contiguous()
         M, K = x.shape
         N = w.shape[0]
         y = x.new_empty(M, N)
         s = w if scales is None else scales.contiguous()  # an unused pointer without scales
+        m = s if mins is None else mins.contiguous()  # without mins (not int4)
+        group = 0 if mins is None else K // mins.shape[-1]
         block_m = max(16, triton.next_power_of_2(M))
+        flags = dict(HAS_SCALES=scales is not None and mins is None, GROUP=group, BLOCK_M=block_m)
+        if config is not None:
+            block_n, block_k, warps = config
+            _small_linear_kernel.fn[(triton.cdiv(N, block_n),)](x, w, s, m, y, M, N, K, **flags, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+            return y
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _small_linear_kernel[grid](x, w, s, y, M, N, K, HAS_SCALES=scales is not None, BLOCK_M=block_m)
+        _small_linear_kernel[grid](x, w, s, m, y, M, N, K, **flags)
         return y
 
     @triton.jit(do_not_specialize=["S"])  # a cache of another size must not compile the kernel anew

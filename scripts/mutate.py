@@ -203,6 +203,10 @@ MUTATIONS = [
              "test_decode.py -k matvec_kernel", "the kernel applies each group the next group's scale and minimum", cuda=True),
     Mutation("int4-kernel-minimum-left-out", "kernels.py", r"\* s \+ m, \(BLOCK_N, BLOCK_K\)\)", "* s, (BLOCK_N, BLOCK_K))",
              "test_decode.py -k matvec_kernel", "the kernel leaves out each group's minimum", cuda=True),
+    Mutation("small-int4-scaled-twice", "kernels.py", r"dict\(HAS_SCALES=scales is not None and mins is None, GROUP=group, BLOCK_M", "dict(HAS_SCALES=scales is not None, GROUP=group, BLOCK_M",
+             "test_decode.py -k small_batch_kernel", "the small-batch kernel scales int4's products again by a row's first group scale", cuda=True),
+    Mutation("small-int4-row-stride", "kernels.py", r"_int4_tile\(w_ptr \+ n64 \* \(K // 2\)", "_int4_tile(w_ptr + n64 * K",
+             "test_decode.py -k small_batch_kernel", "the small-batch kernel steps a whole byte per int4 column between rows", cuda=True),
     # --- the decode kernel ----------------------------------------------------------------
     Mutation("decode-reads-one-slot-too-many", "kernels.py", r"\[None, :\] >= key_lengths\[:, None\]",
              "[None, :] > key_lengths[:, None]", "test_attention.py -k decode_kernel",

@@ -184,6 +184,29 @@ def test_matvec_kernel_equals_the_product_of_the_weights_its_codes_stand_for(qua
         assert rel_error(got.cpu(), want) < (1e-5 if dtype == torch.float32 else 1e-2), (N, K, E, glu, norm)
 
 
+@pytest.mark.skipif(not MATVEC_KERNEL_RUNS, reason="Triton's kernel: CUDA, or the CPU under TRITON_INTERPRET=1")
+@pytest.mark.parametrize(
+    "quantization", [None, QuantArgs("int8"), QuantArgs("int4", 32), QuantArgs("int4", 128)], ids=["float", "int8", "int4-32", "int4-128"]
+)
+@pytest.mark.parametrize("M", [2, 17, 64])
+@pytest.mark.parametrize("config", [(16, 128, 4), (32, 256, 4)], ids=lambda c: "x".join(map(str, c)))
+def test_small_batch_kernel_equals_the_product_of_the_weights_its_codes_stand_for(quantization: Optional[QuantArgs], M: int, config: tuple) -> None:
+    """kernels.linear for 2..64 rows of x (a decode step of a batch): the small-matmul kernel, tiles of
+    weights turned into x's dtype for the tensor cores, against float32 products with the weights the
+    codes stand for (with the scales and mins the model holds); a width no block divides."""
+    torch.manual_seed(0)
+    dtype = DTYPE if DEVICE.type == "cuda" else torch.float32
+    N, K = 40, 384
+    w = torch.randn(N, K) * K**-0.5
+    tensors = {"weight": w} if quantization is None else quantize(w, quantization)
+    tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+    dense = tensors["weight"].float() if quantization is None else dequantized(tensors)
+    x = torch.randn(M, K)
+    scales, mins = (tensors[k].to(DEVICE) if k in tensors else None for k in ("scales", "mins"))
+    got = kernels._triton_small_linear(x.to(DEVICE, dtype), tensors["weight"].to(DEVICE), scales, mins, config=config)
+    assert rel_error(got.cpu(), x.to(dtype).float() @ dense.T) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
 def test_decode_inputs_advance_like_a_new_call() -> None:
     """A captured graph's in-place step (Decode.advance) is cache_inputs' decode call, step after step."""
     size, lengths = 4, [0, 2, 5]
