@@ -62,12 +62,14 @@ def load(
     if dtype not in DTYPES:
         raise MistralError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     prewarm = Prewarm(read_args(folder), torch.device(device), DTYPES[dtype])
-    with LoadProgress(folder) as progress:
-        model = Transformer.from_folder(
-            folder, device=device, dtype=DTYPES[dtype], progress=progress if rank == 0 else None,
-            num_pipeline_ranks=num_pipeline_ranks, num_tensor_ranks=num_tensor_ranks, lora_path=lora,
-        )
-    waited = prewarm.join()
+    try:
+        with LoadProgress(folder) as progress:
+            model = Transformer.from_folder(
+                folder, device=device, dtype=DTYPES[dtype], progress=progress if rank == 0 else None,
+                num_pipeline_ranks=num_pipeline_ranks, num_tensor_ranks=num_tensor_ranks, lora_path=lora,
+            )
+    finally:  # also when the load fails: not a thread inside CUDA while the process ends
+        waited = prewarm.join()
     if warm_up is not None and waited >= 0.01:
         warm_up["libraries"] = waited
     check_vocabulary(folder, tokenizer, model.args.vocab_size)
@@ -640,14 +642,22 @@ def serve(
 
 
 def check_address(host: str, port: int) -> None:
-    """One line for an address the server could not listen on (a port in use, a host not of this machine)."""
+    """One line for an address the server could not listen on (a port in use, a host not of this machine),
+    found by binding it as uvicorn will: asyncio's create_server, every address the host names ("" all)."""
+    import asyncio
     import socket
 
+    async def bind() -> None:
+        server = await asyncio.get_running_loop().create_server(asyncio.Protocol, host, port)
+        server.close()
+        await server.wait_closed()
+
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        socket.create_server((host, port), family=family).close()
-    except OSError as e:  # create_server's message names the address again; getaddrinfo's errno is its own
-        reason = os.strerror(e.errno) if e.errno and not isinstance(e, socket.gaierror) else e.strerror or str(e)
+        asyncio.run(bind())
+    except (OSError, UnicodeError) as e:  # a malformed host name fails its IDNA encoding
+        # asyncio's message names the address again; getaddrinfo's errno is its own.
+        failed = isinstance(e, OSError) and e.errno and not isinstance(e, socket.gaierror)
+        reason = os.strerror(e.errno) if failed else getattr(e, "strerror", None) or str(e)
         raise MistralError(f"cannot serve on {host}:{port}: {reason}") from None
 
 

@@ -99,7 +99,7 @@ def completion_params(body: dict, tokenizer: ChatTokenizer, model_name: str) -> 
     _check_fields(body, COMPLETION_FIELDS, model_name)
     if "prompt" not in body:
         raise BadRequest("'prompt' is required", "prompt")
-    prompts = [_prompt_tokens(p, tokenizer, f"prompt[{i}]") for i, p in enumerate(prompt_list(body["prompt"]))]
+    prompts = [_prompt_tokens(p, tokenizer, f"prompt[{i}]") for i, p in enumerate(_prompt_list(body["prompt"]))]
     logprobs = _optional_int(body, "logprobs", 0, MAX_LOGPROBS)
     params = _common(body, prompts, default_max_tokens=16)
     params.logprobs = logprobs
@@ -204,7 +204,7 @@ def _stops(stop: Any) -> list[str]:
     return stops
 
 
-def prompt_list(prompt: Any) -> list:
+def _prompt_list(prompt: Any) -> list:
     """A request's prompts: a string or a list of token ids is one."""
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt)):
         return [prompt]

@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
 from mistral.engine import Engine, Request
-from mistral.errors import MistralError, is_int
-from mistral.openai_api import (BadRequest, Choice, Params, chat_params, completion_params, new_id, now, parse_json, prompt_list,
-                                usage)  # fmt: skip
+from mistral.errors import MistralError
+from mistral.openai_api import BadRequest, Choice, Params, chat_params, completion_params, new_id, now, parse_json, usage
 from mistral.text import Completion
 from mistral.tokenizer import ChatTokenizer
 
@@ -223,21 +222,6 @@ class Server:
     def outstanding(self) -> int:
         return sum(not r.finished for r in list(self.admitted))
 
-    def check_room(self, choices: int) -> None:
-        """Refuse a request of `choices` engine requests that the server cannot take now (429, 503) or ever (400)."""
-        if self.closing:
-            raise BadRequest("the server is shutting down", status=503)
-        if choices > self.max_waiting:
-            raise BadRequest(f"{choices} choices (prompts x n) are more than this server runs and queues at once ({self.max_waiting})", "n")
-        if self.outstanding + choices > self.max_waiting:
-            raise BadRequest(f"the server is busy ({self.outstanding} requests run or wait): try again later", code="busy", status=429)
-
-    def room_for(self, body: dict, chat: bool) -> None:
-        """check_room before a request's prompts are tokenized (a body of thousands of prompts)."""
-        n = body.get("n", 1)
-        prompts = 1 if chat or "prompt" not in body else len(prompt_list(body["prompt"]))
-        self.check_room(prompts * (n if is_int(n) and n > 0 else 1))
-
     def admit(self, params: Params) -> list[Request]:
         """The engine requests of a checked request (each prompt n times; choice i samples with
         seed + i), if they fit the context and the server has room for them."""
@@ -255,7 +239,13 @@ class Server:
                 self.engine.check(r)
             except MistralError as e:
                 raise BadRequest(str(e), "messages" if params.chat else "prompt", "context_length_exceeded") from None
-        self.check_room(len(out))
+        if self.closing:
+            raise BadRequest("the server is shutting down", status=503)
+        if len(out) > self.max_waiting:
+            param = "n" if params.n > 1 else "messages" if params.chat else "prompt"
+            raise BadRequest(f"{len(out)} choices (prompts x n) are more than this server runs and queues at once ({self.max_waiting})", param)
+        if self.outstanding + len(out) > self.max_waiting:
+            raise BadRequest(f"the server is busy ({self.outstanding} requests run or wait): try again later", code="busy", status=429)
         self.admitted.update(out)
         return out
 
@@ -377,10 +367,8 @@ def app(server: Server) -> Any:
     def endpoint(parse: Callable[[dict, ChatTokenizer, str], Params]) -> Callable:
         async def handle(http: HTTPRequest) -> Any:
             try:
-                body = await body_of(http)
-                server.room_for(body, chat=parse is chat_params)
                 # Off the event loop: a long prompt takes a while to tokenize, and other requests stream meanwhile.
-                params = await asyncio.to_thread(parse, body, server.tokenizer, server.model_name)
+                params = await asyncio.to_thread(parse, await body_of(http), server.tokenizer, server.model_name)
                 requests = server.admit(params)  # before a stream's status line goes out
                 if params.stream:
                     return StreamingResponse(server.events(params, requests), media_type="text/event-stream")
