@@ -71,7 +71,7 @@ def attend(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Att
     if backend == "auto":
         blocks = causal_blocks(mask) if _dense_kernels_run(xq) else None
         if blocks is not None:
-            return _causal(xq, keys, values, blocks)
+            return causal_attention(xq, keys, values, blocks)
         backend = "xformers" if _half_on_cuda(xq) else "reference"
     if backend == "xformers":
         return _xformers(xq, keys, values, mask)
@@ -103,7 +103,7 @@ def _dense_kernels_run(xq: torch.Tensor) -> bool:
     return _half_on_cuda(xq) and torch.cuda.get_device_capability(xq.device) >= (8, 0) and head_dim % 8 == 0 and head_dim <= 256
 
 
-def _causal(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, blocks: dict[int, list[int]]) -> torch.Tensor:
+def causal_attention(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, blocks: dict[int, list[int]]) -> torch.Tensor:
     """Attention under the mask of `causal_blocks`: one batched causal product per length of sequence."""
     T, H, D = xq.shape
     out = None if len(blocks) == 1 else torch.empty_like(xq)

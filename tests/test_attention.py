@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from helpers import DEVICE, rel_error
 
 from mistral import kernels
-from mistral.attention import _causal, attend, causal_blocks
+from mistral.attention import causal_attention, attend, causal_blocks
 from mistral.cache import Decode, RotatingBufferCache
 from mistral.masks import chunk_mask, decode_mask, prefill_mask
 
@@ -120,7 +120,7 @@ def test_causal_blocks_attention_matches_the_reference(window, seqlens: list[int
         return
     T = sum(seqlens)
     xq, keys, values = torch.randn(T, H, D), torch.randn(T, H_KV, D), torch.randn(T, H_KV, D)
-    assert rel_error(_causal(xq, keys, values, blocks), attend(xq, keys, values, mask, "reference")) < 1e-5
+    assert rel_error(causal_attention(xq, keys, values, blocks), attend(xq, keys, values, mask, "reference")) < 1e-5
 
 
 @pytest.mark.parametrize("group", [1, 4, 8])
