@@ -41,7 +41,7 @@ except ImportError:  # the CPU install: the references below run instead
 # Rows of x up to which `linear` of int8 or int4 weights runs the Triton kernel on CUDA; past it, the
 # weight is turned into x's dtype whole and multiplied by cuBLAS (prefill: compute-bound anyway). (int4
 # turned whole for each call of a decode step of 32 rows made the step 106 ms on an H100, bf16's 7.)
-INT8_KERNEL_MAX_ROWS = 64
+QUANT_KERNEL_MAX_ROWS = 64
 
 
 def _op(name: str, mutates_args: Sequence[str] = ()) -> Callable[[Callable], Any]:
@@ -126,7 +126,7 @@ def linear(
         return _triton_matvec(x, w[None], None, *stacked, norm, eps, glu)
     if norm is not None or glu:
         raise ValueError("mistral::linear fuses the norm and SwiGLU only where linear_fuses(x)")
-    if scales is not None and 1 < _triton_rows(x) <= INT8_KERNEL_MAX_ROWS:
+    if scales is not None and 1 < _triton_rows(x) <= QUANT_KERNEL_MAX_ROWS:
         return _triton_small_linear(x, w, scales, mins)
     if mins is not None:
         return nn.functional.linear(x, dequantize_int4(w, scales, mins, x.dtype))
