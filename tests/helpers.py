@@ -6,8 +6,9 @@ kernels in bfloat16, with the looser tolerance that precision needs.
 """
 
 import os
+import random
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -105,3 +106,42 @@ def bfloat16_cost(seed: int = 0) -> float:
 # dtype: float32's above; in bfloat16, 4x bfloat16's measured cost (two computations
 # rounded apart differ by about sqrt(2) of it; the cost measured 6.0e-3 on an H100, README).
 RTOL = F32_RTOL if DTYPE == torch.float32 else 4 * max(bfloat16_cost(0), bfloat16_cost(1))
+
+
+def random_prompts(lengths: Sequence[int], vocab_size: int = 97, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab_size) for _ in range(n)] for n in lengths]
+
+
+def full_forward(model: Transformer, tokens: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(torch.tensor(tokens, device=DEVICE), [len(tokens)])
+
+
+def recomputed_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
+    """The definition of greedy decoding: the whole no-cache forward again for every new token."""
+    sequence = list(prompt)
+    for _ in range(n):
+        sequence.append(int(full_forward(model, sequence)[-1].argmax()))
+    return sequence[len(prompt) :]
+
+
+def assert_greedy(model: Transformer, prompt: list[int], generated: list[int], n: int) -> None:
+    """generated must be the greedy continuation of prompt under the no-cache forward.
+
+    float32: token for token, exactly. bfloat16: the cached and the full forward round
+    differently (different shapes, different kernels), so where the two best logits are
+    closer than that rounding the argmax may legitimately flip, and once one token differs
+    the sequences part. There we teacher-force: feed the cached path's own tokens to the
+    full forward and require each chosen token's logit to be within a tolerance of the
+    best, the tolerance being RTOL of the logits' largest magnitude (rel_error's scale).
+    """
+    assert len(generated) == n
+    if DTYPE == torch.float32:
+        assert generated == recomputed_greedy(model, prompt, n)
+        return
+    logits = full_forward(model, prompt + generated[:-1])[len(prompt) - 1 :]  # row i predicts generated[i]
+    chosen = logits.gather(-1, torch.tensor(generated, device=DEVICE)[:, None]).squeeze(-1)
+    gap = logits.max(-1).values - chosen
+    tolerance = RTOL * logits.abs().max(-1).values
+    assert (gap <= tolerance).all(), f"gaps {gap.tolist()} exceed tolerances {tolerance.tolist()}"

@@ -5,9 +5,8 @@ apart from hidden_size / num_attention_heads = 16 (as Mistral NeMo does), so tha
 converter's head_dim handling is exercised too.
 """
 
-import random
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
@@ -65,11 +64,6 @@ def random_hf(cls: type, config: Any, seed: int) -> torch.nn.Module:
         for p in model.parameters():
             p.normal_(std=config.hidden_size**-0.5)
     return model.eval()
-
-
-def random_prompts(lengths: Sequence[int], vocab_size: int = 97, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(vocab_size) for _ in range(n)] for n in lengths]
 
 
 @torch.no_grad()

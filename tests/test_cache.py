@@ -14,16 +14,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import DEVICE, RTOL, random_model, rel_error, tiny_args
+from helpers import DEVICE, RTOL, random_model, random_prompts, rel_error, tiny_args
 from mistral import MistralError, Transformer
 from mistral.model import apply_rotary_emb, rotary_cos_sin
 
 W = 8  # tiny_args' sliding window
-
-
-def random_prompts(lengths: Sequence[int], vocab_size: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(vocab_size) for _ in range(n)] for n in lengths]
 
 
 def full_logits(model: Transformer, prompts: list[list[int]]) -> list[torch.Tensor]:

@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import DEVICE, F32_RTOL, edit_tensors, rel_error
-from hf_reference import converted, hf_logits, hf_model, random_prompts
+from helpers import DEVICE, F32_RTOL, edit_tensors, random_prompts, rel_error
+from hf_reference import converted, hf_logits, hf_model
 from mistral import MistralError, Transformer
 from mistral.checkpoint import SAFETENSORS, TOKENIZER
 from mistral.hf import args_from_hf_config, convert, unpermute

@@ -6,7 +6,7 @@ from typing import Optional
 
 import pytest
 import torch
-from helpers import DEVICE, random_model, tiny_args
+from helpers import DEVICE, DTYPE, assert_greedy, random_model, tiny_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,6 +24,16 @@ def model(window: Optional[int]) -> torch.nn.Module:
 def alone(window: Optional[int], prompt: tuple[int, ...], max_tokens: int, eos_id: Optional[int] = None) -> list[int]:
     (tokens,), _ = generate([list(prompt)], model(window), max_tokens=max_tokens, eos_id=eos_id)
     return tokens
+
+
+def assert_alone(window: Optional[int], prompt: tuple[int, ...], tokens: list[int], max_tokens: int) -> None:
+    """tokens are what generate() gives the prompt alone. Exactly in float32; in bfloat16
+    (the GPU) the rows beside it change the products' shapes and so their rounding, and a
+    near-tied argmax may flip: there, the greedy continuation within rounding (assert_greedy)."""
+    if DTYPE == torch.float32:
+        assert tokens == alone(window, prompt, max_tokens)
+    else:
+        assert_greedy(model(window), list(prompt), tokens, max_tokens)
 
 
 def run(engine: Engine, requests: list[Request], arrivals: list[int]) -> int:
@@ -58,7 +68,8 @@ def test_requests_that_come_and_go_get_the_tokens_they_get_alone(
     requests = [Request(p, max_tokens=m) for p, (_, m, _) in zip(prompts, specs)]
     run(Engine(model(window), max_batch=rows, max_context=40, chunk_size=chunk), requests, [a for _, _, a in specs])
     for r, p, (_, m, _) in zip(requests, prompts, specs):
-        assert r.finish_reason == "length" and r.tokens == alone(window, p, m)
+        assert r.finish_reason == "length"
+        assert_alone(window, p, r.tokens, m)
 
 
 def test_eos_ends_a_request_and_frees_its_row() -> None:
@@ -69,7 +80,7 @@ def test_eos_ends_a_request_and_frees_its_row() -> None:
     first, second = Request(prompt, max_tokens=12, eos_id=eos), Request((9, 9), max_tokens=3)
     run(engine, [first, second], [0, 0])
     assert first.finish_reason == "stop" and first.tokens == tokens[: tokens.index(eos)]
-    assert second.tokens == alone(8, (9, 9), 3)  # it waited for the one row, then ran
+    assert_alone(8, (9, 9), second.tokens, 3)  # it waited for the one row, then ran
 
 
 def test_a_seeded_request_samples_alike_alone_and_in_a_crowd() -> None:
@@ -100,7 +111,7 @@ def test_a_cancelled_request_frees_its_row_for_the_next() -> None:
     assert long.finish_reason == "cancelled" and waiting.row == 0 and len(long.tokens) == 3
     while engine.busy:
         engine.step()
-    assert waiting.tokens == alone(8, (4, 5), 5)
+    assert_alone(8, (4, 5), waiting.tokens, 5)
 
 
 def test_a_free_row_of_a_window_less_cache_starts_over() -> None:
@@ -109,7 +120,8 @@ def test_a_free_row_of_a_window_less_cache_starts_over() -> None:
     engine = Engine(model(None), max_batch=2, max_context=16)
     short, long = Request([1, 2, 3, 4, 5], max_tokens=2), Request([6, 7], max_tokens=15)
     run(engine, [short, long], [0, 0])
-    assert long.tokens == alone(None, (6, 7), 15) and short.tokens == alone(None, (1, 2, 3, 4, 5), 2)
+    assert_alone(None, (6, 7), long.tokens, 15)
+    assert_alone(None, (1, 2, 3, 4, 5), short.tokens, 2)
 
 
 def test_logprobs_and_top_alternatives_are_the_models() -> None:
@@ -118,11 +130,14 @@ def test_logprobs_and_top_alternatives_are_the_models() -> None:
     r = engine.submit(Request(prompt, max_tokens=4, top_logprobs=3))
     run(engine, [], [])
     logits = model(8)(torch.tensor(prompt + r.tokens[:-1], device=DEVICE), [len(prompt) + 3]).float()[len(prompt) - 1 :]
-    logprobs = torch.log_softmax(logits, dim=-1)
-    assert torch.allclose(torch.tensor(r.logprobs), logprobs.gather(-1, torch.tensor(r.tokens)[:, None]).squeeze(-1).cpu(), atol=1e-4)
+    logprobs = torch.log_softmax(logits, dim=-1).cpu()
+    atol = 1e-4 if DTYPE == torch.float32 else 1e-2  # bfloat16: the cached and the full forward round apart
+    assert torch.allclose(torch.tensor(r.logprobs), logprobs.gather(-1, torch.tensor(r.tokens)[:, None]).squeeze(-1), atol=atol)
     for top, row in zip(r.top, logprobs):
-        values, indices = row.topk(3)
-        assert [t for t, _ in top] == indices.tolist() and torch.allclose(torch.tensor([v for _, v in top]), values.cpu(), atol=1e-4)
+        ids, values = torch.tensor([t for t, _ in top]), torch.tensor([v for _, v in top])
+        assert torch.allclose(values, row[ids], atol=atol) and torch.allclose(values, row.topk(3).values, atol=atol)
+        if DTYPE == torch.float32:  # (bfloat16 may order near-tied alternatives apart)
+            assert ids.tolist() == row.topk(3).indices.tolist()
     assert [t for t, _ in r.top[0]][0] == r.tokens[0]  # greedy: the token is the first alternative
 
 

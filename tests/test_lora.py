@@ -10,8 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import DEVICE, DTYPE, RTOL, random_model, rel_error, tiny_args
-from hf_reference import random_prompts
+from helpers import DEVICE, DTYPE, RTOL, random_model, random_prompts, rel_error, tiny_args
 from mistral import MistralError, Transformer, generate
 from mistral.checkpoint import PARAMS
 from mistral.main import main

@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import DEVICE, DTYPE, F32_RTOL, RTOL, edit_tensors, random_model, rel_error, tiny_args
-from hf_reference import W, converted, hf_logits, hf_model, random_prompts
+from helpers import DEVICE, DTYPE, F32_RTOL, RTOL, edit_tensors, random_model, random_prompts, rel_error, tiny_args
+from hf_reference import W, converted, hf_logits, hf_model
 from mistral import MistralError, Transformer
 from mistral import checkpoint
 from mistral.checkpoint import PARAMS, PTH, SAFETENSORS

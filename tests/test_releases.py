@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
 
-from helpers import DEVICE, F32_RTOL, rel_error
-from hf_reference import converted, hf_logits, random_hf, random_prompts
+from helpers import DEVICE, F32_RTOL, random_prompts, rel_error
+from hf_reference import converted, hf_logits, random_hf
 from mistral import MistralError, ModelArgs, Transformer
 from mistral.checkpoint import PARAMS
 

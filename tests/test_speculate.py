@@ -7,7 +7,7 @@ token from the distribution plain sampling draws from.
 
 import pytest
 import torch
-from helpers import random_model, tiny_args
+from helpers import DTYPE, assert_greedy, random_model, tiny_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -59,9 +59,15 @@ def test_greedy_speculation_returns_plain_greedy_tokens(case: tuple, proposer: s
     draft = {"lookup": None, "draft": DRAFTS[window], "itself": model}[proposer]
     want, want_logprobs = generate(prompts, model, max_tokens=max_tokens, chunk_size=chunk)
     got, got_logprobs = generate(prompts, model, max_tokens=max_tokens, chunk_size=chunk, speculate=k, draft=draft)
-    assert got == want
-    for g, w in zip(got_logprobs, want_logprobs):
-        assert g == pytest.approx(w, abs=1e-4)
+    if DTYPE == torch.float32:
+        assert got == want
+        for g, w in zip(got_logprobs, want_logprobs):
+            assert g == pytest.approx(w, abs=1e-4)
+    else:  # bfloat16 (the GPU): a verify call rounds apart from a decode step; near ties may flip
+        for prompt, tokens, logprobs, plain, plain_logprobs in zip(prompts, got, got_logprobs, want, want_logprobs):
+            assert_greedy(model, prompt, tokens, max_tokens)
+            if tokens == plain:
+                assert logprobs == pytest.approx(plain_logprobs, abs=1e-2)
 
 
 def test_eos_inside_a_run_of_kept_proposals_ends_the_row_there() -> None:
