@@ -645,7 +645,6 @@ def check_address(host: str, port: int) -> None:
     """One line for an address the server could not listen on (a port in use, a host not of this machine),
     found by binding it as uvicorn will: asyncio's create_server, every address the host names ("" all)."""
     import asyncio
-    import socket
 
     async def bind() -> None:
         server = await asyncio.get_running_loop().create_server(asyncio.Protocol, host, port)
@@ -655,10 +654,27 @@ def check_address(host: str, port: int) -> None:
     try:
         asyncio.run(bind())
     except (OSError, UnicodeError) as e:  # a malformed host name fails its IDNA encoding
-        # asyncio's message names the address again; getaddrinfo's errno is its own.
-        failed = isinstance(e, OSError) and e.errno and not isinstance(e, socket.gaierror)
-        reason = os.strerror(e.errno) if failed else getattr(e, "strerror", None) or str(e)
-        raise MistralError(f"cannot serve on {host}:{port}: {reason}") from None
+        raise MistralError(f"cannot serve on {host}:{port}: {bind_error(host, port, e)}") from None
+
+
+def bind_error(host: str, port: int, e: Exception) -> str:
+    """The OS's words for why create_server failed on host:port. asyncio's message names the
+    address again; newer ones (3.13, late 3.12) pass over an address not of this machine
+    (EADDRNOTAVAIL) and says "could not bind on any address", with no errno: a plain bind
+    of the same addresses gets the OS's reason back."""
+    import socket
+
+    if not isinstance(e, OSError) or isinstance(e, socket.gaierror):  # getaddrinfo's errno is its own
+        return getattr(e, "strerror", None) or str(e)
+    if e.errno:
+        return os.strerror(e.errno)
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+            with socket.socket(family, kind, proto) as plain:
+                plain.bind(address)
+    except OSError as plain_error:
+        return plain_error.strerror or str(e)
+    return str(e)
 
 
 COMMANDS = {"generate": generate, "chat": chat, "serve": serve, "convert": convert, "quantize": quantize}

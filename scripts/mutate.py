@@ -261,6 +261,8 @@ MUTATIONS = [
              "test_bad_input.py -k endless", "an endless input line is read on"),
     Mutation("help-runs-the-command", "main.py", r"if name in COMMANDS and any\(a in HELP", "if False and any(a in HELP",
              "test_bad_input.py -k help_after", "--help after a prompt runs the model first"),
+    Mutation("bind-error-without-the-os-reason", "main.py", r"return plain_error\.strerror or str\(e\)", "return str(e)",
+             "test_serve.py -k port_in_use", "on Python 3.13, an address not of this machine fails without the OS's reason"),
     Mutation("ctrl-c-during-imports-unhandled", "__main__.py", r"quiet = _quit if previous", "quiet = previous if previous",
              "test_bad_input.py -k start_up", "Ctrl-C while the command line imports shows a traceback"),
     Mutation("tied-embeddings-not-copied", "hf.py", r"state\[\"output\.weight\"\] = state\[\"tok_embeddings\.weight\"\]\.clone\(\)", "pass",

@@ -363,10 +363,12 @@ def test_a_temperature_that_float32_rounds_to_zero_samples_greedily(served: Serv
 def test_a_port_in_use_or_an_address_of_another_machine_is_one_line_before_loading() -> None:
     import socket
 
-    from mistral.main import check_address
+    from mistral.main import bind_error, check_address
 
     check_address("", 0)  # every interface, as uvicorn (asyncio) takes it
     check_address("localhost", 0)
+    # newer asyncio (3.13), for an address not of this machine: no errno; the OS's words found again
+    assert bind_error("192.0.2.1", 8000, OSError("could not bind on any address out of [('192.0.2.1', 8000)]")) == "Cannot assign requested address"
 
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
