@@ -71,6 +71,8 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
 def dequantize_int4(w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """int4 weights (linear.Linear's format) w: uint8 [..., N, K / 2], scales, mins [..., N, K / G] -> W [..., N, K]
     in dtype, computed in float32: W[n, k] = q[n, k] * scales[n, k // G] + mins[n, k // G]."""
+    if w.is_cuda and triton is not None:  # one pass; the lines below make five over float32 copies
+        return _triton_dequantize_int4(w, scales, mins, dtype)
     q = torch.stack((w & 15, w >> 4), dim=-1).flatten(-2)  # column 2j: byte j's low nibble; 2j + 1: its high one
     groups = q.unflatten(-1, (scales.shape[-1], -1)).float()  # [..., N, K / G, G]
     return (groups * scales[..., None].float() + mins[..., None].float()).flatten(-2).to(dtype)
@@ -494,6 +496,33 @@ if triton is not None:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         _small_linear_kernel[grid](x, w, s, m, y, M, N, K, **flags)
         return y
+
+    @triton.jit
+    def _dequantize_int4_kernel(w_ptr, s_ptr, m_ptr, out_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Program (n, k): rows n*BLOCK_N.. and columns k*BLOCK_K.. of W, the codes read and the
+        # weights written once. A prefill's product of int4 weights (past QUANT_KERNEL_MAX_ROWS
+        # rows) turns each weight whole into x's dtype for cuBLAS; in PyTorch's operations that
+        # was five passes over float32 copies, about as long as the product itself.
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k0 = tl.program_id(1) * BLOCK_K
+        row_ok = rows < N
+        r64 = rows.to(tl.int64)[:, None]
+        wf = _int4_tile(w_ptr + r64 * (K // 2), s_ptr + r64 * (K // GROUP), m_ptr + r64 * (K // GROUP), row_ok, k0, K,
+                        GROUP, BLOCK_N, BLOCK_K)  # fmt: skip
+        cols = k0 + tl.arange(0, BLOCK_K)
+        tl.store(out_ptr + r64 * K + cols[None, :], wf.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < K)[None, :])
+
+    def _triton_dequantize_int4(w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """dequantize_int4 in one Triton kernel (on CUDA, or in Triton's interpreter)."""
+        K = 2 * w.shape[-1]
+        group = K // scales.shape[-1]
+        w2, s2, m2 = (t.reshape(-1, t.shape[-1]).contiguous() for t in (w, scales, mins))  # leading dimensions as more rows
+        out = torch.empty(*w.shape[:-1], K, dtype=dtype, device=w.device)
+        N, block_n, block_k = w2.shape[0], 16, max(256, group)  # whole groups per tile
+        _dequantize_int4_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
+            w2, s2, m2, out, N, K, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4
+        )
+        return out
 
     @triton.jit(do_not_specialize=["S"])  # a cache of another size must not compile the kernel anew
     def _decode_attention_kernel(

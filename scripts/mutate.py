@@ -207,6 +207,11 @@ MUTATIONS = [
              "test_decode.py -k small_batch_kernel", "the small-batch kernel scales int4's products again by a row's first group scale", cuda=True),
     Mutation("small-int4-row-stride", "kernels.py", r"_int4_tile\(w_ptr \+ n64 \* \(K // 2\)", "_int4_tile(w_ptr + n64 * K",
              "test_decode.py -k small_batch_kernel", "the small-batch kernel steps a whole byte per int4 column between rows", cuda=True),
+    Mutation("dequantize-tiles-overlap", "kernels.py", r"\n        cols = k0 \+ tl\.arange\(0, BLOCK_K\)\n", "\n        cols = tl.arange(0, BLOCK_K)\n",
+             "test_decode.py -k dequantize_kernel", "the dequantize kernel writes every column tile at the first", cuda=True),
+    Mutation("dequantize-group-stride", "kernels.py", r"s_ptr \+ r64 \* \(K // GROUP\), m_ptr \+ r64 \* \(K // GROUP\)",
+             "s_ptr + r64 * (K // GROUP), m_ptr + r64 * (K // GROUP // 2)",
+             "test_decode.py -k dequantize_kernel", "the dequantize kernel reads the minimums of the wrong rows", cuda=True),
     # --- the decode kernel ----------------------------------------------------------------
     Mutation("decode-reads-one-slot-too-many", "kernels.py", r"\[None, :\] >= key_lengths\[:, None\]",
              "[None, :] > key_lengths[:, None]", "test_attention.py -k decode_kernel",

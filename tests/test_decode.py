@@ -14,7 +14,7 @@ import torch
 from helpers import DEVICE, DTYPE, QUANTIZATIONS, RTOL, dequantized, random_model, rel_error, tiny_args
 
 from mistral import Transformer
-from mistral.args import QuantArgs
+from mistral.args import INT4_GROUP_SIZES, QuantArgs
 from mistral.cache import Decode, cache_inputs
 from mistral.decode import COMPILE_COSTS_S, COMPILE_SAVES_S_PER_LAYER_STEP, Runner, compile_pays, compiled_block
 from mistral.generation import stream
@@ -205,6 +205,24 @@ def test_small_batch_kernel_equals_the_product_of_the_weights_its_codes_stand_fo
     scales, mins = (tensors[k].to(DEVICE) if k in tensors else None for k in ("scales", "mins"))
     got = kernels._triton_small_linear(x.to(DEVICE, dtype), tensors["weight"].to(DEVICE), scales, mins, config=config)
     assert rel_error(got.cpu(), x.to(dtype).float() @ dense.T) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.skipif(not MATVEC_KERNEL_RUNS, reason="Triton's kernel: CUDA, or the CPU under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("group", INT4_GROUP_SIZES)
+def test_dequantize_kernel_writes_the_weights_the_codes_stand_for(group: int) -> None:
+    """int4 weights turned whole into floats for a prefill's product, by the Triton kernel: stacked
+    experts, rows and columns that no tile divides, against helpers.dequantized (the format spelled
+    out apart from the model's code), with the scales and mins the model holds (its dtype)."""
+    torch.manual_seed(0)
+    dtype = DTYPE if DEVICE.type == "cuda" else torch.float32
+    for shape in [(37, 384), (3, 21, 640)]:
+        tensors = quantize(torch.randn(*shape), QuantArgs("int4", group))
+        tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+        want = dequantized(tensors)
+        got = kernels._triton_dequantize_int4(*(tensors[k].to(DEVICE) for k in ("weight", "scales", "mins")), dtype).cpu()
+        assert got.dtype == dtype and got.shape == want.shape
+        # float32: equal but for the order of rounding; bfloat16: each weight rounded once
+        assert ((got.float() - want).abs() <= want.abs() * (1e-6 if dtype == torch.float32 else 2**-8) + 1e-6).all(), shape
 
 
 def test_decode_inputs_advance_like_a_new_call() -> None:
