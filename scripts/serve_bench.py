@@ -70,8 +70,16 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": q[49], "p99": q[98]}
 
 
+def prompt_tokens_left(engine: Engine) -> int:
+    """Prompt tokens not read yet, of the requests running and waiting."""
+    return sum(len(r.prompt) - r.read for r in [*engine.waiting, *engine.rows] if r is not None)
+
+
 def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float, seed: int) -> dict[str, Any]:
-    """The jobs arriving as a Poisson process of `rate` requests/s (inf: all at once), run to the end."""
+    """The jobs arriving as a Poisson process of `rate` requests/s (inf: all at once), run to the end.
+
+    Where the time went, by kind of forward call: chunk calls (prompt tokens read beside the
+    decoding rows) and decode steps; the rest is waiting for arrivals and the loop's own."""
     rng = random.Random(seed)
     arrivals, t = [], 0.0
     for _ in jobs:
@@ -82,6 +90,7 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
     index = {id(r): i for i, r in enumerate(requests)}
     start = time.perf_counter()
     nxt, steps, busy_rows = 0, 0, 0
+    calls = {"chunk": [0, 0.0, 0], "decode": [0, 0.0, 0]}  # kind: [calls, seconds, prompt tokens read]
     while nxt < len(jobs) or engine.busy:
         now = time.perf_counter() - start
         while nxt < len(jobs) and arrivals[nxt] <= now:
@@ -91,8 +100,12 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
             time.sleep(max(arrivals[nxt] - now, 0))
             continue
         busy_rows += engine.running
+        left, before = prompt_tokens_left(engine), time.perf_counter()
         changed = engine.step()  # reads its tokens on the host: the step is done
         steps += 1
+        read = left - prompt_tokens_left(engine)
+        kind = calls["chunk" if read else "decode"]
+        kind[0], kind[1], kind[2] = kind[0] + 1, kind[1] + time.perf_counter() - before, kind[2] + read
         now = time.perf_counter() - start
         for r in changed:
             times[index[id(r)]] += [now] * (len(r.tokens) - len(times[index[id(r)]]))
@@ -105,6 +118,8 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
         "rate_per_s": rate, "requests": len(jobs), "generated_tokens": generated, "seconds": elapsed,
         "tokens_per_s": generated / elapsed, "steps": steps, "mean_busy_rows": busy_rows / max(steps, 1),
         "ttft_s": percentiles(ttft), "tbt_s": percentiles(tbt),
+        "chunk_calls": calls["chunk"][0], "chunk_seconds": calls["chunk"][1], "chunk_prompt_tokens": calls["chunk"][2],
+        "decode_steps": calls["decode"][0], "decode_seconds": calls["decode"][1],
     }  # fmt: skip
 
 
@@ -177,7 +192,10 @@ def main() -> None:
         run = run_arrivals(engine, jobs, rate, cfg.seed + 1)
         results["runs"].append(run)
         log(f"rate {rate:g}/s: {run['tokens_per_s']:.1f} tokens/s, TTFT p50 {run['ttft_s']['p50']:.3f} s p99 {run['ttft_s']['p99']:.3f} s, "
-            f"TBT p50 {run['tbt_s']['p50'] * 1e3:.1f} ms p99 {run['tbt_s']['p99'] * 1e3:.1f} ms, {run['mean_busy_rows']:.1f} rows busy")  # fmt: skip
+            f"TBT p50 {run['tbt_s']['p50'] * 1e3:.1f} ms p99 {run['tbt_s']['p99'] * 1e3:.1f} ms, {run['mean_busy_rows']:.1f} rows busy; "
+            f"of {run['seconds']:.2f} s: {run['chunk_calls']} chunk calls {run['chunk_seconds']:.2f} s "
+            f"({run['chunk_prompt_tokens'] / max(run['chunk_seconds'], 1e-9):,.0f} prompt tokens/s), "
+            f"{run['decode_steps']} decode steps {run['decode_seconds']:.2f} s ({run['decode_seconds'] / max(run['decode_steps'], 1) * 1e3:.2f} ms each)")  # fmt: skip
     if cfg.out:
         cfg.out.mkdir(parents=True, exist_ok=True)
         (cfg.out / "serve_bench.json").write_text(json.dumps(results, indent=1, default=str))
