@@ -79,7 +79,9 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
     """The jobs arriving as a Poisson process of `rate` requests/s (inf: all at once), run to the end.
 
     Where the time went, by kind of forward call: chunk calls (prompt tokens read beside the
-    decoding rows) and decode steps; the rest is waiting for arrivals and the loop's own."""
+    decoding rows) and decode steps; the rest is waiting for arrivals and the loop's own.
+    Saturated: the calls made while requests waited for a row (every row busy), whose rate
+    leaves out the ramp and the tail (the last answers running on with rows free)."""
     rng = random.Random(seed)
     arrivals, t = [], 0.0
     for _ in jobs:
@@ -91,6 +93,7 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
     start = time.perf_counter()
     nxt, steps, busy_rows = 0, 0, 0
     calls = {"chunk": [0, 0.0, 0], "decode": [0, 0.0, 0]}  # kind: [calls, seconds, prompt tokens read]
+    saturated = [0, 0.0]  # tokens, seconds
     while nxt < len(jobs) or engine.busy:
         now = time.perf_counter() - start
         while nxt < len(jobs) and arrivals[nxt] <= now:
@@ -103,9 +106,11 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
         left, before = prompt_tokens_left(engine), time.perf_counter()
         changed = engine.step()  # reads its tokens on the host: the step is done
         steps += 1
-        read = left - prompt_tokens_left(engine)
+        took, read = time.perf_counter() - before, left - prompt_tokens_left(engine)
         kind = calls["chunk" if read else "decode"]
-        kind[0], kind[1], kind[2] = kind[0] + 1, kind[1] + time.perf_counter() - before, kind[2] + read
+        kind[0], kind[1], kind[2] = kind[0] + 1, kind[1] + took, kind[2] + read
+        if engine.waiting:  # still some after the call took its rows: every row was busy
+            saturated[0], saturated[1] = saturated[0] + len(changed), saturated[1] + took
         now = time.perf_counter() - start
         for r in changed:
             times[index[id(r)]] += [now] * (len(r.tokens) - len(times[index[id(r)]]))
@@ -120,6 +125,7 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
         "ttft_s": percentiles(ttft), "tbt_s": percentiles(tbt),
         "chunk_calls": calls["chunk"][0], "chunk_seconds": calls["chunk"][1], "chunk_prompt_tokens": calls["chunk"][2],
         "decode_steps": calls["decode"][0], "decode_seconds": calls["decode"][1],
+        "saturated_seconds": saturated[1], "saturated_tokens_per_s": saturated[0] / saturated[1] if saturated[1] else math.nan,
     }  # fmt: skip
 
 
@@ -200,10 +206,11 @@ def main() -> None:
         cfg.out.mkdir(parents=True, exist_ok=True)
         (cfg.out / "serve_bench.json").write_text(json.dumps(results, indent=1, default=str))
     steady = results["steady_decode_tokens_per_s"]
-    print("| arrivals (requests/s) | tokens/s | / steady decode | / static batches | TTFT p50 | TTFT p99 | TBT p50 | TBT p99 | rows busy |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| arrivals (requests/s) | tokens/s | / steady decode | while saturated / steady | / static batches | TTFT p50 | TTFT p99 | TBT p50 | TBT p99 | rows busy |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for run in results["runs"]:
-        print(f"| {run['rate_per_s']:g} | {run['tokens_per_s']:,.1f} | {run['tokens_per_s'] / steady:.2f} | "
+        saturated = f"{run['saturated_tokens_per_s'] / steady:.2f} ({run['saturated_seconds']:.1f} s)" if run["saturated_seconds"] else "-"
+        print(f"| {run['rate_per_s']:g} | {run['tokens_per_s']:,.1f} | {run['tokens_per_s'] / steady:.2f} | {saturated} | "
               f"{run['tokens_per_s'] / results['static']['tokens_per_s']:.2f} | {run['ttft_s']['p50']:.3f} s | {run['ttft_s']['p99']:.3f} s | "
               f"{run['tbt_s']['p50'] * 1e3:.1f} ms | {run['tbt_s']['p99'] * 1e3:.1f} ms | {run['mean_busy_rows']:.1f} |")  # fmt: skip
 
