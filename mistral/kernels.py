@@ -524,12 +524,15 @@ if triton is not None:
         )
         return out
 
-    @triton.jit(do_not_specialize=["S"])  # a cache of another size must not compile the kernel anew
+    # Neither a cache of another size (S) nor another batch (SPLITS follows it) compiles the
+    # kernel anew: the first run of 8 prompts on a machine whose cache held batch 1's kernel
+    # waited 1.5 s for it on an H100 while SPLITS was a constant of the kernel.
+    @triton.jit(do_not_specialize=["S", "SPLITS"])
     def _decode_attention_kernel(
         q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, slot_ptr, len_ptr, o_ptr, part_ptr, count_ptr,
-        q_stride, kn_stride, vn_stride, S, H_KV, qk_scale,
+        q_stride, kn_stride, vn_stride, S, H_KV, qk_scale, SPLITS,
         G: tl.constexpr, G_POW2: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-        BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, MERGE: tl.constexpr,
+        BLOCK_S: tl.constexpr, MIN_CHUNK: tl.constexpr, MERGE: tl.constexpr,
     ):  # fmt: skip
         # Program (b * H_KV + h, split): the G query heads of row b that share key head h,
         # over one of SPLITS equal runs of the row's key_lengths[b] slots (flash-decoding).
@@ -623,8 +626,10 @@ if triton is not None:
     def _triton_decode_attention(
         xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
         slots: torch.Tensor, key_lengths: torch.Tensor, block_s: int = 32, min_chunk: int = 128, num_warps: int = 4,
+        splits: Optional[int] = None,
     ) -> torch.Tensor:  # fmt: skip
-        """block_s keys per loop step; min_chunk: the fewest keys a program reads (more, fewer runs to merge)."""
+        """block_s keys per loop step; min_chunk: the fewest keys a program reads (more, fewer runs to merge);
+        splits: programs per row and key head (default: about two per multiprocessor in all)."""
         (B, H, Dh), (S, H_kv) = xq.shape, cache_k.shape[1:3]
         assert xq.stride(1) == Dh and xk.stride(1) == Dh and xv.stride(1) == Dh and xq.stride(2) == 1
         assert cache_k.is_contiguous() and cache_v.is_contiguous()
@@ -632,20 +637,21 @@ if triton is not None:
         if not held or held[-1].numel() < B * H_kv:
             held.append(torch.zeros(max(B * H_kv, 4096), dtype=torch.int32, device=xq.device))
         counts = held[-1]
-        sms = torch.cuda.get_device_properties(xq.device).multi_processor_count
-        # About two programs per multiprocessor (a power of two, for the merge's tl.arange),
-        # whatever the cache's size: SPLITS is a constant of the compiled kernel, so a split
-        # that followed the size compiled the kernel anew for a new prompt length (0.8 s). A
-        # short row leaves the programs past its keys idle, at the cost of their launch.
-        splits = triton.next_power_of_2(triton.cdiv(2 * sms, B * H_kv))
+        # About two programs per multiprocessor, whatever the cache's size: a split that followed
+        # the size would change with every prompt length (once a constant of the kernel, it
+        # compiled the kernel anew for each: 0.8 s). A short row leaves the programs past its
+        # keys idle, at the cost of their launch.
+        if splits is None:
+            sms = torch.cuda.get_device_properties(xq.device).multi_processor_count
+            splits = triton.next_power_of_2(triton.cdiv(2 * sms, B * H_kv))
         G = H // H_kv
         g_pow2 = triton.next_power_of_2(G)  # tl.dot needs at least 16 rows: G_PAD
         part = torch.empty(B * H_kv * splits * G * (Dh + 2), dtype=torch.float32, device=xq.device)
         out = torch.empty_like(xq)
         _decode_attention_kernel[(B * H_kv, splits)](
             xq, xk, xv, cache_k, cache_v, slots, key_lengths, out, part, counts,
-            xq.stride(0), xk.stride(0), xv.stride(0), S, H_kv, Dh**-0.5 * 1.4426950408889634,
-            G=G, G_POW2=g_pow2, G_PAD=max(16, g_pow2), D=Dh, BLOCK_S=block_s, SPLITS=splits, MIN_CHUNK=min_chunk,
-            MERGE=min(splits, max(1, 4096 // (g_pow2 * Dh))), num_warps=num_warps,
+            xq.stride(0), xk.stride(0), xv.stride(0), S, H_kv, Dh**-0.5 * 1.4426950408889634, splits,
+            G=G, G_POW2=g_pow2, G_PAD=max(16, g_pow2), D=Dh, BLOCK_S=block_s, MIN_CHUNK=min_chunk,
+            MERGE=max(1, 4096 // (g_pow2 * Dh)), num_warps=num_warps,  # runs merged at a time (masked past the last)
         )  # fmt: skip
         return out

@@ -221,6 +221,9 @@ MUTATIONS = [
              cuda=True),
     Mutation("decode-kernel-merges-first-run", "kernels.py", r"runs = tl\.cdiv\(length, chunk\)", "runs = 1",
              "test_attention.py -k decode_kernel", "the Triton decode kernel merges the first run of keys only", cuda=True),
+    Mutation("decode-kernel-runs-too-short", "kernels.py", r"tl\.cdiv\(tl\.cdiv\(length, SPLITS\), BLOCK_S\)",
+             "tl.cdiv(tl.cdiv(length, 2 * SPLITS), BLOCK_S)",
+             "test_attention.py -k splits_rows", "the Triton decode kernel's runs leave a row's last keys unread", cuda=True),
     # --- fusions of the matrix-vector kernel, and the batched causal prefill ------------------
     Mutation("matvec-norm-without-gain", "kernels.py", r"xk \*= tl\.load\(g_ptr", "xk += 0 * tl.load(g_ptr",
              "test_decode.py -k takes_in", "the fused RMSNorm leaves out its weight", cuda=True),

@@ -13,10 +13,13 @@ from typing import Optional, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from mistral import ModelArgs, MoeArgs, Transformer
+from mistral import ModelArgs, MoeArgs, Transformer, kernels
 
 DEVICE = torch.device(os.environ.get("MISTRAL_TEST_DEVICE", "cpu"))
 DTYPE = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+# The Triton kernels run compiled on CUDA, or on the CPU in Triton's interpreter
+# (TRITON_INTERPRET=1, with Triton installed: CI has neither, and skips their tests).
+TRITON_KERNELS_RUN = kernels.triton is not None and (DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 # Relative error of logits between two float32 computations of the same function
 # (rounding alone lands near 1e-6). Comparisons with Hugging Face transformers run in
 # float32 on every device, so that an error of 1e-3 (a rope theta fixed wrongly) stands

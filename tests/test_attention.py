@@ -12,7 +12,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from helpers import DEVICE, rel_error
+from helpers import DEVICE, TRITON_KERNELS_RUN, rel_error
 
 from mistral import kernels
 from mistral.attention import causal_attention, attend, causal_blocks
@@ -123,15 +123,11 @@ def test_causal_blocks_attention_matches_the_reference(window, seqlens: list[int
     assert rel_error(causal_attention(xq, keys, values, blocks), attend(xq, keys, values, mask, "reference")) < 1e-5
 
 
-@pytest.mark.parametrize("group", [1, 4, 8])
-@pytest.mark.parametrize("static", [False, True], ids=["eager", "graph"])
-def test_decode_kernel_writes_and_attends_as_the_decode_mask_says(group: int, static: bool) -> None:
-    """kernels.decode_attention (Triton on CUDA) = the cache update, then attention under mask 3.
-
-    Rows: a first token, a short row, a row that just filled its slots, wrapped rows, and
-    a cache with more rows than the call. static: the graph's mask, built with every row
-    full, whose device lengths carry the truth.
-    """
+def decode_case(group: int, static: bool) -> tuple:
+    """A decode step's inputs and what it must do: rows of a first token, a short row, a row that
+    just filled its slots, wrapped rows, and a cache with more rows than the call. static: the
+    graph's mask, built with every row full, whose device lengths carry the truth.
+    Returns (cache, xq, xk, xv, slots, key lengths, the cache as it must end, the output)."""
     # Rows of up to 300 slots: the Triton kernel splits each into runs of at least 128 keys.
     size, rows, positions = 300, 7, [0, 5, 299, 300, 1234, 2000]
     dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
@@ -145,6 +141,27 @@ def test_decode_kernel_writes_and_attends_as_the_decode_mask_says(group: int, st
     keys, values = inputs.update(want_k[0], want_v[0], xk, xv)
     want = attend(xq, keys, values, inputs.mask, "reference")
     graph = Decode(positions, size, DEVICE, static=static)
-    got = kernels.decode_attention(xq, xk, xv, cache.k[0], cache.v[0], graph.write_to, graph.mask.k_seqinfo.seqlen)
+    return cache, xq, xk, xv, graph.write_to, graph.mask.k_seqinfo.seqlen, (want_k, want_v), want
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "graph"])
+def test_decode_kernel_writes_and_attends_as_the_decode_mask_says(group: int, static: bool) -> None:
+    """kernels.decode_attention (Triton on CUDA) = the cache update, then attention under mask 3."""
+    cache, xq, xk, xv, slots, lengths, (want_k, want_v), want = decode_case(group, static)
+    got = kernels.decode_attention(xq, xk, xv, cache.k[0], cache.v[0], slots, lengths)
     assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v)
-    assert rel_error(got, want) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert rel_error(got, want) < (1e-5 if xq.dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.skipif(not TRITON_KERNELS_RUN, reason="Triton's kernel: CUDA, or the CPU under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("group", [1, 4])
+def test_decode_kernel_splits_rows_into_any_number_of_runs(group: int) -> None:
+    """The Triton decode kernel for every number of programs per row and key head (one compiled
+    kernel serves them all: it follows the batch size): one run, runs of no keys past a short
+    row, a number no power of two, more than the keys fill."""
+    for splits in (1, 2, 3, 8, 64):
+        cache, xq, xk, xv, slots, lengths, (want_k, want_v), want = decode_case(group, static=False)
+        got = kernels._triton_decode_attention(xq, xk, xv, cache.k[0], cache.v[0], slots, lengths, splits=splits)
+        assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v), splits
+        assert rel_error(got, want) < (1e-5 if xq.dtype == torch.float32 else 1e-2), splits

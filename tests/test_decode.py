@@ -6,12 +6,11 @@ it compiled and, for decoding, replayed from a CUDA graph.
 
 import dataclasses
 import math
-import os
 from typing import Optional
 
 import pytest
 import torch
-from helpers import DEVICE, DTYPE, QUANTIZATIONS, RTOL, dequantized, random_model, rel_error, tiny_args
+from helpers import DEVICE, DTYPE, QUANTIZATIONS, RTOL, TRITON_KERNELS_RUN, dequantized, random_model, rel_error, tiny_args
 
 from mistral import Transformer
 from mistral.args import INT4_GROUP_SIZES, QuantArgs
@@ -146,12 +145,7 @@ def test_expert_matvec_takes_in_swiglu(method: Optional[str]) -> None:
     assert rel_error(got.cpu(), want) < (1e-5 if DTYPE == torch.float32 else 1e-2)
 
 
-# The matrix-vector kernel runs compiled on CUDA, or on the CPU in Triton's interpreter
-# (TRITON_INTERPRET=1, with Triton installed: CI has neither, and skips it).
-MATVEC_KERNEL_RUNS = kernels.triton is not None and (DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
-
-
-@pytest.mark.skipif(not MATVEC_KERNEL_RUNS, reason="Triton's kernel: CUDA, or the CPU under TRITON_INTERPRET=1")
+@pytest.mark.skipif(not TRITON_KERNELS_RUN, reason="Triton's kernel: CUDA, or the CPU under TRITON_INTERPRET=1")
 @pytest.mark.parametrize(
     "quantization", [None, QuantArgs("int8"), QuantArgs("int4", 32), QuantArgs("int4", 64), QuantArgs("int4", 128)],
     ids=["float", "int8", "int4-32", "int4-64", "int4-128"],
@@ -184,7 +178,7 @@ def test_matvec_kernel_equals_the_product_of_the_weights_its_codes_stand_for(qua
         assert rel_error(got.cpu(), want) < (1e-5 if dtype == torch.float32 else 1e-2), (N, K, E, glu, norm)
 
 
-@pytest.mark.skipif(not MATVEC_KERNEL_RUNS, reason="Triton's kernel: CUDA, or the CPU under TRITON_INTERPRET=1")
+@pytest.mark.skipif(not TRITON_KERNELS_RUN, reason="Triton's kernel: CUDA, or the CPU under TRITON_INTERPRET=1")
 @pytest.mark.parametrize(
     "quantization", [None, QuantArgs("int8"), QuantArgs("int4", 32), QuantArgs("int4", 128)], ids=["float", "int8", "int4-32", "int4-128"]
 )
@@ -207,7 +201,7 @@ def test_small_batch_kernel_equals_the_product_of_the_weights_its_codes_stand_fo
     assert rel_error(got.cpu(), x.to(dtype).float() @ dense.T) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
-@pytest.mark.skipif(not MATVEC_KERNEL_RUNS, reason="Triton's kernel: CUDA, or the CPU under TRITON_INTERPRET=1")
+@pytest.mark.skipif(not TRITON_KERNELS_RUN, reason="Triton's kernel: CUDA, or the CPU under TRITON_INTERPRET=1")
 @pytest.mark.parametrize("group", INT4_GROUP_SIZES)
 def test_dequantize_kernel_writes_the_weights_the_codes_stand_for(group: int) -> None:
     """int4 weights turned whole into floats for a prefill's product, by the Triton kernel: stacked
