@@ -47,11 +47,9 @@ def tensor_split_dim(name: str, ndim: int) -> Optional[int]:
 
 def checkpoint_slices(model: Any) -> dict[str, tuple[torch.Tensor, Optional[int]]]:
     """Per checkpoint tensor: the view of this rank's part of it, and the dimension it is split along (or None)."""
-    ranks = model.layout.num_tensor_ranks
-    return {
-        name: (view, tensor_split_dim(name, view.dim()) if ranks > 1 else None)
-        for name, view in model.state_dict().items()
-    }
+    layout = model.layout
+    whole = lambda name: layout.num_tensor_ranks == 1 or (layout.expert_parallel and ".experts." in name)  # noqa: E731
+    return {name: (view, None if whole(name) else tensor_split_dim(name, view.dim())) for name, view in model.state_dict().items()}
 
 
 class _Uninitialized(TorchFunctionMode):
@@ -108,15 +106,15 @@ def empty(
     device: Union[str, torch.device],
     dtype: torch.dtype,
     attention_backend: Backend,
-    ranks: tuple[int, int, Optional[int], Optional[int]],
+    ranks: tuple[int, int, Optional[int], Optional[int], bool],
 ) -> Model:
     """This process's part of the model, its memory allocated on the device but not written."""
-    P, T, pipeline_rank, tensor_rank = ranks
+    P, T, pipeline_rank, tensor_rank, expert_parallel = ranks
     device = check_device(device) or "cpu"
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise MistralError(f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, torch.float16), got {dtype!r}")
-    check_tensor_split(T, args)  # before anything is loaded
-    layout = Layout.of(P, T, pipeline_rank, tensor_rank)
+    check_tensor_split(T, args, expert_parallel)  # before anything is loaded
+    layout = Layout.of(P, T, pipeline_rank, tensor_rank, expert_parallel)
     try:
         with _Uninitialized(torch.device(device), dtype):  # the weights are written straight into place
             model = cls(args, layout=layout, attention_backend=attention_backend)
@@ -140,6 +138,7 @@ def from_folder(
     pipeline_rank: Optional[int] = None,
     tensor_rank: Optional[int] = None,
     lora_path: Optional[Union[str, Path]] = None,
+    expert_parallel: bool = False,
 ) -> Model:
     """Load params.json and consolidated.safetensors (or consolidated.00.pth) from a folder.
 
@@ -147,11 +146,12 @@ def from_folder(
     num_pipeline_ranks, num_tensor_ranks: this process holds one part of the model
     (see mistral/parallel.py) and reads only its own tensors and slices; its place is
     pipeline_rank and tensor_rank, or, when not given, its rank in the process group.
+    expert_parallel: a Mixtral's tensor ranks hold whole experts (parallel.Layout).
     lora_path: a LoRA adapter (lora.safetensors) to merge into the weights (see mistral/lora.py).
     """
     args = read_args(folder)
     check_dimensions(folder, args)
-    model = empty(cls, args, device, dtype, attention_backend, (num_pipeline_ranks, num_tensor_ranks, pipeline_rank, tensor_rank))
+    model = empty(cls, args, device, dtype, attention_backend, (num_pipeline_ranks, num_tensor_ranks, pipeline_rank, tensor_rank, expert_parallel))
     layout = model.layout
     load_into(folder, checkpoint_slices(model), layout.tensor_rank, layout.num_tensor_ranks, progress=progress,
               allow_extra=layout.world_size > 1)  # fmt: skip
@@ -174,6 +174,7 @@ def random(
     num_tensor_ranks: int = 1,
     pipeline_rank: Optional[int] = None,
     tensor_rank: Optional[int] = None,
+    expert_parallel: bool = False,
 ) -> Model:
     """Random weights (normal, std dim^-0.5) made directly on the device: benchmarks need no files.
 
@@ -181,7 +182,7 @@ def random(
     then this rank's slice kept, so every parallel rank holds exactly its part of the
     model that one process would hold on the same device.
     """
-    model = empty(cls, args, device, dtype, attention_backend, (num_pipeline_ranks, num_tensor_ranks, pipeline_rank, tensor_rank))
+    model = empty(cls, args, device, dtype, attention_backend, (num_pipeline_ranks, num_tensor_ranks, pipeline_rank, tensor_rank, expert_parallel))
     layout, ranks = model.layout, model.layout.num_tensor_ranks
     slices = checkpoint_slices(model)
     with torch.no_grad():

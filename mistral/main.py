@@ -43,6 +43,7 @@ def load(
     num_tensor_ranks: int = 1,
     lora: Optional[str] = None,
     warm_up: Optional[dict[str, float]] = None,
+    expert_parallel: bool = False,
 ) -> tuple[Transformer, ChatTokenizer]:
     """The folder's model on this rank's device, and its tokenizer. On a GPU the libraries and
     kernels of a first call warm up meanwhile (mistral/prewarm.py): any wait for them past the
@@ -67,6 +68,7 @@ def load(
             model = Transformer.from_folder(
                 folder, device=device, dtype=DTYPES[dtype], progress=progress if rank == 0 else None,
                 num_pipeline_ranks=num_pipeline_ranks, num_tensor_ranks=num_tensor_ranks, lora_path=lora,
+                expert_parallel=expert_parallel,
             )
     finally:  # also when the load fails: not a thread inside CUDA while the process ends
         waited = prewarm.join()
@@ -78,12 +80,15 @@ def load(
     return model, tokenizer
 
 
-def check_layout(folder: Path, num_pipeline_ranks: int, num_tensor_ranks: int, micro_batches: Optional[int]) -> None:
+def check_layout(
+    folder: Path, num_pipeline_ranks: int, num_tensor_ranks: int, micro_batches: Optional[int], expert_parallel: bool = False
+) -> None:
     """A layout that the folder's model divides, checked before any rank starts."""
     if not is_dir(folder):
         raise MistralError(f"{folder}: model folder not found")
     args = read_args(folder)
-    parallel.check_tensor_split(num_tensor_ranks, args)
+    parallel.Layout(expert_parallel=expert_parallel)  # True or False
+    parallel.check_tensor_split(num_tensor_ranks, args, expert_parallel)
     parallel.Layout(0, num_pipeline_ranks).layers(args.n_layers)  # at least one layer a stage
     if micro_batches is not None:
         check_positive_int(micro_batches, "micro_batches")
@@ -242,6 +247,7 @@ def generate(
     lora: str | None = None,
     speculate: int = 0,
     draft: str | None = None,
+    expert_parallel: bool = False,
 ) -> None:
     """Complete prompts: [MODEL_DIR] PROMPT [PROMPT ...]. Prints the text as it is generated, then a speed summary on stderr.
 
@@ -279,6 +285,8 @@ def generate(
             token for token, and sampled output follows the same distribution.
         draft: with --speculate, a model folder of a smaller model with the same tokenizer, whose
             own tokens are the proposals instead of prompt lookup's.
+        expert_parallel: a switch (--expert_parallel): with num_tensor_ranks, a Mixtral's ranks hold
+            whole experts (E / num_tensor_ranks each) instead of a slice of every expert.
     """
     folder, prompts = split_model_and_prompts([str(i) for i in inputs])
     if not prompts:
@@ -302,11 +310,12 @@ def generate(
         raise MistralError(f"{draft}: draft model folder not found")
     if world_size > 1 and not launch.started_by_a_launcher():
         check_device(device)
-        check_layout(folder, num_pipeline_ranks, num_tensor_ranks, micro_batches)
+        check_layout(folder, num_pipeline_ranks, num_tensor_ranks, micro_batches, expert_parallel)
         sys.exit(launch.run_ranks(world_size, sys.argv[1:]))  # this command again, once per rank
     start = time.perf_counter()
     libraries: dict[str, float] = {}
-    model, tokenizer = load(folder, device, dtype, num_pipeline_ranks, num_tensor_ranks, None if lora is None else str(lora), libraries)
+    model, tokenizer = load(folder, device, dtype, num_pipeline_ranks, num_tensor_ranks, None if lora is None else str(lora), libraries,
+                            expert_parallel=expert_parallel)  # fmt: skip
     draft_model = None if draft is None else Transformer.from_folder(str(draft), device=model.device, dtype=model.dtype)
     load_s = time.perf_counter() - start - sum(libraries.values())
     if speculate and model.device.type == "cuda":

@@ -125,9 +125,9 @@ class FeedForward(CheckpointNames):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs, num_tensor_ranks: int = 1):
+    def __init__(self, args: ModelArgs, layout: Layout = Layout()):
         super().__init__()
-        ranks, quantization = num_tensor_ranks, args.quantization  # each rank holds 1/ranks of the heads
+        ranks, quantization = layout.num_tensor_ranks, args.quantization  # each rank holds 1/ranks of the heads
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.attention = Attention(args.dim, args.n_heads // ranks, args.n_kv_heads // ranks, args.head_dim, quantization)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
@@ -135,8 +135,10 @@ class TransformerBlock(nn.Module):
         if args.moe is None:
             self.feed_forward = FeedForward(args.dim, args.hidden_dim // ranks, quantization)
         else:
-            moe = args.moe
-            self.feed_forward = MoeLayer(args.dim, args.hidden_dim // ranks, moe.num_experts, moe.num_experts_per_tok, quantization)
+            moe = args.moe  # each rank holds 1/ranks of every expert, or (expert parallel) 1/ranks of the experts
+            hidden_dim = args.hidden_dim if layout.expert_parallel else args.hidden_dim // ranks
+            self.feed_forward = MoeLayer(args.dim, hidden_dim, moe.num_experts, moe.num_experts_per_tok, quantization,
+                                         layout.experts(moe.num_experts))  # fmt: skip
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: CacheView, backend: Backend) -> torch.Tensor:
         # h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h)). Each norm
@@ -167,12 +169,12 @@ class Transformer(nn.Module):
         if attention_backend not in BACKENDS:
             raise MistralError(f"attention_backend must be one of {BACKENDS}, got {attention_backend!r}")
         layout = layout or Layout()
-        check_tensor_split(layout.num_tensor_ranks, args)
+        check_tensor_split(layout.num_tensor_ranks, args, layout.expert_parallel)
         own_layers = layout.layers(args.n_layers)
         self.args, self.layout, self.attention_backend = args, layout, attention_backend
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim) if layout.is_first else None
         # A dict keyed by the global layer index keeps the checkpoint's names (layers.7.attention.wq.weight).
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, layout.num_tensor_ranks) for i in own_layers})
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, layout) for i in own_layers})
         self.norm = RMSNorm(args.dim, args.norm_eps) if layout.is_last else None
         self.output = Linear(args.dim, args.vocab_size) if layout.is_last else None  # kept in float by `quantize`
         if layout.num_tensor_ranks > 1:
@@ -272,7 +274,7 @@ class Transformer(nn.Module):
         cls, folder: Union[str, Path], *, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
         attention_backend: Backend = "auto", progress: Optional[Callable[[int, int, int], None]] = None,
         num_pipeline_ranks: int = 1, num_tensor_ranks: int = 1, pipeline_rank: Optional[int] = None,
-        tensor_rank: Optional[int] = None, lora_path: Optional[Union[str, Path]] = None,
+        tensor_rank: Optional[int] = None, lora_path: Optional[Union[str, Path]] = None, expert_parallel: bool = False,
     ) -> "Transformer":  # fmt: skip
         """Load params.json and consolidated.safetensors (or consolidated.00.pth) from a folder
         (loading.from_folder says what each option does)."""
@@ -281,14 +283,14 @@ class Transformer(nn.Module):
         return from_folder(
             cls, folder, device=device, dtype=dtype, attention_backend=attention_backend, progress=progress,
             num_pipeline_ranks=num_pipeline_ranks, num_tensor_ranks=num_tensor_ranks, pipeline_rank=pipeline_rank,
-            tensor_rank=tensor_rank, lora_path=lora_path,
+            tensor_rank=tensor_rank, lora_path=lora_path, expert_parallel=expert_parallel,
         )  # fmt: skip
 
     @classmethod
     def random(
         cls, args: ModelArgs, *, seed: int = 0, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
         attention_backend: Backend = "auto", num_pipeline_ranks: int = 1, num_tensor_ranks: int = 1,
-        pipeline_rank: Optional[int] = None, tensor_rank: Optional[int] = None,
+        pipeline_rank: Optional[int] = None, tensor_rank: Optional[int] = None, expert_parallel: bool = False,
     ) -> "Transformer":  # fmt: skip
         """Random weights made directly on the device, seeded per tensor (loading.random)."""
         from mistral.loading import random
@@ -296,7 +298,7 @@ class Transformer(nn.Module):
         return random(
             cls, args, seed=seed, device=device, dtype=dtype, attention_backend=attention_backend,
             num_pipeline_ranks=num_pipeline_ranks, num_tensor_ranks=num_tensor_ranks, pipeline_rank=pipeline_rank,
-            tensor_rank=tensor_rank,
+            tensor_rank=tensor_rank, expert_parallel=expert_parallel,
         )  # fmt: skip
 
     def save(self, folder: Union[str, Path]) -> None:

@@ -32,33 +32,45 @@ class MoeLayer(CheckpointNames):
     - more pairs: they are sorted by expert, and a grouped matmul runs each expert on
       its contiguous group of rows.
     `reference` is the plain loop over experts, for the tests.
+
+    experts: the global indices of the experts this layer holds (default all): under expert
+    parallelism (parallel.Layout) a rank holds some whole experts, routes every token as the
+    whole model would, and adds up only its own experts' outputs; the tensor-parallel
+    all-reduce after the layer sums the ranks' parts.
     """
 
     fused = ("w13", "w2")
 
     def __init__(
-        self, dim: int, hidden_dim: int, num_experts: int, num_experts_per_tok: int, quantization: Optional[QuantArgs] = None
-    ):
+        self, dim: int, hidden_dim: int, num_experts: int, num_experts_per_tok: int, quantization: Optional[QuantArgs] = None,
+        experts: Optional[range] = None,
+    ):  # fmt: skip
         super().__init__()
+        self.experts = range(num_experts) if experts is None else experts
         self.gate = nn.Linear(dim, num_experts, bias=False)  # the router stays in the model's dtype
-        self.w13 = Linear(dim, 2 * hidden_dim, experts=num_experts, quantization=quantization)
-        self.w2 = Linear(hidden_dim, dim, experts=num_experts, quantization=quantization)
+        self.w13 = Linear(dim, 2 * hidden_dim, experts=len(self.experts), quantization=quantization)
+        self.w2 = Linear(hidden_dim, dim, experts=len(self.experts), quantization=quantization)
         self.hidden_dim, self.num_experts_per_tok = hidden_dim, num_experts_per_tok
 
     def checkpoint_views(self, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         views, F, D = {}, self.hidden_dim, self.w2.weight.shape[1]
-        for e in range(self.w13.weight.shape[0]):
-            expert = {name: t[e] for name, t in fused.items()}
+        for i, e in enumerate(self.experts):
+            expert = {name: t[i] for name, t in fused.items()}
             views |= split_views(expert, "w13", {f"experts.{e}.w1": F, f"experts.{e}.w3": F})
             views |= split_views(expert, "w2", {f"experts.{e}.w2": D})
         return views
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [T, D] -> (weights [T, A], chosen experts [T, A])."""
+        """x: [T, D] -> (weights [T, A], chosen experts [T, A]), experts numbered as this layer
+        stacks them; under expert parallelism another rank's expert is -1, of weight 0."""
         gate_logits = self.gate(x)  # [T, E]
         weights, chosen = torch.topk(gate_logits, self.num_experts_per_tok, dim=-1)  # [T, A]
         # Renormalising over the chosen k equals HF's softmax-over-all-then-renormalise.
-        return torch.softmax(weights, dim=-1, dtype=torch.float32).to(x.dtype), chosen
+        weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(x.dtype)
+        if len(self.experts) == self.gate.out_features:
+            return weights, chosen
+        mine = (chosen >= self.experts.start) & (chosen < self.experts.stop)
+        return weights * mine, torch.where(mine, chosen - self.experts.start, -1)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e alone, SwiGLU: w2(silu(w1 x) * w3 x). x: [T, D]."""
@@ -70,7 +82,9 @@ class MoeLayer(CheckpointNames):
             x = norm(x)
         weights, chosen = self.route(x)  # [T, A]
         (T, A), E = chosen.shape, self.w13.weight.shape[0]
-        pair_expert = chosen.flatten()  # [T * A], pair p is (token p // A, slot p % A)
+        # [T * A], pair p is (token p // A, slot p % A); another rank's expert (weight 0) runs
+        # as this rank's first, so that every shape stays static (a CUDA graph's decode step).
+        pair_expert = chosen.flatten() if E == self.gate.out_features else chosen.flatten().clamp(min=0)
         w13, w2 = self.w13, self.w2
         # The grouped matmul takes bfloat16 only on CUDA and, under torch.compile, everywhere
         # (its shape function checks so); quantized experts none. Those keep to the matrix-vector

@@ -77,12 +77,17 @@ def _launch(P: int, T: int) -> str:
 
 @dataclass(frozen=True)
 class Layout:
-    """This process's place: pipeline stage `pipeline_rank` of P, tensor rank `tensor_rank` of T."""
+    """This process's place: pipeline stage `pipeline_rank` of P, tensor rank `tensor_rank` of T.
+
+    expert_parallel: a Mixtral's tensor ranks hold whole experts, E / T each, instead of
+    1/T of every expert's hidden units (attention is split by heads either way).
+    """
 
     pipeline_rank: int = 0
     num_pipeline_ranks: int = 1
     tensor_rank: int = 0
     num_tensor_ranks: int = 1
+    expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         P = check_positive_int(self.num_pipeline_ranks, "num_pipeline_ranks")
@@ -90,6 +95,8 @@ class Layout:
         for name, rank, n in (("pipeline_rank", self.pipeline_rank, P), ("tensor_rank", self.tensor_rank, T)):
             if not is_int(rank) or not 0 <= rank < n:
                 raise MistralError(f"{name} must be in 0..{n - 1}, got {rank!r}")
+        if not isinstance(self.expert_parallel, bool):
+            raise MistralError(f"expert_parallel must be True or False, got {self.expert_parallel!r}")
 
     @classmethod
     def of(
@@ -98,14 +105,17 @@ class Layout:
         num_tensor_ranks: int = 1,
         pipeline_rank: Optional[int] = None,
         tensor_rank: Optional[int] = None,
+        expert_parallel: bool = False,
     ) -> "Layout":
         """A layout; ranks not given are this process's place in the process group (world rank = p * T + t)."""
         P = check_positive_int(num_pipeline_ranks, "num_pipeline_ranks")
         T = check_positive_int(num_tensor_ranks, "num_tensor_ranks")
         if P * T == 1:
-            return cls(pipeline_rank or 0, P, tensor_rank or 0, T)
+            return cls(pipeline_rank or 0, P, tensor_rank or 0, T, expert_parallel)
         rank = _check_process_group(P, T)
-        layout = cls(rank // T if pipeline_rank is None else pipeline_rank, P, rank % T if tensor_rank is None else tensor_rank, T)
+        layout = cls(
+            rank // T if pipeline_rank is None else pipeline_rank, P, rank % T if tensor_rank is None else tensor_rank, T, expert_parallel
+        )
         if layout.world_rank != rank:
             raise MistralError(f"this process is rank {rank} of the process group, not {layout.world_rank} (= pipeline_rank x T + tensor_rank)")
         return layout
@@ -131,6 +141,10 @@ class Layout:
         """World rank that samples: the last stage's tensor rank 0."""
         return (self.num_pipeline_ranks - 1) * self.num_tensor_ranks
 
+    def experts(self, num_experts: int) -> range:
+        """Global indices of the experts this rank holds whole (expert parallelism), else all of them."""
+        return split(num_experts, self.num_tensor_ranks, self.tensor_rank) if self.expert_parallel else range(num_experts)
+
     def layers(self, n_layers: int) -> range:
         """Global indices of this stage's layers."""
         if self.num_pipeline_ranks > n_layers:
@@ -141,10 +155,16 @@ class Layout:
         return split(n_layers, self.num_pipeline_ranks, self.pipeline_rank)
 
 
-def check_tensor_split(num_tensor_ranks: int, args: ModelArgs) -> None:
+def check_tensor_split(num_tensor_ranks: int, args: ModelArgs, expert_parallel: bool = False) -> None:
     """Tensor parallelism splits whole heads and equal hidden slices: T must divide them. wo and
-    w2 are split by input columns, and int4's groups of columns must not straddle two ranks."""
+    w2 are split by input columns, and int4's groups of columns must not straddle two ranks.
+    Expert parallelism gives each rank E / T whole experts: T must divide E."""
     T = check_positive_int(num_tensor_ranks, "num_tensor_ranks")
+    if expert_parallel:
+        if args.moe is None:
+            raise MistralError("expert_parallel splits a mixture of experts (Mixtral): this model has none")
+        if args.moe.num_experts % T:
+            raise MistralError(f"expert_parallel: num_tensor_ranks={T} does not divide the model's {args.moe.num_experts} experts")
     for name, value in (("n_kv_heads", args.n_kv_heads), ("n_heads", args.n_heads), ("hidden_dim", args.hidden_dim)):
         if value % T:
             raise MistralError(f"num_tensor_ranks={T} does not divide the model's {name}={value}")

@@ -1,7 +1,8 @@
 """Parallel runs (mistral/parallel.py) on several GPUs: correctness, then speed.
 
 One torchrun job of N processes (one per GPU) runs every layout of N ranks in turn:
-tensor parallelism T = N and pipeline stages P = N (plain, and micro-batched).
+tensor parallelism T = N, pipeline stages P = N (plain, and micro-batched), and for
+Mixtral expert parallelism EP = N (whole experts a rank, attention split by heads).
 
 1. check: a small Mixtral-shaped model gives, on N ranks, the greedy tokens (float32:
    exactly) and logits of one rank's whole model, with and without micro-batches; and
@@ -50,8 +51,9 @@ def log(*parts: Any) -> None:
         print(*parts, flush=True)
 
 
-def layouts(N: int) -> dict[str, tuple[int, int]]:
-    return {f"T={N}": (1, N), f"P={N}": (N, 1)}
+def layouts(N: int, num_experts: int) -> dict[str, tuple[int, int, bool]]:
+    """(P, T, expert_parallel) by name: every expert split over N ranks, N stages, and N ranks of whole experts."""
+    return {f"T={N}": (1, N, False), f"P={N}": (N, 1, False)} | ({f"EP={N}": (1, N, True)} if num_experts % N == 0 else {})
 
 
 @torch.inference_mode()
@@ -96,8 +98,8 @@ def check(args: ModelArgs, N: int, device: torch.device) -> dict[str, Any]:
     prompts = check_prompts(args)
     ids, seqlens = torch.tensor(sum(prompts, []), device=device), [len(p) for p in prompts]
     out: dict[str, Any] = {}
-    for name, (P, T) in layouts(N).items():
-        sharded = Transformer.random(args, seed=3, device=device, num_pipeline_ranks=P, num_tensor_ranks=T)
+    for name, (P, T, ep) in layouts(N, args.moe.num_experts if args.moe else 1).items():
+        sharded = Transformer.random(args, seed=3, device=device, num_pipeline_ranks=P, num_tensor_ranks=T, expert_parallel=ep)
         got = {M: generate(prompts, sharded, max_tokens=48, micro_batches=M)[0] for M in sorted({1, P})}
         with torch.inference_mode():
             logits = sharded(ids, seqlens)
@@ -216,9 +218,10 @@ def main() -> None:
 
     if "mixtral" not in skip:
         args = ModelArgs(**(TINY_MOE if cfg.tiny else MIXTRAL_8X7B))
-        for name, (P, T) in layouts(N).items():
+        assert args.moe is not None
+        for name, (P, T, ep) in layouts(N, args.moe.num_experts).items():
             start = time.perf_counter()
-            model = Transformer.random(args, device=device, dtype=dtype, num_pipeline_ranks=P, num_tensor_ranks=T)
+            model = Transformer.random(args, device=device, dtype=dtype, num_pipeline_ranks=P, num_tensor_ranks=T, expert_parallel=ep)
             sync(device)
             section = results[f"mixtral {name}"] = {"build_s": time.perf_counter() - start}
             for B in batches:

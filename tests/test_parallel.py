@@ -25,7 +25,7 @@ from helpers import random_model, rel_error, tiny_args
 from mistral import MistralError, ModelArgs, Transformer, parallel
 from mistral.engine import Engine, Request
 from mistral.generation import generate
-from mistral.loading import tensor_split_dim
+from mistral.loading import checkpoint_slices
 from mistral.tokenizer import Tokenizer
 
 # Both sides compute in float32 on the CPU: the logits agree to rounding (summed in another order across ranks).
@@ -105,16 +105,16 @@ def worker(rank: int, P: int, T: int, port: int, folders: dict[str, Path], out_d
     assert (layout.world_rank, device) == (rank, torch.device("cpu"))
     results: dict[str, Any] = {"layout": layout}
     for kind, folder in folders.items():
-        model = Transformer.from_folder(folder, num_pipeline_ranks=P, num_tensor_ranks=T)
+        ranks = dict(num_pipeline_ranks=P, num_tensor_ranks=T, expert_parallel=kind.endswith("-ep"))  # whole experts a rank
+        model = Transformer.from_folder(folder, **ranks)
         r = results[kind] = run_checks(model)
         r["shapes"] = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-        shard = Transformer.random(model.args, seed=5, num_pipeline_ranks=P, num_tensor_ranks=T).state_dict()
+        shard = Transformer.random(model.args, seed=5, **ranks)
         whole = Transformer.random(model.args, seed=5).state_dict()
         r["random_shard_is_whole"] = all(
-            torch.equal(t, whole[n] if T == 1 or tensor_split_dim(n, t.dim()) is None
-                        else whole[n].chunk(T, tensor_split_dim(n, t.dim()))[layout.tensor_rank])
-            for n, t in shard.items()
-        )  # fmt: skip
+            torch.equal(t, whole[n] if dim is None else whole[n].chunk(T, dim)[layout.tensor_rank])
+            for n, (t, dim) in checkpoint_slices(shard).items()
+        )
     errors = results["errors"] = {}
     for name, bad in {
         "world": lambda: Transformer.random(model_args("mistral", T), num_pipeline_ranks=P * T + 1),
@@ -163,7 +163,9 @@ def group(request: pytest.FixtureRequest, folders: dict, tmp_path_factory: pytes
     """(P, T, what each rank of a P x T process group saw)."""
     P, T = request.param
     out_dir = tmp_path_factory.mktemp(f"group{P}x{T}")
-    mine = {kind: folders[kind, 3 if T == 3 else 1] for kind in KINDS} | ({"int4": folders["int4", 2]} if (P, T) == (1, 2) else {})
+    mine = {kind: folders[kind, 3 if T == 3 else 1] for kind in KINDS}
+    if (P, T) == (1, 2):  # int4 weights, and expert parallelism of bfloat16 and int4 experts
+        mine |= {"int4": folders["int4", 2], "mixtral-ep": folders["mixtral", 1], "int4-ep": folders["int4", 2]}
     context = mp.start_processes(worker, args=(P, T, free_port(), mine, out_dir), nprocs=P * T, join=False, start_method="spawn")
     deadline = time.monotonic() + 240
     while not context.join(timeout=1):  # raises if a rank failed
@@ -199,6 +201,12 @@ def test_bad_layouts_are_errors_before_any_process_group(monkeypatch: pytest.Mon
         Transformer.random(int4, num_tensor_ranks=2)
     with pytest.raises(MistralError, match="^num_tensor_ranks=2 splits w2's 192 input columns into 96 a rank, not a multiple of the int4 group_size=64$"):
         Transformer.random(dataclasses.replace(int4, n_heads=8, hidden_dim=192), num_tensor_ranks=2)
+    with pytest.raises(MistralError, match=r"^expert_parallel splits a mixture of experts \(Mixtral\): this model has none$"):
+        Transformer.random(tiny_args(), num_tensor_ranks=2, expert_parallel=True)
+    with pytest.raises(MistralError, match="^expert_parallel: num_tensor_ranks=3 does not divide the model's 4 experts$"):
+        Transformer.random(tiny_args(moe=True), num_tensor_ranks=3, expert_parallel=True)
+    with pytest.raises(MistralError, match="^expert_parallel must be True or False, got 'yes'$"):
+        parallel.Layout(expert_parallel="yes")  # type: ignore[arg-type]
     with pytest.raises(MistralError, match="needs a torch.distributed process group of 2 processes"):
         Transformer.random(tiny_args(n_layers=2), num_pipeline_ranks=2)
     with pytest.raises(MistralError, match="tensor_rank must be in 0..1, got 2"):
@@ -312,6 +320,32 @@ def test_int4_weights_split_by_tensor_ranks(group: tuple, reference: dict) -> No
         assert shapes["layers.0.feed_forward.experts.3.w2.mins"] == (64, 2)
 
 
+def test_expert_parallel_ranks_hold_whole_experts_and_give_one_process_results(group: tuple, reference: dict) -> None:
+    """Mixtral with expert_parallel on T = 2 ranks (bfloat16 and int4 experts): rank t holds experts
+    2t and 2t + 1 whole, and no part of the others; it routes every token as one process does and
+    adds only its own experts' outputs, the all-reduce the rest. Logits, cached calls, greedy,
+    chunked, eos, sampled, speculated and the serving engine's tokens are one process's."""
+    P, T, ranks = group
+    if "mixtral-ep" not in ranks[0]:
+        pytest.skip("expert parallelism runs in the P1xT2 group")
+    for kind, (base, base_T) in (("mixtral-ep", ("mixtral", 1)), ("int4-ep", ("int4", 2))):
+        expected = reference[base, base_T]
+        for t, r in enumerate(ranks):
+            got = r[kind]
+            held = {int(n.split(".")[4]) for n in got["shapes"] if n.startswith("layers.0.feed_forward.experts.") and n.endswith("w2.weight")}
+            assert held == {2 * t, 2 * t + 1}, kind
+            whole = Transformer.random(model_args("mixtral", 1) if base == "mixtral" else INT4).state_dict()
+            assert got["shapes"][f"layers.0.feed_forward.experts.{2 * t}.w2.weight"] == tuple(whole["layers.0.feed_forward.experts.0.w2.weight"].shape)
+            assert got["random_shard_is_whole"]
+            assert rel_error(got["logits"], expected["logits"]) < RTOL
+            for g, w in zip(got["cached_logits"], expected["cached_logits"], strict=True):
+                assert rel_error(g, w) < RTOL
+            for check in [f"greedy_{m}" for m in MICRO_BATCHES] + ["chunked", "eos", "sampled_1", "speculated", "engine"]:
+                assert got[check][0] == expected[check][0], (kind, check)
+                for g, w in zip(got[check][1], expected[check][1]):
+                    assert g == pytest.approx(w, rel=1e-4, abs=1e-4)
+
+
 def test_sampling_is_the_same_on_every_rank(group: tuple, reference: dict) -> None:
     P, T, ranks = group
     for kind in KINDS:
@@ -349,15 +383,17 @@ def launched(launcher: str, *args: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "flag, launcher", [("--num_pipeline_ranks", "torchrun"), ("--num_tensor_ranks", "torchrun"), ("--num_tensor_ranks", "mistral")]
+    "flag, launcher",
+    [("--num_pipeline_ranks", "torchrun"), ("--num_tensor_ranks", "torchrun"), ("--num_tensor_ranks", "mistral"), ("--expert_parallel", "mistral")],
 )
 def test_parallel_command_line_prints_once_and_matches_one_process(tmp_path: Path, flag: str, launcher: str) -> None:
     from make_tiny_model import make_tiny_model
 
     folder = make_tiny_model(str(tmp_path / "model"), n_layers=3, moe=True)
     prompts = ["def fibonacci(n):", "import os", "class Path:"]
+    layout = [flag, "2"] if flag != "--expert_parallel" else ["--num_tensor_ranks", "2", flag]  # a switch, with 2 ranks
     command = launched(
-        launcher, "generate", str(folder), *prompts, flag, "2", "--max_tokens", "10", "--json",
+        launcher, "generate", str(folder), *prompts, *layout, "--max_tokens", "10", "--json",
         "--device", "cpu",  # gloo on any machine: the reference below runs on the CPU too
     )  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -388,7 +424,7 @@ def test_gpu_script_runs_on_cpu(tmp_path: Path) -> None:
 
     args = ModelArgs(**TINY_CHECK)
     want = generate(check_prompts(args), Transformer.random(args, seed=3), max_tokens=48)[0]
-    for layout in ("T=2", "P=2"):
+    for layout in ("T=2", "P=2", "EP=2"):
         check = results["check"][layout]
         assert check["tokens"] == want
         assert all(v for k, v in check.items() if k.startswith("tokens_equal")) and len(check) >= 3
