@@ -166,6 +166,8 @@ def group(request: pytest.FixtureRequest, folders: dict, tmp_path_factory: pytes
     mine = {kind: folders[kind, 3 if T == 3 else 1] for kind in KINDS}
     if (P, T) == (1, 2):  # int4 weights, and expert parallelism of bfloat16 and int4 experts
         mine |= {"int4": folders["int4", 2], "mixtral-ep": folders["mixtral", 1], "int4-ep": folders["int4", 2]}
+    if (P, T) == (2, 2):  # expert parallelism within pipeline stages
+        mine |= {"mixtral-ep": folders["mixtral", 1]}
     context = mp.start_processes(worker, args=(P, T, free_port(), mine, out_dir), nprocs=P * T, join=False, start_method="spawn")
     deadline = time.monotonic() + 240
     while not context.join(timeout=1):  # raises if a rank failed
@@ -321,21 +323,26 @@ def test_int4_weights_split_by_tensor_ranks(group: tuple, reference: dict) -> No
 
 
 def test_expert_parallel_ranks_hold_whole_experts_and_give_one_process_results(group: tuple, reference: dict) -> None:
-    """Mixtral with expert_parallel on T = 2 ranks (bfloat16 and int4 experts): rank t holds experts
-    2t and 2t + 1 whole, and no part of the others; it routes every token as one process does and
-    adds only its own experts' outputs, the all-reduce the rest. Logits, cached calls, greedy,
-    chunked, eos, sampled, speculated and the serving engine's tokens are one process's."""
+    """Mixtral with expert_parallel on T = 2 ranks (bfloat16 and int4 experts; and within 2 pipeline
+    stages): tensor rank t holds experts 2t and 2t + 1 whole, and no part of the others; it routes
+    every token as one process does and adds only its own experts' outputs, the all-reduce the
+    rest. Logits, cached calls, greedy, chunked, eos, sampled, speculated and the serving
+    engine's tokens are one process's."""
     P, T, ranks = group
     if "mixtral-ep" not in ranks[0]:
-        pytest.skip("expert parallelism runs in the P1xT2 group")
+        pytest.skip("expert parallelism runs in the P1xT2 and P2xT2 groups")
     for kind, (base, base_T) in (("mixtral-ep", ("mixtral", 1)), ("int4-ep", ("int4", 2))):
+        if kind not in ranks[0]:
+            continue  # int4 in P1xT2 only
         expected = reference[base, base_T]
-        for t, r in enumerate(ranks):
-            got = r[kind]
-            held = {int(n.split(".")[4]) for n in got["shapes"] if n.startswith("layers.0.feed_forward.experts.") and n.endswith("w2.weight")}
+        whole = Transformer.random(model_args("mixtral", 1) if base == "mixtral" else INT4).state_dict()
+        for rank, r in enumerate(ranks):
+            got, t = r[kind], rank % T
+            L = min(int(n.split(".")[1]) for n in got["shapes"] if n.startswith("layers."))
+            experts = f"layers.{L}.feed_forward.experts."
+            held = {int(n.removeprefix(experts).split(".")[0]) for n in got["shapes"] if n.startswith(experts) and n.endswith("w2.weight")}
             assert held == {2 * t, 2 * t + 1}, kind
-            whole = Transformer.random(model_args("mixtral", 1) if base == "mixtral" else INT4).state_dict()
-            assert got["shapes"][f"layers.0.feed_forward.experts.{2 * t}.w2.weight"] == tuple(whole["layers.0.feed_forward.experts.0.w2.weight"].shape)
+            assert got["shapes"][f"{experts}{2 * t}.w2.weight"] == tuple(whole[f"{experts}0.w2.weight"].shape)
             assert got["random_shard_is_whole"]
             assert rel_error(got["logits"], expected["logits"]) < RTOL
             for g, w in zip(got["cached_logits"], expected["cached_logits"], strict=True):
