@@ -294,19 +294,27 @@ def test_help_after_other_arguments_shows_help_and_runs_nothing(cli: Any, args: 
 def test_ctrl_c_during_start_up_is_quiet(importing: str) -> None:
     """SIGINT while the package and torch import (the first second or two of a run): no traceback.
     The signal goes once Python reports that module imported (-X importtime), not at a fixed time,
-    which on a busy machine may come before the package's handler or after the imports."""
+    which on a busy machine may come before the package's handler or after the imports. The
+    report's pipe holds one page, so that the process, blocked on it, is still importing when the
+    signal comes: with the default 64 KB a busy reader fell so far behind that the imports were
+    done, and a handler left out went unseen."""
+    import fcntl
     import signal
 
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)  # before anything is in it (a smaller size than its content fails)
     process = subprocess.Popen(
         [sys.executable, "-X", "importtime", "-m", "mistral", "generate", "def f():", "--max_tokens", "2", "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.DEVNULL, stderr=write_end,
     )  # fmt: skip
-    assert process.stderr is not None
-    while (line := process.stderr.readline()) and line.split("|")[-1].strip() != importing:
-        pass
-    assert line, f"{importing} was never imported"
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
+    os.close(write_end)
+    with open(read_end) as stderr:
+        while (line := stderr.readline()) and line.split("|")[-1].strip() != importing:
+            pass
+        assert line, f"{importing} was never imported"
+        process.send_signal(signal.SIGINT)
+        err = stderr.read()
+    process.wait(timeout=60)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert process.returncode in (130, -signal.SIGINT, 0), (process.returncode, err[-2000:])  # stopped, or already done
 
