@@ -10,7 +10,8 @@ that runs it faster than xformers does:
 - a decode step (mask 3): kernels.decode_attention, see `decode_kernel_applies`;
 - a first prefill of prompts that no window cuts (mask 1): plain causal attention of
   a [B, L] batch per length L, which PyTorch's cuDNN kernel runs at about twice the rate
-  of the flash-attention 2 kernel behind xformers on an H100 (scripts/kernel_bench.py).
+  of the flash-attention 2 kernel behind xformers on an H100 (scripts/kernel_bench.py),
+  once a shape recurs (`prefill_backends`: PyTorch's flash-attention the first time).
   A single prompt is the common case. Prompts of different lengths take one batch per
   length, so a one-shot run of prompts within the window never imports the rest of
   xformers (its import and first call took 4-6 s of a fresh process on an H200).
@@ -114,10 +115,9 @@ def causal_attention(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         else:
             q, k, v = (torch.cat([t[s : s + L] for s in starts]) for t in (xq, keys, values))
         q, k, v = (t.view(B, L, -1, D).transpose(1, 2) for t in (q, k, v))  # [B, heads, L, D]
-        # cuDNN first (the fastest on an H100), flash-attention where it does not run; never the
-        # plain product, whose [B, H, L, L] scores would not fit a long prompt. The CPU (the tests)
-        # runs its own kernels.
-        backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION] if xq.is_cuda else [SDPBackend.MATH]
+        # The CPU (the tests) runs its own kernels; CUDA never the plain product, whose
+        # [B, H, L, L] scores would not fit a long prompt.
+        backends = prefill_backends((B, L, q.shape[1], k.shape[1], D, q.dtype, q.device)) if xq.is_cuda else [SDPBackend.MATH]
         with sdpa_kernel(backends, set_priority=True):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2).reshape(B * L, H, D)
         if out is None:  # one length: these are all the tokens
@@ -125,6 +125,29 @@ def causal_attention(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         out.index_copy_(0, _rows(starts, L, xq.device), o)
     assert out is not None
     return out
+
+
+# The shapes of causal_attention's calls so far in this process.
+_shapes_seen: set[tuple] = set()
+
+
+def prefill_backends(shape: tuple) -> list[SDPBackend]:
+    """PyTorch's attention kernels for a causal product of this shape, the first that runs it taken.
+
+    cuDNN's runs a prefill at about twice flash-attention's rate on an H100, but builds an
+    execution plan for each new shape first (0.1-0.4 s; PyTorch keeps it for the process),
+    where flash-attention has none to build. A one-shot run meets a new prompt length,
+    whose first token would wait longer for the plan than for the whole prefill (in fresh
+    processes on an H100 a short prompt's prefill took 0.34-0.41 s, a 4096-token one
+    1.2-1.3 s, where the products take milliseconds: plans, by other projects' measurements
+    of them, are the likely bulk; not yet measured apart here). So a shape's first call runs on
+    flash-attention, and its later ones on cuDNN: a shape that recurs (fixed-size prompts,
+    a benchmark) earns its plan back. (Under torch.compile, a long run: cuDNN at once.)
+    """
+    if shape in _shapes_seen or torch.compiler.is_compiling():
+        return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+    _shapes_seen.add(shape)
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]  # cuDNN where flash-attention does not run
 
 
 def _rows(starts: list[int], L: int, device: torch.device) -> torch.Tensor:

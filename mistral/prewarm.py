@@ -1,7 +1,7 @@
 """What a first forward call on a GPU would wait for, done while the weights load.
 
 A fresh process's first call pays once for CUDA's libraries and for Triton: cuBLAS makes
-its handle and workspace, PyTorch's causal attention loads cuDNN, Triton hashes its own
+its handle and workspace, PyTorch's causal attention loads its kernels, Triton hashes its own
 sources (its kernel cache's key) and loads each kernel from that cache. None of it needs
 the weights, and reading them leaves the GIL free most of the time (the disk, the
 copies on their own streams), so a thread does it meanwhile, through the same calls the
@@ -47,7 +47,7 @@ def _first_calls(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> N
             rope = rotary_cos_sin(torch.arange(T, device=device), args.head_dim, args.rope_theta)
             q = apply_rotary_emb(torch.ones(T, args.n_heads, args.head_dim, device=device, dtype=dtype), rope)
             kv = torch.ones(T, args.n_kv_heads, args.head_dim, device=device, dtype=dtype)
-            causal_attention(q, kv, kv, {T: [0]})  # cuDNN's attention
+            causal_attention(q, kv, kv, {T: [0]})  # PyTorch's flash attention (a new shape's)
             torch.cuda.synchronize(device)
     except Exception:  # noqa: BLE001 - a head start only: whatever fails here fails again where it matters, with its error
         pass

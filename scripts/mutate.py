@@ -273,6 +273,8 @@ MUTATIONS = [
              "test_parallel.py -k 'expert_parallel and P1xT2'", "an expert-parallel rank adds other ranks' experts' weights to its first expert's output"),
     Mutation("expert-parallel-loads-local-names", "moe.py", r'f"experts\.\{e\}\.w1": F', 'f"experts.{i}.w1": F',
              "test_parallel.py -k 'expert_parallel and P1xT2'", "an expert-parallel rank reads the first experts' w1 from the checkpoint, not its own"),
+    Mutation("prefill-cudnn-for-new-shapes", "attention.py", r"if shape in _shapes_seen or", "if True or",
+             "test_attention.py -k recurs", "a one-shot run's new prompt length waits for cuDNN to build its plan"),
     Mutation("bind-error-without-the-os-reason", "main.py", r"return plain_error\.strerror or str\(e\)", "return str(e)",
              "test_serve.py -k port_in_use", "on Python 3.13, an address not of this machine fails without the OS's reason"),
     Mutation("ctrl-c-during-imports-unhandled", "__main__.py", r"quiet = _quit if previous", "quiet = previous if previous",

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from helpers import DEVICE, TRITON_KERNELS_RUN, rel_error
 
 from mistral import kernels
-from mistral.attention import causal_attention, attend, causal_blocks
+from mistral.attention import causal_attention, attend, causal_blocks, prefill_backends
 from mistral.cache import Decode, RotatingBufferCache
 from mistral.masks import chunk_mask, decode_mask, prefill_mask
 
@@ -165,3 +165,15 @@ def test_decode_kernel_splits_rows_into_any_number_of_runs(group: int) -> None:
         got = kernels._triton_decode_attention(xq, xk, xv, cache.k[0], cache.v[0], slots, lengths, splits=splits)
         assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v), splits
         assert rel_error(got, want) < (1e-5 if xq.dtype == torch.float32 else 1e-2), splits
+
+
+def test_a_prefill_shape_runs_on_flash_attention_first_and_on_cudnn_once_it_recurs() -> None:
+    """cuDNN builds a plan per new shape (0.1-0.4 s) that a one-shot run would wait for: a shape's
+    first call takes flash-attention, its later ones cuDNN; each list names both (a fallback)."""
+    from torch.nn.attention import SDPBackend
+
+    shape = (1, 4096, 32, 8, 128, torch.bfloat16, torch.device("cuda"))
+    first, later, again = prefill_backends(shape), prefill_backends(shape), prefill_backends(shape)
+    assert first == [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    assert later == again == [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+    assert prefill_backends((2, *shape[1:]))[0] == SDPBackend.FLASH_ATTENTION  # another batch: another shape
