@@ -42,6 +42,8 @@ MISTRAL_7B = dict(
     rope_theta=10000.0, sliding_window=4096, max_batch_size=64,
 )  # fmt: skip
 MIXTRAL_8X7B = dict(MISTRAL_7B, rope_theta=1e6, sliding_window=None, moe=MoeArgs(num_experts=8, num_experts_per_tok=2), max_batch_size=32)
+# ../shared/RELEASES.md: 141B parameters, 282 GB in bfloat16 (T = 4 on H200s at the least).
+MIXTRAL_8X22B = dict(MIXTRAL_8X7B, dim=6144, n_layers=56, n_heads=48, hidden_dim=16384, vocab_size=32768)
 TINY = dict(
     dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, norm_eps=1e-5, vocab_size=97,
     rope_theta=10000.0, sliding_window=32, max_batch_size=8,

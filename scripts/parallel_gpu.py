@@ -20,6 +20,7 @@ Mixtral expert parallelism EP = N (whole experts a rank, attention split by head
 3. Mistral 7B at T = N against one GPU (rank 0 alone), batch 1, in the same run.
 
     torchrun --nproc-per-node 2 scripts/parallel_gpu.py --out $OUT
+    torchrun --nproc-per-node 4 scripts/parallel_gpu.py --mixtral 8x22b --skip check,mistral --out $OUT   # H200s
     torchrun --nproc-per-node 2 scripts/parallel_gpu.py --tiny --device cpu      # the logic, on a CPU (gloo)
 
 Rank 0 prints a table and writes <out>/parallel.json after each part.
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bench import MISTRAL_7B, MIXTRAL_8X7B, TINY, TINY_MOE, decode_floor, measure_ceilings, random_prompts, sync
+from bench import MISTRAL_7B, MIXTRAL_8X7B, MIXTRAL_8X22B, TINY, TINY_MOE, decode_floor, measure_ceilings, random_prompts, sync
 from mistral import ModelArgs, Transformer, parallel
 from mistral.decode import Runner
 from mistral.generation import generate, stream
@@ -52,8 +53,10 @@ def log(*parts: Any) -> None:
 
 
 def layouts(N: int, num_experts: int) -> dict[str, tuple[int, int, bool]]:
-    """(P, T, expert_parallel) by name: every expert split over N ranks, N stages, and N ranks of whole experts."""
-    return {f"T={N}": (1, N, False), f"P={N}": (N, 1, False)} | ({f"EP={N}": (1, N, True)} if num_experts % N == 0 else {})
+    """(P, T, expert_parallel) by name: every expert split over N ranks, N stages, N ranks of whole
+    experts, and from 4 GPUs on 2 stages of N / 2 tensor ranks."""
+    out = {f"T={N}": (1, N, False), f"P={N}": (N, 1, False)} | ({f"EP={N}": (1, N, True)} if num_experts % N == 0 else {})
+    return out | ({f"P=2xT={N // 2}": (2, N // 2, False)} if N >= 4 and N % 2 == 0 else {})
 
 
 @torch.inference_mode()
@@ -188,6 +191,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--skip", default="", help="parts to skip: check, mixtral, mistral (comma-separated)")
+    p.add_argument("--mixtral", choices=["8x7b", "8x22b"], default="8x7b", help="the Mixtral shapes of the speed part")
     cfg = p.parse_args()
     N = int(os.environ.get("WORLD_SIZE", "1"))
     layout, device = parallel.init(1, N, cfg.device)
@@ -217,7 +221,7 @@ def main() -> None:
     batches = [int(b) for b in cfg.batches.split(",")]
 
     if "mixtral" not in skip:
-        args = ModelArgs(**(TINY_MOE if cfg.tiny else MIXTRAL_8X7B))
+        args = ModelArgs(**(TINY_MOE if cfg.tiny else {"8x7b": MIXTRAL_8X7B, "8x22b": MIXTRAL_8X22B}[cfg.mixtral]))
         assert args.moe is not None
         for name, (P, T, ep) in layouts(N, args.moe.num_experts).items():
             start = time.perf_counter()
