@@ -68,6 +68,7 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     return nn.functional.silu(h1) * h3
 
 
+@_op("dequantize_int4")
 def dequantize_int4(w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """int4 weights (linear.Linear's format) w: uint8 [..., N, K / 2], scales, mins [..., N, K / G] -> W [..., N, K]
     in dtype, computed in float32: W[n, k] = q[n, k] * scales[n, k // G] + mins[n, k // G]."""
@@ -76,6 +77,11 @@ def dequantize_int4(w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, d
     q = torch.stack((w & 15, w >> 4), dim=-1).flatten(-2)  # column 2j: byte j's low nibble; 2j + 1: its high one
     groups = q.unflatten(-1, (scales.shape[-1], -1)).float()  # [..., N, K / G, G]
     return (groups * scales[..., None].float() + mins[..., None].float()).flatten(-2).to(dtype)
+
+
+@dequantize_int4.register_fake
+def _(w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return w.new_empty(*w.shape[:-1], 2 * w.shape[-1], dtype=dtype)
 
 
 @_op("expert_matvec")
@@ -87,19 +93,21 @@ def expert_matvec(
     mins: Optional[torch.Tensor] = None,
     glu: bool = False,
 ) -> torch.Tensor:
-    """x: [P, K], w: [E, N, K] -> [P, N], row p = w[experts[p]] @ x[p]; experts: [P].
+    """x: [P, K], w: [E, N, K] -> [P, N], row p = w[experts[p]] @ x[p]; experts: [P], -1 for
+    none (another rank's, expert parallelism): a row of zeros, no weight read.
 
     int8 w: scales [E, N]; int4 w: [E, N, K / 2] packed, scales and mins [E, N, K / G].
     glu: w is w1 | w3 of SwiGLU, and the result swiglu(row p): [P, N / 2].
     """
     if x.is_cuda and triton is not None:
         return _triton_matvec(x, w, experts, scales, mins, glu=glu)
+    held, e = experts >= 0, experts.clamp(min=0)
     if mins is not None:
-        y = torch.einsum("pnk,pk->pn", dequantize_int4(w[experts], scales[experts], mins[experts], x.dtype), x)
+        y = torch.einsum("pnk,pk->pn", dequantize_int4(w[e], scales[e], mins[e], x.dtype), x)
     else:
-        y = torch.einsum("pnk,pk->pn", w[experts].to(x.dtype), x)
-        y = y if scales is None else y * scales[experts]
-    return swiglu(y) if glu else y
+        y = torch.einsum("pnk,pk->pn", w[e].to(x.dtype), x)
+        y = y if scales is None else y * scales[e]
+    return (swiglu(y) if glu else y) * held[:, None]
 
 
 @expert_matvec.register_fake
@@ -359,6 +367,10 @@ if triton is not None:
             rows = out_rows
             w_n = N
         row_ok = out_rows < N
+        if EXPERTS:  # expert -1 (another rank's): nothing read, zeros written
+            held = row_ok & (out_rows * 0 + e >= 0)  # (a tensor: the interpreter takes no scalar mask)
+        else:
+            held = row_ok
         if GROUP:
             row_bytes = K // 2
         else:
@@ -375,9 +387,9 @@ if triton is not None:
                 xk *= tl.load(g_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             if GROUP:
                 first_group = (e * w_n + rows.to(tl.int64))[:, None] * (K // GROUP)
-                wf = _int4_tile(w_rows, s_ptr + first_group, m_ptr + first_group, row_ok, k0, K, GROUP, BLOCK_N, BLOCK_K)
+                wf = _int4_tile(w_rows, s_ptr + first_group, m_ptr + first_group, held, k0, K, GROUP, BLOCK_N, BLOCK_K)
             else:
-                wk = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                wk = tl.load(w_rows + cols[None, :], mask=held[:, None] & col_ok[None, :], other=0.0)
                 if w_ptr.dtype.element_ty == tl.int8:
                     # int8 -> float32 by bits, not by the conversion instruction, which runs at a
                     # quarter of the rate of plain arithmetic and so, at one conversion per byte
@@ -391,7 +403,7 @@ if triton is not None:
         if NORM:
             y *= tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
         if HAS_SCALES:
-            y *= tl.load(s_ptr + e * w_n + rows, mask=row_ok, other=0.0).to(tl.float32)
+            y *= tl.load(s_ptr + e * w_n + rows, mask=held, other=0.0).to(tl.float32)
         if GLU:
             y1, y3 = tl.split(tl.reshape(y, (BLOCK_N // 2, 2)))
             y = y1 * tl.sigmoid(y1) * y3
@@ -626,10 +638,11 @@ if triton is not None:
     def _triton_decode_attention(
         xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
         slots: torch.Tensor, key_lengths: torch.Tensor, block_s: int = 32, min_chunk: int = 128, num_warps: int = 4,
-        splits: Optional[int] = None,
+        splits: Optional[int] = None, merge: Optional[int] = None,
     ) -> torch.Tensor:  # fmt: skip
         """block_s keys per loop step; min_chunk: the fewest keys a program reads (more, fewer runs to merge);
-        splits: programs per row and key head (default: about two per multiprocessor in all)."""
+        splits: programs per row and key head (default: about two per multiprocessor in all);
+        merge: runs merged at a time, a power of two (default: as many as 4096 outputs hold)."""
         (B, H, Dh), (S, H_kv) = xq.shape, cache_k.shape[1:3]
         assert xq.stride(1) == Dh and xk.stride(1) == Dh and xv.stride(1) == Dh and xq.stride(2) == 1
         assert cache_k.is_contiguous() and cache_v.is_contiguous()
@@ -652,6 +665,6 @@ if triton is not None:
             xq, xk, xv, cache_k, cache_v, slots, key_lengths, out, part, counts,
             xq.stride(0), xk.stride(0), xv.stride(0), S, H_kv, Dh**-0.5 * 1.4426950408889634, splits,
             G=G, G_POW2=g_pow2, G_PAD=max(16, g_pow2), D=Dh, BLOCK_S=block_s, MIN_CHUNK=min_chunk,
-            MERGE=max(1, 4096 // (g_pow2 * Dh)), num_warps=num_warps,  # runs merged at a time (masked past the last)
+            MERGE=merge or max(1, 4096 // (g_pow2 * Dh)), num_warps=num_warps,  # (masked past the last run)
         )  # fmt: skip
         return out

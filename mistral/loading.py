@@ -48,7 +48,10 @@ def tensor_split_dim(name: str, ndim: int) -> Optional[int]:
 def checkpoint_slices(model: Any) -> dict[str, tuple[torch.Tensor, Optional[int]]]:
     """Per checkpoint tensor: the view of this rank's part of it, and the dimension it is split along (or None)."""
     layout = model.layout
-    whole = lambda name: layout.num_tensor_ranks == 1 or (layout.expert_parallel and ".experts." in name)  # noqa: E731
+
+    def whole(name: str) -> bool:  # one rank, or an expert of expert parallelism
+        return layout.num_tensor_ranks == 1 or (layout.expert_parallel and ".experts." in name)
+
     return {name: (view, None if whole(name) else tensor_split_dim(name, view.dim())) for name, view in model.state_dict().items()}
 
 

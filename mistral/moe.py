@@ -82,15 +82,15 @@ class MoeLayer(CheckpointNames):
             x = norm(x)
         weights, chosen = self.route(x)  # [T, A]
         (T, A), E = chosen.shape, self.w13.weight.shape[0]
-        # [T * A], pair p is (token p // A, slot p % A); another rank's expert (weight 0) runs
-        # as this rank's first, so that every shape stays static (a CUDA graph's decode step).
-        pair_expert = chosen.flatten() if E == self.gate.out_features else chosen.flatten().clamp(min=0)
+        # [T * A], pair p is (token p // A, slot p % A); -1 another rank's expert (expert
+        # parallelism), whose pairs every path below leaves out with static shapes (a CUDA graph).
+        pair_expert = chosen.flatten()
         w13, w2 = self.w13, self.w2
         # The grouped matmul takes bfloat16 only on CUDA and, under torch.compile, everywhere
         # (its shape function checks so); quantized experts none. Those keep to the matrix-vector
         # products up to MATVEC_MAX_PAIRS (each pair reading its expert's rows).
         grouped = w13.scales is None and (x.dtype == torch.bfloat16 or not (x.is_cuda or torch.compiler.is_compiling()))
-        if T * A <= (E if grouped else MATVEC_MAX_PAIRS):
+        if T * A <= (E if grouped else MATVEC_MAX_PAIRS):  # (expert -1: zeros, no weight read)
             h = expert_matvec(x.repeat_interleave(A, dim=0), w13.weight, pair_expert, w13.scales, w13.mins, glu=True)
             y = expert_matvec(h, w2.weight, pair_expert, w2.scales, w2.mins) * weights.flatten()[:, None]
             return y.view(T, A, -1).sum(dim=1)
@@ -98,13 +98,17 @@ class MoeLayer(CheckpointNames):
             # A prefill: quantized experts are turned into x's dtype one at a time, where all at
             # once would not fit beside them.
             return self.reference(x)
-        order = pair_expert.argsort(stable=True)  # pairs grouped by expert, tokens ascending
+        whole = E == self.gate.out_features
+        key = pair_expert if whole else torch.where(pair_expert < 0, E, pair_expert)  # another rank's pairs last
+        order = key.argsort(stable=True)  # pairs grouped by expert, tokens ascending
         token = order // A
         # Group e is rows ends[e-1] .. ends[e]-1; counting by comparison keeps shapes static.
-        ends = (pair_expert[:, None] == torch.arange(E, device=x.device)).sum(0).cumsum(0).to(torch.int32)
+        ends = (key[:, None] == torch.arange(E, device=x.device)).sum(0).cumsum(0).to(torch.int32)
         xs = x[token]  # [T * A, D]
         h = swiglu(torch._grouped_mm(xs, w13.weight.mT, offs=ends))
         y = torch._grouped_mm(h, w2.weight.mT, offs=ends) * weights.flatten()[order, None]
+        if not whole:  # rows past the last group are not computed: whatever the memory held
+            y = torch.where(key[order, None] < E, y, 0)
         # A token's pairs are added in expert order, as `reference` adds them.
         return torch.zeros_like(x).index_add_(0, token, y)
 

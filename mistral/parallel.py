@@ -4,8 +4,8 @@ P x T processes run, started by `mistral` itself on one machine (mistral/launch.
 by torchrun. World rank r = p * T + t is pipeline stage p and
 tensor rank t, so the T ranks of a stage are neighbours (one node), while stages may
 span nodes. A stage is an ordinary `Transformer` that holds some of the layers, and of
-each layer some of the heads; `Layout` says which, and nothing else in the model
-knows about ranks.
+each layer some of the heads (or experts); `Layout` says which, and nothing else in the
+model knows about ranks (a MoeLayer knows which experts it holds, not why).
 
 Pipeline (layers split). Stage p owns a contiguous group of layers (5 layers on 3
 stages: 0-1, 2-3, 4); the first also embeds the tokens, the last applies the final
@@ -24,6 +24,11 @@ sum, and one all-reduce adds them:
 
     x -> wq|wk|wv (my heads' rows) -> attention on my heads -> wo (my heads' columns) -> all-reduce -> + x
     h -> w1, w3 (my hidden rows) -> silu(w1 h) * w3 h -> w2 (my hidden columns) -> all-reduce -> + h
+
+Expert parallelism (Mixtral, `Layout.expert_parallel`) splits a mixture of experts the
+other way: each rank holds E/T whole experts, routes every token, and runs only its own:
+
+    h -> gate (every expert) -> top-k -> my experts' tokens through them -> all-reduce -> + h
 
 Two all-reduces per layer, nothing else. Each rank's cache holds its own KV heads,
 and each rank reads only its own slices from the checkpoint. A decode step reads every
@@ -165,11 +170,15 @@ def check_tensor_split(num_tensor_ranks: int, args: ModelArgs, expert_parallel: 
             raise MistralError("expert_parallel splits a mixture of experts (Mixtral): this model has none")
         if args.moe.num_experts % T:
             raise MistralError(f"expert_parallel: num_tensor_ranks={T} does not divide the model's {args.moe.num_experts} experts")
-    for name, value in (("n_kv_heads", args.n_kv_heads), ("n_heads", args.n_heads), ("hidden_dim", args.hidden_dim)):
+    divided = {"n_kv_heads": args.n_kv_heads, "n_heads": args.n_heads}
+    columns = {"wo": args.n_heads * args.head_dim}  # split by input columns
+    if not expert_parallel:  # whole experts keep their hidden units whole
+        divided["hidden_dim"] = columns["w2"] = args.hidden_dim
+    for name, value in divided.items():
         if value % T:
             raise MistralError(f"num_tensor_ranks={T} does not divide the model's {name}={value}")
     group = args.quantization.group_size if args.quantization is not None else None
-    for name, width in (("wo", args.n_heads * args.head_dim), ("w2", args.hidden_dim)):
+    for name, width in columns.items():
         if group is not None and width // T % group:
             raise MistralError(
                 f"num_tensor_ranks={T} splits {name}'s {width} input columns into {width // T} a rank, "

@@ -47,7 +47,7 @@ def _first_calls(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> N
             rope = rotary_cos_sin(torch.arange(T, device=device), args.head_dim, args.rope_theta)
             q = apply_rotary_emb(torch.ones(T, args.n_heads, args.head_dim, device=device, dtype=dtype), rope)
             kv = torch.ones(T, args.n_kv_heads, args.head_dim, device=device, dtype=dtype)
-            causal_attention(q, kv, kv, {T: [0]})  # PyTorch's flash attention (a new shape's)
+            causal_attention(q, kv, kv, {T: [0]}, remember=False)  # PyTorch's flash attention; a real prompt of T is still new
             torch.cuda.synchronize(device)
     except Exception:  # noqa: BLE001 - a head start only: whatever fails here fails again where it matters, with its error
         pass

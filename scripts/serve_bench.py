@@ -110,6 +110,7 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
         kind = calls["chunk" if read else "decode"]
         kind[0], kind[1], kind[2] = kind[0] + 1, kind[1] + took, kind[2] + read
         if engine.waiting:  # still some after the call took its rows: every row was busy
+            # (a token each: no request here ends on eos, which samples none)
             saturated[0], saturated[1] = saturated[0] + len(changed), saturated[1] + took
         now = time.perf_counter() - start
         for r in changed:
@@ -125,7 +126,7 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
         "ttft_s": percentiles(ttft), "tbt_s": percentiles(tbt),
         "chunk_calls": calls["chunk"][0], "chunk_seconds": calls["chunk"][1], "chunk_prompt_tokens": calls["chunk"][2],
         "decode_steps": calls["decode"][0], "decode_seconds": calls["decode"][1],
-        "saturated_seconds": saturated[1], "saturated_tokens_per_s": saturated[0] / saturated[1] if saturated[1] else math.nan,
+        "saturated_seconds": saturated[1], "saturated_tokens_per_s": saturated[0] / saturated[1] if saturated[1] else None,
     }  # fmt: skip
 
 

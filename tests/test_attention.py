@@ -159,21 +159,29 @@ def test_decode_kernel_writes_and_attends_as_the_decode_mask_says(group: int, st
 def test_decode_kernel_splits_rows_into_any_number_of_runs(group: int) -> None:
     """The Triton decode kernel for every number of programs per row and key head (one compiled
     kernel serves them all: it follows the batch size): one run, runs of no keys past a short
-    row, a number no power of two, more than the keys fill."""
+    row, a number no power of two, more than the keys fill; runs of 16 keys merged 2 at a time,
+    so that the merge goes round many times, as a long row's 64 runs do 8 at a time."""
     for splits in (1, 2, 3, 8, 64):
         cache, xq, xk, xv, slots, lengths, (want_k, want_v), want = decode_case(group, static=False)
-        got = kernels._triton_decode_attention(xq, xk, xv, cache.k[0], cache.v[0], slots, lengths, splits=splits)
+        got = kernels._triton_decode_attention(
+            xq, xk, xv, cache.k[0], cache.v[0], slots, lengths, block_s=16, min_chunk=16, splits=splits, merge=2
+        )
         assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v), splits
         assert rel_error(got, want) < (1e-5 if xq.dtype == torch.float32 else 1e-2), splits
 
 
-def test_a_prefill_shape_runs_on_flash_attention_first_and_on_cudnn_once_it_recurs() -> None:
+def test_a_prefill_shape_runs_on_flash_attention_first_and_on_cudnn_once_it_recurs(monkeypatch: pytest.MonkeyPatch) -> None:
     """cuDNN builds a plan per new shape (0.1-0.4 s) that a one-shot run would wait for: a shape's
-    first call takes flash-attention, its later ones cuDNN; each list names both (a fallback)."""
+    first call takes flash-attention, its later ones cuDNN; each list names both (a fallback).
+    A warm-up's call (prewarm, remember=False) leaves the shape new."""
     from torch.nn.attention import SDPBackend
 
+    from mistral import attention
+
+    monkeypatch.setattr(attention, "_shapes_seen", set())
+    flash_first, cudnn_first = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION], [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
     shape = (1, 4096, 32, 8, 128, torch.bfloat16, torch.device("cuda"))
-    first, later, again = prefill_backends(shape), prefill_backends(shape), prefill_backends(shape)
-    assert first == [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]
-    assert later == again == [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
-    assert prefill_backends((2, *shape[1:]))[0] == SDPBackend.FLASH_ATTENTION  # another batch: another shape
+    assert prefill_backends(shape, remember=False) == flash_first
+    assert prefill_backends(shape) == flash_first
+    assert prefill_backends(shape) == prefill_backends(shape) == cudnn_first
+    assert prefill_backends((2, *shape[1:])) == flash_first  # another batch: another shape

@@ -165,11 +165,12 @@ def test_matvec_kernel_equals_the_product_of_the_weights_its_codes_stand_for(qua
         # of these products on an H100, which the kernel did not cause.)
         tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
         dense = w if quantization is None else dequantized(tensors)
-        P, experts = (4, torch.tensor([2, 0, 2, 1])) if E else (1, torch.zeros(1, dtype=torch.long))
+        # Expert -1: another rank's (expert parallelism), a row of zeros.
+        P, experts = (4, torch.tensor([2, -1, 2, 1])) if E else (1, torch.zeros(1, dtype=torch.long))
         x, gain = torch.randn(P, K) * 3, torch.rand(K) + 0.5
         xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * gain if norm else x
-        want = torch.einsum("pnk,pk->pn", dense[experts], xn)
-        want = swiglu(want) if glu else want
+        want = torch.einsum("pnk,pk->pn", dense[experts.clamp(min=0)], xn)
+        want = (swiglu(want) if glu else want) * (experts >= 0)[:, None]
         to = lambda t: None if t is None else t.to(DEVICE, dtype if t.is_floating_point() else t.dtype)  # noqa: E731
         got = kernels._triton_matvec(
             to(x), to(tensors["weight"]), experts.to(DEVICE) if E else None, to(tensors.get("scales")), to(tensors.get("mins")),

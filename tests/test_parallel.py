@@ -68,6 +68,8 @@ def cached_calls() -> list[tuple[torch.Tensor, list[int]]]:
 def run_checks(model: Transformer) -> dict[str, Any]:
     """Everything we compare, computed by a parallel rank or by the single-process model."""
     out: dict[str, Any] = {"logits": model(*packed(PROMPTS))}
+    # 160 (token, expert) pairs: past the matrix-vector products' 128, a Mixtral's prefill path
+    out["long_logits"] = model(*packed([[1 + t % 90 for t in range(80)]]))
     cache = model.make_cache(len(PROMPTS), 40)
     out["cache_shape"] = tuple(cache.k.shape)
     out["cached_logits"] = [model(ids, seqlens, cache) for ids, seqlens in cached_calls()]
@@ -207,6 +209,11 @@ def test_bad_layouts_are_errors_before_any_process_group(monkeypatch: pytest.Mon
         Transformer.random(tiny_args(), num_tensor_ranks=2, expert_parallel=True)
     with pytest.raises(MistralError, match="^expert_parallel: num_tensor_ranks=3 does not divide the model's 4 experts$"):
         Transformer.random(tiny_args(moe=True), num_tensor_ranks=3, expert_parallel=True)
+    # Whole experts leave the hidden units whole: a width that T does not divide is no error.
+    odd = dataclasses.replace(tiny_args(moe=True), hidden_dim=97)
+    with pytest.raises(MistralError, match="^num_tensor_ranks=2 does not divide the model's hidden_dim=97$"):
+        parallel.check_tensor_split(2, odd)
+    parallel.check_tensor_split(2, odd, expert_parallel=True)
     with pytest.raises(MistralError, match="^expert_parallel must be True or False, got 'yes'$"):
         parallel.Layout(expert_parallel="yes")  # type: ignore[arg-type]
     with pytest.raises(MistralError, match="needs a torch.distributed process group of 2 processes"):
@@ -323,10 +330,11 @@ def test_int4_weights_split_by_tensor_ranks(group: tuple, reference: dict) -> No
 
 
 def test_expert_parallel_ranks_hold_whole_experts_and_give_one_process_results(group: tuple, reference: dict) -> None:
-    """Mixtral with expert_parallel on T = 2 ranks (bfloat16 and int4 experts; and within 2 pipeline
+    """Mixtral with expert_parallel on T = 2 ranks (float and int4 experts; and within 2 pipeline
     stages): tensor rank t holds experts 2t and 2t + 1 whole, and no part of the others; it routes
     every token as one process does and adds only its own experts' outputs, the all-reduce the
-    rest. Logits, cached calls, greedy, chunked, eos, sampled, speculated and the serving
+    rest. Logits (of few pairs and of many: the matrix-vector products, the grouped product,
+    int4's expert loop), cached calls, greedy, chunked, eos, sampled, speculated and the serving
     engine's tokens are one process's."""
     P, T, ranks = group
     if "mixtral-ep" not in ranks[0]:
@@ -345,6 +353,7 @@ def test_expert_parallel_ranks_hold_whole_experts_and_give_one_process_results(g
             assert got["shapes"][f"{experts}{2 * t}.w2.weight"] == tuple(whole[f"{experts}0.w2.weight"].shape)
             assert got["random_shard_is_whole"]
             assert rel_error(got["logits"], expected["logits"]) < RTOL
+            assert rel_error(got["long_logits"], expected["long_logits"]) < RTOL
             for g, w in zip(got["cached_logits"], expected["cached_logits"], strict=True):
                 assert rel_error(g, w) < RTOL
             for check in [f"greedy_{m}" for m in MICRO_BATCHES] + ["chunked", "eos", "sampled_1", "speculated", "engine"]:
