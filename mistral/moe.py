@@ -62,7 +62,7 @@ class MoeLayer(CheckpointNames):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, D] -> (weights [T, A], chosen experts [T, A]), experts numbered as this layer
-        stacks them; under expert parallelism another rank's expert is -1, of weight 0."""
+        stacks them; under expert parallelism another rank's expert is -1 (its pairs add nothing)."""
         gate_logits = self.gate(x)  # [T, E]
         weights, chosen = torch.topk(gate_logits, self.num_experts_per_tok, dim=-1)  # [T, A]
         # Renormalising over the chosen k equals HF's softmax-over-all-then-renormalise.
@@ -70,7 +70,7 @@ class MoeLayer(CheckpointNames):
         if len(self.experts) == self.gate.out_features:
             return weights, chosen
         mine = (chosen >= self.experts.start) & (chosen < self.experts.stop)
-        return weights * mine, torch.where(mine, chosen - self.experts.start, -1)
+        return weights, torch.where(mine, chosen - self.experts.start, -1)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e alone, SwiGLU: w2(silu(w1 x) * w3 x). x: [T, D]."""
