@@ -587,6 +587,7 @@ def serve(
     dtype: str | None = None,
     grace_s: float = 10.0,
     num_tensor_ranks: int = 1,
+    expert_parallel: bool = False,
 ) -> None:
     """Serve a model over HTTP with OpenAI's API: mistral serve [MODEL_DIR]. Needs pip install 'mistral[serve]'.
 
@@ -611,6 +612,8 @@ def serve(
         grace_s: seconds that running requests may take to finish after SIGTERM, before they are ended.
         num_tensor_ranks: split every layer over this many processes (tensor parallelism, one GPU
             each), which mistral starts; rank 0 serves HTTP and every rank runs each forward call.
+        expert_parallel: a switch (--expert_parallel): with num_tensor_ranks, a Mixtral's ranks hold
+            whole experts (E / num_tensor_ranks each) instead of a slice of every expert.
     """
     try:
         import starlette  # noqa: F401
@@ -637,10 +640,10 @@ def serve(
         check_address(host, port)
     if ranks > 1 and not launch.started_by_a_launcher():
         check_device(device)
-        check_layout(folder, 1, ranks, None)
+        check_layout(folder, 1, ranks, None, expert_parallel)
         # The ranks have grace_s to end after a signal, and a few seconds more to say goodbye.
         sys.exit(launch.run_ranks(ranks, sys.argv[1:], seconds_to_end=grace_s + launch.SECONDS_TO_END))
-    model, tokenizer = load(folder, device, dtype, num_tensor_ranks=ranks)
+    model, tokenizer = load(folder, device, dtype, num_tensor_ranks=ranks, expert_parallel=expert_parallel)
     engine = Engine(model, max_batch=max_batch, max_context=max_context, chunk_size=chunk_size)
     plans = Plans() if ranks > 1 else None  # every rank makes the group, in the same order
     if plans is not None and model.layout.world_rank > 0:

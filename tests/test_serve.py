@@ -335,10 +335,11 @@ def test_a_full_queue_gets_429_and_sigterm_ends_the_server_while_requests_run() 
     assert len(chunks) >= 3
 
 
-def test_a_tensor_parallel_server_answers_as_one_process_does(model: Transformer) -> None:
+@pytest.mark.parametrize("experts", [[], ["--expert_parallel"]], ids=["every expert split", "whole experts"])
+def test_a_tensor_parallel_server_answers_as_one_process_does(model: Transformer, experts: list[str]) -> None:
     """Two tensor ranks, started by mistral: rank 0 serves HTTP, both run every forward call on
     the requests rank 0 plans; SIGTERM ends both (the other rank waits for rank 0's word)."""
-    server = Served("--num_tensor_ranks", "2", "--device", "cpu", "--max_batch", "4", "--grace_s", "1")
+    server = Served("--num_tensor_ranks", "2", *experts, "--device", "cpu", "--max_batch", "4", "--grace_s", "1")
     try:
         jobs = [(PROMPTS[i], 6 + 3 * i) for i in range(6)]
         with ThreadPoolExecutor(6) as pool:
