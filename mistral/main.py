@@ -80,6 +80,18 @@ def load(
     return model, tokenizer
 
 
+def check_ranks(world_size: int, num_tensor_ranks: int, expert_parallel: bool) -> None:
+    """Parallel options that would otherwise do nothing, silently."""
+    if expert_parallel and num_tensor_ranks == 1:
+        raise MistralError("--expert_parallel places whole experts on tensor ranks: give --num_tensor_ranks N (N > 1) too")
+    started = os.environ.get("WORLD_SIZE", "1")
+    if world_size == 1 and started != "1" and launch.started_by_a_launcher():  # torchrun's N copies would each run it all
+        raise MistralError(
+            f"torchrun started {started} processes for a command of one: give --num_tensor_ranks and/or "
+            f"--num_pipeline_ranks (of product {started}), or run it without torchrun"
+        )
+
+
 def check_layout(
     folder: Path, num_pipeline_ranks: int, num_tensor_ranks: int, micro_batches: Optional[int], expert_parallel: bool = False
 ) -> None:
@@ -285,8 +297,8 @@ def generate(
             token for token, and sampled output follows the same distribution.
         draft: with --speculate, a model folder of a smaller model with the same tokenizer, whose
             own tokens are the proposals instead of prompt lookup's.
-        expert_parallel: a switch (--expert_parallel): with num_tensor_ranks, a Mixtral's ranks hold
-            whole experts (E / num_tensor_ranks each) instead of a slice of every expert.
+        expert_parallel: a switch (--expert_parallel), with num_tensor_ranks > 1: a Mixtral's ranks
+            hold whole experts (E / num_tensor_ranks each) instead of a slice of every expert.
     """
     folder, prompts = split_model_and_prompts([str(i) for i in inputs])
     if not prompts:
@@ -300,6 +312,7 @@ def generate(
     if temperature == 0 and top_p != 1:
         print("note: --top_p has no effect at --temperature 0, which decodes greedily", file=sys.stderr)
     world_size = check_positive_int(num_pipeline_ranks, "num_pipeline_ranks") * check_positive_int(num_tensor_ranks, "num_tensor_ranks")
+    check_ranks(world_size, num_tensor_ranks, expert_parallel)
     if speculate and micro_batches not in (None, 1):
         raise MistralError("--speculate runs the prompts in one micro-batch: leave out --micro_batches")
     if draft is not None and world_size > 1:
@@ -612,8 +625,8 @@ def serve(
         grace_s: seconds that running requests may take to finish after SIGTERM, before they are ended.
         num_tensor_ranks: split every layer over this many processes (tensor parallelism, one GPU
             each), which mistral starts; rank 0 serves HTTP and every rank runs each forward call.
-        expert_parallel: a switch (--expert_parallel): with num_tensor_ranks, a Mixtral's ranks hold
-            whole experts (E / num_tensor_ranks each) instead of a slice of every expert.
+        expert_parallel: a switch (--expert_parallel), with num_tensor_ranks > 1: a Mixtral's ranks
+            hold whole experts (E / num_tensor_ranks each) instead of a slice of every expert.
     """
     try:
         import starlette  # noqa: F401
@@ -636,6 +649,7 @@ def serve(
     if not is_number(grace_s) or not 0 <= grace_s < 1e6:
         raise MistralError(f"grace_s must be a number of seconds in [0, 1e6), got {grace_s!r}")
     ranks = check_positive_int(num_tensor_ranks, "num_tensor_ranks")
+    check_ranks(ranks, ranks, expert_parallel)
     if not launch.started_by_a_launcher():  # before the model loads (a minute, for a big one); not on a rank, beside rank 0's
         check_address(host, port)
     if ranks > 1 and not launch.started_by_a_launcher():

@@ -54,6 +54,26 @@ def assert_error(result: Run, *fragments: str) -> None:
         assert fragment in lines[0], err
 
 
+@pytest.mark.parametrize(
+    "args",
+    [["generate", "def f():", "--expert_parallel"], ["generate", "def f():", "--num_pipeline_ranks", "2", "--expert_parallel"],
+     ["serve", "--expert_parallel"]],
+    ids=["generate", "pipeline", "serve"],
+)  # fmt: skip
+def test_expert_parallel_without_tensor_ranks_is_an_error_not_ignored(cli: Any, args: list[str]) -> None:
+    assert_error(cli(*args), "--expert_parallel places whole experts on tensor ranks: give --num_tensor_ranks N")
+
+
+def test_torchrun_around_a_single_process_command_is_an_error(cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each of torchrun's 2 processes would run the whole command and print it all, interleaved."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert_error(cli("generate", "def f():", "--max_tokens", "2"), "torchrun started 2 processes for a command of one")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process of torchrun: as good as none
+    code, out, err = cli("generate", "def f():", "--max_tokens", "2")
+    assert code == 0 and out.startswith("def f():"), err
+
+
 def test_prompt_longer_than_a_file_name_runs(cli: Any) -> None:
     code, out, err = cli("generate", "word " * 52, "--max_tokens", "1")
     assert code == 0, err
