@@ -291,48 +291,52 @@ def test_a_bad_stream_request_is_refused_before_it_streams(served: Served) -> No
 
 
 def test_a_full_queue_gets_429_and_sigterm_ends_the_server_while_requests_run() -> None:
+    # A failed check must not leave the server running (a mutation run left one for half an hour).
     server = Served("--max_batch", "1", "--max_queue", "0", "--grace_s", "1")
-    # Requests that arrive together are counted as they are admitted, not once they begin to run.
-    barrier = threading.Barrier(6)
+    try:
+        # Requests that arrive together are counted as they are admitted, not once they begin to run.
+        barrier = threading.Barrier(6)
 
-    def at_once(_: int) -> int:
-        barrier.wait()
-        try:
-            server.client.completions.create(model=MODEL, prompt="def f():", max_tokens=300, temperature=0)
-            return 200
-        except openai.RateLimitError as e:
-            assert e.response.headers["retry-after"] == "1"
-            return 429
+        def at_once(_: int) -> int:
+            barrier.wait()
+            try:
+                server.client.completions.create(model=MODEL, prompt="def f():", max_tokens=300, temperature=0)
+                return 200
+            except openai.RateLimitError as e:
+                assert e.response.headers["retry-after"] == "1"
+                return 429
 
-    with ThreadPoolExecutor(6) as pool:
-        assert sorted(pool.map(at_once, range(6))) == [200] + [429] * 5
-    chunks: list[str] = []
-    failures: list[BaseException] = []
+        with ThreadPoolExecutor(6) as pool:
+            assert sorted(pool.map(at_once, range(6))) == [200] + [429] * 5
+        chunks: list[str] = []
+        failures: list[BaseException] = []
 
-    def long_stream() -> None:
-        try:
-            for c in server.client.completions.create(model=MODEL, prompt="def f():", max_tokens=20000, temperature=0, stream=True):
-                chunks.append(c.choices[0].text)
-        except BaseException as e:  # the server ends the stream: a connection cut off is the client's to see
-            failures.append(e)
+        def long_stream() -> None:
+            try:
+                for c in server.client.completions.create(model=MODEL, prompt="def f():", max_tokens=20000, temperature=0, stream=True):
+                    chunks.append(c.choices[0].text)
+            except BaseException as e:  # the server ends the stream: a connection cut off is the client's to see
+                failures.append(e)
 
-    reader = threading.Thread(target=long_stream)
-    reader.start()
-    deadline = time.monotonic() + 30
-    while len(chunks) < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    with pytest.raises(openai.RateLimitError, match="busy"):
-        server.client.completions.create(model=MODEL, prompt="x", max_tokens=3)
-    with pytest.raises(openai.BadRequestError, match="temperature"):  # a request that can never run: 400, not busy
-        server.client.completions.create(model=MODEL, prompt="x", max_tokens=3, temperature=9)
-    with pytest.raises(openai.RateLimitError, match="busy"):  # a stream too: a status, before it begins
-        server.client.completions.create(model=MODEL, prompt="x", max_tokens=3, stream=True)
-    started = time.monotonic()
-    code, err = server.stop()
-    reader.join(timeout=30)
-    assert time.monotonic() - started < 20 and not reader.is_alive()
-    assert code == 128 + signal.SIGTERM and "Traceback" not in err, err
-    assert len(chunks) >= 3
+        reader = threading.Thread(target=long_stream)
+        reader.start()
+        deadline = time.monotonic() + 30
+        while len(chunks) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(openai.RateLimitError, match="busy"):
+            server.client.completions.create(model=MODEL, prompt="x", max_tokens=3)
+        with pytest.raises(openai.BadRequestError, match="temperature"):  # a request that can never run: 400, not busy
+            server.client.completions.create(model=MODEL, prompt="x", max_tokens=3, temperature=9)
+        with pytest.raises(openai.RateLimitError, match="busy"):  # a stream too: a status, before it begins
+            server.client.completions.create(model=MODEL, prompt="x", max_tokens=3, stream=True)
+        started = time.monotonic()
+        code, err = server.stop()
+        reader.join(timeout=30)
+        assert time.monotonic() - started < 20 and not reader.is_alive()
+        assert code == 128 + signal.SIGTERM and "Traceback" not in err, err
+        assert len(chunks) >= 3
+    finally:
+        server.process.kill()  # (it has ended, where every check passed)
 
 
 @pytest.mark.parametrize("experts", [[], ["--expert_parallel"]], ids=["every expert split", "whole experts"])
