@@ -109,15 +109,20 @@ def empty(
     device: Union[str, torch.device],
     dtype: torch.dtype,
     attention_backend: Backend,
-    ranks: tuple[int, int, Optional[int], Optional[int], bool],
+    *,
+    num_pipeline_ranks: int,
+    num_tensor_ranks: int,
+    pipeline_rank: Optional[int],
+    tensor_rank: Optional[int],
+    expert_parallel: bool,
 ) -> Model:
-    """This process's part of the model, its memory allocated on the device but not written."""
-    P, T, pipeline_rank, tensor_rank, expert_parallel = ranks
+    """This process's part of the model (its place: parallel.Layout.of's arguments), its memory
+    allocated on the device but not written."""
     device = check_device(device) or "cpu"
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise MistralError(f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, torch.float16), got {dtype!r}")
-    check_tensor_split(T, args, expert_parallel)  # before anything is loaded
-    layout = Layout.of(P, T, pipeline_rank, tensor_rank, expert_parallel)
+    check_tensor_split(num_tensor_ranks, args, expert_parallel)  # before anything is loaded, or a process group is asked for
+    layout = Layout.of(num_pipeline_ranks, num_tensor_ranks, pipeline_rank, tensor_rank, expert_parallel)
     try:
         with _Uninitialized(torch.device(device), dtype):  # the weights are written straight into place
             model = cls(args, layout=layout, attention_backend=attention_backend)
@@ -154,7 +159,8 @@ def from_folder(
     """
     args = read_args(folder)
     check_dimensions(folder, args)
-    model = empty(cls, args, device, dtype, attention_backend, (num_pipeline_ranks, num_tensor_ranks, pipeline_rank, tensor_rank, expert_parallel))
+    model = empty(cls, args, device, dtype, attention_backend, num_pipeline_ranks=num_pipeline_ranks,
+                  num_tensor_ranks=num_tensor_ranks, pipeline_rank=pipeline_rank, tensor_rank=tensor_rank, expert_parallel=expert_parallel)  # fmt: skip
     layout = model.layout
     load_into(folder, checkpoint_slices(model), layout.tensor_rank, layout.num_tensor_ranks, progress=progress,
               allow_extra=layout.world_size > 1)  # fmt: skip
@@ -185,7 +191,8 @@ def random(
     then this rank's slice kept, so every parallel rank holds exactly its part of the
     model that one process would hold on the same device.
     """
-    model = empty(cls, args, device, dtype, attention_backend, (num_pipeline_ranks, num_tensor_ranks, pipeline_rank, tensor_rank, expert_parallel))
+    model = empty(cls, args, device, dtype, attention_backend, num_pipeline_ranks=num_pipeline_ranks,
+                  num_tensor_ranks=num_tensor_ranks, pipeline_rank=pipeline_rank, tensor_rank=tensor_rank, expert_parallel=expert_parallel)  # fmt: skip
     layout, ranks = model.layout, model.layout.num_tensor_ranks
     slices = checkpoint_slices(model)
     with torch.no_grad():

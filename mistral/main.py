@@ -99,7 +99,6 @@ def check_layout(
     if not is_dir(folder):
         raise MistralError(f"{folder}: model folder not found")
     args = read_args(folder)
-    parallel.Layout(expert_parallel=expert_parallel)  # True or False
     parallel.check_tensor_split(num_tensor_ranks, args, expert_parallel)
     parallel.Layout(0, num_pipeline_ranks).layers(args.n_layers)  # at least one layer a stage
     if micro_batches is not None:
