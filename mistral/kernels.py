@@ -115,6 +115,35 @@ def _(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, scales=None, mins
     return x.new_empty(x.shape[0], w.shape[1] // 2 if glu else w.shape[1])
 
 
+@_op("expert_linear")
+def expert_linear(
+    x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Quantized experts on rows grouped by expert: x [P, K] -> [P, N], rows ends[e-1] .. ends[e]-1
+    (ends: [E] int32, cumulative) times expert e's weights, rows past ends[-1] zeros (another rank's
+    experts). w: int8 [E, N, K] with scales [E, N], or int4 [E, N, K / 2] with scales and mins [E, N, K / G].
+
+    What torch._grouped_mm does for half-precision weights: each expert's weights read once for
+    all its rows, where one matrix-vector product per (token, expert) pair (`expert_matvec`)
+    reads an expert again for every token routed to it.
+    """
+    if _triton_rows(x):
+        return _triton_small_linear(x, w, scales, mins, ends=ends)
+    y = x.new_zeros(x.shape[0], w.shape[1])
+    start = 0
+    for e, end in enumerate(ends.tolist()):  # (the host reads the groups: not inside a CUDA graph)
+        if end > start:
+            dense = dequantize_int4(w[e], scales[e], mins[e], x.dtype) if mins is not None else w[e].to(x.dtype)
+            y[start:end] = nn.functional.linear(x[start:end], dense) * (1 if mins is not None else scales[e])
+        start = end
+    return y
+
+
+@expert_linear.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, scales: torch.Tensor, mins=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
 @_op("linear")
 def linear(
     x: torch.Tensor,
@@ -451,38 +480,57 @@ if triton is not None:
         return y
 
     @_tuned(
-        ["N", "K", "BLOCK_M", "HAS_SCALES", "GROUP"],
+        ["N", "K", "BLOCK_M", "HAS_SCALES", "GROUP", "EXPERTS"],
         (16, 256, 4), (16, 512, 4), (16, 1024, 4), (32, 256, 4), (32, 512, 4), (64, 128, 4), (64, 256, 8), (128, 128, 8),
         prune=lambda configs, named_args, **kwargs: [c for c in configs if c.kwargs["BLOCK_K"] >= kwargs["GROUP"]],
     )  # fmt: skip
     def _small_linear_kernel(
-        x_ptr, w_ptr, s_ptr, m_ptr, y_ptr, M, N, K,
-        HAS_SCALES: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr, w_ptr, s_ptr, m_ptr, ends_ptr, y_ptr, M, N, K,
+        HAS_SCALES: tl.constexpr, GROUP: tl.constexpr, EXPERTS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        # Program n: output columns n*BLOCK_N .. for all M rows of x (M <= BLOCK_M). Each
-        # weight tile is read once (int8 or int4 turned into x's dtype) for the tensor cores;
-        # rows of x past M are zeros (tl.dot needs at least 16), which costs no extra reads.
+        # Program (n, e): output columns n*BLOCK_N .. for x's rows start .. end-1, BLOCK_M at a
+        # time (all M rows at once where M <= BLOCK_M). Each weight tile is read once per
+        # BLOCK_M rows (int8 or int4 turned into x's dtype) for the tensor cores; rows past
+        # `end` are zeros (tl.dot needs at least 16), which costs no extra reads.
         # GROUP > 0: int4 as _matvec_kernel reads it (whole groups in a tile), scaled there.
+        # EXPERTS: w, scales and mins are stacked [E, ...], and expert e's rows of x are
+        # ends[e-1] .. ends[e]-1 (x sorted by expert); an expert without rows reads nothing.
         pid_n = tl.program_id(0)
-        rows_m = tl.arange(0, BLOCK_M)
+        e = tl.program_id(1)
+        if EXPERTS:
+            end = tl.load(ends_ptr + e)
+            start = tl.where(e > 0, tl.load(ends_ptr + tl.maximum(e - 1, 0)), 0)
+        else:
+            start, end = 0, M
+        if GROUP:
+            w_ptr += e.to(tl.int64) * N * (K // 2)
+            s_ptr += e.to(tl.int64) * N * (K // GROUP)
+            m_ptr += e.to(tl.int64) * N * (K // GROUP)
+        else:
+            w_ptr += e.to(tl.int64) * N * K
+            s_ptr += e.to(tl.int64) * N
         cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_ok, n_ok = rows_m < M, cols_n < N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            xt = tl.load(x_ptr + rows_m[:, None] * K + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            if GROUP:
-                n64 = cols_n.to(tl.int64)[:, None]
-                wf = _int4_tile(w_ptr + n64 * (K // 2), s_ptr + n64 * (K // GROUP), m_ptr + n64 * (K // GROUP), n_ok, k0, K,
-                                GROUP, BLOCK_N, BLOCK_K)  # fmt: skip
-                acc = tl.dot(xt, tl.trans(wf.to(xt.dtype)), acc)
-            else:
-                wt = tl.load(w_ptr + cols_n.to(tl.int64)[None, :] * K + ks[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0)
-                acc = tl.dot(xt, wt.to(xt.dtype), acc)
-        if HAS_SCALES:
-            acc *= tl.load(s_ptr + cols_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows_m[:, None] * N + cols_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        n_ok = cols_n < N
+        for m0 in range(start, end, BLOCK_M):
+            rows_m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = rows_m < end
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < K
+                xt = tl.load(x_ptr + rows_m[:, None] * K + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                if GROUP:
+                    n64 = cols_n.to(tl.int64)[:, None]
+                    wf = _int4_tile(w_ptr + n64 * (K // 2), s_ptr + n64 * (K // GROUP), m_ptr + n64 * (K // GROUP), n_ok, k0, K,
+                                    GROUP, BLOCK_N, BLOCK_K)  # fmt: skip
+                    acc = tl.dot(xt, tl.trans(wf.to(xt.dtype)), acc)
+                else:
+                    wt = tl.load(w_ptr + cols_n.to(tl.int64)[None, :] * K + ks[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0)
+                    acc = tl.dot(xt, wt.to(xt.dtype), acc)
+            if HAS_SCALES:
+                acc *= tl.load(s_ptr + cols_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + rows_m[:, None] * N + cols_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     def _triton_small_linear(
         x: torch.Tensor,
@@ -490,23 +538,31 @@ if triton is not None:
         scales: Optional[torch.Tensor],
         mins: Optional[torch.Tensor] = None,
         config: Optional[tuple[int, int, int]] = None,
+        ends: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """config: (BLOCK_N, BLOCK_K, warps) instead of the tuned one (the tests, in Triton's interpreter)."""
+        """`linear`'s product for a few rows; with ends, `expert_linear`'s (w stacked [E, ...]).
+        config: (BLOCK_N, BLOCK_K, warps) instead of the tuned one (the tests, in Triton's interpreter)."""
         x, w = x.contiguous(), w.contiguous()
         M, K = x.shape
-        N = w.shape[0]
-        y = x.new_empty(M, N)
+        E, N = (w.shape[0], w.shape[1]) if ends is not None else (1, w.shape[0])
+        # Rows no expert holds (past ends[-1]) are never written.
+        y = x.new_empty(M, N) if ends is None else x.new_zeros(M, N)
         s = w if scales is None else scales.contiguous()  # an unused pointer without scales
         m = s if mins is None else mins.contiguous()  # without mins (not int4)
         group = 0 if mins is None else K // mins.shape[-1]
-        block_m = max(16, triton.next_power_of_2(M))
-        flags = dict(HAS_SCALES=scales is not None and mins is None, GROUP=group, BLOCK_M=block_m)
+        # An expert holds at most one row per token: M / A of them. A block of up to 64 rows
+        # takes every row an expert holds in a decode step, so its weights are read once.
+        block_m = max(16, min(64, triton.next_power_of_2(M)))
+        flags = dict(HAS_SCALES=scales is not None and mins is None, GROUP=group, EXPERTS=ends is not None, BLOCK_M=block_m)
+        g = s if ends is None else ends
         if config is not None:
             block_n, block_k, warps = config
-            _small_linear_kernel.fn[(triton.cdiv(N, block_n),)](x, w, s, m, y, M, N, K, **flags, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+            _small_linear_kernel.fn[(triton.cdiv(N, block_n), E)](
+                x, w, s, m, g, y, M, N, K, **flags, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps
+            )  # fmt: skip
             return y
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _small_linear_kernel[grid](x, w, s, m, y, M, N, K, **flags)
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), E)  # noqa: E731
+        _small_linear_kernel[grid](x, w, s, m, g, y, M, N, K, **flags)
         return y
 
     @triton.jit

@@ -10,12 +10,12 @@ from torch import nn
 
 from mistral.args import QuantArgs
 from mistral.views import CheckpointNames, split_views
-from mistral.kernels import dequantize_int4, expert_matvec, swiglu
+from mistral.kernels import dequantize_int4, expert_linear, expert_matvec, swiglu
 from mistral.linear import Linear
 
-# Pairs up to which experts without a grouped matmul (quantized ones, float16 ones on CUDA)
-# run as matrix-vector products, static shapes that a CUDA graph can capture: every
-# decode batch up to 64 sequences at 2 experts each.
+# Pairs up to which float16 experts on CUDA (no grouped matmul) run as matrix-vector
+# products, and quantized ones as kernels.expert_linear's grouped products: static shapes
+# that a CUDA graph can capture, every decode batch up to 64 sequences at 2 experts each.
 MATVEC_MAX_PAIRS = 128
 
 
@@ -30,7 +30,8 @@ class MoeLayer(CheckpointNames):
     - few (token, expert) pairs (decoding a small batch): one matrix-vector product per
       pair (kernels.expert_matvec), the expert index read on the device;
     - more pairs: they are sorted by expert, and a grouped matmul runs each expert on
-      its contiguous group of rows.
+      its contiguous group of rows (quantized experts: kernels.expert_linear, up to
+      MATVEC_MAX_PAIRS; a prefill past it turns one expert at a time into x's dtype).
     `reference` is the plain loop over experts, for the tests.
 
     experts: the global indices of the experts this layer holds (default all): under expert
@@ -87,14 +88,16 @@ class MoeLayer(CheckpointNames):
         pair_expert = chosen.flatten()
         w13, w2 = self.w13, self.w2
         # The grouped matmul takes bfloat16 only on CUDA and, under torch.compile, everywhere
-        # (its shape function checks so); quantized experts none. Those keep to the matrix-vector
-        # products up to MATVEC_MAX_PAIRS (each pair reading its expert's rows).
-        grouped = w13.scales is None and (x.dtype == torch.bfloat16 or not (x.is_cuda or torch.compiler.is_compiling()))
+        # (its shape function checks so); quantized experts have a grouped product of their own
+        # (kernels.expert_linear) up to MATVEC_MAX_PAIRS; float16 ones on CUDA neither, and keep
+        # to the matrix-vector products up to there (each pair reading its expert's rows).
+        quantized = w13.scales is not None
+        grouped = quantized or x.dtype == torch.bfloat16 or not (x.is_cuda or torch.compiler.is_compiling())
         if T * A <= (E if grouped else MATVEC_MAX_PAIRS):  # (expert -1: zeros, no weight read)
             h = expert_matvec(x.repeat_interleave(A, dim=0), w13.weight, pair_expert, w13.scales, w13.mins, glu=True)
             y = expert_matvec(h, w2.weight, pair_expert, w2.scales, w2.mins) * weights.flatten()[:, None]
             return y.view(T, A, -1).sum(dim=1)
-        if not grouped:
+        if not grouped or (quantized and T * A > MATVEC_MAX_PAIRS):
             # A prefill: quantized experts are turned into x's dtype one at a time, where all at
             # once would not fit beside them.
             return self.reference(x)
@@ -105,8 +108,8 @@ class MoeLayer(CheckpointNames):
         # Group e is rows ends[e-1] .. ends[e]-1; counting by comparison keeps shapes static.
         ends = (key[:, None] == torch.arange(E, device=x.device)).sum(0).cumsum(0).to(torch.int32)
         xs = x[token]  # [T * A, D]
-        h = swiglu(torch._grouped_mm(xs, w13.weight.mT, offs=ends))
-        y = torch._grouped_mm(h, w2.weight.mT, offs=ends) * weights.flatten()[order, None]
+        h = swiglu(_grouped(xs, w13, ends))
+        y = _grouped(h, w2, ends) * weights.flatten()[order, None]
         if not whole:  # rows past the last group are not computed: whatever the memory held
             y = torch.where(key[order, None] < E, y, 0)
         # A token's pairs are added in expert order, as `reference` adds them.
@@ -120,6 +123,13 @@ class MoeLayer(CheckpointNames):
             token, slot = torch.where(chosen == e)  # a token picks an expert at most once
             out.index_add_(0, token, weights[token, slot, None] * self.expert(e, x[token]))
         return out
+
+
+def _grouped(x: torch.Tensor, stack: Linear, ends: torch.Tensor) -> torch.Tensor:
+    """Rows of x grouped by expert (group e: rows ends[e-1] .. ends[e]-1) times their expert's weights."""
+    if stack.scales is None:
+        return torch._grouped_mm(x, stack.weight.mT, offs=ends)
+    return expert_linear(x, stack.weight, ends, stack.scales, stack.mins)
 
 
 def _linear(x: torch.Tensor, stack: Linear, e: int) -> torch.Tensor:

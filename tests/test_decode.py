@@ -19,7 +19,7 @@ from mistral.decode import COMPILE_COSTS_S, COMPILE_SAVES_S_PER_LAYER_STEP, Runn
 from mistral.generation import stream
 from mistral.stage import Stage
 from mistral import kernels
-from mistral.kernels import expert_matvec, swiglu
+from mistral.kernels import expert_linear, expert_matvec, swiglu
 from mistral.linear import GatedLinear, Linear
 from mistral.model import RMSNorm, TransformerBlock, apply_rotary_emb, rotary_cos_sin
 from mistral.linear import quantize
@@ -200,6 +200,35 @@ def test_small_batch_kernel_equals_the_product_of_the_weights_its_codes_stand_fo
     scales, mins = (tensors[k].to(DEVICE) if k in tensors else None for k in ("scales", "mins"))
     got = kernels._triton_small_linear(x.to(DEVICE, dtype), tensors["weight"].to(DEVICE), scales, mins, config=config)
     assert rel_error(got.cpu(), x.to(dtype).float() @ dense.T) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("quantization", [QuantArgs("int8"), QuantArgs("int4", 32), QuantArgs("int4", 128)], ids=["int8", "int4-32", "int4-128"])
+def test_grouped_experts_multiply_each_group_of_rows_by_its_expert(quantization: QuantArgs) -> None:
+    """kernels.expert_linear, rows sorted by expert: group e (rows ends[e-1] .. ends[e]-1) times expert
+    e's weights, against float32 products with the weights the codes stand for. A group of more
+    rows than a block holds (70: the kernel's loop over blocks of 64), an empty one (nothing read),
+    and rows past the last group (another rank's experts) left zero. On CUDA the Triton kernel
+    (also under TRITON_INTERPRET=1, with a fixed block), on the CPU the loop over experts."""
+    torch.manual_seed(0)
+    dtype = DTYPE if DEVICE.type == "cuda" else torch.float32
+    E, N, K = 3, 40, 384
+    tensors = quantize(torch.randn(E, N, K) * K**-0.5, quantization)
+    tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+    dense = dequantized(tensors)
+    groups = [70, 0, 6]
+    x = torch.randn(sum(groups) + 4, K)
+    ends = torch.tensor(groups).cumsum(0).to(torch.int32)
+    expert_of_row = torch.repeat_interleave(torch.arange(E), torch.tensor(groups))
+    want = torch.zeros(len(x), N)
+    want[: len(expert_of_row)] = torch.einsum("pnk,pk->pn", dense[expert_of_row], x[: len(expert_of_row)].to(dtype).float())
+    weight, scales, mins = (tensors[k].to(DEVICE) if k in tensors else None for k in ("weight", "scales", "mins"))
+    runs = [lambda: expert_linear(x.to(DEVICE, dtype), weight, ends.to(DEVICE), scales, mins)]
+    if TRITON_KERNELS_RUN:
+        runs.append(lambda: kernels._triton_small_linear(x.to(DEVICE, dtype), weight, scales, mins, config=(16, 128, 4), ends=ends.to(DEVICE)))
+    for run in runs:
+        got = run().cpu().float()
+        assert (got[len(expert_of_row) :] == 0).all()
+        assert rel_error(got, want) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.skipif(not TRITON_KERNELS_RUN, reason="Triton's kernel: CUDA, or the CPU under TRITON_INTERPRET=1")
