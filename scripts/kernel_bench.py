@@ -108,7 +108,7 @@ def matvecs(results: dict, bandwidth: float) -> None:
                 f"M={M} bf16 cublas": (lambda xm=xm: [F.linear(xm, w) for w in ws], 2),
                 f"M={M} bf16 triton": (lambda xm=xm: [kernels._triton_small_linear(xm, w, None) for w in ws], 2),
                 f"M={M} int8 triton": (lambda xm=xm: [kernels.linear(xm, q, s) for q, s in qs], 1),
-                f"M={M} int4 dequantized+cublas": (lambda xm=xm: [kernels.linear(xm, *four) for four in fours], INT4_BYTES),
+                f"M={M} int4 triton": (lambda xm=xm: [kernels.linear(xm, *four) for four in fours], INT4_BYTES),
                 f"M={M} int4 aten": (lambda xm=xm: [torch.ops.aten._weight_int4pack_mm(xm, w, GROUP, sz) for w, sz in atens], INT4_BYTES),
             }
         for label, (fn, itemsize) in candidates.items():
