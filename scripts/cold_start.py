@@ -14,6 +14,7 @@ CLI runs it and compiled, so the one-shot run's decode rate reads against it.
     python scripts/cold_start.py --out $OUT                 # one H200: about 3 minutes
     python scripts/cold_start.py --model mixtral-8x7b --work /dev/shm/cold --out $OUT   # one H200 (93 GB: in RAM
                                                             # where the disk is smaller); the short prompt only
+    python scripts/cold_start.py --model mixtral-8x7b --layers 16 --work /dev/shm/cold --out $OUT   # one H100: half of it
     python scripts/cold_start.py --tiny --device cpu        # any machine: checks the script
 """
 
@@ -41,10 +42,12 @@ from mistral.tokenizer import load_tokenizer  # noqa: E402
 SHAPES = {"mistral-7b": MISTRAL_7B, "mixtral-8x7b": MIXTRAL_8X7B, "tiny": TINY}
 
 
-def write_model(name: str, folder: Path, device: str) -> Path:
-    """A folder of `name`'s shapes, random bf16 weights (float32 on a CPU), and the default model's tokenizer."""
+def write_model(name: str, folder: Path, device: str, layers: int = 0) -> Path:
+    """A folder of `name`'s shapes (its first `layers` only, if given), random bf16 weights (float32 on
+    a CPU), and the default model's tokenizer."""
     tokenizer = DEFAULT_MODEL / "tokenizer.model"
-    args = ModelArgs(**dict(SHAPES[name], vocab_size=load_tokenizer(DEFAULT_MODEL).n_words))
+    shapes = dict(SHAPES[name], vocab_size=load_tokenizer(DEFAULT_MODEL).n_words) | ({"n_layers": layers} if layers else {})
+    args = ModelArgs(**shapes)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     start = time.perf_counter()
     shutil.rmtree(folder, ignore_errors=True)  # a --work folder of an earlier run
@@ -122,10 +125,12 @@ def main() -> None:
     parser.add_argument("--model", choices=("mistral-7b", "mixtral-8x7b"), default="mistral-7b")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--work", type=Path, default=None, help="where the folder and caches go (default: a temporary folder)")
+    parser.add_argument("--layers", type=int, default=0, help="fewer layers than the model has, where it does not fit (say so, and scale)")
+    parser.add_argument("--no-steady", dest="steady", action="store_false", help="leave out the in-process steady decode")
     cfg = parser.parse_args()
     work = cfg.work or Path(tempfile.mkdtemp(prefix="cold_start."))
     name = "tiny" if cfg.tiny else cfg.model
-    folder = write_model(name, work / name, cfg.device)
+    folder = write_model(name, work / name, cfg.device, cfg.layers)
     caches = work / "caches"
     shutil.rmtree(caches, ignore_errors=True)  # a fresh machine's: nothing compiled yet
     short, n = ["def fibonacci(n):"], cfg.max_tokens
@@ -150,7 +155,8 @@ def main() -> None:
         import_s.append(time.perf_counter() - start)
     result = dict(
         device=torch.cuda.get_device_name() if cfg.device == "cuda" else "cpu", model=name, folder_gb=gb(folder),
-        python_import_torch_s=round(min(import_s), 2), runs=rows, **steady(folder, cfg.device, steps=200),
+        python_import_torch_s=round(min(import_s), 2), layers=cfg.layers or SHAPES[name]["n_layers"],
+        runs=rows, **(steady(folder, cfg.device, steps=200) if cfg.steady else {}),
     )  # fmt: skip
     print()
     print("| run | wall s | other s | load s (GB/s) | warm-up s | prefill s | decode tok/s | peak RSS GB |")
