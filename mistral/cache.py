@@ -187,39 +187,42 @@ def cache_inputs(seqlens: Sequence[int], cached: Sequence[int], size: int, slidi
     if len(rows) == len(seqlens) and all(s == 1 for s in seqlens) and (sliding_window is None or size <= sliding_window):
         return Decode(cached[: len(seqlens)], size, device)
 
-    def tensor(values: list) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=device)
-
-    positions, write_from, write_row, write_pos = [], [], [], []
-    start = 0
-    for b in rows:
-        c, s = cached[b], seqlens[b]
-        positions += range(c, c + s)
-        keep = min(s, size)  # only the last `size` new tokens survive the call
-        write_from += range(start + s - keep, start + s)
-        write_row += [b] * keep
-        write_pos += range(c + s - keep, c + s)
-        start += s
-    writes = dict(positions=tensor(positions), write_from=tensor(write_from), write_to=slots(tensor(write_row), tensor(write_pos), size))
+    # The index tensors, built on the host from one [rows] tensor per quantity (a Python list
+    # per token took 6 ms for a chunk call beside 32 rows of 700 cached tokens), then copied
+    # to the device at once.
+    c, s, row = (torch.tensor(values, dtype=torch.long) for values in ([cached[b] for b in rows], [seqlens[b] for b in rows], rows))
+    start = s.cumsum(0) - s  # each row's first new token among the call's
+    keep = s.clamp(max=size)  # only the last `size` new tokens survive the call
+    host = dict(
+        positions=_ranges(c, s),
+        write_from=_ranges(start + s - keep, keep),
+        write_to=slots(row.repeat_interleave(keep), _ranges(c + s - keep, keep), size),
+    )
     active = [seqlens[b] for b in rows]
     if all(cached[b] == 0 for b in rows):
-        return Prefill(mask=prefill_mask(active, sliding_window, device), **writes)
+        return Prefill(mask=prefill_mask(active, sliding_window, device), **_to(host, device))
+    # Each row's keys: its last min(cached, size) cached tokens in order, then its new ones.
+    n = c.clamp(max=size)
+    key = (n + s).cumsum(0) - (n + s)  # each row's first key
+    host |= dict(
+        read_from=slots(row.repeat_interleave(n), _ranges(c - n, n), size), read_to=_ranges(key, n), new_to=_ranges(key + n, s)
+    )
+    return Chunk(mask=chunk_mask(active, (n + s).tolist(), sliding_window, device), n_keys=int((n + s).sum()), **_to(host, device))
 
-    read_row, read_pos, read_to, new_to, kv_seqlens = [], [], [], [], []
-    key = 0
-    for b in rows:
-        c, s = cached[b], seqlens[b]
-        n = min(c, size)
-        read_row += [b] * n
-        read_pos += range(c - n, c)
-        read_to += range(key, key + n)
-        new_to += range(key + n, key + n + s)
-        kv_seqlens.append(n + s)
-        key += n + s
-    return Chunk(
-        mask=chunk_mask(active, kv_seqlens, sliding_window, device), n_keys=key,
-        read_from=slots(tensor(read_row), tensor(read_pos), size), read_to=tensor(read_to), new_to=tensor(new_to), **writes,
-    )  # fmt: skip
+
+def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The ranges starts[i] .. starts[i] + lengths[i] - 1, one after the other."""
+    total = int(lengths.sum())
+    first = lengths.cumsum(0) - lengths  # where range i begins in the result
+    return (starts - first).repeat_interleave(lengths, output_size=total) + torch.arange(total)
+
+
+def _to(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The same tensors on `device`, copied in one transfer."""
+    if device.type == "cpu":
+        return tensors
+    moved = torch.cat(list(tensors.values())).to(device).split([len(t) for t in tensors.values()])
+    return dict(zip(tensors, moved))
 
 
 @dataclass
