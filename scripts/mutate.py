@@ -84,9 +84,13 @@ MUTATIONS = [
     # A chunk's first query sees only the last W - 1 cached tokens, and the oldest of the W
     # a row holds is overwritten by the next write before a query could read it: so
     # reading or storing one token fewer is harmless, and these take two.
-    Mutation("chunk-reads-too-few-cached-keys", "cache.py", r"n = min\(c, size\)", "n = min(c, size - 2)",
+    Mutation("chunk-reads-too-few-cached-keys", "cache.py", r"n = c\.clamp\(max=size\)", "n = c.clamp(max=size - 2)",
              "test_cache.py::test_chunked_prefill_equals_full_prefill", "a chunk reads W - 2 cached tokens: its first query misses one"),
-    Mutation("cache-stores-too-few", "cache.py", r"keep = min\(s, size\)", "keep = min(s, size - 2)",
+    Mutation("write-from-one-early", "cache.py", r"write_from=_ranges\(start \+ s - keep, keep\)", "write_from=_ranges((start + s - keep - 1).clamp(min=0), keep)",
+             "test_cache.py", "a call stores each row's new keys one token early (a row's first, twice)"),
+    Mutation("chunk-keys-overlap", "cache.py", r"key = \(n \+ s\)\.cumsum\(0\) - \(n \+ s\)", "key = n.cumsum(0) - n",
+             "test_cache.py", "a chunk call lays each row's keys out as if the rows before had no new tokens"),
+    Mutation("cache-stores-too-few", "cache.py", r"keep = s\.clamp\(max=size\)", "keep = s.clamp(max=size - 2)",
              "test_cache.py::test_chunked_prefill_equals_full_prefill", "a long chunk stores only W - 2 of its last tokens"),
     # --- model, attention --------------------------------------------------------------
     Mutation("rope-theta-fixed", "model.py", r"self\.args\.head_dim, self\.args\.rope_theta\)", "self.args.head_dim, 10000.0)",
