@@ -48,9 +48,9 @@ class CacheInputs:
     the new tokens' positions, the mask, and where their keys and values go. One class per
     kind of call, each with its own `update` (and Decode its own `attend`)."""
 
-    def __init__(self, positions: torch.Tensor, mask: AttentionBias):
+    def __init__(self, positions: torch.Tensor, mask: Optional[AttentionBias]):
         self.positions = positions  # [T] absolute position of each new token
-        self.mask = mask
+        self.mask = mask  # (None for a call of parts, each with its own: Mixed)
 
     def update(self, k: Optional[torch.Tensor], v: Optional[torch.Tensor], xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys and values xk, xv [T, H_kv, Dh] in one layer's cache k, v
@@ -61,6 +61,7 @@ class CacheInputs:
                backend: Backend) -> torch.Tensor:  # fmt: skip
         """The attention of queries xq [T, H, Dh] under this call's mask, the cache updated on the way."""
         keys, values = self.update(k, v, xk, xv)
+        assert self.mask is not None
         return attend(xq, keys, values, self.mask, backend)
 
 
@@ -112,15 +113,16 @@ class Chunk(CacheInputs):
 
 
 class Decode(CacheInputs):
-    """One new token for each of rows 0..B-1 (mask 3): each query reads its row's first
-    `padding` slots, of which the mask's key lengths say how many are filled.
+    """One new token for each of rows 0..B-1, or of `rows` (mask 3): each query reads its row's
+    first `padding` slots, of which the mask's key lengths say how many are filled.
 
     Its inputs can advance in place on the device (`advance`), so that a captured CUDA
     graph runs step after step (mistral/decode.py).
     """
 
-    def __init__(self, lengths: Sequence[int], size: int, device: torch.device, *, static: bool = False):
-        """Rows 0..B-1 hold lengths[b] tokens so far.
+    def __init__(self, lengths: Sequence[int], size: int, device: torch.device, *, static: bool = False,
+                 rows: Optional[Sequence[int]] = None):  # fmt: skip
+        """Rows 0..B-1 (or rows[0..B-1]) hold lengths[b] tokens so far.
 
         static: for a captured graph. xformers sizes its split-KV work by the mask's
         `max_seqlen`, a host int baked into the graph, so it must bound every later
@@ -135,7 +137,9 @@ class Decode(CacheInputs):
         self.padding = size if static else max(reads)
         super().__init__(torch.empty(B, dtype=torch.long, device=device), decode_mask(reads, self.padding, device))
         self.size = size
-        self.rows = torch.arange(B, device=device)
+        # Rows 0..B-1 are read in place where the padding is every slot; other rows are gathered.
+        self.first_rows = rows is None or list(rows) == list(range(B))
+        self.rows = torch.arange(B, device=device) if rows is None else torch.tensor(rows, dtype=torch.long, device=device)
         self.write_to = torch.empty_like(self.positions)  # [B] each new token's flat slot
         self.restart(lengths)
 
@@ -153,9 +157,10 @@ class Decode(CacheInputs):
     def update(self, k: Optional[torch.Tensor], v: Optional[torch.Tensor], xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert k is not None and v is not None
         _store(k, v, xk, xv, self.write_to)
-        # In place when the padding is every slot, else a copy of the filled ones.
+        # In place when the padding is every slot of rows 0..B-1, else a copy of the filled ones.
         B = self.positions.shape[0]
-        return k[:B, : self.padding].flatten(0, 1), v[:B, : self.padding].flatten(0, 1)
+        rows = slice(0, B) if self.first_rows else self.rows
+        return k[rows, : self.padding].flatten(0, 1), v[rows, : self.padding].flatten(0, 1)
 
     def attend(self, k: Optional[torch.Tensor], v: Optional[torch.Tensor], xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor,
                backend: Backend) -> torch.Tensor:  # fmt: skip
@@ -164,6 +169,29 @@ class Decode(CacheInputs):
             return super().attend(k, v, xq, xk, xv, backend)
         assert k is not None and v is not None
         return decode_attention(xq, xk, xv, k, v, self.write_to, self.mask.k_seqinfo.seqlen)
+
+
+class Mixed(CacheInputs):
+    """A call in which some rows decode (one new token after cached ones) beside rows that
+    read a prompt: the decoding rows attend as a decode step does (mask 3, `Decode` on their
+    rows), their keys read in place by the decode kernel on CUDA; the others as a call of
+    their own (`Prefill` or `Chunk`), which copies only their rows' cached keys. A server's
+    chunk call is mostly the former: 31 rows decoding beside one new prompt would otherwise
+    copy every row's cache in every layer. Each part takes its tokens out of the call's and
+    puts its output back in their place."""
+
+    def __init__(self, positions: torch.Tensor, decode: Decode, decode_tokens: torch.Tensor,
+                 rest: Optional[CacheInputs], rest_tokens: torch.Tensor):  # fmt: skip
+        super().__init__(positions, None)  # each part attends under its own mask
+        self.decode, self.decode_tokens, self.rest, self.rest_tokens = decode, decode_tokens, rest, rest_tokens
+
+    def attend(self, k: Optional[torch.Tensor], v: Optional[torch.Tensor], xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor,
+               backend: Backend) -> torch.Tensor:  # fmt: skip
+        out = torch.empty_like(xq)
+        for part, tokens in ((self.decode, self.decode_tokens), (self.rest, self.rest_tokens)):
+            if part is not None:  # the parts' rows differ: neither writes what the other reads
+                out[tokens] = part.attend(k, v, xq[tokens], xk[tokens], xv[tokens], backend)
+        return out
 
 
 def _store(k: torch.Tensor, v: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, write_to: torch.Tensor) -> None:
@@ -184,8 +212,12 @@ def cache_inputs(seqlens: Sequence[int], cached: Sequence[int], size: int, slidi
                     f"(sliding_window={sliding_window}): make a larger cache"
                 )
     # Mask 3 reads every filled slot of a row: one token each, where the row is no longer than the window.
-    if len(rows) == len(seqlens) and all(s == 1 for s in seqlens) and (sliding_window is None or size <= sliding_window):
+    reads_filled = sliding_window is None or size <= sliding_window
+    if len(rows) == len(seqlens) and all(s == 1 for s in seqlens) and reads_filled:
         return Decode(cached[: len(seqlens)], size, device)
+    decoding = [b for b in rows if seqlens[b] == 1 and cached[b] > 0] if reads_filled else []
+    if decoding:
+        return _mixed(seqlens, cached, decoding, size, sliding_window, device)
 
     # The index tensors, built on the host from one [rows] tensor per quantity (a Python list
     # per token took 6 ms for a chunk call beside 32 rows of 700 cached tokens), then copied
@@ -208,6 +240,22 @@ def cache_inputs(seqlens: Sequence[int], cached: Sequence[int], size: int, slidi
         read_from=slots(row.repeat_interleave(n), _ranges(c - n, n), size), read_to=_ranges(key, n), new_to=_ranges(key + n, s)
     )
     return Chunk(mask=chunk_mask(active, (n + s).tolist(), sliding_window, device), n_keys=int((n + s).sum()), **_to(host, device))
+
+
+def _mixed(seqlens: Sequence[int], cached: Sequence[int], decoding: list[int], size: int, sliding_window: Optional[int],
+           device: torch.device) -> Mixed:  # fmt: skip
+    """cache_inputs' call where rows `decoding` decode: those as a Decode, the others as their own call."""
+    rest_seqlens = [0 if b in decoding else s for b, s in enumerate(seqlens)]
+    rest = cache_inputs(rest_seqlens, cached, size, sliding_window, device) if any(rest_seqlens) else None
+    s = torch.tensor(seqlens, dtype=torch.long)
+    first = s.cumsum(0) - s  # each row's first token among the call's
+    mine = torch.tensor(decoding, dtype=torch.long)
+    tokens = torch.zeros(int(s.sum()), dtype=torch.bool)
+    tokens[first[mine]] = True  # a decoding row's one token
+    host = dict(positions=_ranges(torch.tensor(cached[: len(seqlens)], dtype=torch.long), s),
+                decode_tokens=tokens.nonzero().flatten(), rest_tokens=(~tokens).nonzero().flatten())  # fmt: skip
+    decode = Decode([cached[b] for b in decoding], size, device, rows=decoding)
+    return Mixed(decode=decode, rest=rest, **_to(host, device))
 
 
 def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

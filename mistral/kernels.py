@@ -203,10 +203,11 @@ def decode_attention(
     slots: torch.Tensor,
     key_lengths: torch.Tensor,
 ) -> torch.Tensor:
-    """A decode step's cache write and attention in one (mask 3 of masks.py), for rows b < B:
+    """A decode step's cache write and attention in one (mask 3 of masks.py), for queries b < B:
 
-    store xk[b], xv[b] at flat cache slot slots[b] (row b's slots are b*S .. b*S+S-1), then
-    attend xq[b]'s heads over the first key_lengths[b] slots of row b, the new one included.
+    store xk[b], xv[b] at flat cache slot slots[b], which lies in row r = slots[b] // S (row
+    r's slots are r*S .. r*S+S-1; r = b in a decode step), then attend xq[b]'s heads over
+    the first key_lengths[b] slots of row r, the new one included.
     xq: [B, H, Dh]; xk, xv: [B, H_kv, Dh]; cache_k, cache_v: [rows, S, H_kv, Dh] -> [B, H, Dh].
     """
     if xq.is_cuda and triton is not None:
@@ -214,8 +215,9 @@ def decode_attention(
     (B, H, Dh), (S, H_kv) = xq.shape, cache_k.shape[1:3]
     cache_k.flatten(0, 1).index_copy_(0, slots, xk)
     cache_v.flatten(0, 1).index_copy_(0, slots, xv)
-    keys = cache_k[:B].repeat_interleave(H // H_kv, dim=2).float()  # [B, S, H, Dh]
-    values = cache_v[:B].repeat_interleave(H // H_kv, dim=2).float()
+    rows = slots // S
+    keys = cache_k[rows].repeat_interleave(H // H_kv, dim=2).float()  # [B, S, H, Dh]
+    values = cache_v[rows].repeat_interleave(H // H_kv, dim=2).float()
     scores = torch.einsum("bhd,bshd->bhs", xq.float(), keys) * Dh**-0.5
     unread = torch.arange(S, device=xq.device)[None, :] >= key_lengths[:, None]  # [B, S]
     probs = torch.softmax(scores.masked_fill(unread[:, None, :], float("-inf")), dim=-1)
@@ -602,8 +604,9 @@ if triton is not None:
         G: tl.constexpr, G_POW2: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BLOCK_S: tl.constexpr, MIN_CHUNK: tl.constexpr, MERGE: tl.constexpr,
     ):  # fmt: skip
-        # Program (b * H_KV + h, split): the G query heads of row b that share key head h,
-        # over one of SPLITS equal runs of the row's key_lengths[b] slots (flash-decoding).
+        # Program (b * H_KV + h, split): the G query heads of query b that share key head h,
+        # over one of SPLITS equal runs of its key_lengths[b] slots of the cache row that its
+        # new token's slot is in (row b in a decode step; any in cache.Mixed) (flash-decoding).
         # Every run leaves the new token's slot out (what it holds is stale or being
         # written); the new key and value come in at the merge, from registers. The first
         # program stores them into the cache: nothing in this call reads that slot.
@@ -614,12 +617,13 @@ if triton is not None:
         b = bh // H_KV
         h = bh % H_KV
         length = tl.load(len_ptr + b)
-        new = tl.load(slot_ptr + b) - b * S  # slot of the new token in row b
+        slot = tl.load(slot_ptr + b).to(tl.int64)
+        row = slot // S * S  # the row's first slot
+        new = slot - row  # the new token's slot in the row
         chunk = tl.maximum(tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_S) * BLOCK_S, MIN_CHUNK)
         start = split * chunk
         end = tl.minimum(start + chunk, length)
         d = tl.arange(0, D)
-        row = (b * S).to(tl.int64)
         if split == 0:
             new_at = ((row + new) * H_KV + h) * D + d
             tl.store(k_ptr + new_at, tl.load(kn_ptr + b * kn_stride + h * D + d))

@@ -7,6 +7,8 @@ backend "auto" (xformers, or PyTorch's cuDNN / flash kernels for a batch of caus
 prompts, or our Triton kernel for a decode step).
 """
 
+from typing import Optional
+
 import pytest
 import torch
 from hypothesis import example, given
@@ -123,10 +125,11 @@ def test_causal_blocks_attention_matches_the_reference(window, seqlens: list[int
     assert rel_error(causal_attention(xq, keys, values, blocks), attend(xq, keys, values, mask, "reference")) < 1e-5
 
 
-def decode_case(group: int, static: bool) -> tuple:
+def decode_case(group: int, static: bool, query_rows: Optional[list[int]] = None) -> tuple:
     """A decode step's inputs and what it must do: rows of a first token, a short row, a row that
     just filled its slots, wrapped rows, and a cache with more rows than the call. static: the
-    graph's mask, built with every row full, whose device lengths carry the truth.
+    graph's mask, built with every row full, whose device lengths carry the truth. query_rows:
+    the cache rows of the queries, in their order (a chunk call's decoding rows: cache.Mixed), else 0..5.
     Returns (cache, xq, xk, xv, slots, key lengths, the cache as it must end, the output)."""
     # Rows of up to 300 slots: the Triton kernel splits each into runs of at least 128 keys.
     size, rows, positions = 300, 7, [0, 5, 299, 300, 1234, 2000]
@@ -134,21 +137,23 @@ def decode_case(group: int, static: bool) -> tuple:
     torch.manual_seed(group)
     cache = RotatingBufferCache(1, rows, size, size, H_KV, D, device=DEVICE, dtype=dtype)
     cache.k.normal_(), cache.v.normal_()
-    inputs = Decode(positions, size, DEVICE)
+    inputs = Decode(positions, size, DEVICE, rows=query_rows)
     B = len(positions)
     xq, xk, xv = (torch.randn(B, n, D, device=DEVICE, dtype=dtype) for n in (group * H_KV, H_KV, H_KV))
     want_k, want_v = cache.k.clone(), cache.v.clone()
     keys, values = inputs.update(want_k[0], want_v[0], xk, xv)
     want = attend(xq, keys, values, inputs.mask, "reference")
-    graph = Decode(positions, size, DEVICE, static=static)
+    graph = Decode(positions, size, DEVICE, static=static, rows=query_rows)
     return cache, xq, xk, xv, graph.write_to, graph.mask.k_seqinfo.seqlen, (want_k, want_v), want
 
 
 @pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "graph"])
-def test_decode_kernel_writes_and_attends_as_the_decode_mask_says(group: int, static: bool) -> None:
-    """kernels.decode_attention (Triton on CUDA) = the cache update, then attention under mask 3."""
-    cache, xq, xk, xv, slots, lengths, (want_k, want_v), want = decode_case(group, static)
+@pytest.mark.parametrize("rows", [None, [6, 1, 3, 0, 4, 2]], ids=["rows-0-5", "other-rows"])
+def test_decode_kernel_writes_and_attends_as_the_decode_mask_says(group: int, static: bool, rows: Optional[list[int]]) -> None:
+    """kernels.decode_attention (Triton on CUDA) = the cache update, then attention under mask 3,
+    each query in the row its slot is in (Decode's keys of those rows, gathered)."""
+    cache, xq, xk, xv, slots, lengths, (want_k, want_v), want = decode_case(group, static, rows)
     got = kernels.decode_attention(xq, xk, xv, cache.k[0], cache.v[0], slots, lengths)
     assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v)
     assert rel_error(got, want) < (1e-5 if xq.dtype == torch.float32 else 1e-2)
@@ -156,13 +161,14 @@ def test_decode_kernel_writes_and_attends_as_the_decode_mask_says(group: int, st
 
 @pytest.mark.skipif(not TRITON_KERNELS_RUN, reason="Triton's kernel: CUDA, or the CPU under TRITON_INTERPRET=1")
 @pytest.mark.parametrize("group", [1, 4])
-def test_decode_kernel_splits_rows_into_any_number_of_runs(group: int) -> None:
+@pytest.mark.parametrize("rows", [None, [6, 1, 3, 0, 4, 2]], ids=["rows-0-5", "other-rows"])
+def test_decode_kernel_splits_rows_into_any_number_of_runs(group: int, rows: Optional[list[int]]) -> None:
     """The Triton decode kernel for every number of programs per row and key head (one compiled
     kernel serves them all: it follows the batch size): one run, runs of no keys past a short
     row, a number no power of two, more than the keys fill; runs of 16 keys merged 2 at a time,
     so that the merge goes round many times, as a long row's 64 runs do 8 at a time."""
     for splits in (1, 2, 3, 8, 64):
-        cache, xq, xk, xv, slots, lengths, (want_k, want_v), want = decode_case(group, static=False)
+        cache, xq, xk, xv, slots, lengths, (want_k, want_v), want = decode_case(group, static=False, query_rows=rows)
         got = kernels._triton_decode_attention(
             xq, xk, xv, cache.k[0], cache.v[0], slots, lengths, block_s=16, min_chunk=16, splits=splits, merge=2
         )

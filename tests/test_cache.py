@@ -136,19 +136,21 @@ def test_packed_prompts_do_not_see_each_other(moe: bool) -> None:
 
 @pytest.mark.parametrize("window", [W, None], ids=["window", "full-attention"])
 def test_rows_with_different_cached_lengths_share_a_call(moe: bool, window: Optional[int]) -> None:
-    """Every kind of call: a row may be fresh, mid-prompt or idle (0 new tokens) in any call."""
+    """Every kind of call: a row may be fresh, mid-prompt or idle (0 new tokens) in any call, and
+    rows that decode beside others (cache.Mixed) attend as a decode step does, in place."""
     model = random_model(tiny_args(moe=moe, sliding_window=window))
     schedule = [
-        [5, 0, 2],  # row 1 sits out the first prefill
-        [0, 4, 3],  # row 0 idle, row 1 fresh while row 2 is cached: a mixed chunk
-        [1, 1, 1],  # decode
-        [W + 2, 0, 1],  # row 0 wraps within one chunk, row 2 decodes inside a chunk call
-        [1, 1, 0],  # one token each but a row idle: not a plain decode step
-        [0, 0, 2 * W],
-        [1, 1, 1],
-        [1, 1, 1],
+        [5, 0, 2, 0],  # rows 1 and 3 sit out the first prefill
+        [0, 4, 3, 0],  # row 0 idle, row 1 fresh while row 2 is cached: a mixed chunk
+        [1, 1, 1, 0],  # rows 0-2 decode, row 3 idle: decoding rows alone
+        [W + 2, 0, 1, 0],  # row 0 wraps within one chunk, row 2 decodes beside it
+        [1, 0, 1, 6],  # rows 0 and 2 decode beside row 3's first chunk (a server's chunk call)
+        [1, 1, 0, 0],  # one token each but rows idle: not a plain decode step
+        [0, 0, 2 * W, 3],
+        [1, 1, 1, 1],
+        [1, 1, 1, 1],
     ]
-    lengths = [sum(s[b] for s in schedule) for b in range(3)]
+    lengths = [sum(s[b] for s in schedule) for b in range(4)]
     prompts = random_prompts(lengths, model.args.vocab_size, seed=4)
     got = run_schedule(model, prompts, schedule, max(lengths))
     assert_close(got, full_logits(model, prompts))
