@@ -17,9 +17,14 @@
   in registers, so a decode step reads 1 byte per weight. int4 weights (packed codes, a
   scale and a minimum per group of columns) at one row: the same kernel unpacks each
   byte's two codes and applies their group's scale and minimum in registers, half a byte
-  per weight read; more rows: the weight is turned into x's dtype whole for cuBLAS.
+  per weight read. 2 to 64 rows (a decode step of a batch), int8 and int4: a small matmul
+  whose tiles of codes are turned into x's dtype for the tensor cores; more rows (a
+  prefill): the weight is turned into x's dtype whole for cuBLAS.
+- `expert_linear`: quantized experts on rows sorted by expert (a decode step of a batch of
+  Mixtral): the small matmul with a program per expert, which reads each expert's weights
+  once for all its rows.
 
-Both take weights in x's dtype, int8 weights with one scale per output row, or int4 ones
+All take weights in x's dtype, int8 weights with one scale per output row, or int4 ones
 (linear.Linear has the formats). Elsewhere (the CPU, no Triton) the same operators run in
 plain PyTorch: the reference, in float32 on the CPU.
 """
@@ -129,14 +134,19 @@ def expert_linear(
     """
     if _triton_rows(x):
         return _triton_small_linear(x, w, scales, mins, ends=ends)
+    assert not x.is_cuda, "expert_linear on CUDA needs Triton and half precision (expert_linear_applies)"
     y = x.new_zeros(x.shape[0], w.shape[1])
     start = 0
-    for e, end in enumerate(ends.tolist()):  # (the host reads the groups: not inside a CUDA graph)
+    for e, end in enumerate(ends.tolist()):  # the host reads the groups (the CPU: no CUDA graph)
         if end > start:
-            dense = dequantize_int4(w[e], scales[e], mins[e], x.dtype) if mins is not None else w[e].to(x.dtype)
-            y[start:end] = nn.functional.linear(x[start:end], dense) * (1 if mins is not None else scales[e])
+            y[start:end] = linear(x[start:end], w[e], scales[e], None if mins is None else mins[e])
         start = end
     return y
+
+
+def expert_linear_applies(x: torch.Tensor) -> bool:
+    """Whether `expert_linear` can take x: on CUDA its kernel (static shapes, read on the device), else the CPU's loop."""
+    return not x.is_cuda or bool(_triton_rows(x))
 
 
 @expert_linear.register_fake

@@ -10,7 +10,7 @@ from torch import nn
 
 from mistral.args import QuantArgs
 from mistral.views import CheckpointNames, split_views
-from mistral.kernels import dequantize_int4, expert_linear, expert_matvec, swiglu
+from mistral.kernels import dequantize_int4, expert_linear, expert_linear_applies, expert_matvec, swiglu
 from mistral.linear import Linear
 
 # Pairs up to which float16 experts on CUDA (no grouped matmul) run as matrix-vector
@@ -92,7 +92,10 @@ class MoeLayer(CheckpointNames):
         # (kernels.expert_linear) up to MATVEC_MAX_PAIRS; float16 ones on CUDA neither, and keep
         # to the matrix-vector products up to there (each pair reading its expert's rows).
         quantized = w13.scales is not None
-        grouped = quantized or x.dtype == torch.bfloat16 or not (x.is_cuda or torch.compiler.is_compiling())
+        if quantized:
+            grouped = expert_linear_applies(x)  # (not float32 on CUDA, which stays with the matrix-vector products)
+        else:
+            grouped = x.dtype == torch.bfloat16 or not (x.is_cuda or torch.compiler.is_compiling())
         if T * A <= (E if grouped else MATVEC_MAX_PAIRS):  # (expert -1: zeros, no weight read)
             h = expert_matvec(x.repeat_interleave(A, dim=0), w13.weight, pair_expert, w13.scales, w13.mins, glu=True)
             y = expert_matvec(h, w2.weight, pair_expert, w2.scales, w2.mins) * weights.flatten()[:, None]
@@ -110,7 +113,7 @@ class MoeLayer(CheckpointNames):
         xs = x[token]  # [T * A, D]
         h = swiglu(_grouped(xs, w13, ends))
         y = _grouped(h, w2, ends) * weights.flatten()[order, None]
-        if not whole:  # rows past the last group are not computed: whatever the memory held
+        if not whole:  # rows past the last group: whatever the memory held (_grouped_mm's; expert_linear's are zeros)
             y = torch.where(key[order, None] < E, y, 0)
         # A token's pairs are added in expert order, as `reference` adds them.
         return torch.zeros_like(x).index_add_(0, token, y)

@@ -130,6 +130,8 @@ def main() -> None:
     cfg = parser.parse_args()
     work = cfg.work or Path(tempfile.mkdtemp(prefix="cold_start."))
     name = "tiny" if cfg.tiny else cfg.model
+    if not 0 <= cfg.layers <= SHAPES[name]["n_layers"]:
+        parser.error(f"--layers {cfg.layers}: {name} has {SHAPES[name]['n_layers']} layers")
     folder = write_model(name, work / name, cfg.device, cfg.layers)
     caches = work / "caches"
     shutil.rmtree(caches, ignore_errors=True)  # a fresh machine's: nothing compiled yet

@@ -225,8 +225,8 @@ MUTATIONS = [
              "test_decode.py -k grouped_experts", "the grouped experts' kernel takes the first block of an expert's rows only", cuda=True),
     Mutation("grouped-experts-scales-of-expert-0", "kernels.py", r"            w_ptr \+= e\.to\(tl\.int64\) \* N \* K\n            s_ptr \+= e\.to\(tl\.int64\) \* N\n",
              "            w_ptr += e.to(tl.int64) * N * K\n", "test_decode.py -k grouped_experts", "the grouped experts' kernel scales every expert's int8 rows by expert 0's scales", cuda=True),
-    Mutation("grouped-experts-cpu-loop-skips-scales", "kernels.py", r"\* \(1 if mins is not None else scales\[e\]\)", "",
-             "test_decode.py -k grouped_experts", "expert_linear's CPU loop leaves out int8's scales"),
+    Mutation("grouped-experts-cpu-loop-scales-of-expert-0", "kernels.py", r"linear\(x\[start:end\], w\[e\], scales\[e\]", "linear(x[start:end], w[e], scales[0]",
+             "test_decode.py -k grouped_experts", "expert_linear's CPU loop scales every expert by expert 0's scales"),
     Mutation("matvec-reads-other-ranks-expert", "kernels.py", r"held = row_ok & \(out_rows \* 0 \+ e >= 0\)", "held = row_ok",
              "test_decode.py -k matvec_kernel", "the kernel reads expert -1's weights (another rank's) instead of writing zeros", cuda=True),
     # --- the decode kernel ----------------------------------------------------------------

@@ -78,8 +78,9 @@ def test_compiled_blocks_generate_what_eager_ones_do(moe: bool) -> None:
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs and float16 kernels: CUDA only")
 @pytest.mark.parametrize("method", [None, "int8", "int4"], ids=["float16", "int8", "int4"])
 def test_experts_without_grouped_matmul_decode_in_a_graph(method: Optional[str]) -> None:
-    """float16 and quantized experts take no grouped matmul: a decode batch of 8 (16 pairs > 4 experts)
-    must still have static shapes, which the graph captures, and the same logits as eagerly."""
+    """float16 experts take no grouped matmul, and quantized ones a grouped product of their own
+    (kernels.expert_linear): a decode batch of 8 (16 pairs > 4 experts) must still have static
+    shapes, which the graph captures, and the same logits as eagerly."""
     args = dataclasses.replace(tiny_args(moe=True), quantization=QUANTIZATIONS.get(method))
     model = Transformer.random(args, device=DEVICE, dtype=torch.float16)
     ref, fast = model.make_cache(8, 32), model.make_cache(8, 32)
