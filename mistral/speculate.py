@@ -125,10 +125,10 @@ def speculative_stream(
             counts = [len(fed[b]) for b in rows]
             if link.samples:
                 assert out is not None
-                _check_finite(torch.isfinite(out).all())
                 q = None if drafted is None else [drafted[b] for b in rows]
                 chosen = _choose(out, counts, [proposals[b] for b in rows], temperature, top_p, generator, q)
-                _send(link, *_packed(chosen, counts, model.device))
+                if model.layout.world_size > 1:
+                    _send(link, *_packed(chosen, counts, model.device))
             else:
                 chosen = _unpacked(*link.recv_tokens(sum(counts)), counts)
             for b, (new, new_logprobs) in zip(rows, chosen):
@@ -151,15 +151,24 @@ def _choose(
     predicts the token after its i-th fed token, so proposal i is checked at position i.
     q: per row, the distributions [len(proposal), V] its proposals were drawn from (a draft
     model's); without, each proposal is certain (prompt lookup).
+
+    The host reads the device once: every position's verdict, the token that replaces a
+    rejected proposal (or follows the last), both log-probabilities, and whether the logits
+    were finite, come back together; a MistralError if they were not.
     """
     logprobs = torch.log_softmax(logits, dim=-1)
+    finite = torch.isfinite(logits).all()
+    # Each position's proposal (0 where there is none), copied without waiting for the forward call.
+    flat = _to_device([t for p in proposals for t in p + [0]], logits.device)
+    has_proposal = _to_device([i < len(p) for p in proposals for i in range(len(p) + 1)], logits.device)
     if temperature == 0:
-        choice = logits.argmax(dim=-1).tolist()  # the one read of the device this step
+        choice = logits.argmax(dim=-1)
+        keep = choice == flat
     else:
-        probs = probabilities(logits, temperature, top_p)
+        # Non-finite logits would fail inside torch.multinomial (on CUDA, killing the process):
+        # such a step draws from uniform numbers, and the flag read with the results raises.
+        probs = probabilities(torch.where(finite, logits, 0.0), temperature, top_p)
         probs = probs / probs.sum(dim=-1, keepdim=True)
-        flat = torch.tensor([t for p in proposals for t in p + [0]], device=logits.device)  # position-aligned (0: no proposal)
-        has_proposal = torch.tensor([i < len(p) for p in proposals for i in range(len(p) + 1)], device=logits.device)
         if q is None:
             proposed = torch.zeros_like(probs).scatter_(-1, flat[:, None], 1.0) * has_proposal[:, None]
         else:
@@ -167,25 +176,35 @@ def _choose(
         uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
         # Keep x with probability min(1, p(x) / q(x)); a rejected one is replaced by a draw from (p - q)+,
         # normalized; after the last proposal, from p itself.
-        keep = (uniform * proposed.gather(-1, flat[:, None]).squeeze(-1) < probs.gather(-1, flat[:, None]).squeeze(-1)).tolist()
+        keep = uniform * proposed.gather(-1, flat[:, None]).squeeze(-1) < probs.gather(-1, flat[:, None]).squeeze(-1)
         draw_from = torch.where(has_proposal[:, None], (probs - proposed).clamp(min=0), probs)
         draw_from = torch.where(draw_from.sum(-1, keepdim=True) > 0, draw_from, probs)  # p was all on the proposal
-        replacement = torch.multinomial(draw_from, 1, generator=generator).squeeze(-1).tolist()
+        choice = torch.multinomial(draw_from, 1, generator=generator).squeeze(-1)
+    lp_proposed, lp_choice = (logprobs.gather(-1, t[:, None]).squeeze(-1) for t in (flat, choice))
+    read = torch.stack([t.double() for t in (keep & has_proposal, choice, lp_proposed, lp_choice, finite.expand_as(choice))]).tolist()
+    kept_at, choice_at, lp_proposed_at, lp_choice_at, finite_at = read  # the one read of the device this step
+    if not all(finite_at):
+        raise MistralError(NON_FINITE)
     out, start = [], 0
     for count, proposal in zip(counts, proposals):
-        new = []
-        for i in range(count):
-            at = start + i
-            if i < len(proposal):
-                kept = choice[at] == proposal[i] if temperature == 0 else keep[at]
-                if kept:
-                    new.append(proposal[i])
-                    continue
-            new.append(choice[at] if temperature == 0 else replacement[at])
-            break
-        out.append((new, [float(logprobs[start + i, t]) for i, t in enumerate(new)]))
+        new, new_logprobs = [], []
+        for at in range(start, start + count):
+            if kept_at[at]:
+                new.append(proposal[at - start])
+                new_logprobs.append(lp_proposed_at[at])
+            else:
+                new.append(int(choice_at[at]))
+                new_logprobs.append(lp_choice_at[at])
+                break
+        out.append((new, new_logprobs))
         start += count
     return out
+
+
+def _to_device(values: list, device: torch.device) -> torch.Tensor:
+    """A host list on `device`; on CUDA through pinned memory, so that the copy waits for nothing queued before it."""
+    host = torch.tensor(values)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
 
 
 class Drafter:

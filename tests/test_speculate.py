@@ -5,11 +5,14 @@ window, the prompts, the chunks, eos and max_tokens; sampled speculation must dr
 token from the distribution plain sampling draws from.
 """
 
+import sys
+
 import pytest
 import torch
 from helpers import DTYPE, assert_greedy, random_model, tiny_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
 
 from mistral import MistralError, generate
 from mistral.sampling import probabilities
@@ -91,6 +94,65 @@ def test_speculation_keeps_proposals() -> None:
         hook.remove()
     assert len(tokens[0]) == 30
     assert len(calls) - 1 < 30  # target forward calls after the prefill, for 29 more tokens
+
+
+class SpeculationReads(TorchFunctionMode):
+    """Counts what mistral/speculate.py reads of tensors on the host (each read waits for the GPU
+    on CUDA), and the model's forward calls (the verify steps, after the prefill)."""
+
+    READS = {"tolist", "item", "__bool__", "__float__", "__int__", "__index__"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if getattr(func, "__name__", "") in self.READS and sys._getframe(1).f_code.co_filename.endswith("speculate.py"):
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9], ids=["greedy", "sampled"])
+def test_a_verify_step_reads_the_device_once(temperature: float) -> None:
+    """The acceptance bookkeeping of a verify step (verdicts, replacement tokens, log-probabilities,
+    whether the logits were finite) reaches the host in one read: each further one would wait
+    for the GPU again. Counted against a run of one token (the prefill and first token only)."""
+    model = MODELS[8]
+    prompts = [[1] + [5, 6, 7, 8] * 4, [1, 9, 10, 9, 10, 9]]
+    counts = []
+    for max_tokens in (1, 16):
+        calls: list[int] = []
+        hook = model.layers["0"].register_forward_pre_hook(lambda module, args: calls.append(1))
+        try:
+            with SpeculationReads() as counted:
+                generate(prompts, model, max_tokens=max_tokens, speculate=4, temperature=temperature, seed=0)
+        finally:
+            hook.remove()
+        counts.append((counted.reads, len(calls)))
+    (reads_1, calls_1), (reads_16, calls_16) = counts
+    assert calls_16 - calls_1 >= 4  # verify steps ran
+    assert reads_16 - reads_1 == calls_16 - calls_1
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9], ids=["greedy", "sampled"])
+def test_logits_that_turn_nan_in_a_verify_step_are_an_error(temperature: float) -> None:
+    """Finite for the prompt, NaN from the first verify step on (a hook on the last norm): a
+    one-line MistralError, read with the step's verdicts, not tokens drawn from garbage or a
+    failure inside torch.multinomial."""
+    model = MODELS[8]
+    calls: list[int] = []
+
+    def nan_after_first(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return out if len(calls) == 1 else torch.full_like(out, float("nan"))
+
+    hook = model.norm.register_forward_hook(nan_after_first)
+    try:
+        with pytest.raises(MistralError, match="logits are not finite"):
+            generate([[1, 5, 6, 7, 5, 6, 7]], model, max_tokens=8, speculate=3, temperature=temperature, seed=0)  # one prefill call (W = 8)
+    finally:
+        hook.remove()
+    assert len(calls) == 2  # the prefill, then the verify step that raised
 
 
 def test_sampled_speculation_draws_from_the_target_distribution() -> None:
