@@ -18,8 +18,8 @@ brings seqlens = [2, 3] new tokens (a prefill chunk):
     row a after     = [a6, a4, a5]              (slot 0, 1, 2)
 
 `cache_inputs` computes all of this once per call, as one of the classes of call
-(Prefill, Chunk, Decode); the layers only consume it through `CacheView.attend`, and
-never decide which mask applies.
+(Prefill, Chunk, Decode, or Mixed: decoding rows beside rows that read a prompt); the
+layers only consume it through `CacheView.attend`, and never decide which mask applies.
 """
 
 from dataclasses import dataclass
@@ -46,7 +46,7 @@ def key_lengths(positions: torch.Tensor, size: int) -> torch.Tensor:
 class CacheInputs:
     """What one forward call needs from the cache, computed once and shared by all layers:
     the new tokens' positions, the mask, and where their keys and values go. One class per
-    kind of call, each with its own `update` (and Decode its own `attend`)."""
+    kind of call, each with its own `update` (and Decode and Mixed their own `attend`)."""
 
     def __init__(self, positions: torch.Tensor, mask: Optional[AttentionBias]):
         self.positions = positions  # [T] absolute position of each new token
@@ -221,7 +221,7 @@ def cache_inputs(seqlens: Sequence[int], cached: Sequence[int], size: int, slidi
 
     # The index tensors, built on the host from one [rows] tensor per quantity (a Python list
     # per token took 6 ms for a chunk call beside 32 rows of 700 cached tokens), then copied
-    # to the device at once.
+    # to the device at once (a Mixed call's Decode makes its own few small copies).
     c, s, row = (torch.tensor(values, dtype=torch.long) for values in ([cached[b] for b in rows], [seqlens[b] for b in rows], rows))
     start = s.cumsum(0) - s  # each row's first new token among the call's
     keep = s.clamp(max=size)  # only the last `size` new tokens survive the call

@@ -22,7 +22,8 @@ p - W, which the tokens after a rejection still read. So the rows hold W + k slo
 (`lookahead`): writing k ahead overwrites only positions older than any later
 token's window, and `RotatingBufferCache.rewind` takes back the rejected ones. Every
 call is a chunk call (mask 2, windowed); the decode mask, which reads a whole row,
-never runs on such rows.
+never runs on such rows (without a window, where a row's filled slots are all its keys,
+a row of no proposals decodes as in a decode step: cache.Mixed).
 """
 
 from typing import Iterator, Optional, Sequence
@@ -202,9 +203,9 @@ def _choose(
 
 
 def _to_device(values: list, device: torch.device) -> torch.Tensor:
-    """A host list on `device`; on CUDA through pinned memory, so that the copy waits for nothing queued before it."""
+    """A host list on `device`; on CUDA through pinned memory, so that the host does not wait for the forward call queued before the copy."""
     host = torch.tensor(values)
-    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
 
 
 class Drafter:

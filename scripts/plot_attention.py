@@ -1,6 +1,6 @@
 """Draw what the library does with attention, into docs/*.png (needs the `plot` extra).
 
-    python scripts/plot_attention.py [--window 4] [--seqlens 6,3,1] [--new 3,2,1] [--out docs]
+    python scripts/plot_attention.py [--window 4] [--seqlens 6,3,1] [--new 3,2,2] [--out docs]
 
 - docs/masks.png: the three xformers masks (first prefill, a later chunk, decoding),
   built by mistral/masks.py through the cache's own per-call metadata and materialized.
@@ -176,7 +176,7 @@ def plot_receptive_field(path: Path, model_dir: Path = DEFAULT_MODEL) -> None:
     plt.close(fig)
 
 
-def plot_attention(out: str = "docs", window: int = 4, seqlens: str = "6,3,1", new: str = "3,2,1") -> None:
+def plot_attention(out: str = "docs", window: int = 4, seqlens: str = "6,3,1", new: str = "3,2,2") -> None:
     """Write masks.png, rolling_buffer.png and receptive_field.png into `out`.
 
     Args:

@@ -100,7 +100,7 @@ class SpeculationReads(TorchFunctionMode):
     """Counts what mistral/speculate.py reads of tensors on the host (each read waits for the GPU
     on CUDA), and the model's forward calls (the verify steps, after the prefill)."""
 
-    READS = {"tolist", "item", "__bool__", "__float__", "__int__", "__index__"}
+    READS = {"tolist", "item", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"}
 
     def __init__(self) -> None:
         super().__init__()
