@@ -244,13 +244,16 @@ class Engine:
             tokens = torch.empty(len(requests), dtype=torch.long, device=logits.device)
             logprobs = torch.empty(len(requests), device=logits.device)
             greedy = torch.tensor([i for i, r in enumerate(requests) if r.temperature == 0], dtype=torch.long, device=logits.device)
+            finite = []  # each sample_step's flag, read once below
             if len(greedy):
-                tokens[greedy], logprobs[greedy], finite = sample_step(logits[greedy], 0.0, 1.0, None)
-                if not bool(finite):
-                    raise MistralError(NON_FINITE)
+                tokens[greedy], logprobs[greedy], flag = sample_step(logits[greedy], 0.0, 1.0, None)
+                finite.append(flag)
             for i, r in enumerate(requests):
-                if r.temperature > 0:  # sample_step checks these logits itself
-                    tokens[i : i + 1], logprobs[i : i + 1], _ = sample_step(logits[i : i + 1], r.temperature, r.top_p, r.generator)
+                if r.temperature > 0:
+                    tokens[i : i + 1], logprobs[i : i + 1], flag = sample_step(logits[i : i + 1], r.temperature, r.top_p, r.generator)
+                    finite.append(flag)
+            if not bool(torch.stack(finite).all()):  # the first read of this step's results
+                raise MistralError(NON_FINITE)
             link.send_tokens(tokens, logprobs)
             # Every other rank waits for them now (a step is one call, no micro-batches to run
             # meanwhile), and a send still pending when the engine is let go would never arrive.

@@ -4,8 +4,6 @@ from typing import Optional
 
 import torch
 
-from mistral.errors import MistralError
-
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
     """logits: [B, V] -> tokens [B]. Greedy at temperature 0, else temperature + nucleus (top-p)."""
@@ -35,12 +33,14 @@ def sample_step(
     """logits: [B, V] -> (tokens [B] as `sample` draws them, their log-probabilities [B],
     whether the logits are all finite: a device flag, for the caller to read a step later).
 
-    NaN or inf would decode as garbage (greedy) or fail inside torch.multinomial: sampling
-    reads the flag here, greedy decoding leaves it to the caller.
+    Nothing here reads the device: a read waits for the GPU, and a decode loop reads once a
+    step, late. NaN or inf would decode as garbage, which the flag then rejects; sampling
+    draws from zeros instead, since they would fail inside torch.multinomial (on CUDA,
+    killing the process).
     """
     finite = torch.isfinite(logits).all()
-    if temperature > 0 and not bool(finite):
-        raise MistralError(NON_FINITE)
+    if temperature > 0:
+        logits = torch.where(finite, logits, 0.0)
     tokens = sample(logits, temperature, top_p, generator)
     return tokens, torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1), finite
 

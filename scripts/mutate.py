@@ -343,6 +343,11 @@ MUTATIONS = [
     Mutation("lookahead-rewind-as-without", "cache.py", r"length >= written - \(self\.size - reach\) - 1", "length >= written - 1",
              "test_speculate.py -k lookahead", "a cache with lookahead slots starts a row over after taking k tokens back"),
     # --- the serving engine, the server, streamed text -------------------------------------
+    Mutation("engine-ignores-nan", "engine.py", r"if not bool\(torch\.stack\(finite\)\.all\(\)\):", "if False:",
+             "test_engine.py -k turn_nan", "the engine samples from NaN logits without a word"),
+    Mutation("sampling-step-reads-its-flag", "sampling.py", r"    if temperature > 0:\n        logits = torch\.where\(finite, logits, 0\.0\)",
+             "    if temperature > 0 and bool(finite):\n        pass",
+             "test_generate.py -k reads_nothing", "a sampling step reads its finite flag (a wait for the GPU every step)"),
     Mutation("engine-row-not-reset", "engine.py", r"r\.row = b\n\s+self\.cache\.reset\(b\)", "r.row = b",
              "test_engine.py -k come_and_go", "a request takes a free row where its predecessor's tokens still count"),
     Mutation("engine-prompt-read-a-token-a-call", "engine.py", r"r\.read = min\(r\.read \+ len\(tokens\)", "r.read = min(r.read + 1",

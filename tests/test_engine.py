@@ -163,6 +163,30 @@ def test_a_bad_request_is_named_and_changes_nothing(options: dict, message: str)
     assert not engine.busy
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])
+def test_logits_that_turn_nan_are_an_error_not_tokens(temperature: float) -> None:
+    """Finite for the prompt, NaN from the next call on (a hook on the last norm): a one-line
+    MistralError from the step that sampled them, read once with the step's tokens, not
+    tokens drawn from garbage, nor a failure inside torch.multinomial."""
+    m = model(8)
+    calls: list[int] = []
+
+    def nan_after_first(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return out if len(calls) == 1 else torch.full_like(out, float("nan"))
+
+    engine = Engine(m, max_context=64)
+    request = engine.submit(Request([1, 5, 6, 7], max_tokens=8, temperature=temperature, seed=0))
+    hook = m.norm.register_forward_hook(nan_after_first)
+    try:
+        engine.step()  # the prompt, and its first token
+        with pytest.raises(MistralError, match="logits are not finite"):
+            engine.step()
+    finally:
+        hook.remove()
+    assert len(request.tokens) == 1
+
+
 def test_max_tokens_zero_finishes_at_once() -> None:
     engine = Engine(model(8))
     r = engine.submit(Request([1, 2], max_tokens=0))

@@ -6,11 +6,12 @@ from typing import Optional
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from helpers import DEVICE, DTYPE, RTOL, assert_greedy, full_forward, random_model, random_prompts, rel_error, tiny_args
 from mistral import MistralError
 from mistral.generation import MicroBatch, generate, stream
-from mistral.sampling import sample
+from mistral.sampling import sample, sample_step
 from mistral.stage import Stage
 
 W = 8  # tiny_args' sliding window
@@ -56,6 +57,30 @@ def test_logprobs_are_log_softmax_of_full_forward(moe: bool) -> None:
             off_argmax += int((logits.argmax(-1) != chosen).sum())
         if temperature > 0:  # so the check above covered drawn tokens, not just the argmax
             assert off_argmax > 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7], ids=["greedy", "sampled"])
+def test_a_sampling_step_reads_nothing_of_the_device(temperature: float) -> None:
+    """sample_step leaves every read to its caller (on CUDA each read waits for the GPU, and a
+    decode loop reads once a step, a step late): not even of NaN logits, which it hands back
+    as a flag, drawing from zeros instead (torch.multinomial would fail on them)."""
+
+    class Reads(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reads: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if getattr(func, "__name__", "") in ("tolist", "item", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"):
+                self.reads.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    generator = torch.Generator().manual_seed(0)
+    for logits in (torch.randn(3, 11), torch.full((3, 11), float("nan"))):
+        with Reads() as counted:
+            tokens, logprobs, finite = sample_step(logits, temperature, 0.9, generator)
+        assert counted.reads == []
+        assert bool(finite) == bool(torch.isfinite(logits).all()) and tokens.shape == logprobs.shape == (3,)
 
 
 def test_sampling_is_reproducible_with_a_seed() -> None:
