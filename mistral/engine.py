@@ -45,7 +45,7 @@ from mistral.cache import CacheTooLarge
 from mistral.errors import MistralError, check_positive_int, is_int
 from mistral.generation import check_model, check_options
 from mistral.model import Transformer
-from mistral.sampling import NON_FINITE, sample_step
+from mistral.sampling import NON_FINITE, sample_step, to_device
 from mistral.stage import Stage
 
 # The most alternatives per token a request may ask for (OpenAI's top_logprobs limit).
@@ -243,15 +243,19 @@ class Engine:
             assert logits is not None
             tokens = torch.empty(len(requests), dtype=torch.long, device=logits.device)
             logprobs = torch.empty(len(requests), device=logits.device)
-            greedy = torch.tensor([i for i, r in enumerate(requests) if r.temperature == 0], dtype=torch.long, device=logits.device)
-            finite = []  # each sample_step's flag, read once below
-            if len(greedy):
-                tokens[greedy], logprobs[greedy], flag = sample_step(logits[greedy], 0.0, 1.0, None)
+            finite = []  # each group's flag, read once below
+            greedy = [i for i, r in enumerate(requests) if r.temperature == 0]
+            if greedy:
+                rows = to_device(greedy, logits.device)
+                tokens[rows], logprobs[rows], flag = sample_step(logits[rows], 0.0, 1.0, None)
                 finite.append(flag)
-            for i, r in enumerate(requests):
-                if r.temperature > 0:
-                    tokens[i : i + 1], logprobs[i : i + 1], flag = sample_step(logits[i : i + 1], r.temperature, r.top_p, r.generator)
-                    finite.append(flag)
+            sampled = [r for r in requests if r.temperature > 0]
+            if sampled:  # together, each at its own temperature and top_p, with its own generator
+                rows = to_device([i for i, r in enumerate(requests) if r.temperature > 0], logits.device)
+                temperatures = to_device([r.temperature for r in sampled], logits.device, torch.float32)
+                top_ps = to_device([r.top_p for r in sampled], logits.device, torch.float32)
+                tokens[rows], logprobs[rows], flag = sample_step(logits[rows], temperatures, top_ps, [r.generator for r in sampled])
+                finite.append(flag)
             if not bool(torch.stack(finite).all()):  # the first read of this step's results
                 raise MistralError(NON_FINITE)
             link.send_tokens(tokens, logprobs)

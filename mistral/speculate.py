@@ -32,7 +32,7 @@ import torch
 
 from mistral.cache import RotatingBufferCache, prefill_calls
 from mistral.errors import MistralError
-from mistral.sampling import NON_FINITE, probabilities, sample_step
+from mistral.sampling import NON_FINITE, probabilities, sample_step, to_device
 from mistral.model import Transformer
 from mistral.parallel import Link
 from mistral.stage import Stage
@@ -160,8 +160,8 @@ def _choose(
     logprobs = torch.log_softmax(logits, dim=-1)
     finite = torch.isfinite(logits).all()
     # Each position's proposal (0 where there is none), copied without waiting for the forward call.
-    flat = _to_device([t for p in proposals for t in p + [0]], logits.device)
-    has_proposal = _to_device([i < len(p) for p in proposals for i in range(len(p) + 1)], logits.device)
+    flat = to_device([t for p in proposals for t in p + [0]], logits.device)
+    has_proposal = to_device([i < len(p) for p in proposals for i in range(len(p) + 1)], logits.device)
     if temperature == 0:
         choice = logits.argmax(dim=-1)
         keep = choice == flat
@@ -200,12 +200,6 @@ def _choose(
         out.append((new, new_logprobs))
         start += count
     return out
-
-
-def _to_device(values: list, device: torch.device) -> torch.Tensor:
-    """A host list on `device`; on CUDA through pinned memory, so that the host does not wait for the forward call queued before the copy."""
-    host = torch.tensor(values)
-    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
 
 
 class Drafter:

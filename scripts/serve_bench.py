@@ -16,6 +16,7 @@ their length (no eos). Weights and prompts are random, so the tokens mean nothin
 the times do.
 
     python scripts/serve_bench.py --out $OUT                      # GPU, Mistral 7B shapes, ~4 min on an H200
+    python scripts/serve_bench.py --temperature 1 --out $OUT      # sampled requests, each with its own seed
     python scripts/serve_bench.py --device cpu --tiny              # any machine: checks the script, ~20 s
 """
 
@@ -75,7 +76,7 @@ def prompt_tokens_left(engine: Engine) -> int:
     return sum(len(r.prompt) - r.read for r in [*engine.waiting, *engine.rows] if r is not None)
 
 
-def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float, seed: int) -> dict[str, Any]:
+def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float, seed: int, temperature: float = 0.0) -> dict[str, Any]:
     """The jobs arriving as a Poisson process of `rate` requests/s (inf: all at once), run to the end.
 
     Where the time went, by kind of forward call: chunk calls (prompt tokens read beside the
@@ -87,7 +88,8 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
     for _ in jobs:
         arrivals.append(t)
         t += 0.0 if math.isinf(rate) else rng.expovariate(rate)
-    requests = [Request(prompt, max_tokens=n) for prompt, n in jobs]
+    # Sampled requests each with a seed of its own (a generator per row), as clients that set one.
+    requests = [Request(prompt, max_tokens=n, temperature=temperature, seed=i if temperature else None) for i, (prompt, n) in enumerate(jobs)]
     times: dict[int, list[float]] = {i: [] for i in range(len(jobs))}
     index = {id(r): i for i, r in enumerate(requests)}
     start = time.perf_counter()
@@ -146,14 +148,14 @@ def steady_decode(engine: Engine, rows: int, steps: int, device: torch.device) -
     return rows * steps / seconds
 
 
-def static_batches(model: Transformer, jobs: list[tuple[list[int], int]], rows: int) -> dict[str, Any]:
+def static_batches(model: Transformer, jobs: list[tuple[list[int], int]], rows: int, temperature: float = 0.0) -> dict[str, Any]:
     """The jobs as consecutive batches of `rows` through generate(), each run to its longest answer."""
     stage = Stage(model)
     sync(model.device)
     start = time.perf_counter()
     for first in range(0, len(jobs), rows):
         batch = jobs[first : first + rows]
-        generate([p for p, _ in batch], model, max_tokens=max(n for _, n in batch), stage=stage)
+        generate([p for p, _ in batch], model, max_tokens=max(n for _, n in batch), stage=stage, temperature=temperature, seed=first)
     sync(model.device)
     elapsed = time.perf_counter() - start
     generated = sum(n for _, n in jobs)
@@ -173,6 +175,7 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=None, help="prompt tokens per forward call (default: the engine's)")
     p.add_argument("--steady-steps", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="every request's (0: greedy); sampled ones each seeded")
     cfg = p.parse_args()
     if cfg.tiny:
         cfg.requests, cfg.max_batch, cfg.prompt, cfg.answer, cfg.steady_steps = 24, 8, "8,40", "4,24", 10
@@ -189,14 +192,14 @@ def main() -> None:
     if device.type == "cuda":
         results["device_name"] = torch.cuda.get_device_name(device)
     log("warm-up: every bucket of rows, prompts of every length read beside decoding rows")
-    run_arrivals(engine, jobs[: cfg.max_batch + 3], math.inf, cfg.seed)
+    run_arrivals(engine, jobs[: cfg.max_batch + 3], math.inf, cfg.seed, cfg.temperature)
     results["steady_decode_tokens_per_s"] = steady_decode(engine, cfg.max_batch, cfg.steady_steps, device)
     log(f"steady decode, {cfg.max_batch} rows: {results['steady_decode_tokens_per_s']:.1f} tokens/s")
-    results["static"] = static_batches(model, jobs, cfg.max_batch)
+    results["static"] = static_batches(model, jobs, cfg.max_batch, cfg.temperature)
     log(f"static batches of {cfg.max_batch}: {results['static']['tokens_per_s']:.1f} tokens/s")
     results["runs"] = []
     for rate in (float(r) for r in cfg.rates.split(",")):
-        run = run_arrivals(engine, jobs, rate, cfg.seed + 1)
+        run = run_arrivals(engine, jobs, rate, cfg.seed + 1, cfg.temperature)
         results["runs"].append(run)
         log(f"rate {rate:g}/s: {run['tokens_per_s']:.1f} tokens/s, TTFT p50 {run['ttft_s']['p50']:.3f} s p99 {run['ttft_s']['p99']:.3f} s, "
             f"TBT p50 {run['tbt_s']['p50'] * 1e3:.1f} ms p99 {run['tbt_s']['p99'] * 1e3:.1f} ms, {run['mean_busy_rows']:.1f} rows busy; "

@@ -83,6 +83,29 @@ def test_a_sampling_step_reads_nothing_of_the_device(temperature: float) -> None
         assert bool(finite) == bool(torch.isfinite(logits).all()) and tokens.shape == logprobs.shape == (3,)
 
 
+def test_rows_sampled_together_each_follow_their_own_options_and_generator() -> None:
+    """A batch of requests samples in one pass (the engine): each row at its own temperature and
+    top_p draws from its own nucleus (within 5 standard deviations over N draws), and a row's
+    tokens depend on its generator alone, not on the rows beside it."""
+    N = 20000
+    options = [(0.5, 0.7), (2.0, 1.0), (1.0, 0.95)]  # (temperature, top_p) of rows 0, 1, 2 mod 3
+    rows = [LOGITS, LOGITS[::-1], LOGITS]
+    logits = torch.tensor(rows).repeat(N, 1)
+    temperatures = torch.tensor([t for t, _ in options]).repeat(N)
+    top_ps = torch.tensor([p for _, p in options]).repeat(N)
+    generators = [torch.Generator().manual_seed(i) for i in range(3 * N)]
+    drawn = sample(logits, temperatures, top_ps, generators)
+    for k, (row, (temperature, top_p)) in enumerate(zip(rows, options)):
+        want = torch.tensor(nucleus_by_hand(row, temperature, top_p), dtype=torch.float64)
+        counts = torch.bincount(drawn[k::3], minlength=len(row)).double()
+        assert (counts[want == 0] == 0).all(), k
+        assert ((counts - N * want).abs() <= 5 * (N * want * (1 - want)).sqrt() + 1e-9).all(), (k, counts, N * want)
+    # Row 1 alone, with the same generator state, draws what it drew beside the others.
+    for i in (1, 4, 3 * N - 2):
+        alone = sample(logits[i : i + 1], temperatures[i : i + 1], top_ps[i : i + 1], [torch.Generator().manual_seed(i)])
+        assert alone.item() == drawn[i].item()
+
+
 def test_sampling_is_reproducible_with_a_seed() -> None:
     model = random_model(tiny_args())
     prompts = random_prompts([3, 11], model.args.vocab_size, seed=9)
