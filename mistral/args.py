@@ -121,10 +121,13 @@ class ModelArgs:
                 f"ModelArgs.moe: num_experts_per_tok={self.moe.num_experts_per_tok} must be in 1..num_experts={self.moe.num_experts}"
             )
         group = self.quantization.group_size if self.quantization is not None else None
-        for name, width, reads in (("dim", self.dim, "wq, wk, wv, w1, w3"), ("n_heads * head_dim", self.n_heads * self.head_dim, "wo"),
-                                   ("hidden_dim", self.hidden_dim, "w2")):  # fmt: skip
+        widths = (("dim", self.dim, "wq, wk, wv, w1, w3"), ("n_heads * head_dim", self.n_heads * self.head_dim, "wo"),
+                  ("hidden_dim", self.hidden_dim, "w2"))  # fmt: skip
+        for name, width, reads in widths:
             if group is not None and width % group:
-                raise MistralError(f"int4 group_size={group} does not divide the model's {name}={width} (the input width of {reads})")
+                fits = [str(g) for g in INT4_GROUP_SIZES if all(w % g == 0 for _, w, _ in widths)]
+                hint = f"group sizes that do: {', '.join(fits)}" if fits else f"none of {', '.join(map(str, INT4_GROUP_SIZES))} does"
+                raise MistralError(f"int4 group_size={group} does not divide the model's {name}={width} (the input width of {reads}); {hint}")
 
     @classmethod
     def from_json(cls, path: Path) -> "ModelArgs":

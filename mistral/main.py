@@ -117,6 +117,7 @@ class LoadProgress:
         self.folder, self.after_s = folder, after_s
         self.start = self.last = time.perf_counter()
         self.open = False  # a line shown, and not yet ended
+        self.live = sys.stderr.isatty()  # a terminal: a line rewritten in place; a log or a pipe: the last line only
 
     def __enter__(self) -> "LoadProgress":
         return self
@@ -129,6 +130,8 @@ class LoadProgress:
     def __call__(self, done: int, total: int, nbytes: int) -> None:
         now = time.perf_counter()
         if now - self.start < self.after_s or (done < total and now - self.last < 0.2):
+            return
+        if done < total and not self.live:
             return
         self.last, self.open = now, done < total
         print(f"\rloading {self.folder}: {done}/{total} tensors, {nbytes / 2**30:.2f} GiB", end="\n" if done == total else "",
@@ -300,6 +303,11 @@ def generate(
             hold whole experts (E / num_tensor_ranks each) instead of a slice of every expert.
     """
     folder, prompts = split_model_and_prompts([str(i) for i in inputs])
+    if folder != DEFAULT_MODEL and not is_dir(folder):  # a prompt such as "print(1/2)" looks like a folder
+        raise MistralError(
+            f'{folder}: model folder not found (an input with a "/" and no spaces is read as MODEL_DIR; for a prompt '
+            f'like it, name the model first: mistral generate {DEFAULT_MODEL} "{folder}")'
+        )
     if not prompts:
         raise MistralError('no prompt given: mistral generate [MODEL_DIR] "prompt" [more prompts]')
     for i, p in enumerate(prompts):

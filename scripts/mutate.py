@@ -325,6 +325,10 @@ MUTATIONS = [
              "test_convert.py -k 'bad_tensors and integers'", "convert writes integer weights, a folder that does not load"),
     Mutation("lora-merges-integers", "lora.py", r"if not t\.is_floating_point\(\):", "if False:",
              "test_lora.py -k integers", "a LoRA adapter of integers merges, and the model generates nonsense"),
+    Mutation("prompt-like-a-folder-unexplained", "main.py", r"if folder != DEFAULT_MODEL and not is_dir\(folder\):", "if False:",
+             "test_cli.py -k prompt-like-a-folder", "generate \"print(1/2)\" says only that no prompt was given"),
+    Mutation("progress-rewritten-into-a-log", "main.py", r"if done < total and not self\.live:", "if False:",
+             "test_bad_input.py -k into_a_log", "a load's progress into a log is every update run together on one line"),
     Mutation("unreadable-folder-called-output-failure", "main.py", r"if e\.filename is not None:", "if False:",
              "test_bad_input.py -k 'may_not_be_read and folder'", "a folder without read permission reads 'cannot write the output'"),
     # --- speculative decoding ------------------------------------------------------------

@@ -799,6 +799,24 @@ def test_what_may_not_be_read_is_named(tmp_path: Path, case: str) -> None:
     assert not out.exists() or case == "convert into"
 
 
+def test_progress_into_a_log_is_its_last_line_only(cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where stderr is no terminal (a log, a pipe), a long load's progress is not a line rewritten
+    in place, which a log would hold as one line of every update run together: the last only."""
+    from mistral.main import LoadProgress
+
+    def shown_at_once(self: LoadProgress, folder: Path, after_s: float = 1.0) -> None:
+        real_init(self, folder, after_s=0.0)
+        self.start = self.last = -math.inf  # every tensor read would be shown, however fast
+
+    real_init = LoadProgress.__init__
+    monkeypatch.setattr(LoadProgress, "__init__", shown_at_once)
+    code, out, err = cli("quantize", str(mistral.DEFAULT_MODEL), str(tmp_path / "out"))
+    progress = [line for line in err.split("\n") if "loading " in line]
+    assert code == 0 and len(progress) == 1 and progress[0].count("loading ") == 1, err
+    n = len(load_file(str(mistral.DEFAULT_MODEL / SAFETENSORS)))
+    assert f": {n}/{n} tensors" in progress[0]
+
+
 def test_an_error_while_loading_starts_a_line_of_its_own(cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed read of a large checkpoint ends the progress line it showed (the error was written on at its end)."""
     from mistral.main import LoadProgress
@@ -806,6 +824,7 @@ def test_an_error_while_loading_starts_a_line_of_its_own(cli: Any, tmp_path: Pat
     def shown_at_once(self: LoadProgress, folder: Path, after_s: float = 1.0) -> None:
         real_init(self, folder, after_s=0.0)
         self.start = self.last = -math.inf  # the first tensor read is shown, however fast
+        self.live = True  # as on a terminal (the test's stderr is not one)
 
     real_init = LoadProgress.__init__
     monkeypatch.setattr(LoadProgress, "__init__", shown_at_once)

@@ -19,6 +19,7 @@ import pytest
 import torch
 from make_tiny_model import make_tiny_model
 
+from mistral import DEFAULT_MODEL
 from mistral.checkpoint import PARAMS, TOKENIZER
 from mistral.generation import generate
 from mistral.main import main
@@ -101,7 +102,10 @@ def test_bad_input_subprocess_has_no_traceback(tmp_path: Path) -> None:
     result = run_cli("generate", str(tmp_path / "missing"), "hi")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: model folder not found"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'missing'}: model folder not found (an input with a \"/\" and no spaces is read as MODEL_DIR; "
+        f"for a prompt like it, name the model first: mistral generate {DEFAULT_MODEL} \"{tmp_path / 'missing'}\")"
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +120,8 @@ def no_tokenizer_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 BAD_INPUTS = {
     "missing-folder": (["generate", "{missing}", "hi"], "model folder not found"),
     "no-prompt": (["generate", "{model}"], "no prompt given"),
+    # A prompt alone that holds a "/" and no spaces reads as a folder: the error says how to give it.
+    "prompt-like-a-folder": (["generate", "print(1/2)"], 'print(1/2): model folder not found (an input with a "/" and no spaces is read as MODEL_DIR'),
     "no-tokenizer": (["generate", "{no_tokenizer}", "hi"], "no tokenizer file in the model folder, expected exactly one of"),
     "empty-prompt": (["generate", "{model}", "hi", ""], "prompt 1 is empty"),
     "blank-prompt": (["generate", "{model}", "   "], "prompt 0 is empty"),
