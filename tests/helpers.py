@@ -7,11 +7,13 @@ kernels in bfloat16, with the looser tolerance that precision needs.
 
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.overrides import TorchFunctionMode
 
 from mistral import ModelArgs, MoeArgs, Transformer, kernels
 
@@ -148,3 +150,21 @@ def assert_greedy(model: Transformer, prompt: list[int], generated: list[int], n
     gap = logits.max(-1).values - chosen
     tolerance = RTOL * logits.abs().max(-1).values
     assert (gap <= tolerance).all(), f"gaps {gap.tolist()} exceed tolerances {tolerance.tolist()}"
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the host's reads of tensors while active (on CUDA each one waits for the GPU):
+    every read, or, with `only_in`, those made directly in source files of that name."""
+
+    READS = {"tolist", "item", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"}
+
+    def __init__(self, only_in: Optional[str] = None) -> None:
+        super().__init__()
+        self.only_in, self.reads = only_in, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if getattr(func, "__name__", "") in self.READS and (
+            self.only_in is None or sys._getframe(1).f_code.co_filename.endswith(self.only_in)
+        ):
+            self.reads += 1
+        return func(*args, **(kwargs or {}))

@@ -6,9 +6,8 @@ from typing import Optional
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
-from helpers import DEVICE, DTYPE, RTOL, assert_greedy, full_forward, random_model, random_prompts, rel_error, tiny_args
+from helpers import DEVICE, DTYPE, RTOL, HostReads, assert_greedy, full_forward, random_model, random_prompts, rel_error, tiny_args
 from mistral import MistralError
 from mistral.generation import MicroBatch, generate, stream
 from mistral.sampling import sample, sample_step
@@ -65,21 +64,11 @@ def test_a_sampling_step_reads_nothing_of_the_device(temperature: float) -> None
     decode loop reads once a step, a step late): not even of NaN logits, which it hands back
     as a flag, drawing from zeros instead (torch.multinomial would fail on them)."""
 
-    class Reads(TorchFunctionMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.reads: list[str] = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            if getattr(func, "__name__", "") in ("tolist", "item", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"):
-                self.reads.append(func.__name__)
-            return func(*args, **(kwargs or {}))
-
     generator = torch.Generator().manual_seed(0)
     for logits in (torch.randn(3, 11), torch.full((3, 11), float("nan"))):
-        with Reads() as counted:
+        with HostReads() as counted:
             tokens, logprobs, finite = sample_step(logits, temperature, 0.9, generator)
-        assert counted.reads == []
+        assert counted.reads == 0
         assert bool(finite) == bool(torch.isfinite(logits).all()) and tokens.shape == logprobs.shape == (3,)
 
 

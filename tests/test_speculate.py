@@ -5,14 +5,11 @@ window, the prompts, the chunks, eos and max_tokens; sampled speculation must dr
 token from the distribution plain sampling draws from.
 """
 
-import sys
-
 import pytest
 import torch
-from helpers import DTYPE, assert_greedy, random_model, tiny_args
+from helpers import DTYPE, HostReads, assert_greedy, random_model, tiny_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.overrides import TorchFunctionMode
 
 from mistral import MistralError, generate
 from mistral.sampling import probabilities
@@ -96,22 +93,6 @@ def test_speculation_keeps_proposals() -> None:
     assert len(calls) - 1 < 30  # target forward calls after the prefill, for 29 more tokens
 
 
-class SpeculationReads(TorchFunctionMode):
-    """Counts what mistral/speculate.py reads of tensors on the host (each read waits for the GPU
-    on CUDA), and the model's forward calls (the verify steps, after the prefill)."""
-
-    READS = {"tolist", "item", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if getattr(func, "__name__", "") in self.READS and sys._getframe(1).f_code.co_filename.endswith("speculate.py"):
-            self.reads += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("temperature", [0.0, 0.9], ids=["greedy", "sampled"])
 def test_a_verify_step_reads_the_device_once(temperature: float) -> None:
     """The acceptance bookkeeping of a verify step (verdicts, replacement tokens, log-probabilities,
@@ -124,7 +105,7 @@ def test_a_verify_step_reads_the_device_once(temperature: float) -> None:
         calls: list[int] = []
         hook = model.layers["0"].register_forward_pre_hook(lambda module, args: calls.append(1))
         try:
-            with SpeculationReads() as counted:
+            with HostReads(only_in="speculate.py") as counted:
                 generate(prompts, model, max_tokens=max_tokens, speculate=4, temperature=temperature, seed=0)
         finally:
             hook.remove()
