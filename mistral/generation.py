@@ -216,6 +216,7 @@ def stream(
     stage: Optional[Stage] = None,
     speculate: int = 0,
     draft: Optional[Transformer] = None,
+    speculation: Optional[dict[str, int]] = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens [B], logprobs [B]) on the model's device after each step.
 
@@ -251,6 +252,9 @@ def stream(
     token, sampled output follows the same distribution; in one micro-batch, without a cache.
     draft: with speculate, a smaller model of the same vocabulary (on the same device)
     whose own tokens are the proposals instead.
+    speculation: with speculate, a dict into which its counts are added as it runs: "steps"
+    (verify steps), "rows" (rows verified, over all steps), "tokens" (the tokens they gave),
+    "proposed" and "kept" (proposals).
 
     Every rank of a parallel model yields the same tokens.
     """
@@ -287,7 +291,7 @@ def stream(
     if speculate:
         yield from speculative_stream(
             encoded_prompts, stage, max_tokens=max_tokens, speculate=speculate, temperature=temperature, top_p=top_p,
-            chunk_size=chunk_size, eos_id=eos_id, seed=seed, compile=compile, draft=draft,
+            chunk_size=chunk_size, eos_id=eos_id, seed=seed, compile=compile, draft=draft, tally=speculation,
         )  # fmt: skip
         return
     fast = dict(compile=compile, cuda_graphs=cuda_graphs)

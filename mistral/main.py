@@ -169,6 +169,7 @@ class Timing:
     decode_s: float = 0.0  # the steps after it
     decoded: int = 0  # the tokens those steps produced
     warm_up: dict[str, float] = field(default_factory=dict)
+    speculation: dict[str, int] = field(default_factory=dict)  # stream's counts, where it speculates
 
     @property
     def warm_up_s(self) -> float:
@@ -190,6 +191,8 @@ def complete(
     start = time.perf_counter()
     first = last = warm_before = 0.0
     steps = 0
+    if options.get("speculate"):
+        options["speculation"] = timing.speculation
     for tokens, logprobs in stream([c.prompt_tokens for c in completions], model, eos_id=tokenizer.eos_id, cache=cache,
                                    warm_up=warm_up, **options):  # fmt: skip
         new = 0
@@ -390,6 +393,8 @@ def generate(
         prefill_tokens_per_s=rate(n_prompt, timing.prefill_s),
         decode_tokens_per_s=rate(timing.decoded, timing.decode_s),
     )
+    if timing.speculation:
+        timings["speculation"] = dict(timing.speculation)
     if json:
         results = [
             dict(prompt=p, completion=c.text, prompt_tokens=c.prompt_tokens, tokens=c.tokens, logprobs=c.logprobs,
@@ -409,7 +414,14 @@ def timing_line(n_prompt: int, n_new: int, timing: Timing) -> str:
         + (f"warm-up: {timing.warm_up_s:.2f} s ({warm_up}), " if warm_up else "")
         + f"prefill: {timing.prefill_s:.2f} s ({rate(n_prompt, timing.prefill_s)} tokens/s), "
         + f"decode: {timing.decode_s:.2f} s ({rate(timing.decoded, timing.decode_s)} tokens/s)"
+        + (speculation_line(timing.speculation) if timing.speculation else "")
     )
+
+
+def speculation_line(counts: dict[str, int]) -> str:
+    """, speculation: 1.92 tokens a row per verify step (kept 312 of 480 proposals)"""
+    per_row = counts["tokens"] / counts["rows"] if counts.get("rows") else 0.0
+    return f", speculation: {per_row:.2f} tokens a row per verify step (kept {counts.get('kept', 0)} of {counts.get('proposed', 0)} proposals)"
 
 
 def rate(tokens: int, seconds: float) -> float:

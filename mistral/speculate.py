@@ -67,13 +67,15 @@ def speculative_stream(
     seed: Optional[int],
     compile: bool,
     draft: Optional[Transformer] = None,
+    tally: Optional[dict[str, int]] = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`stream` with up to `speculate` proposed tokens per row and step: the same (tokens [B],
     logprobs [B]) per step, each step yielded once every row has its token (a row that has
     produced eos yields eos, log-probability 0, until the others end).
 
     draft: a smaller model of the same vocabulary whose own tokens are the proposals
-    (`Drafter`); by default prompt lookup (`propose`)."""
+    (`Drafter`); by default prompt lookup (`propose`).
+    tally: `stream`'s `speculation`, added to as the steps run."""
     model = stage.model
     B, k = len(encoded_prompts), speculate
     longest = max(len(p) for p in encoded_prompts)
@@ -132,6 +134,10 @@ def speculative_stream(
                     _send(link, *_packed(chosen, counts, model.device))
             else:
                 chosen = _unpacked(*link.recv_tokens(sum(counts)), counts)
+            if tally is not None:  # what a user reads to judge the speculation (mistral generate's timing line)
+                for key, n in (("steps", 1), ("rows", len(rows)), ("tokens", sum(len(new) for new, _ in chosen)),
+                               ("proposed", sum(len(proposals[b]) for b in rows)), ("kept", sum(len(new) - 1 for new, _ in chosen))):  # fmt: skip
+                    tally[key] = tally.get(key, 0) + n
             for b, (new, new_logprobs) in zip(rows, chosen):
                 accepted = len(new) - 1  # proposals kept; the last token is the model's own
                 cache.rewind(b, before[b] + 1 + accepted)  # the fed last token and the kept proposals stay

@@ -344,6 +344,8 @@ MUTATIONS = [
              "test_speculate.py -k target_distribution", "a proposal is kept with probability 1 - p(x)"),
     Mutation("draft-accept-rule-ignores-q", "speculate.py", r"keep = uniform \* proposed\.gather", "keep = uniform + 0 * proposed.gather",
              "test_speculate.py -k 'with_a_draft_draws'", "a draft's proposal is kept with probability p(x), not min(1, p(x) / q(x))"),
+    Mutation("speculation-tally-counts-steps-as-rows", "speculate.py", r'\("rows", len\(rows\)\)', '("rows", 1)',
+             "test_cli.py -k speculate", "the timing line's tokens a row per verify step counts every step as one row"),
     Mutation("verify-step-ignores-nan", "speculate.py", r"if not all\(finite_at\):", "if False:",
              "test_speculate.py -k turn_nan", "a verify step's non-finite logits go unnoticed"),
     Mutation("verify-step-logprob-of-the-other-token", "speculate.py", r"new_logprobs\.append\(lp_choice_at\[at\]\)", "new_logprobs.append(lp_proposed_at[at])",

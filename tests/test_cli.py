@@ -197,3 +197,15 @@ def test_speculate_prints_what_plain_decoding_prints(model_dir: Path, monkeypatc
     code, out, err = run_in_process(monkeypatch, capsys, "generate", str(model_dir), *prompts, "--max_tokens", "12", "--speculate", "3", "--device", "cpu")
     assert code == 0, err
     assert out == expected_output(model_dir, prompts, 12)
+    # What a user judges the speculation by: its counts, on the timing line and in --json.
+    code, out, err = run_in_process(monkeypatch, capsys, "generate", str(model_dir), *prompts, "--max_tokens", "12", "--speculate", "3",
+                                    "--device", "cpu", "--json")  # fmt: skip
+    counts = json.loads(out)["timings"]["speculation"]
+    assert counts["tokens"] == counts["rows"] + counts["kept"] and counts["kept"] <= counts["proposed"] <= 3 * counts["rows"]
+    assert counts["steps"] <= counts["rows"] <= 2 * counts["steps"]
+    # Each row's first token comes from the prefill; the verify steps give the rest (to 12, or to eos).
+    assert sum(len(r["tokens"]) for r in json.loads(out)["results"]) - 2 <= counts["tokens"] <= 2 * 11
+    per_row = counts["tokens"] / counts["rows"]
+    assert err.strip().splitlines()[-1].endswith(f"speculation: {per_row:.2f} tokens a row per verify step (kept {counts['kept']} of {counts['proposed']} proposals)")
+    code, out, err = run_in_process(monkeypatch, capsys, "generate", str(model_dir), prompts[1], "--max_tokens", "4", "--device", "cpu", "--json")
+    assert "speculation" not in json.loads(out)["timings"] and "speculation" not in err
