@@ -63,8 +63,13 @@ def decode_kernel_applies(xq: torch.Tensor, backend: Backend) -> bool:
     kernel reads the key lengths from the decode mask itself (mask 3), and "xformers" keeps
     xformers' kernel for every mask, to compare the two.
     """
-    head_dim = xq.shape[-1]
-    return backend == "auto" and _half_on_cuda(xq) and kernels.triton is not None and head_dim in (16, 32, 64, 128, 256)
+    return decode_kernel_runs(xq.device, xq.dtype, xq.shape[-1], backend)
+
+
+def decode_kernel_runs(device: torch.device, dtype: torch.dtype, head_dim: int, backend: Backend) -> bool:
+    """decode_kernel_applies for queries of this device, dtype and head size."""
+    half_on_cuda = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    return backend == "auto" and half_on_cuda and kernels.triton is not None and head_dim in (16, 32, 64, 128, 256)
 
 
 def attend(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: AttentionBias, backend: Backend) -> torch.Tensor:

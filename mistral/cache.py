@@ -18,7 +18,8 @@ brings seqlens = [2, 3] new tokens (a prefill chunk):
     row a after     = [a6, a4, a5]              (slot 0, 1, 2)
 
 `cache_inputs` computes all of this once per call, as one of the classes of call
-(Prefill, Chunk, Decode, or Mixed: decoding rows beside rows that read a prompt); the
+(Prefill, Chunk, Decode, or Mixed: decoding rows beside rows that read a prompt; and
+speculative decoding's Verify); the
 layers only consume it through `CacheView.attend`, and never decide which mask applies.
 """
 
@@ -168,7 +169,64 @@ class Decode(CacheInputs):
         if not decode_kernel_applies(xq, backend):
             return super().attend(k, v, xq, xk, xv, backend)
         assert k is not None and v is not None
-        return decode_attention(xq, xk, xv, k, v, self.write_to, self.mask.k_seqinfo.seqlen)
+        seqlen = self.mask.k_seqinfo.seqlen  # every filled slot is in the window: visible as it is scanned
+        return decode_attention(xq, xk, xv, k, v, self.write_to, seqlen, seqlen)
+
+
+class Verify(CacheInputs):
+    """Speculative decoding's verify step: n tokens for each of rows 0..B-1 (the row's last
+    token and n - 1 proposals), at positions lengths[b] .. lengths[b] + n - 1, in a cache
+    of W + n - 1 slots a row or more (`RotatingBufferCache.row_size`'s lookahead).
+
+    Where the decode kernel applies, it is a decode step of B * n queries: the call's keys
+    are stored first, then each query reads its row in place, up to its own position and no
+    further back than its window (kernels.decode_attention's `visible`), so that a CUDA
+    graph replays it (decode.Runner.verify) with the fused kernels of a decode step. Elsewhere
+    it is the chunk call (mask 2) of the same tokens, keys gathered in position order.
+
+    Worked example, W = 3, n = 3 (slots 5): row a holds positions 0..6, and 7, 8, 9 come in.
+    Position 7 goes to slot 2, 8 to 3, 9 to 4; query 8 (slot 3) sees slots 3, 2, 1
+    (positions 8, 7, 6), never slot 4 (position 9, "4 behind" going round) or slot 0 (5).
+    """
+
+    def __init__(self, lengths: Sequence[int], n: int, size: int, sliding_window: Optional[int], device: torch.device, *,
+                 static: bool = False):  # fmt: skip
+        """static: for a captured graph (Decode's), on CUDA where the decode kernel applies; `restart` moves it."""
+        B = len(lengths)
+        self.n, self.window = n, sliding_window
+        self.queries = Decode(self._positions(lengths), size, device, static=static, rows=[b for b in range(B) for _ in range(n)])
+        super().__init__(self.queries.positions, None)
+        self.visible = torch.empty_like(self.positions)
+        self._visible()
+        # The chunk call's inputs, made where they are used: not in a graph, nor where the kernel applies.
+        self.lengths, self.size, self._chunk = list(lengths), size, None
+        check_fits([n] * B, lengths, size, sliding_window)
+
+    def _positions(self, lengths: Sequence[int]) -> list[int]:
+        return [length + j for length in lengths for j in range(self.n)]
+
+    def _visible(self) -> None:
+        # A query at position p sees p + 1 positions, or its window.
+        self.visible.copy_(self.positions + 1 if self.window is None else (self.positions + 1).clamp(max=self.window))
+
+    def restart(self, lengths: Sequence[int]) -> None:
+        """In place, the inputs of a verify step from rows that hold lengths[b] tokens."""
+        check_fits([self.n] * len(lengths), lengths, self.size, self.window)
+        self.queries.restart(self._positions(lengths))
+        self._visible()
+        self.lengths, self._chunk = list(lengths), None
+
+    def attend(self, k: Optional[torch.Tensor], v: Optional[torch.Tensor], xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor,
+               backend: Backend) -> torch.Tensor:  # fmt: skip
+        assert k is not None and v is not None
+        if decode_kernel_applies(xq, backend):
+            # Every key first: a query reads those of the row's earlier new tokens.
+            _store(k, v, xk, xv, self.queries.write_to)
+            q = self.queries
+            return decode_attention(xq, xk, xv, k, v, q.write_to, q.mask.k_seqinfo.seqlen, self.visible)
+        if self._chunk is None:
+            self._chunk = cache_inputs([self.n] * len(self.lengths), self.lengths, self.size, self.window, xq.device)
+        return self._chunk.attend(k, v, xq, xk, xv, backend)
 
 
 class Mixed(CacheInputs):
@@ -199,18 +257,22 @@ def _store(k: torch.Tensor, v: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor,
     v.flatten(0, 1).index_copy_(0, write_to, xv)
 
 
+def check_fits(seqlens: Sequence[int], cached: Sequence[int], size: int, sliding_window: Optional[int]) -> None:
+    """Without a window the buffer cannot roll: position p must have a slot of its own."""
+    if sliding_window is None or size < sliding_window:
+        for b, s in enumerate(seqlens):
+            if s and cached[b] + s > size:
+                raise MistralError(
+                    f"sequence {b} would reach {cached[b] + s} tokens, past the cache's {size} slots "
+                    f"(sliding_window={sliding_window}): make a larger cache"
+                )
+
+
 def cache_inputs(seqlens: Sequence[int], cached: Sequence[int], size: int, sliding_window: Optional[int], device: torch.device) -> CacheInputs:
     """The call that brings seqlens[b] new tokens to row b, which holds cached[b] tokens so far."""
     assert len(seqlens) <= len(cached)
     rows = [b for b, s in enumerate(seqlens) if s > 0]
-    # Without a window the buffer cannot roll: position p must have a slot of its own.
-    if sliding_window is None or size < sliding_window:
-        for b in rows:
-            if cached[b] + seqlens[b] > size:
-                raise MistralError(
-                    f"sequence {b} would reach {cached[b] + seqlens[b]} tokens, past the cache's {size} slots "
-                    f"(sliding_window={sliding_window}): make a larger cache"
-                )
+    check_fits(seqlens, cached, size, sliding_window)
     # Mask 3 reads every filled slot of a row: one token each, where the row is no longer than the window.
     reads_filled = sliding_window is None or size <= sliding_window
     if len(rows) == len(seqlens) and all(s == 1 for s in seqlens) and reads_filled:

@@ -31,7 +31,8 @@ from typing import Optional, Sequence
 import torch
 
 from mistral import model as model_module
-from mistral.cache import Decode, RotatingBufferCache
+from mistral.attention import decode_kernel_runs
+from mistral.cache import Decode, RotatingBufferCache, Verify
 from mistral.masks import register_with_dynamo
 from mistral.model import RunBlock, Transformer, TransformerBlock
 
@@ -83,7 +84,8 @@ class Runner:
     """Forward calls of one model (or pipeline stage) on one cache, rows 0..n_rows-1.
 
     prefill(x, seqlens) is model.step for cache.prepare(seqlens); decode(x) the same for
-    one token per row, replayed from a graph captured at the first call.
+    one token per row, replayed from a graph captured at the first call; verify(x, n) for
+    n tokens per row (speculative decoding), from a graph captured per n.
 
     compile, cuda_graphs: None uses graphs where they pay (`fast_path_applies`) and does not
     compile (`stream` decides by `compile_pays`); False turns each off, True on.
@@ -110,6 +112,8 @@ class Runner:
         self.run_block: RunBlock = compiled_block() if compile else TransformerBlock.__call__
         self.cuda_graphs = (fast if cuda_graphs is None else cuda_graphs) and model.device.type == "cuda"
         self.graph: Optional[torch.cuda.CUDAGraph] = None
+        # Per verify step's tokens a row: its inputs, graph, input and output (`verify`).
+        self.verify_graphs: dict[int, tuple[Verify, torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.graph_lengths: list[int] = []  # the cache lengths that the graph's next replay reads
         self.compiled = compile
         self.warm_up: dict[str, float] = {}  # `stream` hands each Runner its caller's
@@ -145,10 +149,10 @@ class Runner:
             return self.prefill(x, [1] * self.n_rows)
         lengths = self.cache.lengths[: self.n_rows]
         if self.graph is None:
-            self._capture(x)
+            self.inputs = Decode(lengths, self.cache.size, x.device, static=True)
+            self.graph, self.x, self.out = self._capture(x, self.inputs, advance=True)
         elif lengths != self.graph_lengths:  # prefills, a reset or a rewind since the last step
             self.inputs.restart(lengths)
-        assert self.graph is not None
         self.x.copy_(x)
         self.graph_lengths = []  # unknown, should the replay be interrupted
         self.graph.replay()
@@ -156,9 +160,31 @@ class Runner:
         self.graph_lengths = self.cache.lengths[: self.n_rows]  # what the graph's inputs have advanced to
         return self.out
 
-    def _capture(self, x: torch.Tensor) -> None:
-        self.x = x.clone()
-        self.inputs = Decode(self.cache.lengths[: self.n_rows], self.cache.size, x.device, static=True)
+    @torch.inference_mode()
+    def verify(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """Speculative decoding's verify step (cache.Verify): x holds n tokens for each row, row
+        after row ([n_rows * n], or the activations [n_rows * n, D]) -> their logits or activations,
+        valid until the next call. Every row's length advances by n: the caller rewinds what
+        it rejects. Replayed from a graph captured per n where decode steps are (and the decode
+        kernel runs, which reads the rows in place)."""
+        lengths = self.cache.lengths[: self.n_rows]
+        model = self.model
+        if not (self.cuda_graphs and decode_kernel_runs(x.device, model.dtype, model.args.head_dim, model.attention_backend)):
+            out = model.step(x, Verify(lengths, n, self.cache.size, self.cache.sliding_window, x.device), self.cache, self.run_block)
+        else:
+            if n not in self.verify_graphs:
+                inputs = Verify(lengths, n, self.cache.size, self.cache.sliding_window, x.device, static=True)
+                self.verify_graphs[n] = (inputs, *self._capture(x, inputs))
+            inputs, graph, static_x, out = self.verify_graphs[n]
+            inputs.restart(lengths)
+            static_x.copy_(x)
+            graph.replay()
+        self.cache.advance([n] * self.n_rows)
+        return out
+
+    def _capture(self, x: torch.Tensor, inputs: Decode | Verify, advance: bool = False) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        """A graph of model.step on `inputs` (advancing them a step, for a decode step), its input x and its output."""
+        x = x.clone()
         # Warm up on a side stream (compilation, cuBLAS workspaces, NCCL, allocator) as
         # graph capture requires. The warm-up step writes this step's keys into this
         # step's slots, which the first replay overwrites before anything reads them.
@@ -166,13 +192,14 @@ class Runner:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.model.step(self.x, self.inputs, self.cache, self.run_block)
+            self.model.step(x, inputs, self.cache, self.run_block)
         torch.cuda.current_stream().wait_stream(side)
         self._book("compile" if self.compiled else "kernels", start)
         start = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.out = self.model.step(self.x, self.inputs, self.cache, self.run_block)
-            self.inputs.advance()
+            out = self.model.step(x, inputs, self.cache, self.run_block)
+            if advance:
+                inputs.advance()
         self._book("graph capture", start)
-        self.graph = graph  # only once captured whole: a failed capture is tried again
+        return graph, x, out  # only once captured whole: a failed capture is tried again

@@ -212,16 +212,22 @@ def decode_attention(
     cache_v: torch.Tensor,
     slots: torch.Tensor,
     key_lengths: torch.Tensor,
+    visible: torch.Tensor,
 ) -> torch.Tensor:
     """A decode step's cache write and attention in one (mask 3 of masks.py), for queries b < B:
 
     store xk[b], xv[b] at flat cache slot slots[b], which lies in row r = slots[b] // S (row
     r's slots are r*S .. r*S+S-1; r = b in a decode step), then attend xq[b]'s heads over
-    the first key_lengths[b] slots of row r, the new one included.
+    the first key_lengths[b] slots of row r, the new one included, of which only those
+    fewer than visible[b] slots behind the new one, going round the row (its position p
+    sees p - visible[b] + 1 .. p). A decode step's visible is its key_lengths: every filled
+    slot. A verify step (cache.Verify) has several queries in a row, at consecutive
+    positions, whose keys are all stored before the call: visible stops each at its own
+    position and at its window, in a row of W + k slots.
     xq: [B, H, Dh]; xk, xv: [B, H_kv, Dh]; cache_k, cache_v: [rows, S, H_kv, Dh] -> [B, H, Dh].
     """
     if xq.is_cuda and triton is not None:
-        return _triton_decode_attention(xq, xk, xv, cache_k, cache_v, slots, key_lengths)
+        return _triton_decode_attention(xq, xk, xv, cache_k, cache_v, slots, key_lengths, visible)
     (B, H, Dh), (S, H_kv) = xq.shape, cache_k.shape[1:3]
     cache_k.flatten(0, 1).index_copy_(0, slots, xk)
     cache_v.flatten(0, 1).index_copy_(0, slots, xv)
@@ -229,13 +235,15 @@ def decode_attention(
     keys = cache_k[rows].repeat_interleave(H // H_kv, dim=2).float()  # [B, S, H, Dh]
     values = cache_v[rows].repeat_interleave(H // H_kv, dim=2).float()
     scores = torch.einsum("bhd,bshd->bhs", xq.float(), keys) * Dh**-0.5
-    unread = torch.arange(S, device=xq.device)[None, :] >= key_lengths[:, None]  # [B, S]
+    s = torch.arange(S, device=xq.device)[None, :]
+    behind = (slots[:, None] % S - s) % S  # [B, S]: how far each slot is behind the query's own
+    unread = (s >= key_lengths[:, None]) | (behind >= visible[:, None])
     probs = torch.softmax(scores.masked_fill(unread[:, None, :], float("-inf")), dim=-1)
     return torch.einsum("bhs,bshd->bhd", probs, values).to(xq.dtype)
 
 
 @decode_attention.register_fake
-def _(xq, xk, xv, cache_k, cache_v, slots, key_lengths):  # type: ignore[no-untyped-def]
+def _(xq, xk, xv, cache_k, cache_v, slots, key_lengths, visible):  # type: ignore[no-untyped-def]
     return torch.empty_like(xq)
 
 
@@ -609,7 +617,7 @@ if triton is not None:
     # waited 1.5 s for it on an H100 while SPLITS was a constant of the kernel.
     @triton.jit(do_not_specialize=["S", "SPLITS"])
     def _decode_attention_kernel(
-        q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, slot_ptr, len_ptr, o_ptr, part_ptr, count_ptr,
+        q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, slot_ptr, len_ptr, vis_ptr, o_ptr, part_ptr, count_ptr,
         q_stride, kn_stride, vn_stride, S, H_KV, qk_scale, SPLITS,
         G: tl.constexpr, G_POW2: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BLOCK_S: tl.constexpr, MIN_CHUNK: tl.constexpr, MERGE: tl.constexpr,
@@ -618,8 +626,10 @@ if triton is not None:
         # over one of SPLITS equal runs of its key_lengths[b] slots of the cache row that its
         # new token's slot is in (row b in a decode step; any in cache.Mixed) (flash-decoding).
         # Every run leaves the new token's slot out (what it holds is stale or being
-        # written); the new key and value come in at the merge, from registers. The first
-        # program stores them into the cache: nothing in this call reads that slot.
+        # written), and the slots `visible` or more behind it; the new key and value come in
+        # at the merge, from registers. The first program stores them into the cache: in a
+        # decode step nothing else in the call reads that slot, and a verify step, whose
+        # later queries read it, stored the same values there before the call.
         # Each run leaves its unnormalised (output, max, sum) in `part`; the last of the
         # SPLITS programs to finish (an atomic count) merges them and resets the count.
         bh = tl.program_id(0)
@@ -627,6 +637,7 @@ if triton is not None:
         b = bh // H_KV
         h = bh % H_KV
         length = tl.load(len_ptr + b)
+        visible = tl.load(vis_ptr + b)
         slot = tl.load(slot_ptr + b).to(tl.int64)
         row = slot // S * S  # the row's first slot
         new = slot - row  # the new token's slot in the row
@@ -650,7 +661,8 @@ if triton is not None:
             for s0 in range(start, end, BLOCK_S):
                 s = s0 + tl.arange(0, BLOCK_S)
                 at = ((row + s) * H_KV + h)[:, None] * D + d[None, :]
-                read = (s < end) & (s != new)
+                behind = (new - s + S) % S  # 0: the new slot; visible or more: past the query's position or window
+                read = (s < end) & (behind > 0) & (behind < visible)
                 k = tl.load(k_ptr + at, mask=(s < end)[:, None], other=0.0)
                 # The new slot's old value must not reach the product, even with weight 0 (0 * inf = NaN).
                 v = tl.load(v_ptr + at, mask=read[:, None], other=0.0)
@@ -707,7 +719,7 @@ if triton is not None:
 
     def _triton_decode_attention(
         xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-        slots: torch.Tensor, key_lengths: torch.Tensor, block_s: int = 32, min_chunk: int = 128, num_warps: int = 4,
+        slots: torch.Tensor, key_lengths: torch.Tensor, visible: torch.Tensor, block_s: int = 32, min_chunk: int = 128, num_warps: int = 4,
         splits: Optional[int] = None, merge: Optional[int] = None,
     ) -> torch.Tensor:  # fmt: skip
         """block_s keys per loop step; min_chunk: the fewest keys a program reads (more, fewer runs to merge);
@@ -732,7 +744,7 @@ if triton is not None:
         part = torch.empty(B * H_kv * splits * G * (Dh + 2), dtype=torch.float32, device=xq.device)
         out = torch.empty_like(xq)
         _decode_attention_kernel[(B * H_kv, splits)](
-            xq, xk, xv, cache_k, cache_v, slots, key_lengths, out, part, counts,
+            xq, xk, xv, cache_k, cache_v, slots, key_lengths, visible, out, part, counts,
             xq.stride(0), xk.stride(0), xv.stride(0), S, H_kv, Dh**-0.5 * 1.4426950408889634, splits,
             G=G, G_POW2=g_pow2, G_PAD=max(16, g_pow2), D=Dh, BLOCK_S=block_s, MIN_CHUNK=min_chunk,
             MERGE=merge or max(1, 4096 // (g_pow2 * Dh)), num_warps=num_warps,  # (masked past the last run)

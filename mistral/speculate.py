@@ -20,10 +20,13 @@ pay without a second model.
 The cache. Writing k proposals ahead in a row of W slots would overwrite positions
 p - W, which the tokens after a rejection still read. So the rows hold W + k slots
 (`lookahead`): writing k ahead overwrites only positions older than any later
-token's window, and `RotatingBufferCache.rewind` takes back the rejected ones. Every
-call is a chunk call (mask 2, windowed); the decode mask, which reads a whole row,
-never runs on such rows (without a window, where a row's filled slots are all its keys,
-a row of no proposals decodes as in a decode step: cache.Mixed).
+token's window, and `RotatingBufferCache.rewind` takes back the rejected ones. After
+the prompts, every call is a verify step (`cache.Verify`) of the same number of tokens
+in every row, n = 1 + the most proposals of any row: on CUDA a decode step of B * n
+queries, each reading its row in place up to its own position and window, replayed
+from a CUDA graph captured per n (decode.Runner.verify); elsewhere a chunk call (mask
+2). The decode mask, which reads a whole row, never runs on such rows: a row of W + k
+slots holds positions older than the window.
 """
 
 from typing import Iterator, Optional, Sequence
@@ -82,7 +85,7 @@ def speculative_stream(
     chunk = chunk_size or RotatingBufferCache.row_size(longest + max_tokens, model.args.sliding_window)  # as stream's
     (cache,) = stage.caches([B], longest, max_tokens, lookahead=k)
     stage.begin([cache])
-    runner = stage.runner(cache, B, compile=compile, cuda_graphs=False)  # every call is a chunk call
+    runner = stage.runner(cache, B, compile=compile)  # verify steps replay graphs where decode steps do
     generator = None if seed is None else torch.Generator(model.device).manual_seed(seed)
     drafter = None if draft is None else Drafter(draft, encoded_prompts, max_tokens, k, chunk, compile)
 
@@ -122,14 +125,19 @@ def speculative_stream(
             else:
                 proposals, drafted = drafter.propose(history, budgets, temperature, top_p, generator)
             fed = {b: [history[b][-1], *proposals[b]] for b in rows}
-            seqlens = [len(fed[b]) if b in fed else 0 for b in range(B)]
-            before = list(cache.lengths[:B])
-            out = stage.forward(runner, sum((fed[b] for b in rows), []), seqlens, list(range(sum(seqlens))))
             counts = [len(fed[b]) for b in rows]
+            # One verify step of n tokens in every row (a shape its graph replays): a running row's
+            # last token and proposals, then that token again up to n, which nothing reads; a
+            # row that no longer runs, its last token n times. Taken back below.
+            n = max(counts)
+            ids = [t for b in range(B) for t in (fed.get(b, []) + [history[b][-1]] * n)[:n]]
+            before = list(cache.lengths[:B])
+            out = stage.forward(runner, ids, verify=n)
             if link.samples:
                 assert out is not None
                 q = None if drafted is None else [drafted[b] for b in rows]
-                chosen = _choose(out, counts, [proposals[b] for b in rows], temperature, top_p, generator, q)
+                fed_at = to_device([b * n + i for b, count in zip(rows, counts) for i in range(count)], model.device)
+                chosen = _choose(out[fed_at], counts, [proposals[b] for b in rows], temperature, top_p, generator, q)
                 if model.layout.world_size > 1:
                     _send(link, *_packed(chosen, counts, model.device))
             else:
@@ -138,6 +146,8 @@ def speculative_stream(
                 for key, n in (("steps", 1), ("rows", len(rows)), ("tokens", sum(len(new) for new, _ in chosen)),
                                ("proposed", sum(len(proposals[b]) for b in rows)), ("kept", sum(len(new) - 1 for new, _ in chosen))):  # fmt: skip
                     tally[key] = tally.get(key, 0) + n
+            for b in set(range(B)) - set(rows):
+                cache.rewind(b, before[b])
             for b, (new, new_logprobs) in zip(rows, chosen):
                 accepted = len(new) - 1  # proposals kept; the last token is the model's own
                 cache.rewind(b, before[b] + 1 + accepted)  # the fed last token and the kept proposals stay

@@ -98,9 +98,10 @@ class Stage:
         self.spare_caches, self.runners = [], {}
 
     def forward(self, runner: Runner, ids: torch.Tensor | list[int], seqlens: Optional[list[int]] = None,
-                rows: Optional[list[int]] = None) -> Optional[torch.Tensor]:  # fmt: skip
+                rows: Optional[list[int]] = None, *, verify: int = 0) -> Optional[torch.Tensor]:  # fmt: skip
         """This rank's share of one forward call on `runner`'s rows: a prefill of `seqlens` (on
-        the last stage, the logits of the tokens `rows`) or, without seqlens, a decode step.
+        the last stage, the logits of the tokens `rows`), a verify step of `verify` tokens a row
+        (Runner.verify) or, without either, a decode step.
 
         ids: the call's token ids; the first stage reads them, the others receive the previous
         stage's activations. Returns the logits on the last stage; the others send their
@@ -109,7 +110,10 @@ class Stage:
         layout = self.model.layout
         n = len(ids)
         x = torch.as_tensor(ids, device=self.model.device) if layout.is_first else self.link.recv_activations(n)
-        out = runner.decode(x) if seqlens is None else runner.prefill(x, seqlens, rows)
+        if verify:
+            out = runner.verify(x, verify)
+        else:
+            out = runner.decode(x) if seqlens is None else runner.prefill(x, seqlens, rows)
         if not layout.is_last:
             self.link.send_activations(out)
             return None

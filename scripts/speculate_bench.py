@@ -13,11 +13,12 @@ and the speedup over plain decoding in the same process.
 
     python scripts/speculate_bench.py --verify --out FILE      # a GPU: Mistral 7B's shapes, random weights
 
-times instead one verify step (a row's last token and n - 1 proposals, n = 2..9, after a
-512-token prompt) against one decode step of the same model: the decode step replayed
-from its CUDA graph as generation runs it, the verify step as speculation runs it today
-(eager) and captured in a graph by hand (what capturing it would give). From the ratio,
-the speedup that t tokens kept per step would yield: t * decode / verify.
+times instead one verify step (a row's last token and n - 1 proposals, n = 1..9, after a
+512-token prompt) against one decode step of the same model replayed from its CUDA graph
+as generation runs it: the verify step as a chunk call (eager, how speculation ran it
+before), as cache.Verify eagerly, and replayed from its graph as speculation runs it
+(decode.Runner.verify). From the ratio, the speedup that t tokens kept per step would
+yield: t * decode / verify.
 """
 
 import argparse
@@ -36,7 +37,6 @@ from bench import MISTRAL_7B  # noqa: E402
 
 from mistral import DEFAULT_MODEL, ModelArgs, Transformer, generate  # noqa: E402
 from mistral.decode import Runner  # noqa: E402
-from mistral.model import TransformerBlock  # noqa: E402
 from mistral.stage import Stage  # noqa: E402
 from mistral.tokenizer import load_tokenizer  # noqa: E402
 
@@ -125,38 +125,26 @@ def verify_steps(device: str, out: Path | None, context: int = 512, steps: int =
     decode_s = _seconds(lambda: graphed.decode(token), steps, device)  # steps + 1 tokens on from the prompt
     cache.rewind(0, context)
     rows = []
-    for n in range(2, 10):
+    for n in range(1, 10):
         x = prompt[:n]
+        row: dict = dict(tokens=n)
+        for kind, call in (("chunk_eager", lambda: eager.prefill(x, [n])), ("verify_eager", lambda: eager.verify(x, n)),
+                           ("verify_graph", lambda: graphed.verify(x, n))):  # fmt: skip
 
-        def verify(x: torch.Tensor = x, n: int = n) -> None:
-            eager.prefill(x, [n])
-            cache.rewind(0, context)
+            def step(call=call) -> None:  # type: ignore[no-untyped-def]
+                call()
+                cache.rewind(0, context)
 
-        row = dict(tokens=n, eager_ms=round(_seconds(verify, steps, device) * 1e3, 3))
-        try:  # the same call captured: its inputs fixed at this position, as a graph's are
-            inputs = cache.prepare([n])
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                model.step(x, inputs, cache, TransformerBlock.__call__)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                model.step(x, inputs, cache, TransformerBlock.__call__)
-            row["graph_ms"] = round(_seconds(graph.replay, steps, device) * 1e3, 3)
-        except Exception as e:  # noqa: BLE001 - a step that cannot be captured is a finding, reported
-            row["graph_error"] = f"{type(e).__name__}: {e}"[:300]
-        for kind in ("eager", "graph"):
-            if f"{kind}_ms" in row:
-                row[f"{kind}_vs_decode"] = round(row[f"{kind}_ms"] / (decode_s * 1e3), 3)
+            row[f"{kind}_ms"] = round(_seconds(step, steps, device) * 1e3, 3)
+            row[f"{kind}_vs_decode"] = round(row[f"{kind}_ms"] / (decode_s * 1e3), 3)
         rows.append(row)
     print(f"Mistral 7B shapes, bf16, batch 1 after {context} tokens, {torch.cuda.get_device_name(device)}: "
           f"decode step (graph) {decode_s * 1e3:.3f} ms")  # fmt: skip
-    print(f"{'n':>3} {'eager ms':>9} {'x decode':>9} {'graph ms':>9} {'x decode':>9}   speedup at 1.6 / 2.0 tokens kept per step")
+    print(f"{'n':>3} {'chunk ms':>9} {'x decode':>9} {'verify ms':>10} {'x decode':>9} {'graph ms':>9} {'x decode':>9}   speedup at 1.6 / 2.0 tokens kept per step")
     for r in rows:
-        best = r.get("graph_vs_decode", r["eager_vs_decode"])
-        print(f"{r['tokens']:>3} {r['eager_ms']:>9} {r['eager_vs_decode']:>9} {r.get('graph_ms', '-'):>9} "
-              f"{r.get('graph_vs_decode', '-'):>9}   {1.6 / best:.2f} / {2.0 / best:.2f}" + (f"  ({r['graph_error']})" if "graph_error" in r else ""))  # fmt: skip
+        best = r["verify_graph_vs_decode"]
+        print(f"{r['tokens']:>3} {r['chunk_eager_ms']:>9} {r['chunk_eager_vs_decode']:>9} {r['verify_eager_ms']:>10} "
+              f"{r['verify_eager_vs_decode']:>9} {r['verify_graph_ms']:>9} {best:>9}   {1.6 / best:.2f} / {2.0 / best:.2f}")  # fmt: skip
     if out:
         out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(device), context=context,
                                        decode_graph_ms=round(decode_s * 1e3, 3), rows=rows), indent=2))  # fmt: skip

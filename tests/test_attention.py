@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 
 from helpers import DEVICE, TRITON_KERNELS_RUN, rel_error
 
+from mistral import cache as cache_module
 from mistral import kernels
 from mistral.attention import causal_attention, attend, causal_blocks, prefill_backends
-from mistral.cache import Decode, RotatingBufferCache
+from mistral.cache import Decode, RotatingBufferCache, Verify, _store
 from mistral.masks import chunk_mask, decode_mask, prefill_mask
 
 H, H_KV, D = 4, 2, 16
@@ -154,7 +155,7 @@ def test_decode_kernel_writes_and_attends_as_the_decode_mask_says(group: int, st
     """kernels.decode_attention (Triton on CUDA) = the cache update, then attention under mask 3,
     each query in the row its slot is in (Decode's keys of those rows, gathered)."""
     cache, xq, xk, xv, slots, lengths, (want_k, want_v), want = decode_case(group, static, rows)
-    got = kernels.decode_attention(xq, xk, xv, cache.k[0], cache.v[0], slots, lengths)
+    got = kernels.decode_attention(xq, xk, xv, cache.k[0], cache.v[0], slots, lengths, lengths)
     assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v)
     assert rel_error(got, want) < (1e-5 if xq.dtype == torch.float32 else 1e-2)
 
@@ -170,8 +171,64 @@ def test_decode_kernel_splits_rows_into_any_number_of_runs(group: int, rows: Opt
     for splits in (1, 2, 3, 8, 64):
         cache, xq, xk, xv, slots, lengths, (want_k, want_v), want = decode_case(group, static=False, query_rows=rows)
         got = kernels._triton_decode_attention(
-            xq, xk, xv, cache.k[0], cache.v[0], slots, lengths, block_s=16, min_chunk=16, splits=splits, merge=2
+            xq, xk, xv, cache.k[0], cache.v[0], slots, lengths, lengths, block_s=16, min_chunk=16, splits=splits, merge=2
         )
+        assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v), splits
+        assert rel_error(got, want) < (1e-5 if xq.dtype == torch.float32 else 1e-2), splits
+
+
+def verify_case(group: int, window: Optional[int], n: int, static: bool) -> tuple:
+    """A verify step of n tokens a row in rows of window + n - 1 slots (speculative decoding's
+    lookahead; 40 + n - 1 without a window): a fresh row, short rows, rows that wrapped once
+    and many times, slots ahead holding stale proposals. Returns (cache, inputs, xq, xk, xv, the
+    cache as it must end, the output): the chunk call's of the same tokens, keys in position order."""
+    lengths = [0, 3, 17, 30, 31, 95, 400] if window else [0, 3, 17, 30]
+    dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+    torch.manual_seed(group * 100 + n)
+    cache = RotatingBufferCache(1, len(lengths), 1000 if window else 40, window, H_KV, D, device=DEVICE, dtype=dtype, lookahead=n - 1)
+    size = cache.size
+    cache.k.normal_(), cache.v.normal_()  # every slot: what is not the row's must not be read
+    T = len(lengths) * n
+    xq, xk, xv = (torch.randn(T, m, D, device=DEVICE, dtype=dtype) for m in (group * H_KV, H_KV, H_KV))
+    want_k, want_v = cache.k.clone(), cache.v.clone()
+    eager = Verify(lengths, n, size, window, DEVICE)
+    want = eager.attend(want_k[0], want_v[0], xq, xk, xv, "reference")  # the chunk call
+    inputs = Verify([0] * len(lengths), n, size, window, DEVICE, static=True) if static else eager
+    if static:
+        inputs.restart(lengths)
+    return cache, inputs, xq, xk, xv, (want_k, want_v), want
+
+
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("window", [None, 8, 32])
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "graph"])
+def test_a_verify_step_on_the_decode_kernel_attends_as_its_chunk_call(
+    group: int, window: Optional[int], n: int, static: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cache.Verify on the decode kernel (every key stored, then each query in place, no further
+    than its own position and window: kernels.decode_attention's visible) = the chunk call of
+    the same tokens under mask 2, and the cache ends as the chunk call leaves it. Off CUDA the
+    kernel's PyTorch version stands in for it (Triton's: the test below)."""
+    cache, inputs, xq, xk, xv, (want_k, want_v), want = verify_case(group, window, n, static)
+    monkeypatch.setattr(cache_module, "decode_kernel_applies", lambda xq, backend: True)
+    got = inputs.attend(cache.k[0], cache.v[0], xq, xk, xv, "auto")
+    assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v)
+    assert rel_error(got, want) < (1e-5 if xq.dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.skipif(not TRITON_KERNELS_RUN, reason="Triton's kernel: CUDA, or the CPU under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("window", [None, 8])
+def test_the_triton_decode_kernel_verifies_in_any_number_of_runs(window: Optional[int]) -> None:
+    """The Triton kernel's verify step (queries of a row reading each other's keys) for one run,
+    runs past a short row, and more runs than keys."""
+    for splits in (1, 3, 64):
+        cache, inputs, xq, xk, xv, (want_k, want_v), want = verify_case(4, window, 5, static=False)
+        q = inputs.queries
+        _store(cache.k[0], cache.v[0], xk, xv, q.write_to)
+        got = kernels._triton_decode_attention(
+            xq, xk, xv, cache.k[0], cache.v[0], q.write_to, q.mask.k_seqinfo.seqlen, inputs.visible, block_s=16, min_chunk=16, splits=splits, merge=2
+        )  # fmt: skip
         assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v), splits
         assert rel_error(got, want) < (1e-5 if xq.dtype == torch.float32 else 1e-2), splits
 

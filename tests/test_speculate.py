@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from mistral import MistralError, generate
 from mistral.sampling import probabilities
 from mistral.speculate import _choose, propose
+from mistral.stage import Stage
 
 
 def test_propose_follows_the_latest_occurrence_of_the_longest_ngram() -> None:
@@ -77,6 +78,21 @@ def test_eos_inside_a_run_of_kept_proposals_ends_the_row_there() -> None:
     for eos in {plain[0][3], plain[1][5], plain[0][-1]}:
         want, _ = generate(prompts, model, max_tokens=20, eos_id=eos)
         assert generate(prompts, model, max_tokens=20, eos_id=eos, speculate=4)[0] == want
+
+
+@pytest.mark.parametrize("window", [8, None])
+def test_a_row_holds_what_it_was_fed_and_no_filler(window: object) -> None:
+    """A verify step feeds every row the same number of tokens (a shape a CUDA graph replays):
+    a row with fewer proposals, or one that has reached max_tokens while others run on, is
+    filled up with its last token, which is taken back. So each row ends holding its prompt
+    and every token but the last, as plain decoding leaves it (a window-less cache, which
+    cannot roll, would otherwise overflow)."""
+    model = MODELS[window]
+    prompts = [[1, 5, 6, 7, 5, 6, 7, 5, 6], [1, 9, 10, 11, 12, 13], [1, 4, 4, 4, 4]]
+    stage = Stage(model)
+    tokens, _ = generate(prompts, model, max_tokens=20, speculate=4, stage=stage)
+    (cache,) = stage.spare_caches
+    assert cache.lengths == [len(prompt) + len(row) - 1 for prompt, row in zip(prompts, tokens)]
 
 
 def test_speculation_keeps_proposals() -> None:
