@@ -224,7 +224,8 @@ class Drafter:
 
     Its cache holds what the target's does, and whatever it drafted since; each round first
     feeds what it has not seen of the history (the last token, after a fully kept run also
-    its own last draft), then its drafts; `rewind` follows the target's.
+    its own last draft), then its drafts, each call a verify step of the draft (replayed
+    from its graphs on CUDA); `rewind` follows the target's.
     """
 
     def __init__(self, draft: Transformer, prompts: list[list[int]], max_tokens: int, k: int, chunk: int, compile: bool):
@@ -232,7 +233,7 @@ class Drafter:
         longest = max(len(p) for p in prompts)
         (self.cache,) = self.stage.caches([len(prompts)], longest, max_tokens, lookahead=k)
         self.stage.begin([self.cache])
-        self.runner = self.stage.runner(self.cache, len(prompts), compile=compile, cuda_graphs=False)
+        self.runner = self.stage.runner(self.cache, len(prompts), compile=compile)
         for call in prefill_calls([p[:-1] for p in prompts], chunk):  # all but the last token, which `propose` feeds
             self.stage.forward(self.runner, call.input_ids, call.seqlens, [])
 
@@ -246,13 +247,19 @@ class Drafter:
         q: dict[int, list[torch.Tensor]] = {b: [] for b in budgets}
         unseen = {b: history[b][self.cache.lengths[b] :] for b, n in budgets.items() if n > 0}
         while unseen:
-            seqlens = [len(unseen[b]) if b in unseen else 0 for b in range(B)]
-            ends = [sum(seqlens[: b + 1]) - 1 for b in range(B) if b in unseen]
-            logits = self.stage.forward(self.runner, sum((unseen[b] for b in sorted(unseen)), []), seqlens, ends)
-            assert logits is not None
+            # A verify step of the draft (a graph per n, as the target's): n tokens in every row,
+            # filled up with the row's last token, and the filler taken back.
+            n = max(map(len, unseen.values()))
+            before = list(self.cache.lengths[:B])
+            ids = [t for b in range(B) for t in (unseen.get(b, []) + [history[b][-1]] * n)[:n]]
+            out = self.stage.forward(self.runner, ids, verify=n)
+            assert out is not None
+            logits = out[to_device([b * n + len(unseen[b]) - 1 for b in sorted(unseen)], out.device)]  # each row's last token's
+            for b in range(B):
+                self.cache.rewind(b, before[b] + len(unseen.get(b, ())))
             if temperature == 0:
                 chosen = logits.argmax(dim=-1)
-                dists = [None] * len(ends)
+                dists = [None] * len(unseen)
             else:
                 probs = probabilities(logits, temperature, top_p)
                 probs = probs / probs.sum(dim=-1, keepdim=True)

@@ -261,6 +261,11 @@ MUTATIONS = [
              cuda=True),
     Mutation("verify-logits-of-wrong-tokens", "speculate.py", r"\[b \* n \+ i for b, count", "[b + i for b, count",
              "test_speculate.py -k greedy_speculation", "speculation checks the proposals against other positions' logits"),
+    Mutation("draft-logits-of-wrong-token", "speculate.py", r"\[b \* n \+ len\(unseen\[b\]\) - 1 for b", "[b * n for b",
+             "test_speculate.py -k 'itself_has_every or own_greedy_continuation'", "the draft drafts from its first new token's logits, not its last's"),
+    Mutation("draft-filler-kept", "speculate.py", r"self\.cache\.rewind\(b, before\[b\] \+ len\(unseen\.get\(b, \(\)\)\)\)",
+             "self.cache.rewind(b, before[b] + n)", "test_speculate.py -k own_greedy_continuation",
+             "the draft's cache keeps the filler of its verify steps"),
     Mutation("verify-idle-rows-not-taken-back", "speculate.py", r"                cache\.rewind\(b, before\[b\]\)\n", "                pass\n",
              "test_speculate.py -k no_filler", "a row that no longer runs keeps the verify step's filler tokens: its cache fills up"),
     # --- fusions of the matrix-vector kernel, and the batched causal prefill ------------------

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from mistral import MistralError, generate
 from mistral.sampling import probabilities
-from mistral.speculate import _choose, propose
+from mistral.speculate import Drafter, _choose, propose
 from mistral.stage import Stage
 
 
@@ -206,6 +206,28 @@ def test_sampled_speculation_with_a_draft_draws_from_the_target_distribution() -
         first[new[0]] += 1
     sd = torch.sqrt(n * p[0] * (1 - p[0]))
     assert bool(((first - n * p[0]).abs() <= 5 * sd + 1).all()), (first / n, p[0])
+
+
+@pytest.mark.parametrize("window", [4, None])
+def test_a_draft_proposes_its_own_greedy_continuation_round_after_round(window: object) -> None:
+    """The Drafter's proposals are the draft model's greedy tokens for each row's history,
+    also in rounds where rows feed different numbers of unseen tokens (a fully kept run:
+    its last draft and the target's token; a rejection: the target's token only), the
+    shorter rows filled up and the filler taken back."""
+    draft = DRAFTS[window]
+    prompts = [[1, 5, 6, 7, 8], [1, 9, 10]]
+    drafter = Drafter(draft, prompts, max_tokens=16, k=3, chunk=4, compile=False)
+    history = [list(p) for p in prompts]
+    for round, kept in enumerate([(3, 0), (1, 3), (3, 3), (0, 2)]):
+        budgets = {0: 3, 1: 3 if round % 2 else 2}
+        drafted, _ = drafter.propose(history, budgets, 0.0, 1.0, None)
+        for b in (0, 1):
+            want, _ = generate([history[b]], draft, max_tokens=budgets[b])
+            assert drafted[b] == want[0], (round, b)
+            # The target keeps kept[b] drafts and adds a token of its own (here: 2); the
+            # draft's cache keeps what the target's does.
+            history[b] += drafted[b][: kept[b]] + [2]
+            drafter.rewind(b, len(history[b]) - 1)
 
 
 def test_a_bad_draft_is_named() -> None:
