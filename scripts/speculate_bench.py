@@ -7,6 +7,7 @@ speculate=0 (plain decoding) and k = 2..8. The output must be the same tokens fo
 k (the script checks it); what changes is how many forward calls produce them.
 
     python scripts/speculate_bench.py [--prompts 8] [--prompt_tokens 512] [--max_tokens 128] [--device cpu] [--out FILE]
+    python scripts/speculate_bench.py --draft DRAFT_DIR ...   # proposals by a draft model (scripts/train_tiny.py --layers 2 ...)
 
 Prints one row per k: forward calls after the prefill, tokens per call, decode seconds,
 and the speedup over plain decoding in the same process.
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--ks", default="0,2,3,4,5,6,8", help="speculate values; 0 is plain decoding")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here too")
+    parser.add_argument("--draft", type=Path, help="a draft model's folder (same tokenizer): its proposals instead of prompt lookup's")
     parser.add_argument("--verify", action="store_true", help="time verify steps against a decode step (Mistral 7B's shapes)")
     options = parser.parse_args()
     if options.verify:
@@ -58,6 +60,7 @@ def main() -> None:
     dtype = torch.bfloat16 if options.device.startswith("cuda") else torch.float32
     model = Transformer.from_folder(DEFAULT_MODEL, device=options.device, dtype=dtype)
     tokenizer = load_tokenizer(DEFAULT_MODEL)
+    draft = None if options.draft is None else Transformer.from_folder(options.draft, device=options.device, dtype=dtype)
     _, held_out, names = split_sources()
     prompts = [tokenizer.encode(text, bos=True)[: options.prompt_tokens] for text in held_out[: options.prompts]]
     calls: list[int] = []
@@ -66,13 +69,14 @@ def main() -> None:
     rows, reference = [], None
     for k in map(int, options.ks.split(",")):
         stage = Stage(model)
-        generate(prompts[:1], model, max_tokens=4, speculate=k, stage=stage)  # warm-up
+        proposer = dict(speculate=k, draft=draft if k else None)
+        generate(prompts[:1], model, max_tokens=4, stage=stage, **proposer)  # warm-up
         steps = decode_s = 0.0
         outputs = []
         for prompt in prompts:  # one at a time: batch 1, where a step reads every weight once
             calls.clear()
             start = time.perf_counter()
-            tokens, _ = generate([prompt], model, max_tokens=options.max_tokens, speculate=k, stage=stage)
+            tokens, _ = generate([prompt], model, max_tokens=options.max_tokens, stage=stage, **proposer)
             if options.device.startswith("cuda"):
                 torch.cuda.synchronize()
             decode_s += time.perf_counter() - start
@@ -88,13 +92,15 @@ def main() -> None:
     plain = rows[0]["seconds"]
     for r in rows:
         r["speedup"] = round(plain / r["seconds"], 3)
+    print(f"proposals by {'prompt lookup' if draft is None else f'the draft model {options.draft}'}")
     print(f"default model, greedy, {len(prompts)} held-out modules ({', '.join(names[: len(prompts)])}), "
           f"{options.prompt_tokens}-token prompts, {options.max_tokens} new tokens each, {options.device}")  # fmt: skip
     print(f"{'k':>3} {'same':>5} {'calls':>6} {'tok/call':>9} {'seconds':>8} {'speedup':>8}")
     for r in rows:
         print(f"{r['speculate']:>3} {str(r['same_tokens']):>5} {r['forward_calls']:>6} {r['tokens_per_call']:>9} {r['seconds']:>8} {r['speedup']:>8}")
     if options.out:
-        options.out.write_text(json.dumps(dict(device=options.device, modules=names[: len(prompts)], rows=rows), indent=2))
+        options.out.write_text(json.dumps(dict(device=options.device, draft=str(options.draft) if options.draft else None,
+                                               modules=names[: len(prompts)], rows=rows), indent=2))  # fmt: skip
     if not all(r["same_tokens"] for r in rows):
         sys.exit("speculative decoding changed the greedy tokens")
 

@@ -77,10 +77,10 @@ def lr_scale(progress: float, warmup: float = 0.03) -> float:
     return max(scale, 0.02)
 
 
-def tiny_args(vocab_size: int) -> ModelArgs:
+def tiny_args(vocab_size: int, n_layers: int = 4, experts: bool = True) -> ModelArgs:
     return ModelArgs(
         dim=192,
-        n_layers=4,
+        n_layers=n_layers,
         head_dim=32,
         hidden_dim=384,
         n_heads=6,
@@ -90,7 +90,7 @@ def tiny_args(vocab_size: int) -> ModelArgs:
         rope_theta=10000.0,
         sliding_window=64,
         max_batch_size=8,
-        moe=MoeArgs(num_experts=4, num_experts_per_tok=2),
+        moe=MoeArgs(num_experts=4, num_experts_per_tok=2) if experts else None,
     )
 
 
@@ -128,6 +128,9 @@ def train_tiny(
     seed: int = 0,
     threads: int = 2,
     init: Optional[str] = None,
+    layers: int = 4,
+    experts: bool = True,
+    tokenizer_of: Optional[str] = None,
 ) -> None:
     """Train for `minutes` of wall-clock time, then save weights (bfloat16), tokenizer and notes.
 
@@ -141,6 +144,12 @@ def train_tiny(
         threads: CPU threads.
         init: continue training the model (and keep the tokenizer) of this folder; the
             steps, tokens and minutes of its training.json add up.
+        layers, experts: the model's layers, and whether its feed-forward is the mixture of 4
+            experts (else one dense SwiGLU of the same width).
+        tokenizer_of: a new model with the tokenizer of this folder's (a draft model for
+            speculative decoding must share its target's vocabulary):
+
+            python scripts/train_tiny.py --out /tmp/draft --layers 2 --experts False --tokenizer_of mistral/default_model
     """
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -150,7 +159,10 @@ def train_tiny(
     train_src, held_src, held_names = split_sources()
     t0 = time.time()
     before = dict(steps=0, tokens_seen=0, train_minutes=0.0)
-    if init is None:
+    if tokenizer_of is not None:
+        if Path(tokenizer_of).resolve() != folder.resolve():
+            shutil.copy(Path(tokenizer_of) / TOKENIZER, folder / TOKENIZER)
+    elif init is None:
         train_tokenizer(folder / TOKENIZER, vocab_size, "\n".join(train_src), **CODE_TOKENIZER)
     else:
         if Path(init).resolve() != folder.resolve():
@@ -162,7 +174,7 @@ def train_tiny(
           f"({len(held_names)} modules)", flush=True)
 
     if init is None:
-        model = Transformer(tiny_args(tokenizer.n_words))
+        model = Transformer(tiny_args(tokenizer.n_words, layers, experts))
         for p in model.parameters():
             if p.dim() == 2:
                 torch.nn.init.normal_(p, std=0.02)
