@@ -77,6 +77,7 @@ class Request:
         self.read = 0  # prompt tokens in the cache
         self.arrival = 0  # order of submission
         self.generator: Optional[torch.Generator] = None
+        self.sampled = 0  # tokens drawn so far, those the host has not read yet included
 
     @property
     def finished(self) -> bool:
@@ -123,12 +124,15 @@ class Engine:
         self.rows: list[Optional[Request]] = [None] * rows
         self.waiting: deque[Request] = deque()
         self.arrivals = itertools.count()
+        # Each row's last sampled token, on the device: the next call feeds it before the host has read it.
+        self.last = torch.zeros(rows, dtype=torch.long, device=model.device)
+        self.pending: Optional[tuple] = None  # the last call's sampling, for `_read` in the next
         stage.begin([self.cache])
 
     @property
     def busy(self) -> bool:
         """Whether a request runs or waits."""
-        return bool(self.waiting) or any(r is not None for r in self.rows)
+        return bool(self.waiting) or any(r is not None for r in self.rows) or self.pending is not None
 
     @property
     def running(self) -> int:
@@ -163,7 +167,7 @@ class Engine:
                 f"the prompt ({len(r.prompt)} tokens) and max_tokens={r.max_tokens} reach {len(r.prompt) + r.max_tokens - 1} "
                 f"tokens, past max_context={self.max_context}"
             )
-        if r.row is not None or r.finished or r.tokens:
+        if r.row is not None or r.finished or r.sampled:
             raise MistralError("this request was submitted before: make a new one")
 
     def finish(self, request: Request, reason: str = "cancelled") -> None:
@@ -179,7 +183,15 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Request]:
-        """One forward call. Returns the requests that sampled a token in it (or finished on eos)."""
+        """One forward call. Returns the requests whose tokens the host read in it: those that
+        sampled in the call before (or finished there on eos), unless they ended since.
+
+        The host reads a call's tokens during the next one: it launches call s + 1 (decoding
+        rows feed their last tokens from the device), then waits for call s's tokens alone,
+        and does the bookkeeping while call s + 1 runs. Reading them at once left the GPU idle
+        for the host's work after every call (about a millisecond a step at 32 rows). So a
+        request that produced eos in call s is fed once more in call s + 1 (that token is
+        dropped), and its row is free from call s + 2 on."""
         for b, r in enumerate(self.rows):
             if not self.waiting:
                 break
@@ -187,93 +199,134 @@ class Engine:
                 self.rows[b] = r = self.waiting.popleft()
                 r.row = b
                 self.cache.reset(b)
-        busy = [(b, r) for b, r in enumerate(self.rows) if r is not None]
-        if not busy:
-            return []
-        if all(r.read == len(r.prompt) for _, r in busy):
-            sampling, logits = busy, self._decode(busy)
-        else:
-            sampling, logits = self._chunk(busy)
-        return self._sample([r for _, r in sampling], logits)
+        # Every running request, but those that have sampled max_tokens (their last tokens are being read).
+        fed = [(b, r) for b, r in enumerate(self.rows) if r is not None and r.sampled < r.max_tokens]
+        launched = None
+        if fed:
+            if all(r.read == len(r.prompt) for _, r in fed):
+                sampling, logits = fed, self._decode(fed)
+            else:
+                sampling, logits = self._chunk(fed)
+            launched = self._sample([r for _, r in sampling], logits)
+        pending, self.pending = self.pending, launched
+        return [] if pending is None else self._read(*pending)
 
-    def _decode(self, busy: list[tuple[int, Request]]) -> Optional[torch.Tensor]:
-        """A decode step on the smallest bucket of rows holding the busy ones: their logits [len(busy), V]
+    def _decode(self, fed: list[tuple[int, Request]]) -> Optional[torch.Tensor]:
+        """A decode step on the smallest bucket of rows holding the fed ones: their logits [len(fed), V]
         (on the last pipeline stage; None elsewhere)."""
-        n = min(len(self.rows), 1 << busy[-1][0].bit_length())  # rows 0..n-1, n a power of 2 > the last busy row
-        for b in range(n):  # a free row's placeholder must find a slot: a window-less row cannot roll
-            if self.rows[b] is None and self.cache.lengths[b] >= self.cache.size:
-                self.cache.reset(b)
-        ids = [0 if r is None else r.tokens[-1] for r in self.rows[:n]]
-        logits = self.stage.forward(self.stage.runner(self.cache, n, cuda_graphs=self.cuda_graphs), ids)
-        return None if logits is None else logits[[b for b, _ in busy]]
+        n = min(len(self.rows), 1 << fed[-1][0].bit_length())  # rows 0..n-1, n a power of 2 > the last fed row
+        feeds = {b for b, _ in fed}
+        for b in range(n):  # a placeholder must find a slot: a window-less row cannot roll
+            if b not in feeds and self.cache.lengths[b] >= self.cache.size:
+                self.cache.reset(b)  # free, or done sampling: its keys are read no more
+        logits = self.stage.forward(self.stage.runner(self.cache, n, cuda_graphs=self.cuda_graphs), self.last[:n])
+        return None if logits is None else logits[to_device([b for b, _ in fed], logits.device)]
 
-    def _chunk(self, busy: list[tuple[int, Request]]) -> tuple[list[tuple[int, Request]], Optional[torch.Tensor]]:
+    def _chunk(self, fed_rows: list[tuple[int, Request]]) -> tuple[list[tuple[int, Request]], Optional[torch.Tensor]]:
         """A chunk call: the decoding rows' last tokens and up to `chunk` prompt tokens, oldest prompts first.
         Returns the rows that sample (decoding, or a prompt read whole) and their logits."""
-        fed: dict[int, list[int]] = {b: [r.tokens[-1]] for b, r in busy if r.read == len(r.prompt)}
+        fed: dict[int, list[int]] = {b: [0] for b, r in fed_rows if r.read == len(r.prompt)}  # the device's last token
+        decoding = sorted(fed)
         budget = self.chunk
-        for b, r in sorted(((b, r) for b, r in busy if b not in fed), key=lambda item: item[1].arrival):
+        for b, r in sorted(((b, r) for b, r in fed_rows if b not in fed), key=lambda item: item[1].arrival):
             if budget == 0:
                 break
             fed[b] = r.prompt[r.read : r.read + budget]
             budget -= len(fed[b])
         seqlens = [len(fed.get(b, ())) for b in range(max(fed) + 1)]
-        ids, wanted, sampling = [], [], []
+        ids, wanted, sampling, last_at = [], [], [], []
         for b, tokens in sorted(fed.items()):
+            if b in decoding:
+                last_at.append(len(ids))
             ids += tokens
             r = self.rows[b]
             assert r is not None
             if r.read == len(r.prompt) or r.read + len(tokens) == len(r.prompt):
                 wanted.append(len(ids) - 1)
                 sampling.append((b, r))
-        logits = self.stage.forward(self.stage.runner(self.cache, len(self.rows), cuda_graphs=self.cuda_graphs), ids, seqlens, wanted)
+        device = self.last.device
+        ids_on_device = to_device(ids, device, torch.long)
+        if decoding:
+            ids_on_device[to_device(last_at, device)] = self.last[to_device(decoding, device)]
+        logits = self.stage.forward(self.stage.runner(self.cache, len(self.rows), cuda_graphs=self.cuda_graphs),
+                                    ids_on_device, seqlens, wanted)  # fmt: skip
         for b, tokens in fed.items():
             r = self.rows[b]
             assert r is not None
             r.read = min(r.read + len(tokens), len(r.prompt))  # a decoding row's token is not the prompt's
         return sampling, logits
 
-    def _sample(self, requests: list[Request], logits: Optional[torch.Tensor]) -> list[Request]:
-        """Each request's token from its row of logits [R, V], on the rank that samples (the greedy
-        ones together, each other with its own generator); the other ranks receive them."""
+    def _sample(self, requests: list[Request], logits: Optional[torch.Tensor]) -> Optional[tuple]:
+        """Launch each request's draw from its row of logits [R, V], on the rank that samples (the
+        greedy ones together, the others in one pass, each with its own generator); the other
+        ranks receive the tokens. Each row's last token is kept on the device for the next call,
+        and the results start on their way to the host: `_read` takes them (after the next call is launched)."""
         if not requests:
-            return []
+            return None
         link, top = self.stage.link, None
+        device = self.last.device
         if link.samples:
             assert logits is not None
-            tokens = torch.empty(len(requests), dtype=torch.long, device=logits.device)
-            logprobs = torch.empty(len(requests), device=logits.device)
-            finite = []  # each group's flag, read once below
+            tokens = torch.empty(len(requests), dtype=torch.long, device=device)
+            logprobs = torch.empty(len(requests), device=device)
+            finite = []  # each group's flag, read with the tokens
             greedy = [i for i, r in enumerate(requests) if r.temperature == 0]
             if greedy:
-                rows = to_device(greedy, logits.device)
+                rows = to_device(greedy, device)
                 tokens[rows], logprobs[rows], flag = sample_step(logits[rows], 0.0, 1.0, None)
                 finite.append(flag)
             sampled = [r for r in requests if r.temperature > 0]
             if sampled:  # together, each at its own temperature and top_p, with its own generator
-                rows = to_device([i for i, r in enumerate(requests) if r.temperature > 0], logits.device)
-                temperatures = to_device([r.temperature for r in sampled], logits.device, torch.float32)
-                top_ps = to_device([r.top_p for r in sampled], logits.device, torch.float32)
+                rows = to_device([i for i, r in enumerate(requests) if r.temperature > 0], device)
+                temperatures = to_device([r.temperature for r in sampled], device, torch.float32)
+                top_ps = to_device([r.top_p for r in sampled], device, torch.float32)
                 tokens[rows], logprobs[rows], flag = sample_step(logits[rows], temperatures, top_ps, [r.generator for r in sampled])
                 finite.append(flag)
-            if not bool(torch.stack(finite).all()):  # the first read of this step's results
-                raise MistralError(NON_FINITE)
+            ok = torch.stack(finite).all()
             link.send_tokens(tokens, logprobs)
-            # Every other rank waits for them now (a step is one call, no micro-batches to run
-            # meanwhile), and a send still pending when the engine is let go would never arrive.
+            # Every other rank waits for them now (it feeds them next), and a send still
+            # pending when the engine is let go would never arrive.
             link.flush()
             k = max(r.top_logprobs for r in requests)
-            top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1) if k else None
+            if k:
+                values, indices = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+                top = torch.stack([indices.double(), values.double()]).to("cpu", non_blocking=True)
         else:
             tokens, logprobs = link.recv_tokens(len(requests))
-        for i, (r, token, logprob) in enumerate(zip(requests, tokens.tolist(), logprobs.tolist())):
+            ok = torch.ones((), dtype=torch.bool, device=tokens.device)
+        self.last[to_device([r.row for r in requests], device)] = tokens.to(device)
+        for r in requests:
+            r.sampled += 1
+        # One copy to the host, not waiting for anything (pinned memory), and an event that says when it is there.
+        results = torch.stack([tokens.double(), logprobs.double(), ok.double().expand(len(requests))]).to("cpu", non_blocking=True)
+        done = None
+        if device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return requests, results, top, done
+
+    def _read(self, requests: list[Request], results: torch.Tensor, top: Optional[torch.Tensor],
+              done: Optional["torch.cuda.Event"]) -> list[Request]:  # fmt: skip
+        """The host's bookkeeping of a call's tokens (after the next call is launched): append them;
+        end a request on eos or max_tokens. Returns the requests it read for: one ended meanwhile
+        (cancelled, or on eos the call before) drops its token and is left out."""
+        if done is not None:
+            done.synchronize()  # that call's results only, not the call just launched
+        tokens, logprobs, ok = results.tolist()
+        if not all(ok):
+            raise MistralError(NON_FINITE)
+        read = []
+        for i, (r, token, logprob) in enumerate(zip(requests, tokens, logprobs)):
+            if r.finished:
+                continue
+            read.append(r)
             if token == r.eos_id:
                 self.finish(r, "stop")
                 continue
-            r.tokens.append(token)
+            r.tokens.append(int(token))
             r.logprobs.append(logprob)
             if r.top_logprobs and top is not None:  # the sampling rank's alone
-                r.top.append(list(zip(top.indices[i, : r.top_logprobs].tolist(), top.values[i, : r.top_logprobs].tolist())))
+                r.top.append(list(zip(top[0, i, : r.top_logprobs].long().tolist(), top[1, i, : r.top_logprobs].tolist())))
             if len(r.tokens) == r.max_tokens:
                 self.finish(r, "length")
-        return requests
+        return read

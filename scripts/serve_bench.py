@@ -93,7 +93,7 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
     times: dict[int, list[float]] = {i: [] for i in range(len(jobs))}
     index = {id(r): i for i, r in enumerate(requests)}
     start = time.perf_counter()
-    nxt, steps, busy_rows = 0, 0, 0
+    nxt, steps, busy_rows, last_kind_name = 0, 0, 0, "decode"
     calls = {"chunk": [0, 0.0, 0], "decode": [0, 0.0, 0]}  # kind: [calls, seconds, prompt tokens read]
     saturated = [0, 0.0]  # tokens, seconds
     while nxt < len(jobs) or engine.busy:
@@ -106,11 +106,15 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
             continue
         busy_rows += engine.running
         left, before = prompt_tokens_left(engine), time.perf_counter()
-        changed = engine.step()  # reads its tokens on the host: the step is done
+        changed = engine.step()  # launches a call, then waits for the call before it and reads its tokens
         steps += 1
         took, read = time.perf_counter() - before, left - prompt_tokens_left(engine)
-        kind = calls["chunk" if read else "decode"]
-        kind[0], kind[1], kind[2] = kind[0] + 1, kind[1] + took, kind[2] + read
+        # The time is the call before's (waited for here), counted as its kind.
+        kind, last_kind = calls["chunk" if read else "decode"], calls[last_kind_name] if steps > 1 else None
+        kind[0], kind[2] = kind[0] + 1, kind[2] + read
+        if last_kind is not None:
+            last_kind[1] += took
+        last_kind_name = "chunk" if read else "decode"
         if engine.waiting:  # still some after the call took its rows: every row was busy
             # (a token each: no request here ends on eos, which samples none)
             saturated[0], saturated[1] = saturated[0] + len(changed), saturated[1] + took

@@ -21,6 +21,7 @@ import math
 import shutil
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_tiny_model import train_tokenizer  # noqa: E402
 
 from mistral import ModelArgs, MoeArgs, Transformer  # noqa: E402
-from mistral.checkpoint import TOKENIZER  # noqa: E402
+from mistral.checkpoint import TOKENIZER, write_folder  # noqa: E402
 from mistral.tokenizer import Tokenizer  # noqa: E402
 
 CONTEXT = 256
@@ -154,21 +155,21 @@ def train_tiny(
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
+    # The folder is written whole at the end (write_folder refuses one that holds files, the
+    # one continued in place included): until then the tokenizer lives beside the work.
+    work = Path(tempfile.mkdtemp(prefix="train_tiny."))
 
     train_src, held_src, held_names = split_sources()
     t0 = time.time()
     before = dict(steps=0, tokens_seen=0, train_minutes=0.0)
     if tokenizer_of is not None:
-        if Path(tokenizer_of).resolve() != folder.resolve():
-            shutil.copy(Path(tokenizer_of) / TOKENIZER, folder / TOKENIZER)
+        shutil.copy(Path(tokenizer_of) / TOKENIZER, work / TOKENIZER)
     elif init is None:
-        train_tokenizer(folder / TOKENIZER, vocab_size, "\n".join(train_src), **CODE_TOKENIZER)
+        train_tokenizer(work / TOKENIZER, vocab_size, "\n".join(train_src), **CODE_TOKENIZER)
     else:
-        if Path(init).resolve() != folder.resolve():
-            shutil.copy(Path(init) / TOKENIZER, folder / TOKENIZER)
+        shutil.copy(Path(init) / TOKENIZER, work / TOKENIZER)
         before = {k: json.loads((Path(init) / "training.json").read_text())[k] for k in before}
-    tokenizer = Tokenizer(folder / TOKENIZER)
+    tokenizer = Tokenizer(work / TOKENIZER)
     train, held_out = encode(tokenizer, train_src), encode(tokenizer, held_src)
     print(f"tokenizer {time.time() - t0:.0f}s; train {len(train)} tokens, held out {len(held_out)} tokens "
           f"({len(held_names)} modules)", flush=True)
@@ -213,8 +214,17 @@ def train_tiny(
     model.eval()
     model_nll = evaluate(model, held_out)
     base_nll = unigram_nll(train, held_out, args.vocab_size)
-    model.to(torch.bfloat16).save(folder)
-    shutil.copy(Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt", folder / "LICENSE-PSF.txt")
+    new = folder.with_name(folder.name + ".new")
+    shutil.rmtree(new, ignore_errors=True)
+    write_folder(new, args, model.to(torch.bfloat16).state_dict(), work / TOKENIZER)
+    shutil.rmtree(work)
+    shutil.copy(Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt", new / "LICENSE-PSF.txt")
+    if folder.is_dir():  # retrained in place: what else it holds (its README) stays
+        for f in folder.iterdir():
+            if not (new / f.name).exists():
+                shutil.copy(f, new / f.name)
+        shutil.rmtree(folder)
+    new.rename(folder)
     stats = dict(
         parameters=n_params,
         train_tokens=len(train),

@@ -6,7 +6,7 @@ from typing import Optional
 
 import pytest
 import torch
-from helpers import DEVICE, DTYPE, assert_greedy, random_model, tiny_args
+from helpers import DEVICE, DTYPE, HostReads, assert_greedy, random_model, tiny_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -99,19 +99,41 @@ def test_a_seeded_request_samples_alike_alone_and_in_a_crowd() -> None:
 
 
 def test_a_cancelled_request_frees_its_row_for_the_next() -> None:
+    """Cancelled between calls: its row takes the next request in the next call, and the
+    token it sampled in the last call, not read yet (the host reads a call's tokens during
+    the next), is dropped."""
     engine = Engine(model(8), max_batch=1)
     long, waiting = Request([1, 2, 3], max_tokens=30), Request([4, 5], max_tokens=5)
     engine.submit(long)
     engine.submit(waiting)
     for _ in range(3):
         engine.step()
-    assert len(long.tokens) == 3 and waiting.row is None and engine.waiting
+    assert len(long.tokens) == 2 and long.sampled == 3 and waiting.row is None and engine.waiting
     engine.finish(long)
-    engine.step()
-    assert long.finish_reason == "cancelled" and waiting.row == 0 and len(long.tokens) == 3
+    assert engine.step() == []  # the call that read what it had sampled: dropped
+    assert long.finish_reason == "cancelled" and waiting.row == 0 and len(long.tokens) == 2
     while engine.busy:
         engine.step()
     assert_alone(8, (4, 5), waiting.tokens, 5)
+
+
+@pytest.mark.parametrize("phase", ["chunk", "decode"])
+def test_a_call_reads_the_device_once_for_the_call_before(phase: str) -> None:
+    """A call's results (tokens, log-probabilities, whether the logits were finite) reach the
+    host in one read, made in the next call after it is launched (on CUDA, waiting for that
+    call alone): greedy and sampled rows, a chunk call beside a new prompt, a decode step."""
+    engine = Engine(model(8), max_batch=4, chunk_size=4)
+    requests = [Request([1, 2, 3], max_tokens=9), Request([4, 5], max_tokens=9, temperature=0.7, seed=1)]
+    run(engine, [], [])  # nothing yet: no read
+    for r in requests:
+        engine.submit(r)
+    engine.step()
+    engine.step()
+    if phase == "chunk":
+        engine.submit(Request([6] * 10, max_tokens=2))
+    with HostReads(only_in="engine.py") as counted:
+        read = engine.step()
+    assert counted.reads == 1 and read == requests and [len(r.tokens) for r in requests] == [2, 1]
 
 
 def test_a_free_row_of_a_window_less_cache_starts_over() -> None:
@@ -166,7 +188,7 @@ def test_a_bad_request_is_named_and_changes_nothing(options: dict, message: str)
 @pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])
 def test_logits_that_turn_nan_are_an_error_not_tokens(temperature: float) -> None:
     """Finite for the prompt, NaN from the next call on (a hook on the last norm): a one-line
-    MistralError from the step that sampled them, read once with the step's tokens, not
+    MistralError when the host reads that call's tokens (in the call after it), not
     tokens drawn from garbage, nor a failure inside torch.multinomial."""
     m = model(8)
     calls: list[int] = []
@@ -180,8 +202,9 @@ def test_logits_that_turn_nan_are_an_error_not_tokens(temperature: float) -> Non
     hook = m.norm.register_forward_hook(nan_after_first)
     try:
         engine.step()  # the prompt, and its first token
+        engine.step()  # NaN logits sampled; the first token read
         with pytest.raises(MistralError, match="logits are not finite"):
-            engine.step()
+            engine.step()  # read with the tokens of the call that sampled them
     finally:
         hook.remove()
     assert len(request.tokens) == 1
