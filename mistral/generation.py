@@ -292,6 +292,7 @@ def stream(
         yield from speculative_stream(
             encoded_prompts, stage, max_tokens=max_tokens, speculate=speculate, temperature=temperature, top_p=top_p,
             chunk_size=chunk_size, eos_id=eos_id, seed=seed, compile=compile, draft=draft, tally=speculation,
+            warm_up=warm_up,
         )  # fmt: skip
         return
     fast = dict(compile=compile, cuda_graphs=cuda_graphs)

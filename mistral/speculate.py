@@ -71,6 +71,7 @@ def speculative_stream(
     compile: bool,
     draft: Optional[Transformer] = None,
     tally: Optional[dict[str, int]] = None,
+    warm_up: Optional[dict[str, float]] = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`stream` with up to `speculate` proposed tokens per row and step: the same (tokens [B],
     logprobs [B]) per step, each step yielded once every row has its token (a row that has
@@ -78,7 +79,8 @@ def speculative_stream(
 
     draft: a smaller model of the same vocabulary whose own tokens are the proposals
     (`Drafter`); by default prompt lookup (`propose`).
-    tally: `stream`'s `speculation`, added to as the steps run."""
+    tally: `stream`'s `speculation`, added to as the steps run.
+    warm_up: `stream`'s: the seconds of the verify graphs' first runs and captures, the draft's too."""
     model = stage.model
     B, k = len(encoded_prompts), speculate
     longest = max(len(p) for p in encoded_prompts)
@@ -86,8 +88,11 @@ def speculative_stream(
     (cache,) = stage.caches([B], longest, max_tokens, lookahead=k)
     stage.begin([cache])
     runner = stage.runner(cache, B, compile=compile)  # verify steps replay graphs where decode steps do
+    runner.warm_up = {} if warm_up is None else warm_up
     generator = None if seed is None else torch.Generator(model.device).manual_seed(seed)
     drafter = None if draft is None else Drafter(draft, encoded_prompts, max_tokens, k, chunk, compile)
+    if drafter is not None:
+        drafter.runner.warm_up = runner.warm_up
 
     history = [list(p) for p in encoded_prompts]  # per row: the prompt and every token yielded or to be
     tokens: list[list[int]] = [[] for _ in range(B)]  # per row: the tokens generated, not yet yielded from `yielded` on
