@@ -341,9 +341,6 @@ def generate(
                             expert_parallel=expert_parallel)  # fmt: skip
     draft_model = None if draft is None else Transformer.from_folder(str(draft), device=model.device, dtype=model.dtype)
     load_s = time.perf_counter() - start - sum(libraries.values())
-    if speculate and model.device.type == "cuda":
-        print("note: on a GPU --speculate's verify steps run outside CUDA graphs (5-7 decode steps' time each, "
-              "measured on an H100), so it is slower than plain decoding there for now", file=sys.stderr)  # fmt: skip
     completions = [Completion(tokenizer, tokenizer.encode(p, bos=True)) for p in prompts]
     n = model.args.max_batch_size
     if len(prompts) > n:
