@@ -36,6 +36,7 @@ reach the others once per call.
 """
 
 import itertools
+import time
 from collections import deque
 from typing import Any, Optional, Sequence
 
@@ -137,6 +138,29 @@ class Engine:
     @property
     def running(self) -> int:
         return sum(r is not None for r in self.rows)
+
+    def warm_up(self) -> float:
+        """Run what a first call of each kind does once (on CUDA: capture the decode graph of every
+        bucket of rows, compile and tune the kernels of chunk and mixed calls) before any request
+        waits for it: a few placeholder requests per bucket, then every row emptied. Returns the
+        seconds it took. On several ranks every rank calls it (they run the same calls)."""
+        if self.busy:
+            raise MistralError("warm_up runs before any request: this engine has requests")
+        start = time.perf_counter()
+        n = 1
+        while True:
+            # n requests, the last a call later: a chunk call beside a decoding row, then decode steps on n rows.
+            for i in range(n):
+                self.submit(Request([1, 2, 3], max_tokens=3))
+                if i == n - 2 or n == 1:
+                    self.step()
+            while self.busy:
+                self.step()
+            if n == len(self.rows):
+                break
+            n = min(2 * n, len(self.rows))
+        self.cache.reset()
+        return time.perf_counter() - start
 
     def submit(self, request: Request) -> Request:
         """Queue a request (after `check`). max_tokens=0 finishes at once."""

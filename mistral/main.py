@@ -675,6 +675,10 @@ def serve(
         sys.exit(launch.run_ranks(ranks, sys.argv[1:], seconds_to_end=grace_s + launch.SECONDS_TO_END))
     model, tokenizer = load(folder, device, dtype, num_tensor_ranks=ranks, expert_parallel=expert_parallel)
     engine = Engine(model, max_batch=max_batch, max_context=max_context, chunk_size=chunk_size)
+    # Every bucket's graph and every kind of call's kernels before the first request, not during it.
+    warm_up_s = engine.warm_up()
+    if model.layout.world_rank == 0:
+        print(f"mistral serve: warm-up {warm_up_s:.1f} s", file=sys.stderr, flush=True)
     plans = Plans() if ranks > 1 else None  # every rank makes the group, in the same order
     if plans is not None and model.layout.world_rank > 0:
         follow(engine, plans)

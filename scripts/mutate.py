@@ -376,6 +376,10 @@ MUTATIONS = [
     # --- the serving engine, the server, streamed text -------------------------------------
     Mutation("engine-ignores-nan", "engine.py", r"if not all\(ok\):", "if False:",
              "test_engine.py -k turn_nan", "the engine samples from NaN logits without a word"),
+    Mutation("engine-warm-up-one-bucket", "engine.py", r"n = min\(2 \* n, len\(self\.rows\)\)", "n = len(self.rows)",
+             "test_engine.py -k warm_up", "the warm-up captures the first and the last bucket only"),
+    Mutation("engine-warm-up-leaves-its-rows", "engine.py", r"        self\.cache\.reset\(\)\n        return time", "        return time",
+             "test_engine.py -k warm_up", "the warm-up's placeholder tokens stay in the cache"),
     Mutation("engine-feeds-a-stale-token", "engine.py", r"self\.last\[to_device\(\[r\.row for r in requests\], device\)\] = tokens\.to\(device\)",
              "pass", "test_engine.py -k come_and_go", "the next call feeds each row a token from before the last one sampled"),
     Mutation("engine-chunk-call-feeds-zeros", "engine.py", r"ids_on_device\[to_device\(last_at, device\)\] = ", "_ = ",

@@ -192,6 +192,7 @@ def main() -> None:
     answer_range = tuple(int(v) for v in cfg.answer.split(","))
     jobs = workload(cfg.requests, prompt_range, answer_range, args.vocab_size, cfg.seed)  # type: ignore[arg-type]
     engine = Engine(model, max_batch=cfg.max_batch, max_context=prompt_range[1] + answer_range[1], chunk_size=cfg.chunk_size)
+    print(f"engine warm-up: {engine.warm_up():.2f} s", flush=True)  # as `mistral serve` does before it listens
     results: dict[str, Any] = {"config": vars(cfg) | {"torch": torch.__version__}, "device": str(device)}
     if device.type == "cuda":
         results["device_name"] = torch.cuda.get_device_name(device)

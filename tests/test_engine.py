@@ -136,6 +136,29 @@ def test_a_call_reads_the_device_once_for_the_call_before(phase: str) -> None:
     assert counted.reads == 1 and read == requests and [len(r.tokens) for r in requests] == [2, 1]
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_a_warm_up_runs_every_bucket_and_leaves_no_trace(rows: int) -> None:
+    """Engine.warm_up (before a server listens) runs a decode step on every bucket of rows
+    (1, 2, 4, ..., all) and a chunk call beside decoding rows, then empties every row: the
+    requests after it get the tokens they get alone."""
+    engine = Engine(model(None), max_batch=rows, max_context=40, chunk_size=5)
+    decoded: list[int] = []
+    hook = model(None).layers["0"].register_forward_pre_hook(lambda module, args: decoded.append(args[0].shape[0]))
+    try:
+        engine.warm_up()
+    finally:
+        hook.remove()
+    assert {1, 2, 4, rows} & set(range(rows + 1)) <= set(decoded) and not engine.busy
+    assert engine.cache.lengths == [0] * rows
+    requests = [Request([7, 8, 9, 10][: 2 + i], max_tokens=6) for i in range(rows)]
+    run(engine, requests, [0] * rows)
+    for r in requests:
+        assert_alone(None, tuple(r.prompt), r.tokens, 6)
+    engine.submit(Request([1], max_tokens=2))
+    with pytest.raises(MistralError, match="before any request"):
+        engine.warm_up()
+
+
 def test_a_free_row_of_a_window_less_cache_starts_over() -> None:
     """Row 0 ends early while row 1 decodes on: row 0 decodes placeholders in the decode
     step's bucket of 2 rows, past the end of its max_context slots, which it cannot roll."""
