@@ -193,6 +193,12 @@ class Verify(CacheInputs):
                  static: bool = False):  # fmt: skip
         """static: for a captured graph (Decode's), on CUDA where the decode kernel applies; `restart` moves it."""
         B = len(lengths)
+        if sliding_window is not None and sliding_window <= size < sliding_window + n - 1:
+            raise MistralError(
+                f"a verify step of {n} tokens a row needs rows of sliding_window + {n - 1} slots, this cache has {size} "
+                f"(make_cache(..., lookahead={n - 1})): its new keys would overwrite keys still in the window"
+            )
+        check_fits([n] * B, lengths, size, sliding_window)
         self.n, self.window = n, sliding_window
         self.queries = Decode(self._positions(lengths), size, device, static=static, rows=[b for b in range(B) for _ in range(n)])
         super().__init__(self.queries.positions, None)
@@ -200,7 +206,6 @@ class Verify(CacheInputs):
         self._visible()
         # The chunk call's inputs, made where they are used: not in a graph, nor where the kernel applies.
         self.lengths, self.size, self._chunk = list(lengths), size, None
-        check_fits([n] * B, lengths, size, sliding_window)
 
     def _positions(self, lengths: Sequence[int]) -> list[int]:
         return [length + j for length in lengths for j in range(self.n)]

@@ -151,7 +151,7 @@ class Engine:
         while True:
             # n requests, the last a call later: a chunk call beside a decoding row, then decode steps on n rows.
             for i in range(n):
-                self.submit(Request([1, 2, 3], max_tokens=3))
+                self.submit(Request([1], max_tokens=min(3, self.max_context)))
                 if i == n - 2 or n == 1:
                     self.step()
             while self.busy:

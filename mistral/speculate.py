@@ -90,7 +90,7 @@ def speculative_stream(
     runner = stage.runner(cache, B, compile=compile)  # verify steps replay graphs where decode steps do
     runner.warm_up = {} if warm_up is None else warm_up
     generator = None if seed is None else torch.Generator(model.device).manual_seed(seed)
-    drafter = None if draft is None else Drafter(draft, encoded_prompts, max_tokens, k, chunk, compile)
+    drafter = None if draft is None else Drafter(draft, encoded_prompts, max_tokens, k, chunk, compile, stage.draft)
     if drafter is not None:
         drafter.runner.warm_up = runner.warm_up
 
@@ -148,10 +148,10 @@ def speculative_stream(
             else:
                 chosen = _unpacked(*link.recv_tokens(sum(counts)), counts)
             if tally is not None:  # what a user reads to judge the speculation (mistral generate's timing line)
-                for key, n in (("steps", 1), ("rows", len(rows)), ("tokens", sum(len(new) for new, _ in chosen)),
-                               ("proposed", sum(len(proposals[b]) for b in rows)), ("kept", sum(len(new) - 1 for new, _ in chosen))):  # fmt: skip
-                    tally[key] = tally.get(key, 0) + n
-            for b in set(range(B)) - set(rows):
+                for key, count in (("steps", 1), ("rows", len(rows)), ("tokens", sum(len(new) for new, _ in chosen)),
+                                   ("proposed", sum(len(proposals[b]) for b in rows)), ("kept", sum(len(new) - 1 for new, _ in chosen))):  # fmt: skip
+                    tally[key] = tally.get(key, 0) + count
+            for b in [b for b in range(B) if b not in rows]:
                 cache.rewind(b, before[b])
             for b, (new, new_logprobs) in zip(rows, chosen):
                 accepted = len(new) - 1  # proposals kept; the last token is the model's own
@@ -161,6 +161,9 @@ def speculative_stream(
                 _take(b, new, new_logprobs, history, tokens, logprobs, done, eos_id)
     finally:
         stage.keep([cache])  # for the next stream of the same shapes
+        if drafter is not None:
+            drafter.stage.keep([drafter.cache])
+            stage.draft = drafter.stage
 
 
 def _choose(
@@ -233,8 +236,10 @@ class Drafter:
     from its graphs on CUDA); `rewind` follows the target's.
     """
 
-    def __init__(self, draft: Transformer, prompts: list[list[int]], max_tokens: int, k: int, chunk: int, compile: bool):
-        self.stage = Stage(draft)
+    def __init__(self, draft: Transformer, prompts: list[list[int]], max_tokens: int, k: int, chunk: int, compile: bool,
+                 stage: Optional[Stage] = None):  # fmt: skip
+        """stage: the draft's Stage of an earlier stream, whose caches and graphs it reuses where the shapes agree."""
+        self.stage = stage if stage is not None and stage.model is draft else Stage(draft)
         longest = max(len(p) for p in prompts)
         (self.cache,) = self.stage.caches([len(prompts)], longest, max_tokens, lookahead=k)
         self.stage.begin([self.cache])

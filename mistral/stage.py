@@ -37,6 +37,9 @@ class Stage:
         # Per cache, batch and fast-path options: its Runner, for the caches of the latest call
         # only (`begin`). A Runner holds its cache, so an id here is never reused while its entry lives.
         self.runners: dict[tuple, Runner] = {}
+        # The draft model's Stage of the last speculative stream on this one (mistral/speculate.py):
+        # its caches and graphs serve the next stream of the same shapes too.
+        self.draft: Optional[Stage] = None
 
     @property
     def link(self) -> Link:

@@ -70,7 +70,8 @@ def main() -> None:
     for k in map(int, options.ks.split(",")):
         stage = Stage(model)
         proposer = dict(speculate=k, draft=draft if k else None)
-        generate(prompts[:1], model, max_tokens=4, stage=stage, **proposer)  # warm-up
+        # Warm-up: a whole run, which meets most verify widths (a graph each, on CUDA), the draft's too.
+        generate(prompts[:1], model, max_tokens=options.max_tokens, stage=stage, **proposer)
         steps = decode_s = 0.0
         outputs = []
         for prompt in prompts:  # one at a time: batch 1, where a step reads every weight once

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from helpers import DEVICE, TRITON_KERNELS_RUN, rel_error
 
 from mistral import cache as cache_module
-from mistral import kernels
+from mistral import MistralError, kernels
 from mistral.attention import causal_attention, attend, causal_blocks, prefill_backends
 from mistral.cache import Decode, RotatingBufferCache, Verify, _store
 from mistral.masks import chunk_mask, decode_mask, prefill_mask
@@ -215,6 +215,16 @@ def test_a_verify_step_on_the_decode_kernel_attends_as_its_chunk_call(
     got = inputs.attend(cache.k[0], cache.v[0], xq, xk, xv, "auto")
     assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v)
     assert rel_error(got, want) < (1e-5 if xq.dtype == torch.float32 else 1e-2)
+
+
+def test_a_verify_step_in_rows_without_room_for_its_tokens_is_refused() -> None:
+    """A row of W slots that rolls cannot take n tokens at once: the last would overwrite a key
+    the first still reads (the kernel, reading in place, would attend to the wrong one)."""
+    with pytest.raises(MistralError, match=r"lookahead=2\)"):
+        Verify([30, 5], 3, 8, 8, DEVICE)
+    with pytest.raises(MistralError, match="past the cache's 12 slots"):  # a window-less row cannot roll
+        Verify([10, 5], 3, 12, None, DEVICE)
+    Verify([30, 5], 3, 10, 8, DEVICE)  # W + n - 1 slots
 
 
 @pytest.mark.skipif(not TRITON_KERNELS_RUN, reason="Triton's kernel: CUDA, or the CPU under TRITON_INTERPRET=1")
