@@ -18,9 +18,9 @@ brings seqlens = [2, 3] new tokens (a prefill chunk):
     row a after     = [a6, a4, a5]              (slot 0, 1, 2)
 
 `cache_inputs` computes all of this once per call, as one of the classes of call
-(Prefill, Chunk, Decode, or Mixed: decoding rows beside rows that read a prompt; and
-speculative decoding's Verify); the
-layers only consume it through `CacheView.attend`, and never decide which mask applies.
+(Prefill, Chunk, Decode, or Mixed: decoding rows beside rows that read a prompt;
+speculative decoding's Verify is made by decode.Runner.verify); the layers only consume
+it through `CacheView.attend`, and never decide which mask applies.
 """
 
 from dataclasses import dataclass

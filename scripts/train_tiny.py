@@ -152,6 +152,8 @@ def train_tiny(
 
             python scripts/train_tiny.py --out /tmp/draft --layers 2 --experts False --tokenizer_of mistral/default_model
     """
+    if init is not None and (tokenizer_of is not None or layers != 4 or not experts):
+        sys.exit("--init continues a model as it is: leave out --tokenizer_of, --layers and --experts")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     folder = Path(out)
@@ -219,10 +221,9 @@ def train_tiny(
     write_folder(new, args, model.to(torch.bfloat16).state_dict(), work / TOKENIZER)
     shutil.rmtree(work)
     shutil.copy(Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt", new / "LICENSE-PSF.txt")
-    if folder.is_dir():  # retrained in place: what else it holds (its README) stays
-        for f in folder.iterdir():
-            if not (new / f.name).exists():
-                shutil.copy(f, new / f.name)
+    if folder.is_dir():  # retrained in place: its README stays
+        if (folder / "README.md").is_file():
+            shutil.copy(folder / "README.md", new / "README.md")
         shutil.rmtree(folder)
     new.rename(folder)
     stats = dict(
