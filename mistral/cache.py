@@ -32,6 +32,7 @@ from mistral.attention import Backend, attend, decode_kernel_applies
 from mistral.errors import MistralError
 from mistral.kernels import decode_attention
 from mistral.masks import AttentionBias, chunk_mask, decode_mask, prefill_mask
+from mistral.sampling import to_device
 
 
 def slots(rows: torch.Tensor, positions: torch.Tensor, size: int) -> torch.Tensor:
@@ -140,13 +141,13 @@ class Decode(CacheInputs):
         self.size = size
         # Rows 0..B-1 are read in place where the padding is every slot; other rows are gathered.
         self.first_rows = rows is None or list(rows) == list(range(B))
-        self.rows = torch.arange(B, device=device) if rows is None else torch.tensor(rows, dtype=torch.long, device=device)
+        self.rows = torch.arange(B, device=device) if rows is None else to_device(list(rows), device, torch.long)
         self.write_to = torch.empty_like(self.positions)  # [B] each new token's flat slot
         self.restart(lengths)
 
     def restart(self, lengths: Sequence[int]) -> None:
         """In place, the inputs of a decode step from rows that hold lengths[b] tokens."""
-        self.positions.copy_(torch.tensor(lengths, dtype=torch.long))
+        self.positions.copy_(to_device(list(lengths), self.positions.device, torch.long))
         self.advance(0)
 
     def advance(self, steps: int = 1) -> None:
@@ -333,10 +334,10 @@ def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 def _to(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """The same tensors on `device`, copied in one transfer."""
+    """The same tensors on `device`, copied in one transfer (from pinned memory: the host does not wait for the GPU)."""
     if device.type == "cpu":
         return tensors
-    moved = torch.cat(list(tensors.values())).to(device).split([len(t) for t in tensors.values()])
+    moved = torch.cat(list(tensors.values())).pin_memory().to(device, non_blocking=True).split([len(t) for t in tensors.values()])
     return dict(zip(tensors, moved))
 
 

@@ -31,6 +31,7 @@ from mistral.errors import MistralError, is_int
 from mistral.linear import GatedLinear, Linear
 from mistral.moe import MoeLayer
 from mistral.parallel import Layout, Link, add_all_reduces, check_tensor_split
+from mistral.sampling import to_device
 from mistral.views import CheckpointNames, split_views
 
 
@@ -212,7 +213,7 @@ class Transformer(nn.Module):
             return h
         assert self.norm is not None
         if rows is not None:  # [T, V] float32 logits of a long prefill would take gigabytes
-            h = h[torch.tensor(rows, dtype=torch.long, device=h.device)]
+            h = h[to_device(list(rows), h.device, torch.long)]  # without waiting for the GPU
         return self.output(self.norm(h)).float()
 
     def forward(
