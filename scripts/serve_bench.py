@@ -109,12 +109,14 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
         changed = engine.step()  # launches a call, then waits for the call before it and reads its tokens
         steps += 1
         took, read = time.perf_counter() - before, left - prompt_tokens_left(engine)
-        # The time is the call before's (waited for here), counted as its kind.
-        kind, last_kind = calls["chunk" if read else "decode"], calls[last_kind_name] if steps > 1 else None
-        kind[0], kind[2] = kind[0] + 1, kind[2] + read
-        if last_kind is not None:
-            last_kind[1] += took
-        last_kind_name = "chunk" if read else "decode"
+        # The time is the call before's (waited for here), counted as its kind; the last step
+        # launches none, it only reads.
+        if steps > 1:
+            calls[last_kind_name][1] += took
+        if engine.pending is not None:  # launched a call
+            kind = calls["chunk" if read else "decode"]
+            kind[0], kind[2] = kind[0] + 1, kind[2] + read
+            last_kind_name = "chunk" if read else "decode"
         if engine.waiting:  # still some after the call took its rows: every row was busy
             # (a token each: no request here ends on eos, which samples none)
             saturated[0], saturated[1] = saturated[0] + len(changed), saturated[1] + took
