@@ -104,16 +104,16 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
         if not engine.busy:
             time.sleep(max(arrivals[nxt] - now, 0))
             continue
-        busy_rows += engine.running
+        running = engine.running
         left, before = prompt_tokens_left(engine), time.perf_counter()
         changed = engine.step()  # launches a call, then waits for the call before it and reads its tokens
-        steps += 1
         took, read = time.perf_counter() - before, left - prompt_tokens_left(engine)
         # The time is the call before's (waited for here), counted as its kind; the last step
         # launches none, it only reads.
-        if steps > 1:
+        if steps:
             calls[last_kind_name][1] += took
         if engine.pending is not None:  # launched a call
+            steps, busy_rows = steps + 1, busy_rows + running
             kind = calls["chunk" if read else "decode"]
             kind[0], kind[2] = kind[0] + 1, kind[2] + read
             last_kind_name = "chunk" if read else "decode"
