@@ -44,6 +44,29 @@ def test_runner_equals_model_forward(moe: bool) -> None:
     assert (runner.graph is not None) == (DEVICE.type == "cuda")
 
 
+def test_runner_verify_steps_equal_the_model_forward(moe: bool) -> None:
+    """Verify steps of 1-5 tokens a row (speculative decoding), each followed by a rewind that
+    keeps a random number of them, in rows of W + 4 slots that wrap many times: the logits of
+    the model's own chunk calls; on CUDA replayed from a graph per width."""
+    model = random_model(tiny_args(moe=moe, sliding_window=8))
+    ref, fast = model.make_cache(2, 64, lookahead=4), model.make_cache(2, 64, lookahead=4)
+    runner = Runner(model, fast, 2)
+    g = torch.Generator().manual_seed(2)
+    with torch.inference_mode():
+        ids = torch.randint(0, model.args.vocab_size, (9,), generator=g).to(DEVICE)
+        assert rel_error(runner.prefill(ids, [5, 4]), model(ids, [5, 4], ref)) < RTOL
+        for step in range(24):
+            n = [1, 5, 3, 2][step % 4]
+            x = torch.randint(0, model.args.vocab_size, (2 * n,), generator=g).to(DEVICE)
+            assert rel_error(runner.verify(x, n), model(x, [n, n], ref)) < RTOL, step
+            for b in range(2):  # the fed token and some of its proposals stay
+                keep = fast.lengths[b] - n + 1 + int(torch.randint(0, n, (1,), generator=g))
+                fast.rewind(b, keep)
+                ref.rewind(b, keep)
+    assert fast.lengths == ref.lengths and min(fast.lengths) > 2 * fast.size
+    assert sorted(runner.verify_graphs) == ([1, 2, 3, 5] if DEVICE.type == "cuda" else [])
+
+
 def test_compiling_only_where_it_pays() -> None:
     """Compiling costs seconds (COMPILE_COSTS_S, measured) and saves tens of microseconds per
     layer and step: a one-shot run of any length people ask for stays uncompiled."""
