@@ -307,7 +307,8 @@ class Engine:
                 tokens[rows], logprobs[rows], flag = sample_step(logits[rows], temperatures, top_ps, [r.generator for r in sampled])
                 finite.append(flag)
             ok = torch.stack(finite).all()
-            link.send_tokens(tokens, logprobs)
+            # Non-finite logits reach the other ranks as token -1, so that every rank fails the same read.
+            link.send_tokens(torch.where(ok, tokens, -1), logprobs)
             # Every other rank waits for them now (it feeds them next), and a send still
             # pending when the engine is let go would never arrive.
             link.flush()
@@ -317,8 +318,8 @@ class Engine:
                 top = torch.stack([indices.double(), values.double()]).to("cpu", non_blocking=True)
         else:
             tokens, logprobs = link.recv_tokens(len(requests))
-            ok = torch.ones((), dtype=torch.bool, device=tokens.device)
-        self.last[to_device([r.row for r in requests], device)] = tokens.to(device)
+            ok = (tokens >= 0).all()
+        self.last[to_device([r.row for r in requests], device)] = tokens.to(device).clamp(min=0)  # an id, even then
         for r in requests:
             r.sampled += 1
         # One copy to the host, not waiting for anything (pinned memory), and an event that says when it is there.
@@ -337,7 +338,7 @@ class Engine:
         if done is not None:
             done.synchronize()  # that call's results only, not the call just launched
         tokens, logprobs, ok = results.tolist()
-        if not all(ok):
+        if not all(ok) and any(not r.finished for r in requests):  # (ended by an earlier failure: nothing to say)
             raise MistralError(NON_FINITE)
         read = []
         for i, (r, token, logprob) in enumerate(zip(requests, tokens, logprobs)):

@@ -91,7 +91,11 @@ def follow(engine: Engine, plans: Plans) -> None:
                 arrival, reason = item
                 engine.finish(requests[arrival], reason)
         if runs:
-            engine.step()
+            try:
+                engine.step()
+            except MistralError:  # NaN logits: rank 0 failed the same read, and ends every request (`_fail_all`)
+                for r in requests.values():
+                    engine.finish(r, "error")
         requests = {a: r for a, r in requests.items() if not r.finished}
 
 

@@ -231,6 +231,15 @@ def test_logits_that_turn_nan_are_an_error_not_tokens(temperature: float) -> Non
     finally:
         hook.remove()
     assert len(request.tokens) == 1
+    # The server ends what ran (mistral/serve.py) and serves on: the failed request's last call,
+    # still to be read, says nothing more.
+    engine.finish(request, "error")
+    after = engine.submit(Request([1, 5, 6], max_tokens=4))
+    try:
+        run(engine, [], [])
+    except MistralError as e:
+        pytest.fail(f"a request after the failure failed too: {e}")
+    assert_alone(8, (1, 5, 6), after.tokens, 4)
 
 
 def test_max_tokens_zero_finishes_at_once() -> None:
