@@ -179,11 +179,12 @@ class Verify(CacheInputs):
     token and n - 1 proposals), at positions lengths[b] .. lengths[b] + n - 1, in a cache
     of W + n - 1 slots a row or more (`RotatingBufferCache.row_size`'s lookahead).
 
-    Where the decode kernel applies, it is a decode step of B * n queries: the call's keys
-    are stored first, then each query reads its row in place, up to its own position and no
-    further back than its window (kernels.decode_attention's `visible`), so that a CUDA
-    graph replays it (decode.Runner.verify) with the fused kernels of a decode step. Elsewhere
-    it is the chunk call (mask 2) of the same tokens, keys gathered in position order.
+    A decode step of B * n queries on the decode kernel: the call's keys are stored first,
+    then each query reads its row in place, up to its own position and no further back than
+    its window (kernels.decode_attention's `visible`), so that a CUDA graph replays it
+    (decode.Runner.verify) with the fused kernels of a decode step. Where that kernel does
+    not run, Runner.verify makes the chunk call (mask 2) of the same tokens instead, which
+    the tests hold this to.
 
     Worked example, W = 3, n = 3 (slots 5): row a holds positions 0..6, and 7, 8, 9 come in.
     Position 7 goes to slot 2, 8 to 3, 9 to 4; query 8 (slot 3) sees slots 3, 2, 1
@@ -205,8 +206,7 @@ class Verify(CacheInputs):
         super().__init__(self.queries.positions, None)
         self.visible = torch.empty_like(self.positions)
         self._visible()
-        # The chunk call's inputs, made where they are used: not in a graph, nor where the kernel applies.
-        self.lengths, self.size, self._chunk = list(lengths), size, None
+        self.size = size
 
     def _positions(self, lengths: Sequence[int]) -> list[int]:
         return [length + j for length in lengths for j in range(self.n)]
@@ -220,19 +220,14 @@ class Verify(CacheInputs):
         check_fits([self.n] * len(lengths), lengths, self.size, self.window)
         self.queries.restart(self._positions(lengths))
         self._visible()
-        self.lengths, self._chunk = list(lengths), None
 
     def attend(self, k: Optional[torch.Tensor], v: Optional[torch.Tensor], xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor,
                backend: Backend) -> torch.Tensor:  # fmt: skip
         assert k is not None and v is not None
-        if decode_kernel_applies(xq, backend):
-            # Every key first: a query reads those of the row's earlier new tokens.
-            _store(k, v, xk, xv, self.queries.write_to)
-            q = self.queries
-            return decode_attention(xq, xk, xv, k, v, q.write_to, q.mask.k_seqinfo.seqlen, self.visible)
-        if self._chunk is None:
-            self._chunk = cache_inputs([self.n] * len(self.lengths), self.lengths, self.size, self.window, xq.device)
-        return self._chunk.attend(k, v, xq, xk, xv, backend)
+        # Every key first: a query reads those of the row's earlier new tokens.
+        _store(k, v, xk, xv, self.queries.write_to)
+        q = self.queries
+        return decode_attention(xq, xk, xv, k, v, q.write_to, q.mask.k_seqinfo.seqlen, self.visible)
 
 
 class Mixed(CacheInputs):

@@ -165,21 +165,22 @@ class Runner:
         """Speculative decoding's verify step (cache.Verify): x holds n tokens for each row, row
         after row ([n_rows * n], or the activations [n_rows * n, D]) -> their logits or activations,
         valid until the next call. Every row's length advances by n: the caller rewinds what
-        it rejects. Replayed from a graph captured per n where decode steps are (and the decode
-        kernel runs, which reads the rows in place)."""
-        lengths = self.cache.lengths[: self.n_rows]
-        model = self.model
-        if not (self.cuda_graphs and decode_kernel_runs(x.device, model.dtype, model.args.head_dim, model.attention_backend)):
-            out = model.step(x, Verify(lengths, n, self.cache.size, self.cache.sliding_window, x.device), self.cache, self.run_block)
+        it rejects. Where the decode kernel runs, replayed from a graph captured per n where
+        decode steps are; where it does not, the chunk call of the same tokens (mask 2)."""
+        lengths, model, cache = self.cache.lengths[: self.n_rows], self.model, self.cache
+        if not decode_kernel_runs(x.device, model.dtype, model.args.head_dim, model.attention_backend):
+            out = model.step(x, cache.prepare([n] * self.n_rows), cache, self.run_block)  # the chunk call
+        elif not self.cuda_graphs:
+            out = model.step(x, Verify(lengths, n, cache.size, cache.sliding_window, x.device), cache, self.run_block)
         else:
             if n not in self.verify_graphs:
-                inputs = Verify(lengths, n, self.cache.size, self.cache.sliding_window, x.device, static=True)
+                inputs = Verify(lengths, n, cache.size, cache.sliding_window, x.device, static=True)
                 self.verify_graphs[n] = (inputs, *self._capture(x, inputs))
             inputs, graph, static_x, out = self.verify_graphs[n]
             inputs.restart(lengths)
             static_x.copy_(x)
             graph.replay()
-        self.cache.advance([n] * self.n_rows)
+        cache.advance([n] * self.n_rows)
         return out
 
     def _capture(self, x: torch.Tensor, inputs: Decode | Verify, advance: bool = False) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:

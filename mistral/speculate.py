@@ -131,11 +131,7 @@ def speculative_stream(
                 proposals, drafted = drafter.propose(history, budgets, temperature, top_p, generator)
             fed = {b: [history[b][-1], *proposals[b]] for b in rows}
             counts = [len(fed[b]) for b in rows]
-            # One verify step of n tokens in every row (a shape its graph replays): a running row's
-            # last token and proposals, then that token again up to n, which nothing reads; a
-            # row that no longer runs, its last token n times. Taken back below.
-            n = max(counts)
-            ids = [t for b in range(B) for t in (fed.get(b, []) + [history[b][-1]] * n)[:n]]
+            n, ids = _filled(fed, history)  # a row that no longer runs is filler only; taken back below
             before = list(cache.lengths[:B])
             out = stage.forward(runner, ids, verify=n)
             if link.samples:
@@ -257,11 +253,9 @@ class Drafter:
         q: dict[int, list[torch.Tensor]] = {b: [] for b in budgets}
         unseen = {b: history[b][self.cache.lengths[b] :] for b, n in budgets.items() if n > 0}
         while unseen:
-            # A verify step of the draft (a graph per n, as the target's): n tokens in every row,
-            # filled up with the row's last token, and the filler taken back.
-            n = max(map(len, unseen.values()))
+            # A verify step of the draft (a graph per n, as the target's); the filler taken back.
+            n, ids = _filled(unseen, history)
             before = list(self.cache.lengths[:B])
-            ids = [t for b in range(B) for t in (unseen.get(b, []) + [history[b][-1]] * n)[:n]]
             out = self.stage.forward(self.runner, ids, verify=n)
             assert out is not None
             logits = out[to_device([b * n + len(unseen[b]) - 1 for b in sorted(unseen)], out.device)]  # each row's last token's
@@ -287,6 +281,13 @@ class Drafter:
         """Keep what the target keeps, of what this cache holds."""
         if self.cache.lengths[row] > length:
             self.cache.rewind(row, length)
+
+
+def _filled(fed: dict[int, list[int]], history: list[list[int]]) -> tuple[int, list[int]]:
+    """A verify step's n and tokens: n tokens in every row (a shape its graph replays), row b's
+    fed[b] filled up with its last token, which nothing reads (the caller takes it back)."""
+    n = max(map(len, fed.values()))
+    return n, [t for b, h in enumerate(history) for t in (fed.get(b, []) + [h[-1]] * n)[:n]]
 
 
 def _send(link: Link, tokens: torch.Tensor, logprobs: torch.Tensor) -> None:

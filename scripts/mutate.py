@@ -256,7 +256,7 @@ MUTATIONS = [
              "test_attention.py -k verify_step_on", "the decode kernel's PyTorch version reads later proposals and past the window"),
     Mutation("verify-window-unclamped", "cache.py", r"\(self\.positions \+ 1\)\.clamp\(max=self\.window\)", "self.positions + 1",
              "test_attention.py -k verify_step_on", "a verify step's queries read past their window, in rows of W + k slots"),
-    Mutation("verify-keys-not-stored-first", "cache.py", r"            _store\(k, v, xk, xv, self\.queries\.write_to\)\n", "",
+    Mutation("verify-keys-not-stored-first", "cache.py", r"        _store\(k, v, xk, xv, self\.queries\.write_to\)\n", "",
              "test_attention.py -k verify_step_on", "a verify step's later queries read stale slots for the earlier new tokens",
              cuda=True),
     Mutation("verify-logits-of-wrong-tokens", "speculate.py", r"\[b \* n \+ i for b, count", "[b + i for b, count",

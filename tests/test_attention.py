@@ -16,10 +16,9 @@ from hypothesis import strategies as st
 
 from helpers import DEVICE, TRITON_KERNELS_RUN, rel_error
 
-from mistral import cache as cache_module
 from mistral import MistralError, kernels
 from mistral.attention import causal_attention, attend, causal_blocks, prefill_backends
-from mistral.cache import Decode, RotatingBufferCache, Verify, _store
+from mistral.cache import Decode, RotatingBufferCache, Verify, _store, cache_inputs
 from mistral.masks import chunk_mask, decode_mask, prefill_mask
 
 H, H_KV, D = 4, 2, 16
@@ -191,9 +190,8 @@ def verify_case(group: int, window: Optional[int], n: int, static: bool) -> tupl
     T = len(lengths) * n
     xq, xk, xv = (torch.randn(T, m, D, device=DEVICE, dtype=dtype) for m in (group * H_KV, H_KV, H_KV))
     want_k, want_v = cache.k.clone(), cache.v.clone()
-    eager = Verify(lengths, n, size, window, DEVICE)
-    want = eager.attend(want_k[0], want_v[0], xq, xk, xv, "reference")  # the chunk call
-    inputs = Verify([0] * len(lengths), n, size, window, DEVICE, static=True) if static else eager
+    want = cache_inputs([n] * len(lengths), lengths, size, window, DEVICE).attend(want_k[0], want_v[0], xq, xk, xv, "reference")
+    inputs = Verify([0] * len(lengths), n, size, window, DEVICE, static=True) if static else Verify(lengths, n, size, window, DEVICE)
     if static:
         inputs.restart(lengths)
     return cache, inputs, xq, xk, xv, (want_k, want_v), want
@@ -203,15 +201,12 @@ def verify_case(group: int, window: Optional[int], n: int, static: bool) -> tupl
 @pytest.mark.parametrize("window", [None, 8, 32])
 @pytest.mark.parametrize("n", [1, 2, 5])
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "graph"])
-def test_a_verify_step_on_the_decode_kernel_attends_as_its_chunk_call(
-    group: int, window: Optional[int], n: int, static: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_verify_step_on_the_decode_kernel_attends_as_its_chunk_call(group: int, window: Optional[int], n: int, static: bool) -> None:
     """cache.Verify on the decode kernel (every key stored, then each query in place, no further
     than its own position and window: kernels.decode_attention's visible) = the chunk call of
     the same tokens under mask 2, and the cache ends as the chunk call leaves it. Off CUDA the
     kernel's PyTorch version stands in for it (Triton's: the test below)."""
     cache, inputs, xq, xk, xv, (want_k, want_v), want = verify_case(group, window, n, static)
-    monkeypatch.setattr(cache_module, "decode_kernel_applies", lambda xq, backend: True)
     got = inputs.attend(cache.k[0], cache.v[0], xq, xk, xv, "auto")
     assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v)
     assert rel_error(got, want) < (1e-5 if xq.dtype == torch.float32 else 1e-2)
