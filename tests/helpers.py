@@ -8,14 +8,16 @@ kernels in bfloat16, with the looser tolerance that precision needs.
 import os
 import random
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch.overrides import TorchFunctionMode
 
 from mistral import ModelArgs, MoeArgs, Transformer, kernels
+from mistral.stage import Stage
 
 DEVICE = torch.device(os.environ.get("MISTRAL_TEST_DEVICE", "cpu"))
 DTYPE = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
@@ -168,3 +170,22 @@ class HostReads(TorchFunctionMode):
         ):
             self.reads += 1
         return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def forward_calls(model: Transformer) -> Iterator[list[int]]:
+    """The tokens of each forward call of `model` while active (Stage.forward, in Python): a
+    call replayed from a CUDA graph counts too, where a module's hook runs only at capture."""
+    calls: list[int] = []
+    forward = Stage.forward
+
+    def counted(stage: Stage, runner, ids, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if stage.model is model:
+            calls.append(len(ids))
+        return forward(stage, runner, ids, *args, **kwargs)
+
+    Stage.forward = counted  # type: ignore[method-assign]
+    try:
+        yield calls
+    finally:
+        Stage.forward = forward  # type: ignore[method-assign]

@@ -265,11 +265,11 @@ def test_an_eager_decode_step_reads_only_filled_slots(lengths: list[int], size: 
     from mistral.masks import decode_mask
 
     H_KV, D, B = 2, 4, len(lengths)
-    cache = RotatingBufferCache(1, B, size, None, H_KV, D)
+    cache = RotatingBufferCache(1, B, size, None, H_KV, D, device=DEVICE)
     cache.k.normal_(), cache.v.normal_()
     eager = Decode(lengths, size, DEVICE)
     reads = [min(n + 1, size) for n in lengths]
-    xk, xv, xq = torch.randn(B, H_KV, D), torch.randn(B, H_KV, D), torch.randn(B, 2 * H_KV, D)
+    xk, xv, xq = (torch.randn(B, h, D, device=DEVICE) for h in (H_KV, H_KV, 2 * H_KV))
     keys, values = eager.update(cache.k[0], cache.v[0], xk, xv)
     assert keys.shape[0] == B * max(reads)
     every_slot = decode_mask(reads, size, DEVICE)
