@@ -12,10 +12,10 @@ tokens proposed to follow it, and the model's choice at each position decides:
   (Leviathan et al., 2023) for a proposal that is certain (q(x) = 1), so every token
   follows p exactly.
 
-Proposals come from prompt lookup (`propose`): the text so far, prompt and generated,
-is searched for the latest earlier occurrence of its last n tokens (n = 3, 2, 1), and
-what followed it there is proposed. Code and chat repeat themselves enough for that to
-pay without a second model.
+Proposals come from prompt lookup (`PromptLookup`): the text so far, prompt and
+generated, is searched for the latest earlier occurrence of its last n tokens (n = 3, 2,
+1), and what followed it there is proposed. Code and chat repeat themselves enough for
+that to pay without a second model.
 
 The cache. Writing k proposals ahead in a row of W slots would overwrite positions
 p - W, which the tokens after a rejection still read. So the rows hold W + k slots
@@ -44,17 +44,34 @@ from mistral.stage import Stage
 MAX_NGRAM = 3
 
 
-def propose(history: Sequence[int], k: int, max_ngram: int = MAX_NGRAM) -> list[int]:
-    """Up to k tokens to follow `history`: those that followed the latest earlier occurrence
-    of its last n tokens, for the longest n <= max_ngram that occurs earlier; else none."""
-    if k <= 0:
+class PromptLookup:
+    """Prompt lookup for one row: up to k tokens to follow its history, those that followed
+    the latest earlier occurrence of its last n tokens, for the longest n <= max_ngram that
+    occurs earlier; else none.
+
+    An index of every n-gram that some token follows, to where its latest occurrence ends,
+    grown as the history grows (it only grows: taken-back proposals never enter it). A
+    search of the history instead costs a step time in proportion to its length (0.26 ms
+    in Python for 640 tokens, beside a decode step of 0.6 ms of the default model on a GPU).
+    """
+
+    def __init__(self, max_ngram: int = MAX_NGRAM):
+        self.max_ngram = max_ngram
+        self.follows: dict[tuple[int, ...], int] = {}  # n-gram -> the position after its latest occurrence
+        self.indexed = 1  # positions 1..indexed-1 are in `follows` as what follows their n-grams
+
+    def propose(self, history: Sequence[int], k: int) -> list[int]:
+        for p in range(self.indexed, len(history)):  # later occurrences overwrite earlier ones
+            for n in range(1, min(self.max_ngram, p) + 1):
+                self.follows[tuple(history[p - n : p])] = p
+        self.indexed = max(self.indexed, len(history))
+        if k <= 0:
+            return []
+        for n in range(min(self.max_ngram, len(history) - 1), 0, -1):
+            after = self.follows.get(tuple(history[-n:]))
+            if after is not None:
+                return list(history[after : after + k])
         return []
-    for n in range(min(max_ngram, len(history) - 1), 0, -1):
-        suffix = list(history[-n:])
-        for start in range(len(history) - n - 1, -1, -1):  # the latest occurrence first
-            if list(history[start : start + n]) == suffix:
-                return list(history[start + n : start + n + k])
-    return []
 
 
 def speculative_stream(
@@ -78,7 +95,7 @@ def speculative_stream(
     produced eos yields eos, log-probability 0, until the others end).
 
     draft: a smaller model of the same vocabulary whose own tokens are the proposals
-    (`Drafter`); by default prompt lookup (`propose`).
+    (`Drafter`); by default prompt lookup (`PromptLookup`).
     tally: `stream`'s `speculation`, added to as the steps run.
     warm_up: `stream`'s: the seconds of the verify graphs' first runs and captures, the draft's too."""
     model = stage.model
@@ -95,6 +112,7 @@ def speculative_stream(
         drafter.runner.warm_up = runner.warm_up
 
     history = [list(p) for p in encoded_prompts]  # per row: the prompt and every token yielded or to be
+    lookups = [PromptLookup() for _ in range(B)]
     tokens: list[list[int]] = [[] for _ in range(B)]  # per row: the tokens generated, not yet yielded from `yielded` on
     logprobs: list[list[float]] = [[] for _ in range(B)]
     done = [False] * B  # the row has produced eos
@@ -126,7 +144,7 @@ def speculative_stream(
             # Each running row's last token (sampled, not fed yet) and its proposals, no more than it may still use.
             budgets = {b: min(k, max_tokens - len(tokens[b]) - 1) for b in rows}
             if drafter is None:
-                proposals, drafted = {b: propose(history[b], budgets[b]) for b in rows}, None
+                proposals, drafted = {b: lookups[b].propose(history[b], budgets[b]) for b in rows}, None
             else:
                 proposals, drafted = drafter.propose(history, budgets, temperature, top_p, generator)
             fed = {b: [history[b][-1], *proposals[b]] for b in rows}

@@ -351,6 +351,12 @@ MUTATIONS = [
     Mutation("unreadable-folder-called-output-failure", "main.py", r"if e\.filename is not None:", "if False:",
              "test_bad_input.py -k 'may_not_be_read and folder'", "a folder without read permission reads 'cannot write the output'"),
     # --- speculative decoding ------------------------------------------------------------
+    Mutation("lookup-index-keeps-first-occurrence", "speculate.py", r"self\.follows\[tuple\(history\[p - n : p\]\)\] = p",
+             "self.follows.setdefault(tuple(history[p - n : p]), p)", "test_speculate.py -k lookup_index",
+             "prompt lookup proposes what followed the earliest occurrence, not the latest"),
+    Mutation("lookup-index-holds-the-suffix", "speculate.py", r"for p in range\(self\.indexed, len\(history\)\)",
+             "for p in range(self.indexed, len(history) + 1)", "test_speculate.py -k lookup_index",
+             "the last n-gram finds itself, which nothing follows yet"),
     Mutation("speculation-without-lookahead-slots", "speculate.py", r"stage\.caches\(\[B\], longest, max_tokens, lookahead=k\)",
              "stage.caches([B], longest, max_tokens, lookahead=0)",
              "test_speculate.py -k greedy_speculation", "proposals written ahead overwrite positions still in the window"),

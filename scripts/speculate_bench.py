@@ -89,6 +89,7 @@ def main() -> None:
         rows.append(dict(
             speculate=k, same_tokens=sum(o == r for o, r in zip(outputs, reference)) / len(prompts), forward_calls=steps,
             tokens_per_call=round(after_first / max(steps, 1), 3), seconds=round(decode_s, 3),
+            ms_per_call=round(1000 * decode_s / max(steps, 1), 3),  # what a step costs the host and the device together
         ))  # fmt: skip
     plain = rows[0]["seconds"]
     for r in rows:
@@ -96,9 +97,9 @@ def main() -> None:
     print(f"proposals by {'prompt lookup' if draft is None else f'the draft model {options.draft}'}")
     print(f"default model in {dtype}, greedy, {len(prompts)} held-out modules ({', '.join(names[: len(prompts)])}), "
           f"{options.prompt_tokens}-token prompts, {options.max_tokens} new tokens each, {options.device}")  # fmt: skip
-    print(f"{'k':>3} {'same':>5} {'calls':>6} {'tok/call':>9} {'seconds':>8} {'speedup':>8}")
+    print(f"{'k':>3} {'same':>5} {'calls':>6} {'tok/call':>9} {'ms/call':>8} {'seconds':>8} {'speedup':>8}")
     for r in rows:
-        print(f"{r['speculate']:>3} {r['same_tokens']:>5.2f} {r['forward_calls']:>6} {r['tokens_per_call']:>9} {r['seconds']:>8} {r['speedup']:>8}")
+        print(f"{r['speculate']:>3} {r['same_tokens']:>5.2f} {r['forward_calls']:>6} {r['tokens_per_call']:>9} {r['ms_per_call']:>8} {r['seconds']:>8} {r['speedup']:>8}")
     if options.out:
         options.out.write_text(json.dumps(dict(device=options.device, dtype=str(dtype), draft=str(options.draft) if options.draft else None,
                                                modules=names[: len(prompts)], rows=rows), indent=2))  # fmt: skip

@@ -13,8 +13,12 @@ from hypothesis import strategies as st
 
 from mistral import MistralError, generate
 from mistral.sampling import probabilities
-from mistral.speculate import Drafter, _choose, propose
+from mistral.speculate import Drafter, PromptLookup, _choose
 from mistral.stage import Stage
+
+
+def propose(history: list[int], k: int) -> list[int]:
+    return PromptLookup().propose(history, k)
 
 
 def test_propose_follows_the_latest_occurrence_of_the_longest_ngram() -> None:
@@ -24,6 +28,25 @@ def test_propose_follows_the_latest_occurrence_of_the_longest_ngram() -> None:
     assert propose([4, 5, 6], 3) == []  # nothing repeats
     assert propose([4, 5, 4], 3) == [5, 4]  # the unigram "4", cut where the history ends
     assert propose(history, 0) == []
+
+
+def searched(history: list[int], k: int) -> list[int]:
+    """What prompt lookup proposes, by searching the whole history, latest occurrence first."""
+    for n in range(min(3, len(history) - 1), 0, -1):
+        for start in range(len(history) - n - 1, -1, -1):
+            if history[start : start + n] == history[-n:]:
+                return history[start + n : start + n + k]
+    return []
+
+
+@given(tokens=st.lists(st.integers(0, 4), min_size=1, max_size=60), cuts=st.lists(st.integers(1, 60), max_size=8), k=st.integers(0, 5))
+@settings(max_examples=200, deadline=None)
+def test_the_lookup_index_proposes_what_a_search_of_the_history_finds(tokens: list[int], cuts: list[int], k: int) -> None:
+    """Asked as the history grows by one token or many between steps (its index grown on
+    the way): the proposals of a search of the whole history, at every step."""
+    lookup = PromptLookup()
+    for end in sorted({min(c, len(tokens)) for c in cuts} | {len(tokens)}):
+        assert lookup.propose(tokens[:end], k) == searched(tokens[:end], k)
 
 
 def repetitive_prompts(draw: st.DrawFn, vocab: int) -> list[int]:
