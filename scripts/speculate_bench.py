@@ -11,8 +11,16 @@ tokens are the same); what changes is how many forward calls produce them.
     python scripts/speculate_bench.py [--prompts 8] [--prompt_tokens 512] [--max_tokens 128] [--device cpu] [--out FILE]
     python scripts/speculate_bench.py --draft DRAFT_DIR ...   # proposals by a draft model (scripts/train_tiny.py --layers 2 ...)
 
-Prints one row per k: forward calls after the prefill, tokens per call, decode seconds,
-and the speedup over plain decoding in the same process.
+Prints one row per k: forward calls after the prefill, tokens per call, milliseconds per
+call (the device's and the host's work together), decode seconds, and the speedup over
+plain decoding in the same process.
+
+    python scripts/speculate_bench.py --shapes mistral-7b ...   # a GPU: random weights of Mistral 7B's shapes
+
+runs the same on a model of Mistral 7B's shapes with random weights (the default model's
+vocabulary), in place of the default model: its proposals mean nothing (a random model
+soon repeats itself, and prompt lookup follows), but what a verify step costs against a
+decode step, the host's work per step included, is what Mistral 7B's costs.
 
     python scripts/speculate_bench.py --verify --out FILE      # a GPU: Mistral 7B's shapes, random weights
 
@@ -54,6 +62,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on CUDA (its decode kernels and graphs), else float32")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here too")
     parser.add_argument("--draft", type=Path, help="a draft model's folder (same tokenizer): its proposals instead of prompt lookup's")
+    parser.add_argument("--shapes", choices=["mistral-7b"], help="random weights of these shapes instead of the default model")
     parser.add_argument("--verify", action="store_true", help="time verify steps against a decode step (Mistral 7B's shapes)")
     options = parser.parse_args()
     if options.verify:
@@ -61,8 +70,11 @@ def main() -> None:
 
     torch.set_num_threads(min(torch.get_num_threads(), 4))
     dtype = getattr(torch, options.dtype or ("bfloat16" if options.device.startswith("cuda") else "float32"))
-    model = Transformer.from_folder(DEFAULT_MODEL, device=options.device, dtype=dtype)
     tokenizer = load_tokenizer(DEFAULT_MODEL)
+    if options.shapes:
+        model = Transformer.random(ModelArgs(**dict(MISTRAL_7B, vocab_size=tokenizer.n_words)), device=options.device, dtype=dtype)
+    else:
+        model = Transformer.from_folder(DEFAULT_MODEL, device=options.device, dtype=dtype)
     draft = None if options.draft is None else Transformer.from_folder(options.draft, device=options.device, dtype=dtype)
     _, held_out, names = split_sources()
     prompts = [tokenizer.encode(text, bos=True)[: options.prompt_tokens] for text in held_out[: options.prompts]]
@@ -95,13 +107,13 @@ def main() -> None:
     for r in rows:
         r["speedup"] = round(plain / r["seconds"], 3)
     print(f"proposals by {'prompt lookup' if draft is None else f'the draft model {options.draft}'}")
-    print(f"default model in {dtype}, greedy, {len(prompts)} held-out modules ({', '.join(names[: len(prompts)])}), "
+    print(f"{options.shapes or 'default model'} in {dtype}, greedy, {len(prompts)} held-out modules ({', '.join(names[: len(prompts)])}), "
           f"{options.prompt_tokens}-token prompts, {options.max_tokens} new tokens each, {options.device}")  # fmt: skip
     print(f"{'k':>3} {'same':>5} {'calls':>6} {'tok/call':>9} {'ms/call':>8} {'seconds':>8} {'speedup':>8}")
     for r in rows:
         print(f"{r['speculate']:>3} {r['same_tokens']:>5.2f} {r['forward_calls']:>6} {r['tokens_per_call']:>9} {r['ms_per_call']:>8} {r['seconds']:>8} {r['speedup']:>8}")
     if options.out:
-        options.out.write_text(json.dumps(dict(device=options.device, dtype=str(dtype), draft=str(options.draft) if options.draft else None,
+        options.out.write_text(json.dumps(dict(device=options.device, shapes=options.shapes, dtype=str(dtype), draft=str(options.draft) if options.draft else None,
                                                modules=names[: len(prompts)], rows=rows), indent=2))  # fmt: skip
     if dtype == torch.float32 and not all(r["same_tokens"] == 1 for r in rows):
         sys.exit("speculative decoding changed the greedy tokens")
