@@ -357,6 +357,8 @@ MUTATIONS = [
     Mutation("lookup-index-holds-the-suffix", "speculate.py", r"for p in range\(self\.indexed, len\(history\)\)",
              "for p in range(self.indexed, len(history) + 1)", "test_speculate.py -k lookup_index",
              "the last n-gram finds itself, which nothing follows yet"),
+    Mutation("lookup-proposes-nothing", "speculate.py", r"return list\(history\[after : after \+ k\]\)", "return []",
+             "test_speculate.py -k keeps_proposals", "prompt lookup finds the n-gram but proposes nothing: correct, and no faster"),
     Mutation("speculation-without-lookahead-slots", "speculate.py", r"stage\.caches\(\[B\], longest, max_tokens, lookahead=k\)",
              "stage.caches([B], longest, max_tokens, lookahead=0)",
              "test_speculate.py -k greedy_speculation", "proposals written ahead overwrite positions still in the window"),

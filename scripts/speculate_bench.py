@@ -12,8 +12,8 @@ tokens are the same); what changes is how many forward calls produce them.
     python scripts/speculate_bench.py --draft DRAFT_DIR ...   # proposals by a draft model (scripts/train_tiny.py --layers 2 ...)
 
 Prints one row per k: forward calls after the prefill, tokens per call, milliseconds per
-call (the device's and the host's work together), decode seconds, and the speedup over
-plain decoding in the same process.
+call (the device's and the host's work together, a draft's calls included), the seconds
+of the calls after the prefill, and the speedup over plain decoding in the same process.
 
     python scripts/speculate_bench.py --shapes mistral-7b ...   # a GPU: random weights of Mistral 7B's shapes
 
@@ -46,7 +46,7 @@ from train_tiny import split_sources  # noqa: E402
 
 from bench import MISTRAL_7B  # noqa: E402
 
-from mistral import DEFAULT_MODEL, ModelArgs, Transformer, generate  # noqa: E402
+from mistral import DEFAULT_MODEL, ModelArgs, Transformer, generate, stream  # noqa: E402
 from mistral.decode import Runner  # noqa: E402
 from mistral.stage import Stage  # noqa: E402
 from mistral.tokenizer import load_tokenizer  # noqa: E402
@@ -89,12 +89,9 @@ def main() -> None:
         outputs = []
         tally: dict[str, int] = {}  # the verify steps' counts (mistral generate's timing line)
         for prompt in prompts:  # one at a time: batch 1, where a step reads every weight once
-            start = time.perf_counter()
-            tokens, _ = generate([prompt], model, max_tokens=options.max_tokens, stage=stage, speculation=tally, **proposer)
-            if options.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            decode_s += time.perf_counter() - start
-            outputs.append(tokens[0])
+            tokens, seconds = decoded(prompt, model, options.max_tokens, stage, proposer, tally)
+            decode_s += seconds
+            outputs.append(tokens)
         reference = reference or outputs
         after_first = sum(len(t) for t in outputs) - len(prompts)  # the first token comes with the prefill
         steps = tally.get("steps", after_first)  # plain decoding: a call per token
@@ -117,6 +114,25 @@ def main() -> None:
                                                modules=names[: len(prompts)], rows=rows), indent=2))  # fmt: skip
     if dtype == torch.float32 and not all(r["same_tokens"] == 1 for r in rows):
         sys.exit("speculative decoding changed the greedy tokens")
+
+
+def decoded(prompt: list[int], model: Transformer, max_tokens: int, stage: Stage, proposer: dict, tally: dict[str, int]) -> tuple[list[int], float]:
+    """The tokens of one prompt and the seconds of the steps after the first token (the
+    prefill's), less warm-up: a graph captured for a width the warm-up run did not meet."""
+    warm_up: dict[str, float] = {}
+    steps = stream([prompt], model, max_tokens=max_tokens, stage=stage, speculation=tally, warm_up=warm_up, **proposer)
+    first = [next(steps)]
+    _synchronize(model.device)
+    start, booked = time.perf_counter(), sum(warm_up.values())
+    rest = list(steps)
+    _synchronize(model.device)
+    seconds = time.perf_counter() - start - (sum(warm_up.values()) - booked)
+    return torch.cat([t for t, _ in first + rest]).tolist(), seconds
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _seconds(fn, steps: int, device: str) -> float:
