@@ -14,7 +14,8 @@ Each `Engine.step` is one forward call:
   prompt read whole samples its first token in that call;
 - otherwise it is a decode step (mask 3) on rows 0..n-1, n the smallest bucket (1, 2,
   4, ...) that holds every busy row, replayed on CUDA from a graph captured per bucket;
-  a free row below n decodes a placeholder that nobody reads.
+  a free row below n decodes a placeholder that nobody reads (over a few keys: the ones
+  a finished request left there are let go).
 
 Worked example, 4 rows, chunk_size 4: A decodes in row 0, B (a prompt of 6 tokens, 2 of
 them read) is in row 1, and C, a new prompt of 3, arrives:
@@ -51,6 +52,8 @@ from mistral.stage import Stage
 
 # The most alternatives per token a request may ask for (OpenAI's top_logprobs limit).
 MAX_TOP_LOGPROBS = 20
+# The most keys a free row's placeholder reads in a decode step (Engine._decode).
+PLACEHOLDER_KEYS = 32
 
 
 class Request:
@@ -240,8 +243,13 @@ class Engine:
         (on the last pipeline stage; None elsewhere)."""
         n = min(len(self.rows), 1 << fed[-1][0].bit_length())  # rows 0..n-1, n a power of 2 > the last fed row
         feeds = {b for b, _ in fed}
-        for b in range(n):  # a placeholder must find a slot: a window-less row cannot roll
-            if b not in feeds and self.cache.lengths[b] >= self.cache.size:
+        # A placeholder reads its row's keys as a real row does: a free row still holding a
+        # finished request's thousand keys costs that request's reads in every step (about
+        # 0.13 MB a key for Mistral 7B). It starts over once it holds PLACEHOLDER_KEYS (a
+        # reset restarts the graph's inputs: once every PLACEHOLDER_KEYS steps, not every
+        # step), or its last slot (a window-less row cannot roll).
+        for b in range(n):
+            if b not in feeds and self.cache.lengths[b] >= min(PLACEHOLDER_KEYS, self.cache.size):
                 self.cache.reset(b)  # free, or done sampling: its keys are read no more
         logits = self.stage.forward(self.stage.runner(self.cache, n, cuda_graphs=self.cuda_graphs), self.last[:n])
         return None if logits is None else logits[to_device([b for b, _ in fed], logits.device)]

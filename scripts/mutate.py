@@ -382,6 +382,8 @@ MUTATIONS = [
     Mutation("lookahead-rewind-as-without", "cache.py", r"length >= written - \(self\.size - reach\) - 1", "length >= written - 1",
              "test_speculate.py -k lookahead", "a cache with lookahead slots starts a row over after taking k tokens back"),
     # --- the serving engine, the server, streamed text -------------------------------------
+    Mutation("placeholder-reads-stale-keys", "engine.py", r">= min\(PLACEHOLDER_KEYS, self\.cache\.size\)", ">= self.cache.size",
+             "test_engine.py -k 'reads_few_keys or window_less_cache_starts_over'", "a free row's placeholder reads the keys its finished request left, every step"),
     Mutation("engine-ignores-nan", "engine.py", r"if not all\(ok\) and", "if False and",
              "test_engine.py -k turn_nan", "the engine samples from NaN logits without a word"),
     Mutation("engine-warm-up-one-bucket", "engine.py", r"n = min\(2 \* n, len\(self\.rows\)\)", "n = len(self.rows)",

@@ -169,6 +169,25 @@ def test_a_free_row_of_a_window_less_cache_starts_over() -> None:
     assert_alone(None, (1, 2, 3, 4, 5), short.tokens, 2)
 
 
+def test_a_free_row_below_a_busy_one_reads_few_keys() -> None:
+    """Rows 0 and 1 end after long prompts while row 2 decodes on: the decode steps still
+    run on the bucket of 4 rows, and a free row's placeholder must not read the keys its
+    finished request left (a real row's reads, in every step): it starts over."""
+    from mistral.engine import PLACEHOLDER_KEYS
+
+    engine = Engine(model(None), max_batch=4, max_context=200)
+    requests = [Request(list(range(1, 90)), max_tokens=2), Request(list(range(2, 80)), max_tokens=2), Request([6, 7], max_tokens=60)]
+    for r in requests:
+        engine.submit(r)
+    held = []
+    while engine.busy:
+        engine.step()
+        if requests[0].finished and requests[1].finished and not requests[2].finished:
+            held.append(max(engine.cache.lengths[:2]))
+    assert len(held) > PLACEHOLDER_KEYS and max(held) <= PLACEHOLDER_KEYS
+    assert_alone(None, (6, 7), requests[2].tokens, 60)
+
+
 def test_logprobs_and_top_alternatives_are_the_models() -> None:
     prompt = [11, 12, 13]
     engine = Engine(model(8), max_batch=2)
