@@ -7,7 +7,9 @@ drawn once with a seed) arrive as a Poisson process and run on mistral/engine.py
 done. Measured: throughput (answer tokens over the time from the first arrival to the
 last token), time to first token (TTFT, from arrival) and time between tokens (TBT), p50
 and p99. The reference rates: the steady decode rate of the engine's full bucket
-(max_batch rows decoding, replayed from its graph on CUDA), and the same requests as
+(max_batch rows decoding, replayed from its graph on CUDA), after prompts of 3 tokens and
+after prompts of the workload's mean context (a prompt and half an answer: the keys its
+busy rows read in every step), and the same requests as
 static batches of max_batch through generate() (every batch runs until its longest
 answer is done; only the answers' own tokens count).
 
@@ -138,17 +140,23 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
     }  # fmt: skip
 
 
-def steady_decode(engine: Engine, rows: int, steps: int, device: torch.device) -> float:
-    """Tokens/s of `rows` requests decoding together, after their prompts and the graph's capture."""
-    requests = [engine.submit(Request([5 + i, 7, 9], max_tokens=steps + 40)) for i in range(rows)]
-    for _ in range(20):  # prefill, capture, a few replays
+def steady_decode(engine: Engine, rows: int, steps: int, device: torch.device, context: int = 3) -> float:
+    """Tokens/s of `rows` requests decoding together after prompts of `context` tokens (their
+    keys are read in every step), after their prompts and the graph's capture."""
+    room = engine.max_context - context  # a request's tokens, while the others' prompts are read and after
+    requests = [engine.submit(Request([5 + i] + [7] * (context - 1), max_tokens=room)) for i in range(rows)]
+    while not all(r.tokens for r in requests):  # the prompts
         engine.step()
+    for _ in range(5):  # the capture, a few replays
+        engine.step()
+    steps = min(steps, room - max(len(r.tokens) for r in requests) - 2)
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         engine.step()
     sync(device)
     seconds = time.perf_counter() - start
+    assert all(not r.finished for r in requests)  # every row decoded throughout
     for r in requests:
         engine.finish(r)
     return rows * steps / seconds
@@ -202,6 +210,11 @@ def main() -> None:
     run_arrivals(engine, jobs[: cfg.max_batch + 3], math.inf, cfg.seed, cfg.temperature)
     results["steady_decode_tokens_per_s"] = steady_decode(engine, cfg.max_batch, cfg.steady_steps, device)
     log(f"steady decode, {cfg.max_batch} rows: {results['steady_decode_tokens_per_s']:.1f} tokens/s")
+    # The same at the workload's mean context (a prompt and half an answer): the keys a busy row reads.
+    mean_context = round(statistics.mean(len(p) + n / 2 for p, n in jobs))
+    results["steady_decode_at_mean_context"] = {"context": mean_context,
+                                                "tokens_per_s": steady_decode(engine, cfg.max_batch, cfg.steady_steps, device, mean_context)}
+    log(f"steady decode, {cfg.max_batch} rows after {mean_context} tokens: {results['steady_decode_at_mean_context']['tokens_per_s']:.1f} tokens/s")
     results["static"] = static_batches(model, jobs, cfg.max_batch, cfg.temperature)
     log(f"static batches of {cfg.max_batch}: {results['static']['tokens_per_s']:.1f} tokens/s")
     results["runs"] = []
@@ -216,12 +229,16 @@ def main() -> None:
     if cfg.out:
         cfg.out.mkdir(parents=True, exist_ok=True)
         (cfg.out / "serve_bench.json").write_text(json.dumps(results, indent=1, default=str))
-    steady = results["steady_decode_tokens_per_s"]
-    print("| arrivals (requests/s) | tokens/s | / steady decode | while saturated / steady | / static batches | TTFT p50 | TTFT p99 | TBT p50 | TBT p99 | rows busy |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    steady, at_context = results["steady_decode_tokens_per_s"], results["steady_decode_at_mean_context"]["tokens_per_s"]
+    print("| arrivals (requests/s) | tokens/s | / steady decode | while saturated / steady | / steady at the mean context | / static batches "
+          "| TTFT p50 | TTFT p99 | TBT p50 | TBT p99 | rows busy |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for run in results["runs"]:
-        saturated = f"{run['saturated_tokens_per_s'] / steady:.2f} ({run['saturated_seconds']:.1f} s)" if run["saturated_seconds"] else "-"
-        print(f"| {run['rate_per_s']:g} | {run['tokens_per_s']:,.1f} | {run['tokens_per_s'] / steady:.2f} | {saturated} | "
+        saturated, saturated_at_context = (
+            (f"{run['saturated_tokens_per_s'] / steady:.2f} ({run['saturated_seconds']:.1f} s)", f"{run['saturated_tokens_per_s'] / at_context:.2f}")
+            if run["saturated_seconds"] else ("-", "-")
+        )  # fmt: skip
+        print(f"| {run['rate_per_s']:g} | {run['tokens_per_s']:,.1f} | {run['tokens_per_s'] / steady:.2f} | {saturated} | {saturated_at_context} | "
               f"{run['tokens_per_s'] / results['static']['tokens_per_s']:.2f} | {run['ttft_s']['p50']:.3f} s | {run['ttft_s']['p99']:.3f} s | "
               f"{run['tbt_s']['p50'] * 1e3:.1f} ms | {run['tbt_s']['p99'] * 1e3:.1f} ms | {run['mean_busy_rows']:.1f} |")  # fmt: skip
 
