@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -85,6 +85,7 @@ def run_checks(model: Transformer) -> dict[str, Any]:
     out["speculated"] = generate(PROMPTS, model, max_tokens=MAX_TOKENS, speculate=3)
     out["speculated_sampled"] = generate(PROMPTS, model, max_tokens=MAX_TOKENS, speculate=3, **SAMPLING)
     out["engine"] = engine_run(model)
+    out["engine_nan"] = engine_after_nan(model)
     return out
 
 
@@ -97,6 +98,41 @@ def engine_run(model: Transformer) -> tuple[list[list[int]], list[list[float]]]:
     while engine.busy:
         engine.step()
     return [r.tokens for r in requests], [r.logprobs for r in requests]
+
+
+def engine_after_nan(model: Transformer) -> tuple[Optional[str], int, list[int]]:
+    """Logits that turn NaN from the engine's third call on (a hook on the last norm, on the
+    last stage's ranks; the others learn it from the tokens): every rank fails the same read
+    with the one-line error, ends its requests as a tensor-parallel server's ranks do
+    (mistral/serve.py), and runs the next request. Returns the error, the steps to it, and
+    that request's tokens."""
+    engine = Engine(model, max_batch=2, max_context=40, chunk_size=4)
+    requests = [engine.submit(Request(p, max_tokens=MAX_TOKENS)) for p in PROMPTS[:2]]
+    calls: list[int] = []
+
+    def nan_from_third(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return out if len(calls) < 3 else torch.full_like(out, float("nan"))
+
+    hook = None if model.norm is None else model.norm.register_forward_hook(nan_from_third)
+    error, steps = None, 0
+    try:
+        while engine.busy and error is None:
+            steps += 1
+            try:
+                engine.step()
+            except MistralError as e:
+                error = str(e)
+    finally:
+        if hook is not None:
+            hook.remove()
+    for r in requests:
+        if not r.finished:
+            engine.finish(r, "error")
+    after = engine.submit(Request(PROMPTS[2], max_tokens=4))
+    while engine.busy:
+        engine.step()
+    return error, steps, after.tokens
 
 
 def worker(rank: int, P: int, T: int, port: int, folders: dict[str, Path], out_dir: Path) -> None:
@@ -291,6 +327,10 @@ def test_the_engine_gives_every_rank_the_single_processes_tokens(group: tuple, r
             assert r[kind]["engine"][0] == tokens
             for got, w in zip(r[kind]["engine"][1], logprobs):
                 assert got == pytest.approx(w, rel=1e-4, abs=1e-4)
+        # NaN logits: every rank fails at the step the single process fails at, and serves on.
+        error, steps, after = expected["engine_nan"]
+        assert error is not None and "not finite" in error and after == expected["greedy_1"][0][2][:4]
+        assert all(r[kind]["engine_nan"] == (error, steps, after) for r in ranks)
 
 
 def test_speculation_gives_every_rank_the_single_processes_tokens(group: tuple, reference: dict) -> None:
