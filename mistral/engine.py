@@ -246,8 +246,8 @@ class Engine:
         # A placeholder reads its row's keys as a real row does: a free row still holding a
         # finished request's thousand keys costs that request's reads in every step (about
         # 0.13 MB a key for Mistral 7B). It starts over once it holds PLACEHOLDER_KEYS (a
-        # reset restarts the graph's inputs: once every PLACEHOLDER_KEYS steps, not every
-        # step), or its last slot (a window-less row cannot roll).
+        # reset restarts the graph's inputs, a small copy: so not in every step), or at its
+        # last slot (a window-less row cannot roll).
         for b in range(n):
             if b not in feeds and self.cache.lengths[b] >= min(PLACEHOLDER_KEYS, self.cache.size):
                 self.cache.reset(b)  # free, or done sampling: its keys are read no more

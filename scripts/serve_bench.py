@@ -140,16 +140,24 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
     }  # fmt: skip
 
 
-def steady_decode(engine: Engine, rows: int, steps: int, device: torch.device, context: int = 3) -> float:
-    """Tokens/s of `rows` requests decoding together after prompts of `context` tokens (their
-    keys are read in every step), after their prompts and the graph's capture."""
-    room = engine.max_context - context  # a request's tokens, while the others' prompts are read and after
-    requests = [engine.submit(Request([5 + i] + [7] * (context - 1), max_tokens=room)) for i in range(rows)]
+def steady_decode(engine: Engine, rows: int, steps: int, device: torch.device, context: int = 3) -> tuple[float, float]:
+    """Tokens/s of `rows` requests decoding together with about `context` keys each (read in
+    every step), after their prompts and the graph's capture; and the mean keys a row held
+    over the timed steps (the prompt, the tokens made while the others' prompts were read,
+    half the steps)."""
+    prompt = max(1, context - steps // 2)
+    room = engine.max_context - prompt  # a request's tokens, while the others' prompts are read and after
+    if room < 10 + steps:
+        sys.exit(f"steady decode after {prompt} prompt tokens: max_context={engine.max_context} leaves {room} tokens, under {steps} steps and a margin")
+    requests = [engine.submit(Request([5 + i] + [7] * (prompt - 1), max_tokens=room)) for i in range(rows)]
     while not all(r.tokens for r in requests):  # the prompts
         engine.step()
     for _ in range(5):  # the capture, a few replays
         engine.step()
     steps = min(steps, room - max(len(r.tokens) for r in requests) - 2)
+    if steps <= 0:
+        sys.exit(f"steady decode after {prompt} prompt tokens: no room left in max_context={engine.max_context} after reading the prompts")
+    keys = prompt + statistics.mean(len(r.tokens) for r in requests) + steps / 2
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
@@ -159,7 +167,7 @@ def steady_decode(engine: Engine, rows: int, steps: int, device: torch.device, c
     assert all(not r.finished for r in requests)  # every row decoded throughout
     for r in requests:
         engine.finish(r)
-    return rows * steps / seconds
+    return rows * steps / seconds, keys
 
 
 def static_batches(model: Transformer, jobs: list[tuple[list[int], int]], rows: int, temperature: float = 0.0) -> dict[str, Any]:
@@ -208,13 +216,14 @@ def main() -> None:
         results["device_name"] = torch.cuda.get_device_name(device)
     log("warm-up: every bucket of rows, prompts of every length read beside decoding rows")
     run_arrivals(engine, jobs[: cfg.max_batch + 3], math.inf, cfg.seed, cfg.temperature)
-    results["steady_decode_tokens_per_s"] = steady_decode(engine, cfg.max_batch, cfg.steady_steps, device)
-    log(f"steady decode, {cfg.max_batch} rows: {results['steady_decode_tokens_per_s']:.1f} tokens/s")
-    # The same at the workload's mean context (a prompt and half an answer): the keys a busy row reads.
-    mean_context = round(statistics.mean(len(p) + n / 2 for p, n in jobs))
-    results["steady_decode_at_mean_context"] = {"context": mean_context,
-                                                "tokens_per_s": steady_decode(engine, cfg.max_batch, cfg.steady_steps, device, mean_context)}
-    log(f"steady decode, {cfg.max_batch} rows after {mean_context} tokens: {results['steady_decode_at_mean_context']['tokens_per_s']:.1f} tokens/s")
+    results["steady_decode_tokens_per_s"], keys = steady_decode(engine, cfg.max_batch, cfg.steady_steps, device)
+    log(f"steady decode, {cfg.max_batch} rows of {keys:.0f} keys: {results['steady_decode_tokens_per_s']:.1f} tokens/s")
+    # The same at the workload's mean context, over its tokens (a busy row's keys, step by
+    # step: a prompt and half an answer, weighted by the answer's steps).
+    mean_context = round(sum(n * (len(p) + n / 2) for p, n in jobs) / sum(n for _, n in jobs))
+    rate, keys = steady_decode(engine, cfg.max_batch, cfg.steady_steps, device, mean_context)
+    results["steady_decode_at_mean_context"] = {"context": mean_context, "keys": keys, "tokens_per_s": rate}
+    log(f"steady decode, {cfg.max_batch} rows of {keys:.0f} keys (the workload's mean {mean_context}): {rate:.1f} tokens/s")
     results["static"] = static_batches(model, jobs, cfg.max_batch, cfg.temperature)
     log(f"static batches of {cfg.max_batch}: {results['static']['tokens_per_s']:.1f} tokens/s")
     results["runs"] = []
