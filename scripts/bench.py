@@ -59,7 +59,7 @@ def log(*parts: Any) -> None:
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def timed(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 1) -> float:

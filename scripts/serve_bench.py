@@ -34,28 +34,15 @@ from typing import Any
 
 import torch
 
+from bench import MISTRAL_7B, TINY, sync
 from mistral import ModelArgs, Transformer
 from mistral.engine import Engine, Request
 from mistral.generation import generate
 from mistral.stage import Stage
 
-MISTRAL_7B = dict(
-    dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8, norm_eps=1e-5, vocab_size=32000,
-    rope_theta=10000.0, sliding_window=4096, max_batch_size=32,
-)  # fmt: skip
-TINY = dict(
-    dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, norm_eps=1e-5, vocab_size=97,
-    rope_theta=10000.0, sliding_window=32, max_batch_size=8,
-)  # fmt: skip
-
 
 def log(*parts: Any) -> None:
     print(*parts, file=sys.stderr, flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def workload(n: int, prompt_range: tuple[int, int], answer_range: tuple[int, int], vocab: int, seed: int) -> list[tuple[list[int], int]]:

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_tiny import split_sources  # noqa: E402
 
-from bench import MISTRAL_7B  # noqa: E402
+from bench import MISTRAL_7B, sync  # noqa: E402
 
 from mistral import DEFAULT_MODEL, ModelArgs, Transformer, generate, stream  # noqa: E402
 from mistral.decode import Runner  # noqa: E402
@@ -122,17 +122,12 @@ def decoded(prompt: list[int], model: Transformer, max_tokens: int, stage: Stage
     warm_up: dict[str, float] = {}
     steps = stream([prompt], model, max_tokens=max_tokens, stage=stage, speculation=tally, warm_up=warm_up, **proposer)
     first = [next(steps)]
-    _synchronize(model.device)
+    sync(model.device)
     start, booked = time.perf_counter(), sum(warm_up.values())
     rest = list(steps)
-    _synchronize(model.device)
+    sync(model.device)
     seconds = time.perf_counter() - start - (sum(warm_up.values()) - booked)
     return torch.cat([t for t, _ in first + rest]).tolist(), seconds
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _seconds(fn, steps: int, device: str) -> float:
