@@ -1,9 +1,10 @@
-"""Continuous batching: requests join and leave one cache between forward calls.
+"""The generation loop: requests join and leave one cache between forward calls.
 
-`generate` fixes its batch when it starts. A server cannot: requests arrive while others
-run, and a finished one should give its place to the next at once. The rolling buffer
-suits this: every row has the same slots (W, for a windowed model), so a row takes a new
-sequence the moment the old one ends, with nothing to page or compact.
+A server's requests arrive while others run, and a finished one should give its place to
+the next at once (continuous batching). The rolling buffer suits this: every row has the
+same slots (W, for a windowed model), so a row takes a new sequence the moment the old
+one ends, with nothing to page or compact. `generate` and `stream` run here too: their
+prompts are requests that start together (mistral/generation.py).
 
 Each `Engine.step` is one forward call:
 
@@ -13,7 +14,8 @@ Each `Engine.step` is one forward call:
   among them, oldest first, so a long prompt never stalls the rows that decode; a
   prompt read whole samples its first token in that call;
 - otherwise it is a decode step (mask 3) on rows 0..n-1, n the smallest bucket (1, 2,
-  4, ...) that holds every busy row, replayed on CUDA from a graph captured per bucket;
+  4, ...) that holds every busy row (or every row: `buckets=False`), replayed on CUDA
+  from a graph captured per bucket;
   a free row below n decodes a placeholder that nobody reads (over a few keys: the ones
   a finished request left there are let go).
 
@@ -33,21 +35,23 @@ request alone would (the same math on other rows: equal up to float rounding).
 On several ranks (tensor parallel, pipeline stages), every rank's engine runs the same
 calls on the same requests, submitted and ended in the same order (a tensor-parallel
 server's rank 0 sends the others its plan: mistral/serve.py); the sampling rank's tokens
-reach the others once per call.
+reach the others once per call, received at the start of their next call.
 """
 
 import itertools
+import sys
 import time
 from collections import deque
 from typing import Any, Optional, Sequence
 
 import torch
 
-from mistral.cache import CacheTooLarge
+from mistral.cache import CacheTooLarge, RotatingBufferCache
+from mistral.checks import check_model, check_options
 from mistral.errors import MistralError, check_positive_int, is_int
-from mistral.generation import check_model, check_options
 from mistral.model import Transformer
 from mistral.sampling import NON_FINITE, sample_step, to_device
+from mistral.decode import Runner
 from mistral.stage import Stage
 
 # The most alternatives per token a request may ask for (OpenAI's top_logprobs limit).
@@ -99,7 +103,17 @@ class Engine:
     max_batch: rows of the cache (requests running at once; default the model's max_batch_size).
     max_context: the longest a request may run, prompt and answer; a window-less model's rows
     hold that many slots, a windowed model's W.
-    chunk_size: prompt tokens read per call, shared by the prompts being read (default: a row's slots).
+    chunk_size: prompt tokens read per call, shared by the prompts being read (default: a
+    row's slots). row_chunk: the most a row reads in one call (default and at most: its slots).
+    stage: the model's Stage to run on (its link to the other ranks, its graphs).
+    compile, cuda_graphs: decode.Runner's (the fast path on CUDA).
+    cache: run in this cache instead of one of its own (stream's: a Stage's spare cache, or
+    a chat's; the caller has begun it on the stage), on its first max_batch rows (default:
+    all); max_context is what its rows hold.
+    buckets: decode steps on the smallest bucket of rows (1, 2, 4, ...) holding the busy
+    ones, a graph each (a server's); False, on every row of the cache, one graph
+    (stream's: a call must not capture or compile again when its batch thins out).
+    warm_up: a dict into which the Runners add the seconds of what runs once per shape (decode.Runner).
     """
 
     def __init__(
@@ -109,29 +123,47 @@ class Engine:
         max_batch: Optional[int] = None,
         max_context: int = 32768,
         chunk_size: Optional[int] = None,
+        row_chunk: Optional[int] = None,
         stage: Optional[Stage] = None,
+        compile: bool = False,
         cuda_graphs: Optional[bool] = None,
+        cache: Optional[RotatingBufferCache] = None,
+        buckets: bool = True,
+        warm_up: Optional[dict[str, float]] = None,
     ):
         check_model(model)
         if stage is None:
             stage = Stage(model)
         elif not isinstance(stage, Stage) or stage.model is not model:
             raise MistralError("stage must be a Stage of this model (Stage(model))")
-        rows = model.args.max_batch_size if max_batch is None else check_positive_int(max_batch, "max_batch")
-        self.model, self.stage, self.cuda_graphs = model, stage, cuda_graphs
-        self.max_context = check_positive_int(max_context, "max_context")
-        try:
-            self.cache = model.make_cache(rows, max_context)
-        except CacheTooLarge as e:
-            raise MistralError(f"{e}: lower max_context ({max_context}) or max_batch ({rows})") from None
+        self.model, self.stage, self.buckets, self.timings = model, stage, buckets, warm_up
+        self.fast = dict(compile=compile, cuda_graphs=cuda_graphs)
+        if cache is None:
+            rows = model.args.max_batch_size if max_batch is None else check_positive_int(max_batch, "max_batch")
+            self.max_context = check_positive_int(max_context, "max_context")
+            try:
+                self.cache = model.make_cache(rows, max_context)
+            except CacheTooLarge as e:
+                raise MistralError(f"{e}: lower max_context ({max_context}) or max_batch ({rows})") from None
+            stage.begin([self.cache])
+        else:
+            self.cache, rows = cache, cache.max_batch_size if max_batch is None else check_positive_int(max_batch, "max_batch")
+            if rows > cache.max_batch_size:
+                raise MistralError(f"max_batch={rows} is more than the given cache's {cache.max_batch_size} rows")
+            # A row that rolls (W slots of a windowed model) runs on without end; another holds `size` tokens.
+            rolls = cache.sliding_window is not None and cache.size >= cache.sliding_window
+            self.max_context = sys.maxsize if rolls else cache.size
         self.chunk = self.cache.size if chunk_size is None else check_positive_int(chunk_size, "chunk_size")
+        self.row_chunk = self.cache.size if row_chunk is None else min(check_positive_int(row_chunk, "row_chunk"), self.cache.size)
         self.rows: list[Optional[Request]] = [None] * rows
         self.waiting: deque[Request] = deque()
         self.arrivals = itertools.count()
         # Each row's last sampled token, on the device: the next call feeds it before the host has read it.
         self.last = torch.zeros(rows, dtype=torch.long, device=model.device)
         self.pending: Optional[tuple] = None  # the last call's sampling, for `_read` in the next
-        stage.begin([self.cache])
+        # Free rows where a decode step wrote a placeholder since their request ended: they
+        # hold what that request left no more (`stream` empties them before handing a cache back).
+        self.overwritten: set[int] = set()
 
     @property
     def busy(self) -> bool:
@@ -177,6 +209,21 @@ class Engine:
             self.waiting.append(request)
         return request
 
+    def resume(self, request: Request, row: int) -> Request:
+        """Run `request` in `row`, whose cache holds the first cache.lengths[row] tokens of its prompt
+        (a chat's earlier turns): only the rest is read. The row must be free, and a token must be left to read."""
+        held = self.cache.lengths[row]
+        if self.rows[row] is not None:
+            raise MistralError(f"row {row} of the engine's cache runs a request")
+        if len(request.prompt) <= held:
+            raise MistralError(f"the prompt has {len(request.prompt)} tokens, but row {row} of the cache already holds {held}: nothing new to read")
+        self.submit(request)
+        if not request.finished:
+            self.waiting.remove(request)
+            self.rows[row], request.row, request.read = request, row, held
+            self.overwritten.discard(row)
+        return request
+
     def check(self, request: Request) -> None:
         """A MistralError naming what is wrong with the request, if anything; it changes nothing."""
         if not isinstance(request, Request):
@@ -218,7 +265,13 @@ class Engine:
         and does the bookkeeping while call s + 1 runs. Reading them at once left the GPU idle
         for the host's work after every call (about a millisecond a step at 32 rows). So a
         request that produced eos in call s is fed once more in call s + 1 (that token is
-        dropped), and its row is free from call s + 2 on."""
+        dropped), and its row is free from call s + 2 on.
+
+        A rank that does not sample receives the sampler's tokens of call s at the start of call
+        s + 1, not at the end of call s: a pipeline's first stage runs another micro-batch's call
+        (another engine's) meanwhile, and a follower of a tensor-parallel server its next plan."""
+        if self.pending is not None and self.pending[1] is None:
+            self.pending = self._receive(*self.pending[::2])
         for b, r in enumerate(self.rows):
             if not self.waiting:
                 break
@@ -226,6 +279,7 @@ class Engine:
                 self.rows[b] = r = self.waiting.popleft()
                 r.row = b
                 self.cache.reset(b)
+                self.overwritten.discard(b)
         # Every running request, but those that have sampled max_tokens (their last tokens are being read).
         fed = [(b, r) for b, r in enumerate(self.rows) if r is not None and r.sampled < r.max_tokens]
         launched = None
@@ -238,10 +292,18 @@ class Engine:
         pending, self.pending = self.pending, launched
         return [] if pending is None else self._read(*pending)
 
+    def _runner(self, n: int) -> Runner:
+        runner = self.stage.runner(self.cache, n, **self.fast)
+        if self.timings is not None:
+            runner.warm_up = self.timings
+        return runner
+
     def _decode(self, fed: list[tuple[int, Request]]) -> Optional[torch.Tensor]:
         """A decode step on the smallest bucket of rows holding the fed ones: their logits [len(fed), V]
         (on the last pipeline stage; None elsewhere)."""
-        n = min(len(self.rows), 1 << fed[-1][0].bit_length())  # rows 0..n-1, n a power of 2 > the last fed row
+        n = len(self.rows)
+        if self.buckets:
+            n = min(n, 1 << fed[-1][0].bit_length())  # rows 0..n-1, n a power of 2 > the last fed row
         feeds = {b for b, _ in fed}
         # A placeholder reads its row's keys as a real row does: a free row still holding a
         # finished request's thousand keys costs that request's reads in every step (about
@@ -251,8 +313,11 @@ class Engine:
         for b in range(n):
             if b not in feeds and self.cache.lengths[b] >= min(PLACEHOLDER_KEYS, self.cache.size):
                 self.cache.reset(b)  # free, or done sampling: its keys are read no more
-        logits = self.stage.forward(self.stage.runner(self.cache, n, cuda_graphs=self.cuda_graphs), self.last[:n])
-        return None if logits is None else logits[to_device([b for b, _ in fed], logits.device)]
+        self.overwritten |= set(range(n)) - feeds
+        logits = self.stage.forward(self._runner(n), self.last[:n])
+        if logits is None or len(fed) == n:  # (every row fed: the logits are theirs, in order)
+            return logits
+        return logits[to_device([b for b, _ in fed], logits.device)]
 
     def _chunk(self, fed_rows: list[tuple[int, Request]]) -> tuple[list[tuple[int, Request]], Optional[torch.Tensor]]:
         """A chunk call: the decoding rows' last tokens and up to `chunk` prompt tokens, oldest prompts first.
@@ -263,7 +328,7 @@ class Engine:
         for b, r in sorted(((b, r) for b, r in fed_rows if b not in fed), key=lambda item: item[1].arrival):
             if budget == 0:
                 break
-            fed[b] = r.prompt[r.read : r.read + budget]
+            fed[b] = r.prompt[r.read : r.read + min(budget, self.row_chunk)]
             budget -= len(fed[b])
         seqlens = [len(fed.get(b, ())) for b in range(max(fed) + 1)]
         ids, wanted, sampling, last_at = [], [], [], []
@@ -280,8 +345,7 @@ class Engine:
         ids_on_device = to_device(ids, device, torch.long)
         if decoding:
             ids_on_device[to_device(last_at, device)] = self.last[to_device(decoding, device)]
-        logits = self.stage.forward(self.stage.runner(self.cache, len(self.rows), cuda_graphs=self.cuda_graphs),
-                                    ids_on_device, seqlens, wanted)  # fmt: skip
+        logits = self.stage.forward(self._runner(len(self.rows)), ids_on_device, seqlens, wanted)
         for b, tokens in fed.items():
             r = self.rows[b]
             assert r is not None
@@ -299,37 +363,53 @@ class Engine:
         device = self.last.device
         if link.samples:
             assert logits is not None
-            tokens = torch.empty(len(requests), dtype=torch.long, device=device)
-            logprobs = torch.empty(len(requests), device=device)
-            finite = []  # each group's flag, read with the tokens
             greedy = [i for i, r in enumerate(requests) if r.temperature == 0]
-            if greedy:
-                rows = to_device(greedy, device)
-                tokens[rows], logprobs[rows], flag = sample_step(logits[rows], 0.0, 1.0, None)
-                finite.append(flag)
-            sampled = [r for r in requests if r.temperature > 0]
-            if sampled:  # together, each at its own temperature and top_p, with its own generator
-                rows = to_device([i for i, r in enumerate(requests) if r.temperature > 0], device)
-                temperatures = to_device([r.temperature for r in sampled], device, torch.float32)
-                top_ps = to_device([r.top_p for r in sampled], device, torch.float32)
-                tokens[rows], logprobs[rows], flag = sample_step(logits[rows], temperatures, top_ps, [r.generator for r in sampled])
-                finite.append(flag)
-            ok = torch.stack(finite).all()
+            if len(greedy) in (0, len(requests)):  # one kind: no rows to pick out and put back
+                tokens, logprobs, ok = self._draw(logits, requests)
+            else:
+                tokens = torch.empty(len(requests), dtype=torch.long, device=device)
+                logprobs = torch.empty(len(requests), device=device)
+                finite = []  # each kind's flag, read with the tokens
+                for group in (greedy, [i for i, r in enumerate(requests) if r.temperature > 0]):
+                    rows = to_device(group, device)
+                    tokens[rows], logprobs[rows], flag = self._draw(logits[rows], [requests[i] for i in group])
+                    finite.append(flag)
+                ok = torch.stack(finite).all()
             # Non-finite logits reach the other ranks as token -1, so that every rank fails the same read.
             link.send_tokens(torch.where(ok, tokens, -1), logprobs)
-            # Every other rank waits for them now (it feeds them next), and a send still
-            # pending when the engine is let go would never arrive.
-            link.flush()
             k = max(r.top_logprobs for r in requests)
             if k:
                 values, indices = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
                 top = torch.stack([indices.double(), values.double()]).to("cpu", non_blocking=True)
-        else:
-            tokens, logprobs = link.recv_tokens(len(requests))
-            ok = (tokens >= 0).all()
-        self.last[to_device([r.row for r in requests], device)] = tokens.to(device).clamp(min=0)  # an id, even then
+        rows = [r.row for r in requests]  # (a request may end before the next step receives its token)
         for r in requests:
             r.sampled += 1
+        if not link.samples:
+            return requests, None, rows, None  # received at the start of the next step
+        return self._results(requests, rows, tokens, logprobs, ok, top)
+
+    @staticmethod
+    def _draw(logits: torch.Tensor, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """sample_step for requests all greedy, or all sampled: those together, each at its own
+        temperature and top_p, with its own generator."""
+        if requests[0].temperature == 0:
+            return sample_step(logits, 0.0, 1.0, None)
+        device = logits.device
+        temperatures = to_device([r.temperature for r in requests], device, torch.float32)
+        top_ps = to_device([r.top_p for r in requests], device, torch.float32)
+        return sample_step(logits, temperatures, top_ps, [r.generator for r in requests])
+
+    def _receive(self, requests: list[Request], rows: list[int]) -> tuple:
+        """The sampler's tokens of the last call, on a rank that does not sample."""
+        tokens, logprobs = self.stage.link.recv_tokens(len(requests))
+        return self._results(requests, rows, tokens, logprobs, (tokens >= 0).all(), None)
+
+    def _results(self, requests: list[Request], rows: list[int], tokens: torch.Tensor, logprobs: torch.Tensor,
+                 ok: torch.Tensor, top: Optional[torch.Tensor]) -> tuple:  # fmt: skip
+        """Keep each row's token on the device for the next call, and start the results on their way to the host."""
+        device = self.last.device
+        every = rows == list(range(len(rows)))  # rows 0..n-1 in order (a stream's decode step): no index to copy over
+        self.last[slice(len(rows)) if every else to_device(rows, device)] = tokens.to(device).clamp(min=0)  # an id, even then
         # One copy to the host, not waiting for anything (pinned memory), and an event that says when it is there.
         results = torch.stack([tokens.double(), logprobs.double(), ok.double().expand(len(requests))]).to("cpu", non_blocking=True)
         done = None

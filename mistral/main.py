@@ -21,7 +21,8 @@ from mistral import launch, parallel
 from mistral.cache import RotatingBufferCache
 from mistral.checkpoint import DEFAULT_MODEL, read_args
 from mistral.errors import MistralError, check_positive_int, is_int, is_number
-from mistral.generation import check_options, stream
+from mistral.checks import check_options
+from mistral.generation import stream
 from mistral.options import HELP, check_arguments
 from mistral.prewarm import Prewarm
 from mistral.hf import convert as convert_hf

@@ -362,7 +362,6 @@ class Link:
         self.layout, self.dim, self.device, self.dtype = layout, dim, device, dtype
         groups = _groups(layout.num_pipeline_ranks, layout.num_tensor_ranks) if layout.world_size > 1 else (None,) * 3
         _, self.tokens_group, self.activations_group = groups
-        self.sends: deque[Any] = deque()
 
     @property
     def samples(self) -> bool:
@@ -406,12 +405,18 @@ class Link:
         # Sends are asynchronous, so a stage moves on to the next micro-batch at once.
         # Never wait on one here: its receiver may post the receive only after a
         # collective that this rank has yet to join (the tokens of micro-batch m are
-        # received just before m's next forward call). Keep each until it is done.
-        self.sends.append(work)
-        while self.sends and self.sends[0].is_completed():
-            self.sends.popleft()
+        # received just before m's next forward call, the engine's tokens at the start
+        # of its next call). Keep each until it is done, beyond this Link's life: a send
+        # whose work object is let go is cancelled, and never arrives.
+        _sends.append(work)
+        while _sends and _sends[0].is_completed():
+            _sends.popleft()
 
     def flush(self) -> None:
+        """Wait until every send of this process has arrived."""
         with answered():
-            while self.sends:
-                self.sends.popleft().wait()
+            while _sends:
+                _sends.popleft().wait()
+
+
+_sends: deque[Any] = deque()  # this process's sends in flight, oldest first (Link._post)

@@ -1,4 +1,4 @@
-"""The continuous-batching engine against generate(): requests that come and go between
+"""The continuous-batching engine against whole forwards: requests that come and go between
 forward calls get the tokens each would get alone."""
 
 from functools import cache
@@ -6,7 +6,7 @@ from typing import Optional
 
 import pytest
 import torch
-from helpers import DEVICE, DTYPE, HostReads, assert_greedy, random_model, tiny_args
+from helpers import DEVICE, DTYPE, HostReads, assert_greedy, random_model, recomputed_greedy, tiny_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,13 +21,14 @@ def model(window: Optional[int]) -> torch.nn.Module:
 
 
 @cache
-def alone(window: Optional[int], prompt: tuple[int, ...], max_tokens: int, eos_id: Optional[int] = None) -> list[int]:
-    (tokens,), _ = generate([list(prompt)], model(window), max_tokens=max_tokens, eos_id=eos_id)
-    return tokens
+def alone(window: Optional[int], prompt: tuple[int, ...], max_tokens: int) -> list[int]:
+    """The prompt's greedy continuation, each token from a whole forward over all before it
+    (not generate(), which runs on the engine too)."""
+    return recomputed_greedy(model(window), list(prompt), max_tokens)
 
 
 def assert_alone(window: Optional[int], prompt: tuple[int, ...], tokens: list[int], max_tokens: int) -> None:
-    """tokens are what generate() gives the prompt alone. Exactly in float32; in bfloat16
+    """tokens are the prompt's greedy continuation, as alone. Exactly in float32; in bfloat16
     (the GPU) the rows beside it change the products' shapes and so their rounding, and a
     near-tied argmax may flip: there, the greedy continuation within rounding (assert_greedy)."""
     if DTYPE == torch.float32:

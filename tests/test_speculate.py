@@ -119,6 +119,20 @@ def test_a_row_holds_what_it_was_fed_and_no_filler(window: object) -> None:
     assert cache.lengths == [len(prompt) + len(row) - 1 for prompt, row in zip(prompts, tokens)]
 
 
+def test_a_later_speculative_call_runs_on_the_last_ones_emptied_cache() -> None:
+    """A second speculative call of the same shapes on one Stage reuses the first's cache (and
+    graphs), which must start empty: the same greedy tokens again."""
+    model = MODELS[8]
+    stage = Stage(model)
+    prompts = [[1, 5, 6, 7, 5, 6, 7, 5, 6], [1, 9, 10, 11, 12, 13]]
+    first, _ = generate(prompts, model, max_tokens=12, speculate=3, stage=stage)
+    (cache,) = stage.spare_caches
+    again, _ = generate(prompts, model, max_tokens=12, speculate=3, stage=stage)
+    assert stage.spare_caches == [cache]
+    for prompt, tokens in zip(prompts, again):
+        assert_greedy(model, prompt, tokens, 12)
+
+
 def test_speculation_keeps_proposals() -> None:
     """Not only correct but useful: on code that repeats itself, the default model (trained
     on Python) keeps most proposals, and a forward call gives 2 tokens or more."""
