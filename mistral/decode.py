@@ -116,7 +116,7 @@ class Runner:
         self.verify_graphs: dict[int, tuple[Verify, torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.graph_lengths: list[int] = []  # the cache lengths that the graph's next replay reads
         self.compiled = compile
-        self.warm_up: dict[str, float] = {}  # `stream` hands each Runner its caller's
+        self.warm_up: dict[str, float] = {}  # an Engine hands each Runner its caller's (`stream`'s warm_up)
 
     @staticmethod
     def weights_of(model: Transformer) -> list[int]:

@@ -42,7 +42,7 @@ import itertools
 import sys
 import time
 from collections import deque
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -79,6 +79,7 @@ class Request:
         self.eos_id, self.top_logprobs = eos_id, top_logprobs
         self.tokens: list[int] = []  # generated so far, eos left out
         self.logprobs: list[float] = []
+        self.eos_logprob: Optional[float] = None  # that of the eos that ended it, if one did
         self.top: list[list[tuple[int, float]]] = []  # per token, the top_logprobs most likely (token, log-probability)
         self.finish_reason: Optional[str] = None  # "stop" (eos, or the caller's stop), "length", "cancelled"
         self.row: Optional[int] = None  # the cache row it runs in
@@ -95,6 +96,18 @@ class Request:
         """What makes a new request like this one (for another rank of a tensor-parallel server)."""
         return dict(prompt=self.prompt, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                     seed=self.seed, eos_id=self.eos_id, top_logprobs=self.top_logprobs)  # fmt: skip
+
+
+class Sampled(NamedTuple):
+    """A call's sampling on its way to the host: its requests and their rows, then (on the
+    sampling rank at once, on the others once received) its results [3, R] (token, log-probability,
+    finite flag), the top_logprobs (sampling rank), and the CUDA event of their arrival."""
+
+    requests: list[Request]
+    rows: list[int]
+    results: Optional[torch.Tensor] = None
+    top: Optional[torch.Tensor] = None
+    done: Optional["torch.cuda.Event"] = None
 
 
 class Engine:
@@ -137,6 +150,7 @@ class Engine:
         elif not isinstance(stage, Stage) or stage.model is not model:
             raise MistralError("stage must be a Stage of this model (Stage(model))")
         self.model, self.stage, self.buckets, self.timings = model, stage, buckets, warm_up
+        self.link = stage.link  # (the stage's property checks the model's device and dtype, which stay while an engine runs)
         self.fast = dict(compile=compile, cuda_graphs=cuda_graphs)
         if cache is None:
             rows = model.args.max_batch_size if max_batch is None else check_positive_int(max_batch, "max_batch")
@@ -160,10 +174,12 @@ class Engine:
         self.arrivals = itertools.count()
         # Each row's last sampled token, on the device: the next call feeds it before the host has read it.
         self.last = torch.zeros(rows, dtype=torch.long, device=model.device)
-        self.pending: Optional[tuple] = None  # the last call's sampling, for `_read` in the next
+        self.pending: Optional[Sampled] = None  # the last call's sampling, for `_read` in the next
         # Free rows where a decode step wrote a placeholder since their request ended: they
         # hold what that request left no more (`stream` empties them before handing a cache back).
         self.overwritten: set[int] = set()
+        # Per bucket of rows, its Runner (asking the stage compares every weight's address with the graph's).
+        self.runners: dict[int, Runner] = {}
 
     @property
     def busy(self) -> bool:
@@ -212,6 +228,8 @@ class Engine:
     def resume(self, request: Request, row: int) -> Request:
         """Run `request` in `row`, whose cache holds the first cache.lengths[row] tokens of its prompt
         (a chat's earlier turns): only the rest is read. The row must be free, and a token must be left to read."""
+        if not is_int(row) or not 0 <= row < len(self.rows):
+            raise MistralError(f"row must be one of the engine's rows 0..{len(self.rows) - 1}, got {row!r}")
         held = self.cache.lengths[row]
         if self.rows[row] is not None:
             raise MistralError(f"row {row} of the engine's cache runs a request")
@@ -270,8 +288,7 @@ class Engine:
         A rank that does not sample receives the sampler's tokens of call s at the start of call
         s + 1, not at the end of call s: a pipeline's first stage runs another micro-batch's call
         (another engine's) meanwhile, and a follower of a tensor-parallel server its next plan."""
-        if self.pending is not None and self.pending[1] is None:
-            self.pending = self._receive(*self.pending[::2])
+        self._receive()
         for b, r in enumerate(self.rows):
             if not self.waiting:
                 break
@@ -290,16 +307,27 @@ class Engine:
                 sampling, logits = self._chunk(fed)
             launched = self._sample([r for _, r in sampling], logits)
         pending, self.pending = self.pending, launched
-        return [] if pending is None else self._read(*pending)
+        return [] if pending is None else self._read(pending)
+
+    def drain(self) -> None:
+        """Before the engine is let go with a call's tokens in flight (a stream left early or
+        failed, a server closing): a rank that does not sample receives them, so that its next
+        receive (another engine's) pairs with the right send; the sampler waits until its sends
+        have arrived. Every rank calls it at the same point."""
+        self._receive()
+        self.link.flush()
 
     def _runner(self, n: int) -> Runner:
-        runner = self.stage.runner(self.cache, n, **self.fast)
-        if self.timings is not None:
-            runner.warm_up = self.timings
+        """The Runner on rows 0..n-1: the stage's (its graphs serve the next engine on this cache), asked once."""
+        runner = self.runners.get(n)
+        if runner is None:
+            runner = self.runners[n] = self.stage.runner(self.cache, n, **self.fast)
+            if self.timings is not None:
+                runner.warm_up = self.timings
         return runner
 
     def _decode(self, fed: list[tuple[int, Request]]) -> Optional[torch.Tensor]:
-        """A decode step on the smallest bucket of rows holding the fed ones: their logits [len(fed), V]
+        """A decode step on the smallest bucket of rows holding the fed ones (every row without buckets): their logits [len(fed), V]
         (on the last pipeline stage; None elsewhere)."""
         n = len(self.rows)
         if self.buckets:
@@ -352,14 +380,14 @@ class Engine:
             r.read = min(r.read + len(tokens), len(r.prompt))  # a decoding row's token is not the prompt's
         return sampling, logits
 
-    def _sample(self, requests: list[Request], logits: Optional[torch.Tensor]) -> Optional[tuple]:
+    def _sample(self, requests: list[Request], logits: Optional[torch.Tensor]) -> Optional["Sampled"]:
         """Launch each request's draw from its row of logits [R, V], on the rank that samples (the
         greedy ones together, the others in one pass, each with its own generator); the other
-        ranks receive the tokens. Each row's last token is kept on the device for the next call,
+        ranks receive the tokens at the start of the next step (`_receive`). Each row's last token is kept on the device for the next call,
         and the results start on their way to the host: `_read` takes them (after the next call is launched)."""
         if not requests:
             return None
-        link, top = self.stage.link, None
+        link, top = self.link, None
         device = self.last.device
         if link.samples:
             assert logits is not None
@@ -385,7 +413,7 @@ class Engine:
         for r in requests:
             r.sampled += 1
         if not link.samples:
-            return requests, None, rows, None  # received at the start of the next step
+            return Sampled(requests, rows)  # received at the start of the next step
         return self._results(requests, rows, tokens, logprobs, ok, top)
 
     @staticmethod
@@ -397,15 +425,19 @@ class Engine:
         device = logits.device
         temperatures = to_device([r.temperature for r in requests], device, torch.float32)
         top_ps = to_device([r.top_p for r in requests], device, torch.float32)
-        return sample_step(logits, temperatures, top_ps, [r.generator for r in requests])
+        generators = [r.generator for r in requests]
+        # Unseeded, all draw from PyTorch's generator at once: a generator per row is a kernel per row.
+        return sample_step(logits, temperatures, top_ps, None if all(g is None for g in generators) else generators)
 
-    def _receive(self, requests: list[Request], rows: list[int]) -> tuple:
-        """The sampler's tokens of the last call, on a rank that does not sample."""
-        tokens, logprobs = self.stage.link.recv_tokens(len(requests))
-        return self._results(requests, rows, tokens, logprobs, (tokens >= 0).all(), None)
+    def _receive(self) -> None:
+        """On a rank that does not sample: the sampler's tokens of the last call, if not received yet."""
+        p = self.pending
+        if p is not None and p.results is None:
+            tokens, logprobs = self.link.recv_tokens(len(p.requests))
+            self.pending = self._results(p.requests, p.rows, tokens, logprobs, (tokens >= 0).all(), None)
 
     def _results(self, requests: list[Request], rows: list[int], tokens: torch.Tensor, logprobs: torch.Tensor,
-                 ok: torch.Tensor, top: Optional[torch.Tensor]) -> tuple:  # fmt: skip
+                 ok: torch.Tensor, top: Optional[torch.Tensor]) -> "Sampled":  # fmt: skip
         """Keep each row's token on the device for the next call, and start the results on their way to the host."""
         device = self.last.device
         every = rows == list(range(len(rows)))  # rows 0..n-1 in order (a stream's decode step): no index to copy over
@@ -416,13 +448,14 @@ class Engine:
         if device.type == "cuda":
             done = torch.cuda.Event()
             done.record()
-        return requests, results, top, done
+        return Sampled(requests, rows, results, top, done)
 
-    def _read(self, requests: list[Request], results: torch.Tensor, top: Optional[torch.Tensor],
-              done: Optional["torch.cuda.Event"]) -> list[Request]:  # fmt: skip
+    def _read(self, sampled: "Sampled") -> list[Request]:
         """The host's bookkeeping of a call's tokens (after the next call is launched): append them;
         end a request on eos or max_tokens. Returns the requests it read for: one ended meanwhile
         (cancelled, or on eos the call before) drops its token and is left out."""
+        requests, results, top, done = sampled.requests, sampled.results, sampled.top, sampled.done
+        assert results is not None
         if done is not None:
             done.synchronize()  # that call's results only, not the call just launched
         tokens, logprobs, ok = results.tolist()
@@ -434,6 +467,7 @@ class Engine:
                 continue
             read.append(r)
             if token == r.eos_id:
+                r.eos_logprob = logprob
                 self.finish(r, "stop")
                 continue
             r.tokens.append(int(token))

@@ -45,7 +45,7 @@ def stream(
     draft: Optional[Transformer] = None,
     speculation: Optional[dict[str, int]] = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (tokens [B], logprobs [B]), on the host, after each step.
+    """Yield (tokens [B], logprobs [B]), on the host (with speculate: on the model's device), after each step.
 
     A sequence that has produced eos yields eos (log-probability 0) until the others end;
     the stream ends once every sequence has produced eos, or after max_tokens steps.
@@ -61,7 +61,8 @@ def stream(
     chunk_size: prompt tokens of each prompt read per call (default: a row's slots).
 
     seed: prompt b draws from its own generator seeded seed + b (its answer does not depend
-    on the other prompts). None: PyTorch's global generator.
+    on the other prompts; with speculate, one generator seeded `seed` draws for all). None:
+    PyTorch's global generator.
 
     micro_batches: split the batch into this many micro-batches, each with its own
     cache and engine, that follow each other through the pipeline stages (default: one per stage,
@@ -165,6 +166,8 @@ def stream(
                 yielded += 1  # counted when handed over: the caller may stop there
                 yield _step(requests, yielded - 1, eos_id)
     finally:
+        for engine in engines:  # (in the order they ran: each rank receives in the order the sampler sent)
+            engine.drain()
         if cache is None:
             stage.keep(caches)  # for the next stream of the same shapes, its graphs included
         else:
@@ -210,10 +213,6 @@ def _run(engines: list[Engine]) -> Iterator[None]:
             if e.busy:
                 e.step()
         yield
-    # Each send has been received by now (every rank ran the same calls): this only waits for
-    # their completion. Not earlier: a send to a rank whose receive comes after another
-    # engine's call that waits on this rank would never complete.
-    engines[0].stage.link.flush()
 
 
 def _steps_of(r: Request) -> int:
@@ -222,9 +221,9 @@ def _steps_of(r: Request) -> int:
 
 
 def _step(requests: list[Request], s: int, eos_id: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step s of every request: its token and log-probability; eos (log-probability 0) once it has produced eos."""
+    """Step s of every request: its token and log-probability; its eos, then eos (log-probability 0) until the others end."""
     tokens = [r.tokens[s] if s < len(r.tokens) else eos_id for r in requests]
-    logprobs = [r.logprobs[s] if s < len(r.tokens) else 0.0 for r in requests]
+    logprobs = [r.logprobs[s] if s < len(r.tokens) else r.eos_logprob if s == len(r.tokens) else 0.0 for r in requests]
     return torch.tensor(tokens), torch.tensor(logprobs)
 
 
@@ -250,7 +249,8 @@ def generate(
     options: those of `stream` (temperature, top_p, chunk_size, eos_id, seed, micro_batches,
     compile, cuda_graphs, warm_up, stage, speculate, draft, speculation), except `cache`. More
     prompts than max_batch_size run as consecutive batches of that size, on one Stage; prompt
-    i of the whole list draws with the seed + i (stream's seeds, counted over the batches).
+    i of the whole list draws with the seed + i (stream's seeds, counted over the batches;
+    with speculate, batch j's one generator is seeded seed + its first prompt's index).
     """
     check_model(model)
     check_prompts(encoded_prompts)

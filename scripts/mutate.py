@@ -144,6 +144,10 @@ MUTATIONS = [
              "test_generate.py -k chunk_size_tokens_of_every", "a stream's prompts share one prompt's chunk: they start one after the other"),
     Mutation("ended-row-handed-back-as-it-is", "generation.py", r"if b in engine\.overwritten:", "if False:",
              "test_generate.py -k given_cache_keeps", "a given cache's row where placeholders were decoded is handed back as the sequence's"),
+    Mutation("prompt-chunk-not-per-row", "engine.py", r"min\(budget, self\.row_chunk\)", "budget",
+             "test_generate.py -k chunk_size_tokens_of_every", "a prompt reads the whole call's budget, past chunk_size"),
+    Mutation("resumed-row-reads-its-prompt-again", "engine.py", r"request\.row, request\.read = request, row, held", "request.row, request.read = request, row, 0",
+             "test_generate.py -k given_cache_keeps", "a continued row reads the tokens its cache holds a second time"),
     Mutation("eos-kept-in-output", "generation.py", r"stop = toks\.index\(eos_id\) if", "stop = toks.index(eos_id) + 1 if",
              "test_generate.py::test_eos_stops_a_sequence", "generate() returns the eos token"),
     # --- parallel ----------------------------------------------------------------------

@@ -45,7 +45,7 @@ def run_schedule(model: Transformer, prompts: list[list[int]], schedule: list[li
 
 
 def chunked_schedule(lengths: Sequence[int], chunk: int) -> list[list[int]]:
-    """What generate() does: chunk c of every prompt in call c (0 tokens once a prompt is done)."""
+    """Chunk c of every prompt in call c (0 tokens once a prompt is done): what `stream` does with a chunk_size, and prefill_calls plans."""
     return [[max(0, min(chunk, n - start)) for n in lengths] for start in range(0, max(lengths), chunk)]
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import (DEVICE, DTYPE, RTOL, HostReads, assert_greedy, forward_calls, full_forward, random_model, random_prompts,
-                     rel_error, tiny_args)
+                     recomputed_greedy, rel_error, tiny_args)
 from mistral import MistralError
 from mistral.generation import generate, stream
 from mistral.sampling import sample, sample_step
@@ -198,6 +198,8 @@ def test_eos_stops_a_sequence() -> None:
     model = random_model(tiny_args())
     prompts = random_prompts([4, W + 1], model.args.vocab_size, seed=11)
     greedy, greedy_logprobs = generate(prompts, model, max_tokens=15)
+    for prompt, tokens in zip(prompts, greedy):
+        assert_greedy(model, prompt, tokens, 15)
     eos = greedy[0][3]  # a token prompt 0 produces: it must stop there
     stop = greedy[0].index(eos)
     tokens, logprobs = generate(prompts, model, max_tokens=15, eos_id=eos)
@@ -208,6 +210,7 @@ def test_eos_stops_a_sequence() -> None:
     # Once every sequence has produced eos, the stream ends early.
     steps = list(stream(prompts[:1], model, max_tokens=15, eos_id=eos))
     assert len(steps) == stop + 1 and int(steps[-1][0][0]) == eos
+    assert float(steps[-1][1][0]) == pytest.approx(greedy_logprobs[0][stop])  # eos's own log-probability
     # The stream reads eos a step late: the step it ran past it is taken back out of a
     # given cache, which holds the prompt and every yielded token but the last.
     cache = model.make_cache(1, 64)
@@ -222,7 +225,7 @@ def test_a_given_cache_keeps_what_each_sequence_promises() -> None:
     prompt again."""
     model = random_model(tiny_args(sliding_window=None))
     prompts = random_prompts([4, 6], model.args.vocab_size, seed=22)
-    greedy, _ = generate(prompts, model, max_tokens=8)
+    greedy = [recomputed_greedy(model, prompt, 8) for prompt in prompts]
     eos = greedy[0][1]
     assert eos not in greedy[1] and greedy[0][0] != eos
     cache = model.make_cache(2, 64)
@@ -230,7 +233,9 @@ def test_a_given_cache_keeps_what_each_sequence_promises() -> None:
     assert [int(t[0]) for t, _ in steps] == greedy[0][:1] + [eos] * 7
     assert cache.lengths == [0, len(prompts[1]) + 7]
     conts = [prompts[0] + greedy[0][:1] + [3], prompts[1] + greedy[1] + [5]]
-    steps = list(stream(conts, model, max_tokens=4, cache=cache))
+    with forward_calls(model) as calls:
+        steps = list(stream(conts, model, max_tokens=4, cache=cache))
+    assert calls[0] == len(conts[0]) + len(conts[1]) - (len(prompts[1]) + 7)  # what row 1 holds is not read again
     for b, cont in enumerate(conts):
         assert_greedy(model, cont, [int(t[b]) for t, _ in steps], 4)
 

@@ -21,10 +21,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from helpers import random_model, rel_error, tiny_args
+from helpers import assert_greedy, random_model, rel_error, tiny_args
 from mistral import MistralError, ModelArgs, Transformer, parallel
 from mistral.engine import Engine, Request
-from mistral.generation import generate
+from mistral.generation import generate, stream
 from mistral.loading import checkpoint_slices
 from mistral.tokenizer import Tokenizer
 
@@ -76,6 +76,12 @@ def run_checks(model: Transformer) -> dict[str, Any]:
     for m in MICRO_BATCHES:
         out[f"greedy_{m}"] = generate(PROMPTS, model, max_tokens=MAX_TOKENS, micro_batches=m)
     out["chunked"] = generate(PROMPTS, model, max_tokens=MAX_TOKENS, chunk_size=5, micro_batches=2)
+    # A stream left after two steps, a call's tokens still on their way to the ranks that do not
+    # sample: the next call's first tokens must be its own, not those.
+    early = stream(PROMPTS, model, max_tokens=MAX_TOKENS, micro_batches=2)
+    next(early), next(early)
+    early.close()
+    out["after_early"] = generate(PROMPTS, model, max_tokens=MAX_TOKENS, micro_batches=2)
     # An eos that greedy decoding reaches early in prompt 1 and late in prompt 2 (or never).
     out["eos_id"] = eos_id = out["greedy_1"][0][1][2]
     out["eos"] = generate(PROMPTS, model, max_tokens=MAX_TOKENS, eos_id=eos_id, micro_batches=2)
@@ -193,7 +199,14 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], P
 
 @pytest.fixture(scope="module")
 def reference(folders: dict[tuple[str, int], Path]) -> dict[tuple[str, int], dict[str, Any]]:
-    return {key: run_checks(Transformer.from_folder(folder)) for key, folder in folders.items()}
+    """What the single process gives; its greedy tokens checked against whole forwards first."""
+    out = {}
+    for key, folder in folders.items():
+        model = Transformer.from_folder(folder)
+        out[key] = run_checks(model)
+        for prompt, tokens in zip(PROMPTS, out[key]["greedy_1"][0]):
+            assert_greedy(model, prompt, tokens, MAX_TOKENS)
+    return out
 
 
 @pytest.fixture(scope="module", params=LAYOUTS, ids=[f"P{P}xT{T}" for P, T in LAYOUTS])
@@ -300,7 +313,7 @@ def test_logits_equal_single_process(group: tuple, reference: dict) -> None:
                 assert rel_error(got, w) < RTOL
 
 
-@pytest.mark.parametrize("check", [f"greedy_{m}" for m in MICRO_BATCHES] + ["chunked", "eos"])
+@pytest.mark.parametrize("check", [f"greedy_{m}" for m in MICRO_BATCHES] + ["chunked", "after_early", "eos"])
 def test_greedy_tokens_equal_single_process(group: tuple, reference: dict, check: str) -> None:
     P, T, ranks = group
     for kind in KINDS:
@@ -317,7 +330,7 @@ def test_greedy_tokens_equal_single_process(group: tuple, reference: dict, check
 def test_the_engine_gives_every_rank_the_single_processes_tokens(group: tuple, reference: dict) -> None:
     """Requests that wait for rows and join between calls: every rank ends with the tokens
     the single process gives, which are generate()'s (the sampled one draws as generate's
-    single micro-batch does)."""
+    does with that seed; the single process's greedy tokens are held to whole forwards by `reference`)."""
     P, T, ranks = group
     for kind in KINDS:
         expected = want(reference, kind, T)

@@ -2,7 +2,8 @@
 test starts on a free port of 127.0.0.1, with the default model on the CPU.
 
 Every greedy answer must be the text generate() gives for the same request alone,
-whatever else the server runs beside it; bad requests get an OpenAI error body and a
+whatever else the server runs beside it (generate() runs on the same engine: these tests
+check the server around it; tests/test_engine.py holds the engine to whole forwards); bad requests get an OpenAI error body and a
 4xx status; a client that leaves frees its row; SIGTERM ends the server cleanly.
 """
 
