@@ -311,11 +311,12 @@ class Engine:
 
     def drain(self) -> None:
         """Before the engine is let go with a call's tokens in flight (a stream left early or
-        failed, a server closing): a rank that does not sample receives them, so that its next
-        receive (another engine's) pairs with the right send; the sampler waits until its sends
-        have arrived. Every rank calls it at the same point."""
-        self._receive()
-        self.link.flush()
+        failed, a server closing): a rank that does not sample has its link receive them before
+        its next tokens (another engine's), so that each receive pairs with its own send."""
+        p = self.pending
+        if p is not None and p.results is None:
+            self.link.skip_tokens(len(p.requests))
+            self.pending = None
 
     def _runner(self, n: int) -> Runner:
         """The Runner on rows 0..n-1: the stage's (its graphs serve the next engine on this cache), asked once."""

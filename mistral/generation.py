@@ -45,7 +45,7 @@ def stream(
     draft: Optional[Transformer] = None,
     speculation: Optional[dict[str, int]] = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (tokens [B], logprobs [B]), on the host (with speculate: on the model's device), after each step.
+    """Yield (tokens [B], logprobs [B]), on the host, after each step.
 
     A sequence that has produced eos yields eos (log-probability 0) until the others end;
     the stream ends once every sequence has produced eos, or after max_tokens steps.
@@ -213,6 +213,7 @@ def _run(engines: list[Engine]) -> Iterator[None]:
             if e.busy:
                 e.step()
         yield
+    engines[0].link.flush()  # every send has a receive by now: a failed one is named here, not in a later call
 
 
 def _steps_of(r: Request) -> int:

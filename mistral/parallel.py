@@ -384,10 +384,22 @@ class Link:
                 self._post(dist.isend(message, r, group=self.tokens_group))
 
     def recv_tokens(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        while _owed:  # an abandoned call's tokens, sent before these
+            self._recv_message(_owed.popleft())
+        message = self._recv_message(n)
+        return message[0].long(), message[1].float()
+
+    def skip_tokens(self, n: int) -> None:
+        """The sampler's tokens for n rows of a call that nothing will read (a stream left early
+        or failed): the next recv_tokens receives them first, without waiting for them now (on
+        Ctrl-C the sampler may be gone)."""
+        _owed.append(n)
+
+    def _recv_message(self, n: int) -> torch.Tensor:
         message = torch.empty(2, n, device=self.device, dtype=torch.float64)
         with answered():
             dist.recv(message, self.layout.sampler, group=self.tokens_group)
-        return message[0].long(), message[1].float()
+        return message
 
     def share_logits(self, out: torch.Tensor, n_tokens: int, vocab_size: int) -> torch.Tensor:
         """After a whole forward call: every rank gets the sampler's logits [T, V]."""
@@ -420,3 +432,4 @@ class Link:
 
 
 _sends: deque[Any] = deque()  # this process's sends in flight, oldest first (Link._post)
+_owed: deque[int] = deque()  # token messages sent to this rank and not received, by rows (Link.skip_tokens)

@@ -97,7 +97,6 @@ def follow(engine: Engine, plans: Plans) -> None:
                 for r in requests.values():
                     engine.finish(r, "error")
         requests = {a: r for a, r in requests.items() if not r.finished}
-    engine.drain()
 
 
 class Worker:
@@ -146,7 +145,6 @@ class Worker:
                     self._tell(request)
                 if self.plans:
                     self.plans.send(None)
-                self.engine.drain()  # (after the others have heard: they receive the last tokens then)
                 return
             runs = self.engine.busy
             if self.plans:

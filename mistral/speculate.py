@@ -136,7 +136,7 @@ def speculative_stream(
             ready = min(len(tokens[b]) for b in range(B) if not done[b]) if not all(done) else max(map(len, tokens))
             ready = min(ready, max_tokens)
             for s in range(yielded, ready):
-                yield _step(s, tokens, logprobs, eos_id, model.device)
+                yield _step(s, tokens, logprobs, eos_id)
             yielded = max(yielded, ready)
             rows = [b for b in range(B) if not done[b] and len(tokens[b]) < max_tokens]
             if not rows or yielded >= max_tokens:
@@ -345,11 +345,11 @@ def _take(b: int, new: list[int], new_logprobs: list[float], history: list[list[
             return
 
 
-def _step(s: int, tokens: list[list[int]], logprobs: list[list[float]], eos_id: Optional[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step s of every row: its token, or eos (log-probability 0) past a row's end."""
+def _step(s: int, tokens: list[list[int]], logprobs: list[list[float]], eos_id: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step s of every row, on the host (as `stream` yields it): its token, or eos (log-probability 0) past a row's end."""
     ts = [row[s] if s < len(row) else eos_id for row in tokens]
     lps = [row[s] if s < len(row) else 0.0 for row in logprobs]
-    return torch.tensor(ts, device=device), torch.tensor(lps, device=device)
+    return torch.tensor(ts), torch.tensor(lps)
 
 
 def _check_finite(finite: torch.Tensor) -> None:
