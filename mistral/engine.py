@@ -404,8 +404,8 @@ class Engine:
                     tokens[rows], logprobs[rows], flag = self._draw(logits[rows], [requests[i] for i in group])
                     finite.append(flag)
                 ok = torch.stack(finite).all()
-            # Non-finite logits reach the other ranks as token -1, so that every rank fails the same read.
-            link.send_tokens(torch.where(ok, tokens, -1), logprobs)
+            if link.layout.world_size > 1:  # non-finite logits reach the other ranks as token -1: every rank fails the same read
+                link.send_tokens(torch.where(ok, tokens, -1), logprobs)
             k = max(r.top_logprobs for r in requests)
             if k:
                 values, indices = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
