@@ -50,8 +50,8 @@ from mistral.cache import CacheTooLarge, RotatingBufferCache
 from mistral.checks import check_model, check_options
 from mistral.errors import MistralError, check_positive_int, is_int
 from mistral.model import Transformer
-from mistral.sampling import NON_FINITE, sample_step, to_device
 from mistral.decode import Runner
+from mistral.sampling import NON_FINITE, sample_step, to_device
 from mistral.stage import Stage
 
 # The most alternatives per token a request may ask for (OpenAI's top_logprobs limit).
@@ -340,9 +340,10 @@ class Engine:
         # reset restarts the graph's inputs, a small copy: so not in every step), or at its
         # last slot (a window-less row cannot roll).
         for b in range(n):
-            if b not in feeds and self.cache.lengths[b] >= min(PLACEHOLDER_KEYS, self.cache.size):
-                self.cache.reset(b)  # free, or done sampling: its keys are read no more
-        self.overwritten |= set(range(n)) - feeds
+            if b not in feeds:
+                self.overwritten.add(b)
+                if self.cache.lengths[b] >= min(PLACEHOLDER_KEYS, self.cache.size):
+                    self.cache.reset(b)  # free, or done sampling: its keys are read no more
         logits = self.stage.forward(self._runner(n), self.last[:n])
         if logits is None or len(fed) == n:  # (every row fed: the logits are theirs, in order)
             return logits
@@ -384,8 +385,9 @@ class Engine:
     def _sample(self, requests: list[Request], logits: Optional[torch.Tensor]) -> Optional["Sampled"]:
         """Launch each request's draw from its row of logits [R, V], on the rank that samples (the
         greedy ones together, the others in one pass, each with its own generator); the other
-        ranks receive the tokens at the start of the next step (`_receive`). Each row's last token is kept on the device for the next call,
-        and the results start on their way to the host: `_read` takes them (after the next call is launched)."""
+        ranks receive the tokens at the start of the next step (`_receive`). Each row's last token
+        is kept on the device for the next call, and the results start on their way to the host:
+        `_read` takes them (after the next call is launched)."""
         if not requests:
             return None
         link, top = self.link, None

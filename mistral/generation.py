@@ -143,14 +143,12 @@ def stream(
                     f"the prompts and max_tokens={max_tokens} reach {longest} tokens, past the given cache's {cache.size} "
                     f"slots (sliding_window={cache.sliding_window}): make a larger cache"
                 )
-        for b, p in enumerate(encoded_prompts):
-            if len(p) <= cache.lengths[b]:
-                raise MistralError(f"prompt {b} has {len(p)} tokens, but the cache already holds {cache.lengths[b]}: nothing new to read")
-        caches = [cache]
-    else:
-        caches = stage.caches([len(split(B, M, i)) for i in range(M)], max(len(p) for p in encoded_prompts), max_tokens)
+        caches = [cache]  # (Engine.resume names a prompt that the row already holds whole)
+    rows = [len(split(B, M, i)) for i in range(M)]
+    if cache is None:
+        caches = stage.caches(rows, max(len(p) for p in encoded_prompts), max_tokens)
     stage.begin(caches)
-    engines = _engines(caches, [len(split(B, M, i)) for i in range(M)], stage, chunk_size, compile, cuda_graphs, warm_up)
+    engines = _engines(caches, rows, stage, chunk_size, compile, cuda_graphs, warm_up)
     requests = _requests(encoded_prompts, max_tokens, temperature, top_p, seed, eos_id)
     if cache is not None:
         for b, r in enumerate(requests):
