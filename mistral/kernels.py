@@ -623,25 +623,28 @@ if triton is not None:
         BLOCK_S: tl.constexpr, MIN_CHUNK: tl.constexpr, MERGE: tl.constexpr,
     ):  # fmt: skip
         # Program (b * H_KV + h, split): the G query heads of query b that share key head h,
-        # over one of SPLITS equal runs of its key_lengths[b] slots of the cache row that its
-        # new token's slot is in (row b in a decode step; any in cache.Mixed) (flash-decoding).
+        # over one of up to SPLITS equal runs of its key_lengths[b] slots of the cache row that
+        # its new token's slot is in (row b in a decode step; any in cache.Mixed) (flash-decoding).
         # Every run leaves the new token's slot out (what it holds is stale or being
         # written), and the slots `visible` or more behind it; the new key and value come in
         # at the merge, from registers. The first program stores them into the cache: in a
         # decode step nothing else in the call reads that slot, and a verify step, whose
         # later queries read it, stored the same values there before the call.
-        # Each run leaves its unnormalised (output, max, sum) in `part`; the last of the
-        # SPLITS programs to finish (an atomic count) merges them and resets the count.
+        # Each run leaves its unnormalised (output, max, sum) in `part`; the last of a
+        # query's runs to finish (an atomic count) merges them and resets the count.
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // H_KV
         h = bh % H_KV
         length = tl.load(len_ptr + b)
+        chunk = tl.maximum(tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_S) * BLOCK_S, MIN_CHUNK)
+        runs = tl.cdiv(length, chunk)  # at least 1: a query's keys include its own
+        if split >= runs:  # past a short row's keys: no run, no arrival to count
+            return
         visible = tl.load(vis_ptr + b)
         slot = tl.load(slot_ptr + b).to(tl.int64)
         row = slot // S * S  # the row's first slot
         new = slot - row  # the new token's slot in the row
-        chunk = tl.maximum(tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_S) * BLOCK_S, MIN_CHUNK)
         start = split * chunk
         end = tl.minimum(start + chunk, length)
         d = tl.arange(0, D)
@@ -650,37 +653,36 @@ if triton is not None:
             tl.store(k_ptr + new_at, tl.load(kn_ptr + b * kn_stride + h * D + d))
             tl.store(v_ptr + new_at, tl.load(vn_ptr + b * vn_stride + h * D + d))
         per_split = G * (D + 2)  # part[bh, split]: G * D outputs, then G maxima, then G sums (float32)
-        if start < length:
-            g = tl.arange(0, G_PAD)
-            real = g < G
-            # tl.dot needs 16 rows: query rows past G are zeros, their results never stored.
-            q = tl.load(q_ptr + b * q_stride + (h * G + g)[:, None] * D + d[None, :], mask=real[:, None], other=0.0)
-            m = tl.full([G_PAD], float("-inf"), tl.float32)
-            l = tl.zeros([G_PAD], tl.float32)
-            acc = tl.zeros([G_PAD, D], tl.float32)
-            for s0 in range(start, end, BLOCK_S):
-                s = s0 + tl.arange(0, BLOCK_S)
-                at = ((row + s) * H_KV + h)[:, None] * D + d[None, :]
-                behind = (new - s + S) % S  # 0: the new slot; visible or more: past the query's position or window
-                read = (s < end) & (behind > 0) & (behind < visible)
-                k = tl.load(k_ptr + at, mask=(s < end)[:, None], other=0.0)
-                # The new slot's old value must not reach the product, even with weight 0 (0 * inf = NaN).
-                v = tl.load(v_ptr + at, mask=read[:, None], other=0.0)
-                scores = tl.dot(q, tl.trans(k)) * qk_scale  # [G_PAD, BLOCK_S], log2 units
-                scores = tl.where(read[None, :], scores, float("-inf"))
-                m_new = tl.maximum(m, tl.max(scores, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a run of the new slot alone
-                p = tl.exp2(scores - m_safe[:, None])
-                alpha = tl.exp2(m - m_safe)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                l = l * alpha + tl.sum(p, axis=1)
-                m = m_new
-            mine = part_ptr + (bh * SPLITS + split).to(tl.int64) * per_split
-            tl.store(mine + g[:, None] * D + d[None, :], acc, mask=real[:, None])
-            tl.store(mine + G * D + g, m, mask=real)
-            tl.store(mine + G * (D + 1) + g, l, mask=real)
+        g = tl.arange(0, G_PAD)
+        real = g < G
+        # tl.dot needs 16 rows: query rows past G are zeros, their results never stored.
+        q = tl.load(q_ptr + b * q_stride + (h * G + g)[:, None] * D + d[None, :], mask=real[:, None], other=0.0)
+        m = tl.full([G_PAD], float("-inf"), tl.float32)
+        l = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D], tl.float32)
+        for s0 in range(start, end, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            at = ((row + s) * H_KV + h)[:, None] * D + d[None, :]
+            behind = (new - s + S) % S  # 0: the new slot; visible or more: past the query's position or window
+            read = (s < end) & (behind > 0) & (behind < visible)
+            k = tl.load(k_ptr + at, mask=(s < end)[:, None], other=0.0)
+            # The new slot's old value must not reach the product, even with weight 0 (0 * inf = NaN).
+            v = tl.load(v_ptr + at, mask=read[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(k)) * qk_scale  # [G_PAD, BLOCK_S], log2 units
+            scores = tl.where(read[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a run of the new slot alone
+            p = tl.exp2(scores - m_safe[:, None])
+            alpha = tl.exp2(m - m_safe)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            l = l * alpha + tl.sum(p, axis=1)
+            m = m_new
+        mine = part_ptr + (bh * SPLITS + split).to(tl.int64) * per_split
+        tl.store(mine + g[:, None] * D + d[None, :], acc, mask=real[:, None])
+        tl.store(mine + G * D + g, m, mask=real)
+        tl.store(mine + G * (D + 1) + g, l, mask=real)
         tl.debug_barrier()  # every thread's stores are made before the count says so
-        if tl.atomic_add(count_ptr + bh, 1, sem="acq_rel") == SPLITS - 1:
+        if tl.atomic_add(count_ptr + bh, 1, sem="acq_rel") == runs - 1:
             # Start from the new token (weight 1 at its own score), then merge the runs
             # MERGE at a time, each as a row of G * D outputs, its max and sum repeated
             # along the row.
@@ -692,7 +694,6 @@ if triton is not None:
             m_all = tl.reshape(tl.broadcast_to(own[:, None], (G_POW2, D)), (G_POW2 * D,))
             out = tl.load(vn_ptr + b * vn_stride + h * D + c % D).to(tl.float32)
             total = tl.full([G_POW2 * D], 1.0, tl.float32)
-            runs = tl.cdiv(length, chunk)
             ours = part_ptr + (bh * SPLITS).to(tl.int64) * per_split
             for r0 in range(0, runs, MERGE):
                 r = r0 + tl.arange(0, MERGE)
@@ -735,7 +736,9 @@ if triton is not None:
         # About two programs per multiprocessor, whatever the cache's size: a split that followed
         # the size would change with every prompt length (once a constant of the kernel, it
         # compiled the kernel anew for each: 0.8 s). A short row leaves the programs past its
-        # keys idle, at the cost of their launch.
+        # keys idle: they return at once, at the cost of their launch. More programs, each
+        # row's keys in shorter runs, would spread a server's rows of mixed lengths more
+        # evenly, but cost more than they gained (scripts/kernel_bench.py's "L=128-1536").
         if splits is None:
             sms = torch.cuda.get_device_properties(xq.device).multi_processor_count
             splits = triton.next_power_of_2(triton.cdiv(2 * sms, B * H_kv))

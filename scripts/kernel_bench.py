@@ -153,11 +153,19 @@ def expert_matvecs(results: dict, bandwidth: float) -> None:
 
 
 def decode_attention(results: dict, bandwidth: float) -> None:
-    H, H_kv, D, S = 32, 8, 128, 4096
-    for B, length in [(1, 512), (1, 2048), (8, 512), (32, 512), (64, 1024)]:
+    """Per shape: xformers, and the decode kernel's tile shapes and split counts. "L=128-1536"
+    is a server's batch (serve_bench.py's workload): rows of lengths spread evenly over that
+    range, against rows all of their mean length."""
+    H, H_kv, D = 32, 8, 128
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    spread = [128 + (1536 - 128) * i // 31 for i in range(32)]
+    cases = [(4096, [512]), (4096, [2048]), (4096, [512] * 8), (4096, [512] * 32), (4096, [1024] * 64),
+             (1536, spread), (1536, [round(sum(spread) / 32)] * 32)]  # fmt: skip
+    for S, row_lengths in cases:
+        B = len(row_lengths)
         ks = [torch.randn(B, S, H_kv, D, device="cuda", dtype=torch.bfloat16) for _ in range(LAYERS)]
         vs = [torch.randn_like(k) for k in ks]
-        inputs = Decode([length - 1] * B, S, torch.device("cuda"), static=True)
+        inputs = Decode([n - 1 for n in row_lengths], S, torch.device("cuda"), static=True)
         xq = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16)
         xk, xv = torch.randn(B, H_kv, D, device="cuda", dtype=torch.bfloat16), torch.randn(B, H_kv, D, device="cuda", dtype=torch.bfloat16)
 
@@ -165,20 +173,24 @@ def decode_attention(results: dict, bandwidth: float) -> None:
             for k, v in zip(ks, vs):
                 inputs.attend(k, v, xq, xk, xv, "xformers")  # the cache update, then xformers' kernel
 
-        def fused(block_s: int, min_chunk: int, warps: int) -> Callable[[], None]:
+        def fused(block_s: int = 32, min_chunk: int = 128, warps: int = 4, splits: int | None = None) -> Callable[[], None]:
             lengths = inputs.mask.k_seqinfo.seqlen
             return lambda: [
-                kernels._triton_decode_attention(xq, xk, xv, k, v, inputs.write_to, lengths, block_s, min_chunk, warps)
+                kernels._triton_decode_attention(xq, xk, xv, k, v, inputs.write_to, lengths, lengths, block_s, min_chunk, warps, splits)
                 for k, v in zip(ks, vs)
             ]  # fmt: skip
 
-        read = 2 * B * length * H_kv * D * 2  # keys and values read per layer
+        read = 2 * sum(row_lengths) * H_kv * D * 2  # keys and values read per layer
         # keys per loop step / fewest keys per program / warps
         shapes = [(32, 128, 4), (16, 128, 4), (64, 128, 4), (32, 128, 2), (32, 128, 8), (32, 64, 4)]
+        # Programs per row and key head: as few as fill the GPU (the default), and more.
+        fill = 1 << (-(-2 * sms // (B * H_kv)) - 1).bit_length()
         variants = {"xformers": xformers} | {f"fused {b}/{c}/{w}": fused(b, c, w) for b, c, w in shapes}
+        variants |= {f"fused splits={n}": fused(splits=n) for n in sorted({fill, 2 * fill, 4 * fill, 8 * fill})}
+        length = f"{min(row_lengths)}-{max(row_lengths)}" if len(set(row_lengths)) > 1 else row_lengths[0]
         for label, fn in variants.items():
             seconds = graph_time(fn) / LAYERS
-            key = f"attention B={B} L={length} {label}"
+            key = f"attention B={B} S={S} L={length} {label}"
             results[key] = {"us": seconds * 1e6, "of_copy": read / seconds / bandwidth}
             print(f"{key:42} {seconds * 1e6:7.1f} us per layer  {read / seconds / bandwidth:.2f} of copy", flush=True)
         del ks, vs

@@ -83,7 +83,19 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
     index = {id(r): i for i, r in enumerate(requests)}
     start = time.perf_counter()
     nxt, steps, busy_rows, last_kind_name = 0, 0, 0, "decode"
-    calls = {"chunk": [0, 0.0, 0], "decode": [0, 0.0, 0]}  # kind: [calls, seconds, prompt tokens read]
+    calls = {"chunk": [0, 0.0, 0, 0.0], "decode": [0, 0.0, 0, 0.0]}  # kind: [calls, seconds, prompt tokens read, host seconds launching]
+    # The host's time launching a call: a step's time but its wait for the call before (`_read`).
+    waited = [0.0]
+    read_results = engine._read
+
+    def timed_read(sampled: Any) -> list[Request]:
+        before = time.perf_counter()
+        try:
+            return read_results(sampled)
+        finally:
+            waited[0] += time.perf_counter() - before
+
+    engine._read = timed_read  # type: ignore[method-assign]
     saturated = [0, 0.0]  # tokens, seconds
     while nxt < len(jobs) or engine.busy:
         now = time.perf_counter() - start
@@ -94,7 +106,7 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
             time.sleep(max(arrivals[nxt] - now, 0))
             continue
         running = engine.running
-        left, before = prompt_tokens_left(engine), time.perf_counter()
+        left, before, waited[0] = prompt_tokens_left(engine), time.perf_counter(), 0.0
         changed = engine.step()  # launches a call, then waits for the call before it and reads its tokens
         took, read = time.perf_counter() - before, left - prompt_tokens_left(engine)
         # The time is the call before's (waited for here), counted as its kind; the last step
@@ -104,7 +116,7 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
         if engine.pending is not None:  # launched a call
             steps, busy_rows = steps + 1, busy_rows + running
             kind = calls["chunk" if read else "decode"]
-            kind[0], kind[2] = kind[0] + 1, kind[2] + read
+            kind[0], kind[2], kind[3] = kind[0] + 1, kind[2] + read, kind[3] + took - waited[0]
             last_kind_name = "chunk" if read else "decode"
         if engine.waiting:  # still some after the call took its rows: every row was busy
             # (a token each: no request here ends on eos, which samples none)
@@ -113,6 +125,7 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
         for r in changed:
             times[index[id(r)]] += [now] * (len(r.tokens) - len(times[index[id(r)]]))
     elapsed = time.perf_counter() - start
+    del engine._read  # the class's again
     ttft = [times[i][0] - arrivals[i] for i in times if times[i]]
     tbt = [b - a for i in times for a, b in zip(times[i], times[i][1:])]
     generated = sum(len(r.tokens) for r in requests)
@@ -122,7 +135,8 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
         "tokens_per_s": generated / elapsed, "steps": steps, "mean_busy_rows": busy_rows / max(steps, 1),
         "ttft_s": percentiles(ttft), "tbt_s": percentiles(tbt),
         "chunk_calls": calls["chunk"][0], "chunk_seconds": calls["chunk"][1], "chunk_prompt_tokens": calls["chunk"][2],
-        "decode_steps": calls["decode"][0], "decode_seconds": calls["decode"][1],
+        "chunk_launch_seconds": calls["chunk"][3],
+        "decode_steps": calls["decode"][0], "decode_seconds": calls["decode"][1], "decode_launch_seconds": calls["decode"][3],
         "saturated_seconds": saturated[1], "saturated_tokens_per_s": saturated[0] / saturated[1] if saturated[1] else None,
     }  # fmt: skip
 
@@ -171,6 +185,24 @@ def static_batches(model: Transformer, jobs: list[tuple[list[int], int]], rows: 
     return {"generated_tokens": generated, "seconds": elapsed, "tokens_per_s": generated / elapsed}
 
 
+def profile(engine: Engine, jobs: list[tuple[list[int], int]], cfg: argparse.Namespace) -> None:
+    """The saturated run under cProfile: where the host's time goes, by function."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    run = profiler.runcall(run_arrivals, engine, jobs, math.inf, cfg.seed + 1, cfg.temperature)
+    text = io.StringIO()
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(40)
+    log(f"under cProfile: {run['tokens_per_s']:.1f} tokens/s; chunk calls launched in {run['chunk_launch_seconds'] / max(run['chunk_calls'], 1) * 1e3:.2f} ms each")
+    print(text.getvalue())
+    if cfg.out:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        (cfg.out / "profile.txt").write_text(text.getvalue())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -185,6 +217,8 @@ def main() -> None:
     p.add_argument("--steady-steps", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0, help="every request's (0: greedy); sampled ones each seeded")
+    p.add_argument("--compile", action="store_true", help="the engine's blocks compiled (torch.compile), in its warm-up")
+    p.add_argument("--profile", action="store_true", help="only the saturated run, under cProfile: the host's time by function (profile.txt)")
     cfg = p.parse_args()
     if cfg.tiny:
         cfg.requests, cfg.max_batch, cfg.prompt, cfg.answer, cfg.steady_steps = 24, 8, "8,40", "4,24", 10
@@ -196,13 +230,16 @@ def main() -> None:
     prompt_range = tuple(int(v) for v in cfg.prompt.split(","))
     answer_range = tuple(int(v) for v in cfg.answer.split(","))
     jobs = workload(cfg.requests, prompt_range, answer_range, args.vocab_size, cfg.seed)  # type: ignore[arg-type]
-    engine = Engine(model, max_batch=cfg.max_batch, max_context=prompt_range[1] + answer_range[1], chunk_size=cfg.chunk_size)
+    engine = Engine(model, max_batch=cfg.max_batch, max_context=prompt_range[1] + answer_range[1], chunk_size=cfg.chunk_size, compile=cfg.compile)
     print(f"engine warm-up: {engine.warm_up():.2f} s", flush=True)  # as `mistral serve` does before it listens
     results: dict[str, Any] = {"config": vars(cfg) | {"torch": torch.__version__}, "device": str(device)}
     if device.type == "cuda":
         results["device_name"] = torch.cuda.get_device_name(device)
     log("warm-up: every bucket of rows, prompts of every length read beside decoding rows")
     run_arrivals(engine, jobs[: cfg.max_batch + 3], math.inf, cfg.seed, cfg.temperature)
+    if cfg.profile:
+        profile(engine, jobs, cfg)
+        return
     results["steady_decode_tokens_per_s"], keys = steady_decode(engine, cfg.max_batch, cfg.steady_steps, device)
     log(f"steady decode, {cfg.max_batch} rows of {keys:.0f} keys: {results['steady_decode_tokens_per_s']:.1f} tokens/s")
     # The same at the workload's mean context, over its tokens (a busy row's keys, step by
@@ -221,7 +258,9 @@ def main() -> None:
             f"TBT p50 {run['tbt_s']['p50'] * 1e3:.1f} ms p99 {run['tbt_s']['p99'] * 1e3:.1f} ms, {run['mean_busy_rows']:.1f} rows busy; "
             f"of {run['seconds']:.2f} s: {run['chunk_calls']} chunk calls {run['chunk_seconds']:.2f} s "
             f"({run['chunk_prompt_tokens'] / max(run['chunk_seconds'], 1e-9):,.0f} prompt tokens/s), "
-            f"{run['decode_steps']} decode steps {run['decode_seconds']:.2f} s ({run['decode_seconds'] / max(run['decode_steps'], 1) * 1e3:.2f} ms each)")  # fmt: skip
+            f"{run['decode_steps']} decode steps {run['decode_seconds']:.2f} s ({run['decode_seconds'] / max(run['decode_steps'], 1) * 1e3:.2f} ms each); "
+            f"the host launching them: chunk calls {run['chunk_launch_seconds'] / max(run['chunk_calls'], 1) * 1e3:.2f} ms each, "
+            f"decode steps {run['decode_launch_seconds'] / max(run['decode_steps'], 1) * 1e3:.2f} ms")  # fmt: skip
     if cfg.out:
         cfg.out.mkdir(parents=True, exist_ok=True)
         (cfg.out / "serve_bench.json").write_text(json.dumps(results, indent=1, default=str))

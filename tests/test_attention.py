@@ -164,8 +164,8 @@ def test_decode_kernel_writes_and_attends_as_the_decode_mask_says(group: int, st
 @pytest.mark.parametrize("rows", [None, [6, 1, 3, 0, 4, 2]], ids=["rows-0-5", "other-rows"])
 def test_decode_kernel_splits_rows_into_any_number_of_runs(group: int, rows: Optional[list[int]]) -> None:
     """The Triton decode kernel for every number of programs per row and key head (one compiled
-    kernel serves them all: it follows the batch size): one run, runs of no keys past a short
-    row, a number no power of two, more than the keys fill; runs of 16 keys merged 2 at a time,
+    kernel serves them all: it follows the batch size): one run, programs past a short row's
+    runs, a number no power of two, more than the keys fill; runs of 16 keys merged 2 at a time,
     so that the merge goes round many times, as a long row's 64 runs do 8 at a time."""
     for splits in (1, 2, 3, 8, 64):
         cache, xq, xk, xv, slots, lengths, (want_k, want_v), want = decode_case(group, static=False, query_rows=rows)
@@ -226,7 +226,7 @@ def test_a_verify_step_in_rows_without_room_for_its_tokens_is_refused() -> None:
 @pytest.mark.parametrize("window", [None, 8])
 def test_the_triton_decode_kernel_verifies_in_any_number_of_runs(window: Optional[int]) -> None:
     """The Triton kernel's verify step (queries of a row reading each other's keys) for one run,
-    runs past a short row, and more runs than keys."""
+    programs past a short row's runs, and more runs than keys."""
     for splits in (1, 3, 64):
         cache, inputs, xq, xk, xv, (want_k, want_v), want = verify_case(4, window, 5, static=False)
         q = inputs.queries
