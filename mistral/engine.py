@@ -8,10 +8,7 @@ prompts are requests that start together (mistral/generation.py).
 
 Each `Engine.step` is one forward call:
 
-- waiting requests take the free rows, first come first served; under a backlog (more
-  waiting than rows free) while every busy row decodes, only once `admit_together` rows
-  are free (or one has waited `admit_wait` calls): each admission costs a chunk call,
-  whose launch on the host takes as long as several decode steps, so prompts share one;
+- waiting requests take the free rows, first come first served;
 - while some prompt still has tokens to read, the call is a chunk call (mask 2): every
   decoding row feeds its last token, and the prompts feed up to `chunk_size` tokens
   among them, oldest first, so a long prompt never stalls the rows that decode; a
@@ -130,11 +127,6 @@ class Engine:
     ones, a graph each (a server's); False, on every row of the cache, one graph
     (stream's: a call must not capture or compile again when its batch thins out).
     warm_up: a dict into which the Runners add the seconds of what runs once per shape (decode.Runner).
-    admit_together: under a backlog, the free rows that take new requests at once while every busy
-    row decodes (default max_batch // 8, at least 1). A chunk call runs its 32 layers eagerly:
-    beside a server's decode steps of 8 ms (Mistral 7B, 32 rows, an H100) its launch took the
-    host 40-70 ms (scripts/serve_bench.py), for one prompt as for several. admit_wait: the most
-    calls a free row waits for the others (default 64).
     """
 
     def __init__(
@@ -151,8 +143,6 @@ class Engine:
         cache: Optional[RotatingBufferCache] = None,
         buckets: bool = True,
         warm_up: Optional[dict[str, float]] = None,
-        admit_together: Optional[int] = None,
-        admit_wait: int = 64,
     ):
         check_model(model)
         if stage is None:
@@ -180,9 +170,6 @@ class Engine:
         self.chunk = self.cache.size if chunk_size is None else check_positive_int(chunk_size, "chunk_size")
         self.row_chunk = self.cache.size if row_chunk is None else min(check_positive_int(row_chunk, "row_chunk"), self.cache.size)
         self.rows: list[Optional[Request]] = [None] * rows
-        self.admit_together = max(1, rows // 8) if admit_together is None else check_positive_int(admit_together, "admit_together")
-        self.admit_wait = check_positive_int(admit_wait, "admit_wait")
-        self.held = 0  # calls that free rows have waited for others while requests waited
         self.waiting: deque[Request] = deque()
         self.arrivals = itertools.count()
         # Each row's last sampled token, on the device: the next call feeds it before the host has read it.
@@ -302,7 +289,7 @@ class Engine:
         s + 1, not at the end of call s: a pipeline's first stage runs another micro-batch's call
         (another engine's) meanwhile, and a follower of a tensor-parallel server its next plan."""
         self._receive()
-        for b, r in enumerate(self.rows if self._admits() else ()):
+        for b, r in enumerate(self.rows):
             if not self.waiting:
                 break
             if r is None:
@@ -321,21 +308,6 @@ class Engine:
             launched = self._sample([r for _, r in sampling], logits)
         pending, self.pending = self.pending, launched
         return [] if pending is None else self._read(pending)
-
-    def _admits(self) -> bool:
-        """Whether waiting requests take the free rows in this call: at once where they all fit,
-        where the call reads a prompt anyway (it is a chunk call), or where admit_together rows
-        are free; else once free rows have waited admit_wait calls."""
-        free = self.rows.count(None)
-        if not self.waiting or not free:
-            self.held = 0
-            return False
-        reading = any(r is not None and r.read < len(r.prompt) for r in self.rows)
-        if len(self.waiting) <= free or reading or free >= self.admit_together or self.held >= self.admit_wait:
-            self.held = 0
-            return True
-        self.held += 1
-        return False
 
     def drain(self) -> None:
         """Before the engine is let go with a call's tokens in flight (a stream left early or

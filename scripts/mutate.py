@@ -396,10 +396,6 @@ MUTATIONS = [
     # --- the serving engine, the server, streamed text -------------------------------------
     Mutation("placeholder-reads-stale-keys", "engine.py", r">= min\(PLACEHOLDER_KEYS, self\.cache\.size\)", ">= self.cache.size",
              "test_engine.py -k 'reads_few_keys or window_less_cache_starts_over'", "a free row's placeholder reads the keys its finished request left, every step"),
-    Mutation("engine-admits-alone", "engine.py", r" or free >= self\.admit_together or ", " or True or ",
-             "test_engine.py -k backlog", "under a backlog a row freed alone takes a request at once (a chunk call per prompt)"),
-    Mutation("engine-holds-without-end", "engine.py", r" or self\.held >= self\.admit_wait:", ":",
-             "test_engine.py -k backlog", "a free row waits for others however long it takes"),
     Mutation("engine-ignores-nan", "engine.py", r"if not all\(ok\) and", "if False and",
              "test_engine.py -k turn_nan", "the engine samples from NaN logits without a word"),
     Mutation("engine-warm-up-one-bucket", "engine.py", r"n = min\(2 \* n, len\(self\.rows\)\)", "n = len(self.rows)",

@@ -56,21 +56,18 @@ def run(engine: Engine, requests: list[Request], arrivals: list[int]) -> int:
     specs=st.lists(st.tuples(st.integers(1, 20), st.integers(1, 12), st.integers(0, 12)), min_size=1, max_size=7),
     chunk=st.integers(1, 12),
     rows=st.integers(1, 4),
-    admit=st.tuples(st.integers(1, 4), st.integers(1, 5)),
     seed=st.integers(0, 2**16),
 )
 def test_requests_that_come_and_go_get_the_tokens_they_get_alone(
-    window: Optional[int], specs: list[tuple[int, int, int]], chunk: int, rows: int, admit: tuple[int, int], seed: int
+    window: Optional[int], specs: list[tuple[int, int, int]], chunk: int, rows: int, seed: int
 ) -> None:
     """Random prompt lengths, answer lengths and arrival steps, rows fewer than requests (some
-    wait), prompts read in chunks beside the rows that decode, free rows held for others
-    (admit_together, admit_wait), windows shorter than a prompt and none: each request's
-    greedy tokens are those it gets alone, from whole forwards."""
+    wait), prompts read in chunks beside the rows that decode, windows shorter than a prompt
+    and none: each request's greedy tokens are those it gets alone, from whole forwards."""
     g = torch.Generator().manual_seed(seed)
     prompts = [tuple(torch.randint(0, 97, (n,), generator=g).tolist()) for n, _, _ in specs]
     requests = [Request(p, max_tokens=m) for p, (_, m, _) in zip(prompts, specs)]
-    engine = Engine(model(window), max_batch=rows, max_context=40, chunk_size=chunk, admit_together=admit[0], admit_wait=admit[1])
-    run(engine, requests, [a for _, _, a in specs])
+    run(Engine(model(window), max_batch=rows, max_context=40, chunk_size=chunk), requests, [a for _, _, a in specs])
     for r, p, (_, m, _) in zip(requests, prompts, specs):
         assert r.finish_reason == "length"
         assert_alone(window, p, r.tokens, m)
@@ -94,32 +91,6 @@ def sampled_by_hand(prompt: list[int], max_tokens: int, temperature: float, top_
     for _ in range(max_tokens):
         sequence.append(int(sample(full_forward(model(8), sequence)[-1:], temperature, top_p, [generator])[0]))
     return sequence[len(prompt) :]
-
-
-def test_under_a_backlog_free_rows_wait_for_others_to_share_a_chunk_call() -> None:
-    """Requests waiting past the free rows, every busy row decoding: a row freed alone waits
-    (admit_together=2) until a second is free, or admit_wait calls; rows that free together
-    take requests at once; once all that wait fit, they take rows at once."""
-    engine = Engine(model(8), max_batch=4, max_context=40, admit_together=2, admit_wait=3)
-    # Rows 0-3 end after 2, 9, 9 and 30 tokens; four more wait.
-    first = [Request([5 + i, 3], max_tokens=m) for i, m in enumerate([2, 9, 9, 30])]
-    later = [Request([40 + i], max_tokens=4) for i in range(4)]
-    for r in first + later:
-        engine.submit(r)
-    calls: list[tuple[list[Optional[int]], list[bool]]] = []  # per call: the later requests' rows, which first ones ended
-    while engine.busy:
-        engine.step()
-        calls.append(([r.row for r in later], [r.finished for r in first]))
-    freed = [ended for _, ended in calls].index([True, False, False, False])  # the call that ended row 0's request
-    # Row 0 alone is free (4 wait): later[0] waits 3 calls, then takes it.
-    assert [rows[0] for rows, _ in calls[freed : freed + 5]] == [None, None, None, None, 0]
-    # Rows 1 and 2 end in the same call: later[1] and later[2] take them at once, in the next.
-    both = [ended for _, ended in calls].index([True, True, True, False])
-    assert calls[both][0][1:] == [None, None, None] and calls[both + 1][0][1:] == [1, 2, None]
-    for r in later:
-        assert_alone(8, tuple(r.prompt), r.tokens, 4)
-    for r, m in zip(first, [2, 9, 9, 30]):
-        assert_alone(8, tuple(r.prompt), r.tokens, m)
 
 
 def test_a_seeded_request_samples_alike_alone_and_in_a_crowd() -> None:
