@@ -186,17 +186,26 @@ def static_batches(model: Transformer, jobs: list[tuple[list[int], int]], rows: 
 
 
 def profile(engine: Engine, jobs: list[tuple[list[int], int]], cfg: argparse.Namespace) -> None:
-    """The saturated run under cProfile: where the host's time goes, by function."""
+    """The saturated run under cProfile (where the host's time goes, by function) or torch.profiler
+    (by operator, on the host and on the GPU)."""
     import cProfile
     import io
     import pstats
 
-    profiler = cProfile.Profile()
-    run = profiler.runcall(run_arrivals, engine, jobs, math.inf, cfg.seed + 1, cfg.temperature)
     text = io.StringIO()
-    for key in ("tottime", "cumulative"):
-        pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(40)
-    log(f"under cProfile: {run['tokens_per_s']:.1f} tokens/s; chunk calls launched in {run['chunk_launch_seconds'] / max(run['chunk_calls'], 1) * 1e3:.2f} ms each")
+    if cfg.profile == "host":
+        profiler = cProfile.Profile()
+        run = profiler.runcall(run_arrivals, engine, jobs, math.inf, cfg.seed + 1, cfg.temperature)
+        for key in ("tottime", "cumulative"):
+            pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(40)
+    else:
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with torch.profiler.profile(activities=activities) as trace:
+            run = run_arrivals(engine, jobs, math.inf, cfg.seed + 1, cfg.temperature)
+        events = trace.key_averages()
+        for key in ("self_cpu_time_total", "self_device_time_total"):
+            text.write(events.table(sort_by=key, row_limit=30, max_name_column_width=60) + "\n")
+    log(f"profiled: {run['tokens_per_s']:.1f} tokens/s; chunk calls launched in {run['chunk_launch_seconds'] / max(run['chunk_calls'], 1) * 1e3:.2f} ms each")
     print(text.getvalue())
     if cfg.out:
         cfg.out.mkdir(parents=True, exist_ok=True)
@@ -218,7 +227,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0, help="every request's (0: greedy); sampled ones each seeded")
     p.add_argument("--compile", action="store_true", help="the engine's blocks compiled (torch.compile), in its warm-up")
-    p.add_argument("--profile", action="store_true", help="only the saturated run, under cProfile: the host's time by function (profile.txt)")
+    p.add_argument("--profile", choices=["host", "trace"], default=None,
+                   help="only the saturated run, under cProfile (host: the host's time by function) or torch.profiler "
+                        "(trace: each operator's host and GPU time, the host's waits for the GPU among them), into profile.txt")
     cfg = p.parse_args()
     if cfg.tiny:
         cfg.requests, cfg.max_batch, cfg.prompt, cfg.answer, cfg.steady_steps = 24, 8, "8,40", "4,24", 10
