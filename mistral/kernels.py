@@ -638,7 +638,7 @@ if triton is not None:
         h = bh % H_KV
         length = tl.load(len_ptr + b)
         chunk = tl.maximum(tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_S) * BLOCK_S, MIN_CHUNK)
-        runs = tl.cdiv(length, chunk)  # at least 1: a query's keys include its own
+        runs = tl.maximum(tl.cdiv(length, chunk), 1)  # (a query's keys include its own: length >= 1)
         if split >= runs:  # past a short row's keys: no run, no arrival to count
             return
         visible = tl.load(vis_ptr + b)
@@ -701,7 +701,7 @@ if triton is not None:
                 at = ours + r[:, None] * per_split
                 ms = tl.load(at + G * D + c[None, :] // D, mask=ok, other=float("-inf"), cache_modifier=".cg")
                 m_new = tl.maximum(m_all, tl.max(ms, axis=0))  # finite: the new token's score
-                w = tl.exp2(ms - m_new[None, :])  # 0 for runs of no keys and rows past the runs
+                w = tl.exp2(ms - m_new[None, :])  # 0 for runs that read no key (all past `visible`) and rows past the runs
                 alpha = tl.exp2(m_all - m_new)
                 o = tl.load(at + c[None, :], mask=ok, other=0.0, cache_modifier=".cg")
                 ls = tl.load(at + G * D + G + c[None, :] // D, mask=ok, other=0.0, cache_modifier=".cg")
@@ -737,8 +737,10 @@ if triton is not None:
         # the size would change with every prompt length (once a constant of the kernel, it
         # compiled the kernel anew for each: 0.8 s). A short row leaves the programs past its
         # keys idle: they return at once, at the cost of their launch. More programs, each
-        # row's keys in shorter runs, would spread a server's rows of mixed lengths more
-        # evenly, but cost more than they gained (scripts/kernel_bench.py's "L=128-1536").
+        # row's keys in shorter runs, spread a server's rows of mixed lengths a little more
+        # evenly (32 rows of 128-1,536 keys: 66.4 us a layer at twice the split, 68.0 at
+        # this one) but cost more where rows are alike (32 rows of 832: 61.0 against 52.7;
+        # scripts/kernel_bench.py --only attention, an H100).
         if splits is None:
             sms = torch.cuda.get_device_properties(xq.device).multi_processor_count
             splits = triton.next_power_of_2(triton.cdiv(2 * sms, B * H_kv))

@@ -254,7 +254,7 @@ MUTATIONS = [
     Mutation("decode-kernel-never-stores", "kernels.py", r"if split == 0:", "if split < 0:",
              "test_attention.py -k decode_kernel", "the Triton decode kernel leaves the new key and value out of the cache",
              cuda=True),
-    Mutation("decode-kernel-merges-first-run", "kernels.py", r"runs = tl\.cdiv\(length, chunk\)", "runs = 1",
+    Mutation("decode-kernel-merges-first-run", "kernels.py", r"runs = tl\.maximum\(tl\.cdiv\(length, chunk\), 1\)", "runs = 1",
              "test_attention.py -k decode_kernel", "the Triton decode kernel merges the first run of keys only", cuda=True),
     Mutation("decode-kernel-waits-for-idle-programs", "kernels.py", r'sem="acq_rel"\) == runs - 1:', 'sem="acq_rel") == SPLITS - 1:',
              "test_attention.py -k splits_rows", "the Triton decode kernel merges once SPLITS programs arrive, though those past a short row's runs return early", cuda=True),

@@ -20,6 +20,12 @@ the times do.
     python scripts/serve_bench.py --out $OUT                      # GPU, Mistral 7B shapes, ~4 min on an H200
     python scripts/serve_bench.py --temperature 1 --out $OUT      # sampled requests, each with its own seed
     python scripts/serve_bench.py --device cpu --tiny              # any machine: checks the script, ~20 s
+    python scripts/serve_bench.py --requests 48 --rates inf --profile trace --out $OUT   # where the time goes
+
+Each run also gives the host's time launching each kind of call (a chunk call runs its
+layers eagerly; a decode step replays a graph). --profile runs only the saturated run, under
+cProfile (host: by Python function) or torch.profiler (trace: by operator, host and GPU),
+into profile.txt; --compile compiles the engine's blocks.
 """
 
 import argparse
@@ -69,7 +75,9 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
     """The jobs arriving as a Poisson process of `rate` requests/s (inf: all at once), run to the end.
 
     Where the time went, by kind of forward call: chunk calls (prompt tokens read beside the
-    decoding rows) and decode steps; the rest is waiting for arrivals and the loop's own.
+    decoding rows) and decode steps, each the host's launch of the call (a step's time but its
+    wait in `_read`, which is for the call before) and then the wait for its results, in the
+    next step; the rest is waiting for arrivals and the loop's own.
     Saturated: the calls made while requests waited for a row (every row busy), whose rate
     leaves out the ramp and the tail (the last answers running on with rows free)."""
     rng = random.Random(seed)
@@ -79,13 +87,8 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
         t += 0.0 if math.isinf(rate) else rng.expovariate(rate)
     # Sampled requests each with a seed of its own (a generator per row), as clients that set one.
     requests = [Request(prompt, max_tokens=n, temperature=temperature, seed=i if temperature else None) for i, (prompt, n) in enumerate(jobs)]
-    times: dict[int, list[float]] = {i: [] for i in range(len(jobs))}
-    index = {id(r): i for i, r in enumerate(requests)}
-    start = time.perf_counter()
-    nxt, steps, busy_rows, last_kind_name = 0, 0, 0, "decode"
-    calls = {"chunk": [0, 0.0, 0, 0.0], "decode": [0, 0.0, 0, 0.0]}  # kind: [calls, seconds, prompt tokens read, host seconds launching]
-    # The host's time launching a call: a step's time but its wait for the call before (`_read`).
-    waited = [0.0]
+    calls = {"chunk": [0, 0.0, 0, 0.0], "decode": [0, 0.0, 0, 0.0]}  # kind: [calls, seconds, prompt tokens read, seconds launching]
+    waited = [0.0]  # in this step, for the call before
     read_results = engine._read
 
     def timed_read(sampled: Any) -> list[Request]:
@@ -96,6 +99,19 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
             waited[0] += time.perf_counter() - before
 
     engine._read = timed_read  # type: ignore[method-assign]
+    try:
+        return _run(engine, jobs, requests, arrivals, rate, calls, waited)
+    finally:
+        del engine._read  # the class's again
+
+
+def _run(engine: Engine, jobs: list[tuple[list[int], int]], requests: list[Request], arrivals: list[float], rate: float,
+         calls: dict[str, list], waited: list[float]) -> dict[str, Any]:  # fmt: skip
+    """run_arrivals' loop: `calls` gathers the time by kind, `waited` is the time in `_read` of each step."""
+    times: dict[int, list[float]] = {i: [] for i in range(len(jobs))}
+    index = {id(r): i for i, r in enumerate(requests)}
+    start = time.perf_counter()
+    nxt, steps, busy_rows, last_kind_name = 0, 0, 0, "decode"
     saturated = [0, 0.0]  # tokens, seconds
     while nxt < len(jobs) or engine.busy:
         now = time.perf_counter() - start
@@ -109,15 +125,15 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
         left, before, waited[0] = prompt_tokens_left(engine), time.perf_counter(), 0.0
         changed = engine.step()  # launches a call, then waits for the call before it and reads its tokens
         took, read = time.perf_counter() - before, left - prompt_tokens_left(engine)
-        # The time is the call before's (waited for here), counted as its kind; the last step
-        # launches none, it only reads.
+        # The wait is the call before's, counted as its kind; the launch (the rest) this call's.
+        # The last step launches none, it only reads.
         if steps:
-            calls[last_kind_name][1] += took
+            calls[last_kind_name][1] += waited[0]
         if engine.pending is not None:  # launched a call
             steps, busy_rows = steps + 1, busy_rows + running
-            kind = calls["chunk" if read else "decode"]
-            kind[0], kind[2], kind[3] = kind[0] + 1, kind[2] + read, kind[3] + took - waited[0]
             last_kind_name = "chunk" if read else "decode"
+            kind, launch = calls[last_kind_name], took - waited[0]
+            kind[0], kind[1], kind[2], kind[3] = kind[0] + 1, kind[1] + launch, kind[2] + read, kind[3] + launch
         if engine.waiting:  # still some after the call took its rows: every row was busy
             # (a token each: no request here ends on eos, which samples none)
             saturated[0], saturated[1] = saturated[0] + len(changed), saturated[1] + took
@@ -125,7 +141,6 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
         for r in changed:
             times[index[id(r)]] += [now] * (len(r.tokens) - len(times[index[id(r)]]))
     elapsed = time.perf_counter() - start
-    del engine._read  # the class's again
     ttft = [times[i][0] - arrivals[i] for i in times if times[i]]
     tbt = [b - a for i in times for a, b in zip(times[i], times[i][1:])]
     generated = sum(len(r.tokens) for r in requests)
@@ -203,9 +218,13 @@ def profile(engine: Engine, jobs: list[tuple[list[int], int]], cfg: argparse.Nam
         with torch.profiler.profile(activities=activities) as trace:
             run = run_arrivals(engine, jobs, math.inf, cfg.seed + 1, cfg.temperature)
         events = trace.key_averages()
-        for key in ("self_cpu_time_total", "self_device_time_total"):
+        for key in ("self_cpu_time_total", "self_device_time_total")[: len(activities)]:
             text.write(events.table(sort_by=key, row_limit=30, max_name_column_width=60) + "\n")
-    log(f"profiled: {run['tokens_per_s']:.1f} tokens/s; chunk calls launched in {run['chunk_launch_seconds'] / max(run['chunk_calls'], 1) * 1e3:.2f} ms each")
+    summary = (f"{vars(cfg)}\nprofiled ({cfg.profile}): {run['tokens_per_s']:.1f} tokens/s, {run['chunk_calls']} chunk calls launched in "
+               f"{run['chunk_launch_seconds'] / max(run['chunk_calls'], 1) * 1e3:.2f} ms each, {run['decode_steps']} decode steps in "
+               f"{run['decode_launch_seconds'] / max(run['decode_steps'], 1) * 1e3:.2f} ms\n\n")
+    log(summary)
+    text = io.StringIO(summary + text.getvalue())
     print(text.getvalue())
     if cfg.out:
         cfg.out.mkdir(parents=True, exist_ok=True)

@@ -226,7 +226,7 @@ def test_a_verify_step_in_rows_without_room_for_its_tokens_is_refused() -> None:
 @pytest.mark.parametrize("window", [None, 8])
 def test_the_triton_decode_kernel_verifies_in_any_number_of_runs(window: Optional[int]) -> None:
     """The Triton kernel's verify step (queries of a row reading each other's keys) for one run,
-    programs past a short row's runs, and more runs than keys."""
+    programs past a short row's runs, and more programs than keys."""
     for splits in (1, 3, 64):
         cache, inputs, xq, xk, xv, (want_k, want_v), want = verify_case(4, window, 5, static=False)
         q = inputs.queries

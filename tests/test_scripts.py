@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
@@ -46,6 +48,14 @@ def test_serve_bench_answers_every_request_at_every_rate(tmp_path: Path) -> None
         assert run["requests"] == 24
         assert run["chunk_calls"] + run["decode_steps"] == run["steps"]
         assert 0 < run["ttft_s"]["p50"] <= run["ttft_s"]["p99"]
+
+
+@pytest.mark.parametrize("kind", ["host", "trace"])
+def test_serve_bench_profiles_the_saturated_run(tmp_path: Path, kind: str) -> None:
+    run_script("serve_bench.py", "--tiny", "--device", "cpu", "--profile", kind, "--out", str(tmp_path))
+    text = (tmp_path / "profile.txt").read_text()
+    assert f"profiled ({kind}): " in text and " chunk calls launched in " in text
+    assert ("Ordered by: internal time" if kind == "host" else "Self CPU time total") in text
 
 
 def test_cold_start_books_every_phase_of_each_fresh_process(tmp_path: Path) -> None:
