@@ -308,9 +308,10 @@ def generate(
     """
     folder, prompts = split_model_and_prompts([str(i) for i in inputs])
     if folder != DEFAULT_MODEL and not is_dir(folder):  # a prompt such as "print(1/2)" looks like a folder
+        typed = str(inputs[0])  # as given: the Path drops a "./" or a trailing "/", which a prompt keeps
         raise MistralError(
-            f'{folder}: model folder not found (an input with a "/" and no spaces is read as MODEL_DIR; for a prompt '
-            f'like it, name the model first: mistral generate {DEFAULT_MODEL} "{folder}")'
+            f'{typed}: model folder not found (an input with a "/" and no spaces is read as MODEL_DIR; for a prompt '
+            f'like it, name the model first: mistral generate {DEFAULT_MODEL} "{typed}")'
         )
     if not prompts:
         raise MistralError('no prompt given: mistral generate [MODEL_DIR] "prompt" [more prompts]')
@@ -619,7 +620,7 @@ def serve(
     num_tensor_ranks: int = 1,
     expert_parallel: bool = False,
 ) -> None:
-    """Serve a model over HTTP with OpenAI's API: mistral serve [MODEL_DIR]. Needs pip install 'mistral[serve]'.
+    """Serve a model over HTTP with OpenAI's API: mistral serve [MODEL_DIR]. Needs the [serve] extra: pip install -e '.[serve]' in a clone.
 
     /v1/completions and /v1/chat/completions (the folder's chat format), whole or streamed,
     /v1/models and /health. Requests join the running batch between forward calls and
@@ -649,7 +650,7 @@ def serve(
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
-        raise MistralError("mistral serve needs the optional extra: pip install 'mistral[serve]' (starlette, uvicorn)") from None
+        raise MistralError("mistral serve needs the optional extra [serve] (starlette, uvicorn): pip install -e '.[serve]' in a clone of mistral") from None
     from mistral.engine import Engine
     from mistral.serve import Plans, follow, model_name_of, serve as run_server
 

@@ -122,6 +122,8 @@ BAD_INPUTS = {
     "no-prompt": (["generate", "{model}"], "no prompt given"),
     # A prompt alone that holds a "/" and no spaces reads as a folder: the error says how to give it.
     "prompt-like-a-folder": (["generate", "print(1/2)"], 'print(1/2): model folder not found (an input with a "/" and no spaces is read as MODEL_DIR'),
+    # ... and is named as typed, in the error and in the command it suggests.
+    "prompt-like-a-folder-as-typed": (["generate", "./ls/"], './ls/: model folder not found (an input with a "/"'),
     "no-tokenizer": (["generate", "{no_tokenizer}", "hi"], "no tokenizer file in the model folder, expected exactly one of"),
     "empty-prompt": (["generate", "{model}", "hi", ""], "prompt 1 is empty"),
     "blank-prompt": (["generate", "{model}", "   "], "prompt 0 is empty"),
