@@ -116,9 +116,9 @@ def chat_params(body: dict, tokenizer: ChatTokenizer, model_name: str) -> Params
         prompt = tokenizer.encode_chat(messages)
     except ValueError as e:  # MistralError: the conversation's order or contents
         raise BadRequest(f"messages: {e}", "messages") from None
-    if "max_tokens" in body and "max_completion_tokens" in body and body["max_tokens"] != body["max_completion_tokens"]:
-        raise BadRequest("give max_tokens or max_completion_tokens, not two different values", "max_completion_tokens")
-    if "max_completion_tokens" in body:
+    if body.get("max_completion_tokens") is not None:  # (null: not given, as OpenAI reads it)
+        if body.get("max_tokens") is not None and body["max_tokens"] != body["max_completion_tokens"]:
+            raise BadRequest("give max_tokens or max_completion_tokens, not two different values", "max_completion_tokens")
         body = {**body, "max_tokens": body["max_completion_tokens"]}
     params = _common(body, [prompt], default_max_tokens=None)
     params.chat = True
@@ -131,11 +131,19 @@ def chat_params(body: dict, tokenizer: ChatTokenizer, model_name: str) -> Params
     return params
 
 
+def _neutral(name: str, value: Any) -> bool:
+    """Whether `value` of a field this server takes only at its neutral value changes nothing
+    (a logit_bias of zeros is as neutral as none)."""
+    if name == "logit_bias" and isinstance(value, dict) and all(_same(bias, 0) for bias in value.values()):
+        return True
+    return any(_same(value, v) for v in NEUTRAL[name])
+
+
 def _check_fields(body: dict, known: set[str], model_name: str) -> None:
     for name in body:
         if name not in known:
             raise BadRequest(f"unknown field {_shown(name)}", str(name), "unknown_field")
-        if name in NEUTRAL and not any(_same(body[name], v) for v in NEUTRAL[name]):
+        if name in NEUTRAL and not _neutral(name, body[name]):
             raise BadRequest(f"{name}={_shown(body[name])} is not supported by this server", name, "unsupported_value")
     model = body.get("model")
     if model is None:
@@ -281,7 +289,9 @@ class Choice:
             self.finish_reason = "stop" if finish_reason == "stop" else "length"
             out, self.held = self.held, ""
             return out
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
+        # Only a stop's first len(held) characters can be what held ends with (a client's stop of
+        # a million characters checked whole, prefix by prefix, stalled every stream).
+        keep = max((k for s in self.stops for k in range(1, min(len(s), len(self.held) + 1)) if self.held.endswith(s[:k])), default=0)
         out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
         return out
 

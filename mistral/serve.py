@@ -267,6 +267,8 @@ class Server:
                 i, update = await updates.get()
                 if update.error is not None:
                     raise BadRequest(f"the model failed: {update.error}", code="model_error", status=500)
+                if i not in running:  # news sent for a choice that a stop string ended, before the engine heard of it
+                    continue
                 choice = choices[i]
                 text = choice.add(update.tokens, update.logprobs, update.top, update.finish_reason)
                 if choice.finish_reason is not None:
@@ -306,6 +308,7 @@ class Server:
         once the stream has begun (the model's) is an event with OpenAI's error body."""
         kind, object_name = ("chatcmpl", "chat.completion.chunk") if params.chat else ("cmpl", "text_completion")
         head = {"id": new_id(kind), "object": object_name, "created": now(), "model": self.model_name}
+        chunk = {**head, "usage": None} if params.include_usage else head  # (OpenAI's chunks before the usage chunk say null)
         run = self.run(params, requests)
         choices: dict[int, Choice] = {}
         shown: dict[int, int] = {}  # tokens whose logprobs went out, per choice
@@ -313,7 +316,7 @@ class Server:
             async for choice, text in run:
                 i = choice.index
                 if params.chat and i not in choices:
-                    yield _event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+                    yield _event({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
                 choices[i] = choice
                 if text or choice.finish_reason is not None:
                     entry: dict[str, Any] = {"index": i, "finish_reason": choice.finish_reason}
@@ -325,7 +328,7 @@ class Server:
                         entry.update(delta={"content": text} if text else {}, logprobs=logprobs)
                     else:
                         entry.update(text=text, logprobs=logprobs)
-                    yield _event({**head, "choices": [entry]})
+                    yield _event({**chunk, "choices": [entry]})
         except BadRequest as e:
             yield _event(e.body())
             return

@@ -396,6 +396,10 @@ MUTATIONS = [
     # --- the serving engine, the server, streamed text -------------------------------------
     Mutation("placeholder-reads-stale-keys", "engine.py", r">= min\(PLACEHOLDER_KEYS, self\.cache\.size\)", ">= self.cache.size",
              "test_engine.py -k 'reads_few_keys or window_less_cache_starts_over'", "a free row's placeholder reads the keys its finished request left, every step"),
+    Mutation("serve-reads-a-stopped-choice", "serve.py", r"                if i not in running:  # news sent for a choice that a stop string ended, before the engine heard of it\n                    continue\n", "",
+             "test_serve.py -k stops_early", "a choice ended by a stop string is handed the engine's later news (a 500 where n > 1)"),
+    Mutation("serve-zero-logit-bias-refused", "openai_api.py", r'if name == "logit_bias" and isinstance', "if False and isinstance",
+             "test_serve.py -k neutral_values", "a logit_bias of zeros, which changes nothing, is refused"),
     Mutation("engine-ignores-nan", "engine.py", r"if not all\(ok\) and", "if False and",
              "test_engine.py -k turn_nan", "the engine samples from NaN logits without a word"),
     Mutation("engine-warm-up-one-bucket", "engine.py", r"n = min\(2 \* n, len\(self\.rows\)\)", "n = len(self.rows)",

@@ -125,6 +125,7 @@ def test_chat_answers_in_the_folders_format(served: Served, model: Transformer) 
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.completion_tokens == n  # type: ignore[union-attr]
+    assert all("usage" in c.model_fields_set and c.usage is None for c in chunks[:-1])  # null before the last, as OpenAI's
 
 
 def test_32_clients_at_once_each_get_what_they_get_alone(served: Served, model: Transformer) -> None:
@@ -181,6 +182,26 @@ def test_stop_strings_cut_the_text_where_they_start(served: Served, model: Trans
     assert "".join(c.choices[0].text for c in chunks) == cut
 
 
+def test_a_choice_that_stops_early_leaves_the_others_running(served: Served, model: Transformer) -> None:
+    """A stop string ends one choice while the others run on: the engine's steps for it that
+    were on their way are dropped (they failed the request with a 500), whole and streamed."""
+    prompts = ["def fibonacci(n):", "import re\n"]
+    texts = [expected(model, TOKENIZER.encode(p, bos=True), 30)[0] for p in prompts]
+    stop = next(texts[0][i : i + 3] for i in range(3, len(texts[0]) - 3) if texts[0][i : i + 3] not in texts[1])  # early in one alone
+    cut = texts[0][: texts[0].index(stop)]
+    request = {"model": MODEL, "prompt": prompts, "max_tokens": 30, "temperature": 0, "n": 2, "stop": stop}
+    code, answer = served.post("/v1/completions", json.dumps(request).encode())
+    assert code == 200, answer
+    assert [c["text"] for c in sorted(answer["choices"], key=lambda c: c["index"])] == [cut, cut, texts[1], texts[1]]
+    chunks = list(served.client.completions.create(**request, stream=True))  # type: ignore[call-overload]
+    assert {i: "".join(c.text for ch in chunks for c in ch.choices if c.index == i) for i in range(4)} == {0: cut, 1: cut, 2: texts[1], 3: texts[1]}
+    # Sampled choices that stop at different steps (a 500 in most tries before).
+    code, answer = served.post("/v1/completions", json.dumps({"model": MODEL, "prompt": "def f(x):", "max_tokens": 200, "n": 8, "seed": 0,
+                                                               "stop": ["return"]}).encode())  # fmt: skip
+    assert code == 200, answer
+    assert len(answer["choices"]) == 8 and all("return" not in c["text"] for c in answer["choices"])
+
+
 def test_logprobs_are_the_models(served: Served, model: Transformer) -> None:
     prompt = "import os\n"
     ids = TOKENIZER.encode(prompt, bos=True)
@@ -193,6 +214,18 @@ def test_logprobs_are_the_models(served: Served, model: Transformer) -> None:
                                                  temperature=0, logprobs=True, top_logprobs=2)  # fmt: skip
     content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
     assert len(content) == 3 and all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob == pytest.approx(t.logprob) for t in content)
+
+
+def test_neutral_values_and_nulls_are_taken_as_openai_takes_them(served: Served, model: Transformer) -> None:
+    """A logit_bias of zeros changes nothing and is taken; a null is a field not given
+    (max_completion_tokens beside max_tokens)."""
+    want = expected(model, TOKENIZER.encode("x", bos=True), 3)[0]
+    code, answer = served.post("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 3, "temperature": 0,
+                                                               "logit_bias": {"50": 0, "7": 0.0}}).encode())  # fmt: skip
+    assert code == 200 and answer["choices"][0]["text"] == want
+    code, answer = served.post("/v1/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                                   "max_tokens": 2, "max_completion_tokens": None}).encode())  # fmt: skip
+    assert code == 200 and answer["usage"]["completion_tokens"] <= 2
 
 
 def test_models_and_health(served: Served) -> None:
@@ -260,6 +293,7 @@ BAD = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"50": 0, "51": 2}}, 400, "logit_bias"),
     ("/v1/chat/completions", {"model": MODEL}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages"),
