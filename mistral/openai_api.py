@@ -7,6 +7,7 @@ OpenAI has that this server does not do with other than their neutral value (n >
 done; penalties, logit_bias, echo, best_of, tools are not).
 """
 
+import bisect
 import json
 import math
 import time
@@ -238,19 +239,20 @@ def _prompt_tokens(prompt: Any, tokenizer: ChatTokenizer, name: str) -> list[int
 
 
 def _messages(messages: Any) -> list[Message]:
-    """OpenAI's messages as the tokenizer takes them: a content given as parts of text is joined."""
+    """OpenAI's messages as the tokenizer takes them: a content given as parts of text is joined,
+    and a "developer" message (OpenAI's newer name for the system's) is a system message."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest(f"messages must be a non-empty list, got {_shown(messages)}", "messages")
     out: list[Message] = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or set(m) - {"role", "content", "name"}:
-            raise BadRequest(f"messages[{i}] must be {{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": ...}}, got {_shown(m)}", "messages")
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant") or set(m) - {"role", "content", "name"}:
+            raise BadRequest(f"messages[{i}] must be {{\"role\": \"system\"|\"developer\"|\"user\"|\"assistant\", \"content\": ...}}, got {_shown(m)}", "messages")
         content = m.get("content")
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content must be text, got {_shown(content)}", "messages")
-        out.append({"role": m["role"], "content": content})
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
     return out
 
 
@@ -262,15 +264,19 @@ def _shown(value: Any) -> str:
 class Choice:
     """One answer as the client receives it: its text piece by piece, cut at the first stop string.
 
-    Text that might be the start of a stop string waits until it is known not to be.
+    Text that might be the start of a stop string waits until it is known not to be, and so
+    do its tokens' log-probabilities: those of a token past the cut are never given.
     """
 
     def __init__(self, index: int, completion: Completion, stops: Sequence[str]):
         self.index, self.completion, self.stops = index, completion, list(stops)
         self.held = ""  # decoded, not handed over yet
+        self.given = 0  # characters handed over
+        self.cut = False  # at a stop string
         self.finish_reason: Optional[str] = None
         self.logprobs: list[float] = []
         self.top: list[list[tuple[int, float]]] = []
+        self.ends: list[int] = []  # per token so far, where its text ends in the answer's
 
     def add(self, tokens: list[int], logprobs: list[float], top: list[list[tuple[int, float]]], finish_reason: Optional[str]) -> str:
         """The engine's news for this answer; returns the text the client may have now.
@@ -282,35 +288,49 @@ class Choice:
         self.held += self.completion.unshown(final=finish_reason is not None)
         found = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
         if found:
-            out, self.held, self.finish_reason = self.held[: min(found)], "", "stop"
-            return out
-        if finish_reason is not None:
+            out, self.held, self.finish_reason, self.cut = self.held[: min(found)], "", "stop", True
+        elif finish_reason is not None:
             # OpenAI's reasons have none for an answer the server ended (a shutdown): "length" says it was cut.
             self.finish_reason = "stop" if finish_reason == "stop" else "length"
             out, self.held = self.held, ""
-            return out
-        # Only a stop's first len(held) characters can be what held ends with (a client's stop of
-        # a million characters checked whole, prefix by prefix, stalled every stream).
-        keep = max((k for s in self.stops for k in range(1, min(len(s), len(self.held) + 1)) if self.held.endswith(s[:k])), default=0)
-        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
+        else:
+            # Only a stop's first len(held) characters can be what held ends with (a client's stop of
+            # a million characters checked whole, prefix by prefix, stalled every stream).
+            keep = max((k for s in self.stops for k in range(1, min(len(s), len(self.held) + 1)) if self.held.endswith(s[:k])), default=0)
+            out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
+        self.given += len(out)
         return out
 
-    def logprobs_body(self, tokenizer: ChatTokenizer, chat: bool, start: int = 0) -> dict:
-        """OpenAI's logprobs of tokens start.. of this answer (chat's 'content' list, or completions' columns)."""
-        ids = self.completion.tokens[start : len(self.logprobs)]
+    def covered(self, tokenizer: ChatTokenizer) -> int:
+        """How many of the answer's tokens lie within the text handed over: every one once it
+        ended other than at a stop string, else those whose text ends within it (each token's
+        text as `token_text` has it)."""
+        n = len(self.logprobs)
+        if self.finish_reason is not None and not self.cut:
+            return n
+        every, first = self.completion.prompt_tokens + self.completion.tokens, len(self.completion.prompt_tokens)
+        while len(self.ends) < n:
+            j = first + len(self.ends)
+            self.ends.append((self.ends[-1] if self.ends else 0) + len(token_text(tokenizer, every[j - 1], every[j])))
+        return bisect.bisect_right(self.ends, self.given, 0, n)
+
+    def logprobs_body(self, tokenizer: ChatTokenizer, chat: bool, start: int, end: int) -> dict:
+        """OpenAI's logprobs of tokens start..end-1 of this answer (chat's 'content' list, or completions' columns)."""
+        ids = self.completion.tokens[start:end]
         previous = (self.completion.prompt_tokens + self.completion.tokens)[len(self.completion.prompt_tokens) + start - 1 :]
         texts = [token_text(tokenizer, p, t) for p, t in zip(previous, ids)]
-        tops = self.top[start:] if self.top else [[] for _ in ids]
+        logprobs = self.logprobs[start:end]
+        tops = self.top[start:end] if self.top else [[] for _ in ids]
         if chat:
             return {"content": [
                 {"token": s, "logprob": lp, "bytes": list(s.encode()),
                  "top_logprobs": [{"token": token_text(tokenizer, p, a), "logprob": alp, "bytes": list(token_text(tokenizer, p, a).encode())}
                                   for a, alp in top]}
-                for p, s, lp, top in zip(previous, texts, self.logprobs[start:], tops)
+                for p, s, lp, top in zip(previous, texts, logprobs, tops)
             ]}  # fmt: skip
         return {
             "tokens": texts,
-            "token_logprobs": self.logprobs[start:],
+            "token_logprobs": logprobs,
             "top_logprobs": [{token_text(tokenizer, p, a): alp for a, alp in top} for p, top in zip(previous, tops)] if self.top else None,
         }
 

@@ -291,7 +291,7 @@ class Server:
         for i in sorted(choices):
             c, text = choices[i], "".join(texts[i])
             entry: dict[str, Any] = {"index": i, "finish_reason": c.finish_reason}
-            logprobs = None if params.logprobs is None else c.logprobs_body(self.tokenizer, params.chat)
+            logprobs = None if params.logprobs is None else c.logprobs_body(self.tokenizer, params.chat, 0, c.covered(self.tokenizer))
             if params.chat:
                 entry.update(message={"role": "assistant", "content": text}, logprobs=logprobs)
             else:
@@ -322,8 +322,9 @@ class Server:
                     entry: dict[str, Any] = {"index": i, "finish_reason": choice.finish_reason}
                     logprobs = None
                     if params.logprobs is not None:
-                        logprobs = choice.logprobs_body(self.tokenizer, params.chat, shown.get(i, 0))
-                        shown[i] = len(choice.logprobs)
+                        end = choice.covered(self.tokenizer)
+                        logprobs = choice.logprobs_body(self.tokenizer, params.chat, shown.get(i, 0), end)
+                        shown[i] = end
                     if params.chat:
                         entry.update(delta={"content": text} if text else {}, logprobs=logprobs)
                     else:

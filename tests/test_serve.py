@@ -26,6 +26,7 @@ import pytest
 
 from mistral import DEFAULT_MODEL, Transformer
 from mistral.generation import generate
+from mistral.openai_api import token_text
 from mistral.text import Completion
 from mistral.tokenizer import load_tokenizer
 
@@ -226,6 +227,33 @@ def test_neutral_values_and_nulls_are_taken_as_openai_takes_them(served: Served,
     code, answer = served.post("/v1/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                                                                    "max_tokens": 2, "max_completion_tokens": None}).encode())  # fmt: skip
     assert code == 200 and answer["usage"]["completion_tokens"] <= 2
+
+
+def test_logprobs_end_where_a_stop_string_cuts_the_text(served: Served, model: Transformer) -> None:
+    """The tokens whose log-probabilities come are those whose text lies within the answer cut
+    at its stop string, whole and streamed (a token that runs past the cut is left out)."""
+    prompt = "def fibonacci(n):"
+    ids = TOKENIZER.encode(prompt, bos=True)
+    text, _ = expected(model, ids, 40)
+    (tokens,), _ = generate([ids], model, max_tokens=40, eos_id=TOKENIZER.eos_id)
+    texts = [token_text(TOKENIZER, p, t) for p, t in zip([ids[-1], *tokens], tokens)]
+    stop = text[12:15]
+    cut = text[: text.index(stop)]
+    within = [t for i, t in enumerate(texts) if len("".join(texts[: i + 1])) <= len(cut)]
+    assert 0 < len(within) < len(texts)
+    whole = served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stop=stop, logprobs=1)
+    assert whole.choices[0].text == cut and whole.choices[0].logprobs.tokens == within  # type: ignore[union-attr]
+    chunks = served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stop=stop, logprobs=1, stream=True)
+    assert [t for c in chunks for t in c.choices[0].logprobs.tokens] == within  # type: ignore[union-attr]
+
+
+def test_a_developer_message_is_a_system_message(served: Served, model: Transformer) -> None:
+    """OpenAI's newer name for the system's message."""
+    messages = [{"role": "system", "content": "Answer in Python."}, {"role": "user", "content": "def square(x):"}]
+    text, _ = expected(model, TOKENIZER.encode_chat(messages), 8)
+    request = {"model": MODEL, "messages": [{**messages[0], "role": "developer"}, messages[1]], "max_tokens": 8, "temperature": 0}
+    code, answer = served.post("/v1/chat/completions", json.dumps(request).encode())
+    assert code == 200 and answer["choices"][0]["message"]["content"] == text, answer
 
 
 def test_models_and_health(served: Served) -> None:
