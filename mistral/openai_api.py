@@ -318,26 +318,38 @@ class Choice:
         """OpenAI's logprobs of tokens start..end-1 of this answer (chat's 'content' list, or completions' columns)."""
         ids = self.completion.tokens[start:end]
         previous = (self.completion.prompt_tokens + self.completion.tokens)[len(self.completion.prompt_tokens) + start - 1 :]
-        texts = [token_text(tokenizer, p, t) for p, t in zip(previous, ids)]
         logprobs = self.logprobs[start:end]
         tops = self.top[start:end] if self.top else [[] for _ in ids]
         if chat:
             return {"content": [
-                {"token": s, "logprob": lp, "bytes": list(s.encode()),
-                 "top_logprobs": [{"token": token_text(tokenizer, p, a), "logprob": alp, "bytes": list(token_text(tokenizer, p, a).encode())}
-                                  for a, alp in top]}
-                for p, s, lp, top in zip(previous, texts, logprobs, tops)
+                {"token": token_text(tokenizer, p, t), "logprob": lp, "bytes": token_bytes(tokenizer, p, t),
+                 "top_logprobs": [{"token": token_text(tokenizer, p, a), "logprob": alp, "bytes": token_bytes(tokenizer, p, a)} for a, alp in top]}
+                for p, t, lp, top in zip(previous, ids, logprobs, tops)
             ]}  # fmt: skip
         return {
-            "tokens": texts,
+            "tokens": [token_label(tokenizer, p, t) for p, t in zip(previous, ids)],
             "token_logprobs": logprobs,
-            "top_logprobs": [{token_text(tokenizer, p, a): alp for a, alp in top} for p, top in zip(previous, tops)] if self.top else None,
+            "top_logprobs": [{token_label(tokenizer, p, a): alp for a, alp in top} for p, top in zip(previous, tops)] if self.top else None,
         }
 
 
 def token_text(tokenizer: ChatTokenizer, previous: int, token: int) -> str:
     """A token's text after the one before it (sentencepiece drops a space at the start of a text)."""
     return tokenizer.decode([previous, token])[len(tokenizer.decode([previous])) :]
+
+
+def token_bytes(tokenizer: ChatTokenizer, previous: int, token: int) -> list[int]:
+    """Chat logprobs' `bytes` of a token: its text's UTF-8, or where it is part of a character
+    (its text alone is U+FFFD) the bytes it stands for."""
+    raw = tokenizer.token_bytes(token)
+    return list(token_text(tokenizer, previous, token).encode() if raw is None else raw)
+
+
+def token_label(tokenizer: ChatTokenizer, previous: int, token: int) -> str:
+    """Completions' name for a token in its logprobs: its text, or for part of a character
+    OpenAI's "bytes:\\xf0" (so that such tokens do not all read U+FFFD)."""
+    raw = tokenizer.token_bytes(token)
+    return token_text(tokenizer, previous, token) if raw is None else "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -14,8 +14,9 @@ encode_chat(messages), the token ids of a conversation ready for the assistant's
 """
 
 import os
+import re
 from pathlib import Path
-from typing import Protocol, Sequence, Union
+from typing import Optional, Protocol, Sequence, Union
 
 from sentencepiece import SentencePieceProcessor
 
@@ -42,6 +43,21 @@ class ChatTokenizer(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]: ...
+
+    def token_bytes(self, id: int) -> Optional[bytes]:
+        """The bytes a token stands for where they are part of a character (its text alone would be
+        U+FFFD): a byte-fallback token's byte, a tekken token's bytes; else None (its text says it)."""
+        ...
+
+
+# A sentencepiece byte-fallback token's piece: "<0xF0>".
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_of_piece(piece: str) -> Optional[bytes]:
+    """A byte token's byte where it is part of a character (an ASCII byte, "\\n", is one whole)."""
+    match = BYTE_PIECE.fullmatch(piece)
+    return None if match is None or int(match[1], 16) < 0x80 else bytes([int(match[1], 16)])
 
 
 def tokenizer_file(folder: Union[str, Path]) -> Path:
@@ -142,6 +158,9 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(check_ids(ids, self.n_words))
 
+    def token_bytes(self, id: int) -> Optional[bytes]:
+        return _byte_of_piece(self.sp.id_to_piece(check_ids([id], self.n_words)[0]))
+
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         check_messages(messages)
         # mistral_common's normalization: the system messages make one system prompt,
@@ -209,6 +228,17 @@ class MistralCommonTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.mistral.decode(check_ids(ids, self.n_words))
+
+    def token_bytes(self, id: int) -> Optional[bytes]:
+        (id,) = check_ids([id], self.n_words)
+        if not hasattr(self.raw, "id_to_byte_piece"):  # sentencepiece (v1-v7)
+            return _byte_of_piece(self.raw.id_to_piece(id))
+        piece = self.raw.id_to_byte_piece(id)  # tekken: every token is bytes; a control token's are none
+        try:
+            piece.decode("utf-8")
+        except UnicodeDecodeError:
+            return piece
+        return None
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage

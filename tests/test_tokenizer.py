@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 import sentencepiece as spm
 from make_tiny_model import train_tokenizer
 
-from mistral import MistralError
+from mistral import DEFAULT_MODEL, MistralError
+from mistral.openai_api import token_bytes, token_label
 from mistral.text import Completion
 from mistral.tokenizer import Tokenizer, load_tokenizer
 
@@ -184,6 +185,21 @@ def test_streamed_answer_never_splits_a_character(released: tuple) -> None:
     pieces.append(answer.unshown(final=True))
     assert "".join(pieces).strip() == text
     assert not any("\ufffd" in p for p in pieces)
+
+
+def test_token_bytes_spell_what_the_tokens_text_cannot(released: tuple) -> None:
+    """Logprobs' `bytes` (openai_api.token_bytes): a token's text's UTF-8, or the bytes a token
+    that is part of a character stands for; token by token they spell the text's UTF-8.
+    The default model's byte tokens are such tokens (its vocabulary spells the emoji by bytes)."""
+    for tokenizer in (released[0], load_tokenizer(DEFAULT_MODEL)):
+        text = "Grüße 🙂 naïve → 世界"
+        ids = tokenizer.encode(text, bos=True)
+        spelled = b"".join(bytes(token_bytes(tokenizer, p, t)) for p, t in zip(ids, ids[1:]))
+        assert spelled.decode().strip() == text
+    default = load_tokenizer(DEFAULT_MODEL)
+    parts = [default.token_bytes(t) for t in default.encode("🙂", bos=False)]
+    assert b"".join(p for p in parts if p is not None) == "🙂".encode() and token_label(default, 1, default.encode("🙂", bos=False)[-1]).startswith("bytes:\\x")
+    assert all(default.token_bytes(t) is None for t in default.encode("a\nb", bos=False))  # a byte token of a whole character: its text
 
 
 def test_streamed_pieces_make_the_whole_text(released: tuple) -> None:
