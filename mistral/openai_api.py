@@ -165,8 +165,8 @@ def _common(body: dict, prompts: list[list[int]], default_max_tokens: Optional[i
     max_tokens = _optional_int(body, "max_tokens", 1, None)
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    if top_p == 0:
-        raise BadRequest("top_p must be in (0, 1], got 0", "top_p")
+    if top_p == 0:  # OpenAI takes it: the smallest nucleus, the most likely token alone (greedy)
+        temperature, top_p = 0.0, 1.0
     n = _optional_int(body, "n", 1, MAX_N) or 1
     stream = body.get("stream")
     if not isinstance(stream, (bool, type(None))):

@@ -219,7 +219,7 @@ def test_logprobs_are_the_models(served: Served, model: Transformer) -> None:
 
 def test_neutral_values_and_nulls_are_taken_as_openai_takes_them(served: Served, model: Transformer) -> None:
     """A logit_bias of zeros changes nothing and is taken; a null is a field not given
-    (max_completion_tokens beside max_tokens)."""
+    (max_completion_tokens beside max_tokens); top_p 0 is greedy."""
     want = expected(model, TOKENIZER.encode("x", bos=True), 3)[0]
     code, answer = served.post("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 3, "temperature": 0,
                                                                "logit_bias": {"50": 0, "7": 0.0}}).encode())  # fmt: skip
@@ -227,6 +227,9 @@ def test_neutral_values_and_nulls_are_taken_as_openai_takes_them(served: Served,
     code, answer = served.post("/v1/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                                                                    "max_tokens": 2, "max_completion_tokens": None}).encode())  # fmt: skip
     assert code == 200 and answer["usage"]["completion_tokens"] <= 2
+    # top_p 0, the smallest nucleus: the most likely token alone, whatever the temperature.
+    code, answer = served.post("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 3, "top_p": 0, "temperature": 1.5}).encode())
+    assert code == 200 and answer["choices"][0]["text"] == want
 
 
 def test_logprobs_end_where_a_stop_string_cuts_the_text(served: Served, model: Transformer) -> None:
@@ -311,7 +314,7 @@ BAD = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**7}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", b'{"model": "default_model", "prompt": "x", "temperature": NaN}', 400, "temperature"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": -0.1}, 400, "top_p"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 100}, 400, "n"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": [""]}, 400, "stop"),
