@@ -308,11 +308,15 @@ class Choice:
         n = len(self.logprobs)
         if self.finish_reason is not None and not self.cut:
             return n
+        return bisect.bisect_right(self._ends(tokenizer, n), self.given, 0, n)
+
+    def _ends(self, tokenizer: ChatTokenizer, n: int) -> list[int]:
+        """Where the text of each of the first n tokens ends in the answer's, each token's text as `token_text` has it."""
         every, first = self.completion.prompt_tokens + self.completion.tokens, len(self.completion.prompt_tokens)
         while len(self.ends) < n:
             j = first + len(self.ends)
             self.ends.append((self.ends[-1] if self.ends else 0) + len(token_text(tokenizer, every[j - 1], every[j])))
-        return bisect.bisect_right(self.ends, self.given, 0, n)
+        return self.ends
 
     def logprobs_body(self, tokenizer: ChatTokenizer, chat: bool, start: int, end: int) -> dict:
         """OpenAI's logprobs of tokens start..end-1 of this answer (chat's 'content' list, or completions' columns)."""
@@ -326,8 +330,10 @@ class Choice:
                  "top_logprobs": [{"token": token_text(tokenizer, p, a), "logprob": alp, "bytes": token_bytes(tokenizer, p, a)} for a, alp in top]}
                 for p, t, lp, top in zip(previous, ids, logprobs, tops)
             ]}  # fmt: skip
+        starts = [0, *self._ends(tokenizer, end)][start:end]  # each token's text's start in the answer
         return {
             "tokens": [token_label(tokenizer, p, t) for p, t in zip(previous, ids)],
+            "text_offset": [len(self.completion.prompt_text) + at for at in starts],  # (OpenAI's count from the prompt's start)
             "token_logprobs": logprobs,
             "top_logprobs": [{token_label(tokenizer, p, a): alp for a, alp in top} for p, top in zip(previous, tops)] if self.top else None,
         }

@@ -407,6 +407,8 @@ MUTATIONS = [
     Mutation("logprobs-bytes-of-u-fffd", "openai_api.py", r"return list\(token_text\(tokenizer, previous, token\)\.encode\(\) if raw is None else raw\)",
              "return list(token_text(tokenizer, previous, token).encode())",
              "test_tokenizer.py -k token_bytes", "a byte token's logprobs `bytes` are U+FFFD's, not the byte it stands for"),
+    Mutation("logprobs-offset-from-the-answer", "openai_api.py", r"\[len\(self\.completion\.prompt_text\) \+ at for at in starts\]", "starts",
+             "test_serve.py -k cuts_the_text", "completions' text_offset counts from the answer's start, not the prompt's (OpenAI's)"),
     Mutation("engine-ignores-nan", "engine.py", r"if not all\(ok\) and", "if False and",
              "test_engine.py -k turn_nan", "the engine samples from NaN logits without a word"),
     Mutation("engine-warm-up-one-bucket", "engine.py", r"n = min\(2 \* n, len\(self\.rows\)\)", "n = len(self.rows)",

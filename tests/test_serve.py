@@ -246,8 +246,12 @@ def test_logprobs_end_where_a_stop_string_cuts_the_text(served: Served, model: T
     assert 0 < len(within) < len(texts)
     whole = served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stop=stop, logprobs=1)
     assert whole.choices[0].text == cut and whole.choices[0].logprobs.tokens == within  # type: ignore[union-attr]
-    chunks = served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stop=stop, logprobs=1, stream=True)
+    # Each token's text's offset, counted from the prompt's start (OpenAI's text_offset).
+    offsets = [len(TOKENIZER.decode(ids)) + len("".join(within[:i])) for i in range(len(within))]
+    assert whole.choices[0].logprobs.text_offset == offsets  # type: ignore[union-attr]
+    chunks = list(served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stop=stop, logprobs=1, stream=True))
     assert [t for c in chunks for t in c.choices[0].logprobs.tokens] == within  # type: ignore[union-attr]
+    assert [t for c in chunks for t in c.choices[0].logprobs.text_offset] == offsets  # type: ignore[union-attr]
 
 
 def test_a_developer_message_is_a_system_message(served: Served, model: Transformer) -> None:
