@@ -7,9 +7,10 @@ drawn once with a seed) arrive as a Poisson process and run on mistral/engine.py
 done. Measured: throughput (answer tokens over the time from the first arrival to the
 last token), time to first token (TTFT, from arrival) and time between tokens (TBT), p50
 and p99. The reference rates: the steady decode rate of the engine's full bucket
-(max_batch rows decoding, replayed from its graph on CUDA), after prompts of 3 tokens and
+(max_batch rows decoding, replayed from its graph on CUDA), after prompts of 3 tokens,
 after prompts of the workload's mean context (a prompt and half an answer: the keys its
-busy rows read in every step), and the same requests as
+busy rows read in every step) and with rows of contexts spread as the workload's are
+(its quantiles: what unequal rows cost a step), and the same requests as
 static batches of max_batch through generate() (every batch runs until its longest
 answer is done; only the answers' own tokens count).
 
@@ -156,24 +157,24 @@ def _run(engine: Engine, jobs: list[tuple[list[int], int]], requests: list[Reque
     }  # fmt: skip
 
 
-def steady_decode(engine: Engine, rows: int, steps: int, device: torch.device, context: int = 3) -> tuple[float, float]:
-    """Tokens/s of `rows` requests decoding together with about `context` keys each (read in
-    every step), after their prompts and the graph's capture; and the mean keys a row held
-    over the timed steps (the prompt, the tokens made while the others' prompts were read,
-    half the steps)."""
-    prompt = max(1, context - steps // 2)
-    room = engine.max_context - prompt  # a request's tokens, while the others' prompts are read and after
+def steady_decode(engine: Engine, steps: int, device: torch.device, contexts: list[int]) -> tuple[float, float]:
+    """Tokens/s of one request per entry of `contexts` decoding together, each with about that
+    many keys (read in every step), after their prompts and the graph's capture; and the mean
+    keys a row held over the timed steps (the prompt, the tokens made while the others'
+    prompts were read, half the steps)."""
+    prompts = [max(1, context - steps // 2) for context in contexts]
+    room = engine.max_context - max(prompts)  # a request's tokens, while the others' prompts are read and after
     if room < 10 + steps:
-        sys.exit(f"steady decode after {prompt} prompt tokens: max_context={engine.max_context} leaves {room} tokens, under {steps} steps and a margin")
-    requests = [engine.submit(Request([5 + i] + [7] * (prompt - 1), max_tokens=room)) for i in range(rows)]
+        sys.exit(f"steady decode after {max(prompts)} prompt tokens: max_context={engine.max_context} leaves {room} tokens, under {steps} steps and a margin")
+    requests = [engine.submit(Request([5 + i] + [7] * (prompt - 1), max_tokens=room)) for i, prompt in enumerate(prompts)]
     while not all(r.tokens for r in requests):  # the prompts
         engine.step()
     for _ in range(5):  # the capture, a few replays
         engine.step()
     steps = min(steps, room - max(len(r.tokens) for r in requests) - 2)
     if steps <= 0:
-        sys.exit(f"steady decode after {prompt} prompt tokens: no room left in max_context={engine.max_context} after reading the prompts")
-    keys = prompt + statistics.mean(len(r.tokens) for r in requests) + steps / 2
+        sys.exit(f"steady decode after {max(prompts)} prompt tokens: no room left in max_context={engine.max_context} after reading the prompts")
+    keys = statistics.mean(prompts) + statistics.mean(len(r.tokens) for r in requests) + steps / 2
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
@@ -183,7 +184,7 @@ def steady_decode(engine: Engine, rows: int, steps: int, device: torch.device, c
     assert all(not r.finished for r in requests)  # every row decoded throughout
     for r in requests:
         engine.finish(r)
-    return rows * steps / seconds, keys
+    return len(contexts) * steps / seconds, keys
 
 
 def static_batches(model: Transformer, jobs: list[tuple[list[int], int]], rows: int, temperature: float = 0.0) -> dict[str, Any]:
@@ -270,14 +271,21 @@ def main() -> None:
     if cfg.profile:
         profile(engine, jobs, cfg)
         return
-    results["steady_decode_tokens_per_s"], keys = steady_decode(engine, cfg.max_batch, cfg.steady_steps, device)
+    results["steady_decode_tokens_per_s"], keys = steady_decode(engine, cfg.steady_steps, device, [3] * cfg.max_batch)
     log(f"steady decode, {cfg.max_batch} rows of {keys:.0f} keys: {results['steady_decode_tokens_per_s']:.1f} tokens/s")
     # The same at the workload's mean context, over its tokens (a busy row's keys, step by
     # step: a prompt and half an answer, weighted by the answer's steps).
     mean_context = round(sum(n * (len(p) + n / 2) for p, n in jobs) / sum(n for _, n in jobs))
-    rate, keys = steady_decode(engine, cfg.max_batch, cfg.steady_steps, device, mean_context)
+    rate, keys = steady_decode(engine, cfg.steady_steps, device, [mean_context] * cfg.max_batch)
     results["steady_decode_at_mean_context"] = {"context": mean_context, "keys": keys, "tokens_per_s": rate}
     log(f"steady decode, {cfg.max_batch} rows of {keys:.0f} keys (the workload's mean {mean_context}): {rate:.1f} tokens/s")
+    # And rows of contexts spread as the workload's steps are (its quantiles, same mean): what
+    # rows of unequal lengths cost a decode step, apart from the coming and going of requests.
+    contexts = sorted(len(p) + t for p, n in jobs for t in range(n))
+    spread = [contexts[(2 * i + 1) * len(contexts) // (2 * cfg.max_batch)] for i in range(cfg.max_batch)]
+    rate, keys = steady_decode(engine, cfg.steady_steps, device, spread)
+    results["steady_decode_at_spread_contexts"] = {"contexts": spread, "keys": keys, "tokens_per_s": rate}
+    log(f"steady decode, {cfg.max_batch} rows of {min(spread)}-{max(spread)} keys (the workload's spread, mean {keys:.0f}): {rate:.1f} tokens/s")
     results["static"] = static_batches(model, jobs, cfg.max_batch, cfg.temperature)
     log(f"static batches of {cfg.max_batch}: {results['static']['tokens_per_s']:.1f} tokens/s")
     results["runs"] = []
@@ -295,15 +303,17 @@ def main() -> None:
         cfg.out.mkdir(parents=True, exist_ok=True)
         (cfg.out / "serve_bench.json").write_text(json.dumps(results, indent=1, default=str))
     steady, at_context = results["steady_decode_tokens_per_s"], results["steady_decode_at_mean_context"]["tokens_per_s"]
-    print("| arrivals (requests/s) | tokens/s | / steady decode | while saturated / steady | / steady at the mean context | / static batches "
-          "| TTFT p50 | TTFT p99 | TBT p50 | TBT p99 | rows busy |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    at_spread = results["steady_decode_at_spread_contexts"]["tokens_per_s"]
+    print("| arrivals (requests/s) | tokens/s | / steady decode | while saturated / steady | / steady at the mean context "
+          "| / steady at the spread contexts | / static batches | TTFT p50 | TTFT p99 | TBT p50 | TBT p99 | rows busy |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for run in results["runs"]:
-        saturated, saturated_at_context = (
-            (f"{run['saturated_tokens_per_s'] / steady:.2f} ({run['saturated_seconds']:.1f} s)", f"{run['saturated_tokens_per_s'] / at_context:.2f}")
-            if run["saturated_seconds"] else ("-", "-")
+        saturated, saturated_at_context, saturated_at_spread = (
+            (f"{run['saturated_tokens_per_s'] / steady:.2f} ({run['saturated_seconds']:.1f} s)", f"{run['saturated_tokens_per_s'] / at_context:.2f}",
+             f"{run['saturated_tokens_per_s'] / at_spread:.2f}")
+            if run["saturated_seconds"] else ("-", "-", "-")
         )  # fmt: skip
-        print(f"| {run['rate_per_s']:g} | {run['tokens_per_s']:,.1f} | {run['tokens_per_s'] / steady:.2f} | {saturated} | {saturated_at_context} | "
+        print(f"| {run['rate_per_s']:g} | {run['tokens_per_s']:,.1f} | {run['tokens_per_s'] / steady:.2f} | {saturated} | {saturated_at_context} | {saturated_at_spread} | "
               f"{run['tokens_per_s'] / results['static']['tokens_per_s']:.2f} | {run['ttft_s']['p50']:.3f} s | {run['ttft_s']['p99']:.3f} s | "
               f"{run['tbt_s']['p50'] * 1e3:.1f} ms | {run['tbt_s']['p99'] * 1e3:.1f} ms | {run['mean_busy_rows']:.1f} |")  # fmt: skip
 

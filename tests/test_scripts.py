@@ -42,6 +42,8 @@ def test_serve_bench_answers_every_request_at_every_rate(tmp_path: Path) -> None
     run_script("serve_bench.py", "--tiny", "--device", "cpu", "--rates", "16,inf", "--temperature", "0.8", "--out", str(tmp_path))
     results = json.loads((tmp_path / "serve_bench.json").read_text())
     assert [run["rate_per_s"] for run in results["runs"]] == [16.0, float("inf")]
+    spread = results["steady_decode_at_spread_contexts"]
+    assert len(set(spread["contexts"])) > 1 and spread["tokens_per_s"] > 0
     for run in results["runs"]:
         # The same requests as the static batches, so the same number of tokens, every one answered.
         assert run["generated_tokens"] == results["static"]["generated_tokens"] > 0
