@@ -117,6 +117,7 @@ def chat_params(body: dict, tokenizer: ChatTokenizer, model_name: str) -> Params
         prompt = tokenizer.encode_chat(messages)
     except ValueError as e:  # MistralError: the conversation's order or contents
         raise BadRequest(f"messages: {e}", "messages") from None
+    _optional_int(body, "max_completion_tokens", 1, None)  # its type and range first
     if body.get("max_completion_tokens") is not None:  # (null: not given, as OpenAI reads it)
         if body.get("max_tokens") is not None and body["max_tokens"] != body["max_completion_tokens"]:
             raise BadRequest("give max_tokens or max_completion_tokens, not two different values", "max_completion_tokens")
@@ -135,8 +136,8 @@ def chat_params(body: dict, tokenizer: ChatTokenizer, model_name: str) -> Params
 def _neutral(name: str, value: Any) -> bool:
     """Whether `value` of a field this server takes only at its neutral value changes nothing
     (a logit_bias of zeros is as neutral as none)."""
-    if name == "logit_bias" and isinstance(value, dict) and all(_same(bias, 0) for bias in value.values()):
-        return True
+    if name == "logit_bias" and isinstance(value, dict) and all(key.isdigit() and _same(bias, 0) for key, bias in value.items()):
+        return True  # (keys are token ids, as OpenAI's)
     return any(_same(value, v) for v in NEUTRAL[name])
 
 
@@ -268,7 +269,7 @@ class Choice:
     do its tokens' log-probabilities: those of a token past the cut are never given.
     """
 
-    def __init__(self, index: int, completion: Completion, stops: Sequence[str]):
+    def __init__(self, index: int, completion: Completion, stops: Sequence[str], logprobs: bool = False):
         self.index, self.completion, self.stops = index, completion, list(stops)
         self.held = ""  # decoded, not handed over yet
         self.given = 0  # characters handed over
@@ -276,7 +277,8 @@ class Choice:
         self.finish_reason: Optional[str] = None
         self.logprobs: list[float] = []
         self.top: list[list[tuple[int, float]]] = []
-        self.ends: list[int] = []  # per token so far, where its text ends in the answer's
+        # With logprobs: per token decoded so far, where its text ends in the answer's.
+        self.ends: Optional[list[int]] = [] if logprobs else None
 
     def add(self, tokens: list[int], logprobs: list[float], top: list[list[tuple[int, float]]], finish_reason: Optional[str]) -> str:
         """The engine's news for this answer; returns the text the client may have now.
@@ -286,6 +288,8 @@ class Choice:
         self.logprobs += logprobs
         self.top += top
         self.held += self.completion.unshown(final=finish_reason is not None)
+        if self.ends is not None:
+            self._mark(self.given + len(self.held))
         found = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
         if found:
             out, self.held, self.finish_reason, self.cut = self.held[: min(found)], "", "stop", True
@@ -301,27 +305,34 @@ class Choice:
         self.given += len(out)
         return out
 
-    def covered(self, tokenizer: ChatTokenizer) -> int:
+    def _mark(self, decoded: int) -> None:
+        """Where the text of each token decoded since the last mark ends in the answer's: the last
+        at `decoded`, the length of the text they all decode to (Completion.shown tokens), those
+        before it spaced by their own texts (token_text) within it. A token's own text can be
+        longer (U+FFFD for each part of a character) or shorter (the space sentencepiece drops
+        after a control token) than what it adds to the whole."""
+        assert self.ends is not None
+        tokens, prompt, n = self.completion.tokens, self.completion.prompt_tokens, self.completion.shown
+        at = self.ends[-1] if self.ends else 0
+        for j in range(len(self.ends), n):
+            own = 0 if j == n - 1 else len(token_text(self.completion.tokenizer, tokens[j - 1] if j else prompt[-1], tokens[j]))
+            at = decoded if j == n - 1 else min(decoded, at + own)
+            self.ends.append(at)
+
+    def covered(self) -> int:
         """How many of the answer's tokens lie within the text handed over: every one once it
-        ended other than at a stop string, else those whose text ends within it (each token's
-        text as `token_text` has it)."""
+        ended other than at a stop string, else those whose text ends within it."""
+        assert self.ends is not None, "a Choice made without logprobs"
         n = len(self.logprobs)
         if self.finish_reason is not None and not self.cut:
             return n
-        return bisect.bisect_right(self._ends(tokenizer, n), self.given, 0, n)
-
-    def _ends(self, tokenizer: ChatTokenizer, n: int) -> list[int]:
-        """Where the text of each of the first n tokens ends in the answer's, each token's text as `token_text` has it."""
-        every, first = self.completion.prompt_tokens + self.completion.tokens, len(self.completion.prompt_tokens)
-        while len(self.ends) < n:
-            j = first + len(self.ends)
-            self.ends.append((self.ends[-1] if self.ends else 0) + len(token_text(tokenizer, every[j - 1], every[j])))
-        return self.ends
+        return bisect.bisect_right(self.ends, self.given, 0, min(n, len(self.ends)))
 
     def logprobs_body(self, tokenizer: ChatTokenizer, chat: bool, start: int, end: int) -> dict:
         """OpenAI's logprobs of tokens start..end-1 of this answer (chat's 'content' list, or completions' columns)."""
-        ids = self.completion.tokens[start:end]
-        previous = (self.completion.prompt_tokens + self.completion.tokens)[len(self.completion.prompt_tokens) + start - 1 :]
+        tokens = self.completion.tokens
+        ids = tokens[start:end]
+        previous = [tokens[j - 1] if j else self.completion.prompt_tokens[-1] for j in range(start, end)]
         logprobs = self.logprobs[start:end]
         tops = self.top[start:end] if self.top else [[] for _ in ids]
         if chat:
@@ -330,7 +341,8 @@ class Choice:
                  "top_logprobs": [{"token": token_text(tokenizer, p, a), "logprob": alp, "bytes": token_bytes(tokenizer, p, a)} for a, alp in top]}
                 for p, t, lp, top in zip(previous, ids, logprobs, tops)
             ]}  # fmt: skip
-        starts = [0, *self._ends(tokenizer, end)][start:end]  # each token's text's start in the answer
+        assert self.ends is not None
+        starts = [self.ends[j - 1] if j else 0 for j in range(start, end)]  # each token's text's start in the answer
         return {
             "tokens": [token_label(tokenizer, p, t) for p, t in zip(previous, ids)],
             "text_offset": [len(self.completion.prompt_text) + at for at in starts],  # (OpenAI's count from the prompt's start)

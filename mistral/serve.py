@@ -258,7 +258,7 @@ class Server:
         come in, until every choice has finished. Leaving early (a client gone) ends those still running."""
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue[tuple[int, Update]] = asyncio.Queue()
-        choices = [Choice(i, Completion(self.tokenizer, r.prompt), params.stop) for i, r in enumerate(requests)]
+        choices = [Choice(i, Completion(self.tokenizer, r.prompt), params.stop, params.logprobs is not None) for i, r in enumerate(requests)]
         running = set(range(len(requests)))
         try:
             for i, r in enumerate(requests):
@@ -291,7 +291,7 @@ class Server:
         for i in sorted(choices):
             c, text = choices[i], "".join(texts[i])
             entry: dict[str, Any] = {"index": i, "finish_reason": c.finish_reason}
-            logprobs = None if params.logprobs is None else c.logprobs_body(self.tokenizer, params.chat, 0, c.covered(self.tokenizer))
+            logprobs = None if params.logprobs is None else c.logprobs_body(self.tokenizer, params.chat, 0, c.covered())
             if params.chat:
                 entry.update(message={"role": "assistant", "content": text}, logprobs=logprobs)
             else:
@@ -322,7 +322,7 @@ class Server:
                     entry: dict[str, Any] = {"index": i, "finish_reason": choice.finish_reason}
                     logprobs = None
                     if params.logprobs is not None:
-                        end = choice.covered(self.tokenizer)
+                        end = choice.covered()
                         logprobs = choice.logprobs_body(self.tokenizer, params.chat, shown.get(i, 0), end)
                         shown[i] = end
                     if params.chat:

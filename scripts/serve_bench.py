@@ -281,7 +281,8 @@ def main() -> None:
     log(f"steady decode, {cfg.max_batch} rows of {keys:.0f} keys (the workload's mean {mean_context}): {rate:.1f} tokens/s")
     # And rows of contexts spread as the workload's steps are (its quantiles, same mean): what
     # rows of unequal lengths cost a decode step, apart from the coming and going of requests.
-    contexts = sorted(len(p) + t for p, n in jobs for t in range(n))
+    # (At most what leaves a request room for the timed steps after its prompt: steady_decode's need.)
+    contexts = sorted(min(len(p) + t, engine.max_context - cfg.steady_steps - 10) for p, n in jobs for t in range(n))
     spread = [contexts[(2 * i + 1) * len(contexts) // (2 * cfg.max_batch)] for i in range(cfg.max_batch)]
     rate, keys = steady_decode(engine, cfg.steady_steps, device, spread)
     results["steady_decode_at_spread_contexts"] = {"contexts": spread, "keys": keys, "tokens_per_s": rate}

@@ -26,7 +26,8 @@ import pytest
 
 from mistral import DEFAULT_MODEL, Transformer
 from mistral.generation import generate
-from mistral.openai_api import token_text
+from mistral.openai_api import Choice, token_text
+from mistral.tokenizer import MistralCommonTokenizer
 from mistral.text import Completion
 from mistral.tokenizer import load_tokenizer
 
@@ -254,6 +255,40 @@ def test_logprobs_end_where_a_stop_string_cuts_the_text(served: Served, model: T
     assert [t for c in chunks for t in c.choices[0].logprobs.text_offset] == offsets  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("tokenizer", ["default", "v3"])
+@pytest.mark.parametrize("answer, stop", [("s = '🙂 é' # done", "#"), ("Hello world. Bye", "d")])
+def test_logprobs_follow_the_text_through_characters_of_several_tokens(tokenizer: str, answer: str, stop: str) -> None:
+    """openai_api.Choice fed token by token, as the engine hands them over: the tokens given
+    logprobs are those whose text lies within the answer cut at its stop, counted on the
+    decoded text (a character spelled by byte tokens is one; the space after a chat prompt's
+    last control token, [/INST] in v3, is one), and text_offset is where each starts in it."""
+    if tokenizer == "default":
+        tok = TOKENIZER
+    else:
+        mistral_common = pytest.importorskip("mistral_common")
+        tok = MistralCommonTokenizer(Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3")
+    prompt = tok.encode_chat([{"role": "user", "content": "Hi"}])
+    ids = tok.encode(answer, bos=False)
+    choice = Choice(0, Completion(tok, prompt), [stop], logprobs=True)
+    text = ""
+    for token in ids:
+        text += choice.add([token], [-1.0], [], None)
+        if choice.finish_reason is not None:
+            break
+
+    def text_of(n: int) -> str:  # the answer's text after its first n tokens, as the server decodes it
+        completion = Completion(tok, prompt)
+        completion.tokens = ids[:n]
+        return completion.text
+
+    whole = [n for n in range(len(ids) + 1) if "\ufffd" not in text_of(n)]  # token counts at character boundaries
+    assert text == text_of(len(ids))[: text_of(len(ids)).index(stop)]
+    assert choice.covered() == max(n for n in whole if len(text_of(n)) <= len(text))
+    body = choice.logprobs_body(tok, False, 0, choice.covered())
+    prompt_length = len(tok.decode(prompt))
+    assert all(body["text_offset"][n] == prompt_length + len(text_of(n)) for n in whole if n < choice.covered())
+
+
 def test_a_developer_message_is_a_system_message(served: Served, model: Transformer) -> None:
     """OpenAI's newer name for the system's message."""
     messages = [{"role": "system", "content": "Answer in Python."}, {"role": "user", "content": "def square(x):"}]
@@ -329,6 +364,8 @@ BAD = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, 400, "echo"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"50": 0, "51": 2}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"abc": 0}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "max_completion_tokens": "x"}, 400, "max_completion_tokens"),
     ("/v1/chat/completions", {"model": MODEL}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages"),
