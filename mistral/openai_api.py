@@ -314,10 +314,11 @@ class Choice:
         assert self.ends is not None
         tokens, prompt, n = self.completion.tokens, self.completion.prompt_tokens, self.completion.shown
         at = self.ends[-1] if self.ends else 0
-        for j in range(len(self.ends), n):
-            own = 0 if j == n - 1 else len(token_text(self.completion.tokenizer, tokens[j - 1] if j else prompt[-1], tokens[j]))
-            at = decoded if j == n - 1 else min(decoded, at + own)
+        for j in range(len(self.ends), n - 1):
+            at = min(decoded, at + len(token_text(self.completion.tokenizer, tokens[j - 1] if j else prompt[-1], tokens[j])))
             self.ends.append(at)
+        if len(self.ends) < n:
+            self.ends.append(decoded)
 
     def covered(self) -> int:
         """How many of the answer's tokens lie within the text handed over: every one once it
