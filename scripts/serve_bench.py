@@ -101,46 +101,40 @@ def run_arrivals(engine: Engine, jobs: list[tuple[list[int], int]], rate: float,
 
     engine._read = timed_read  # type: ignore[method-assign]
     try:
-        return _run(engine, jobs, requests, arrivals, rate, calls, waited)
+        times: dict[int, list[float]] = {i: [] for i in range(len(jobs))}
+        index = {id(r): i for i, r in enumerate(requests)}
+        start = time.perf_counter()
+        nxt, steps, busy_rows, last_kind_name = 0, 0, 0, "decode"
+        saturated = [0, 0.0]  # tokens, seconds
+        while nxt < len(jobs) or engine.busy:
+            now = time.perf_counter() - start
+            while nxt < len(jobs) and arrivals[nxt] <= now:
+                engine.submit(requests[nxt])
+                nxt += 1
+            if not engine.busy:
+                time.sleep(max(arrivals[nxt] - now, 0))
+                continue
+            running = engine.running
+            left, before, waited[0] = prompt_tokens_left(engine), time.perf_counter(), 0.0
+            changed = engine.step()  # launches a call, then waits for the call before it and reads its tokens
+            took, read = time.perf_counter() - before, left - prompt_tokens_left(engine)
+            # The wait is the call before's, counted as its kind; the launch (the rest) this call's.
+            # The last step launches none, it only reads.
+            if steps:
+                calls[last_kind_name][1] += waited[0]
+            if engine.pending is not None:  # launched a call
+                steps, busy_rows = steps + 1, busy_rows + running
+                last_kind_name = "chunk" if read else "decode"
+                kind, launch = calls[last_kind_name], took - waited[0]
+                kind[0], kind[1], kind[2], kind[3] = kind[0] + 1, kind[1] + launch, kind[2] + read, kind[3] + launch
+            if engine.waiting:  # still some after the call took its rows: every row was busy
+                # (a token each: no request here ends on eos, which samples none)
+                saturated[0], saturated[1] = saturated[0] + len(changed), saturated[1] + took
+            now = time.perf_counter() - start
+            for r in changed:
+                times[index[id(r)]] += [now] * (len(r.tokens) - len(times[index[id(r)]]))
     finally:
         del engine._read  # the class's again
-
-
-def _run(engine: Engine, jobs: list[tuple[list[int], int]], requests: list[Request], arrivals: list[float], rate: float,
-         calls: dict[str, list], waited: list[float]) -> dict[str, Any]:  # fmt: skip
-    """run_arrivals' loop: `calls` gathers the time by kind, `waited` is the time in `_read` of each step."""
-    times: dict[int, list[float]] = {i: [] for i in range(len(jobs))}
-    index = {id(r): i for i, r in enumerate(requests)}
-    start = time.perf_counter()
-    nxt, steps, busy_rows, last_kind_name = 0, 0, 0, "decode"
-    saturated = [0, 0.0]  # tokens, seconds
-    while nxt < len(jobs) or engine.busy:
-        now = time.perf_counter() - start
-        while nxt < len(jobs) and arrivals[nxt] <= now:
-            engine.submit(requests[nxt])
-            nxt += 1
-        if not engine.busy:
-            time.sleep(max(arrivals[nxt] - now, 0))
-            continue
-        running = engine.running
-        left, before, waited[0] = prompt_tokens_left(engine), time.perf_counter(), 0.0
-        changed = engine.step()  # launches a call, then waits for the call before it and reads its tokens
-        took, read = time.perf_counter() - before, left - prompt_tokens_left(engine)
-        # The wait is the call before's, counted as its kind; the launch (the rest) this call's.
-        # The last step launches none, it only reads.
-        if steps:
-            calls[last_kind_name][1] += waited[0]
-        if engine.pending is not None:  # launched a call
-            steps, busy_rows = steps + 1, busy_rows + running
-            last_kind_name = "chunk" if read else "decode"
-            kind, launch = calls[last_kind_name], took - waited[0]
-            kind[0], kind[1], kind[2], kind[3] = kind[0] + 1, kind[1] + launch, kind[2] + read, kind[3] + launch
-        if engine.waiting:  # still some after the call took its rows: every row was busy
-            # (a token each: no request here ends on eos, which samples none)
-            saturated[0], saturated[1] = saturated[0] + len(changed), saturated[1] + took
-        now = time.perf_counter() - start
-        for r in changed:
-            times[index[id(r)]] += [now] * (len(r.tokens) - len(times[index[id(r)]]))
     elapsed = time.perf_counter() - start
     ttft = [times[i][0] - arrivals[i] for i in times if times[i]]
     tbt = [b - a for i in times for a, b in zip(times[i], times[i][1:])]
@@ -225,11 +219,10 @@ def profile(engine: Engine, jobs: list[tuple[list[int], int]], cfg: argparse.Nam
                f"{run['chunk_launch_seconds'] / max(run['chunk_calls'], 1) * 1e3:.2f} ms each, {run['decode_steps']} decode steps in "
                f"{run['decode_launch_seconds'] / max(run['decode_steps'], 1) * 1e3:.2f} ms\n\n")
     log(summary)
-    text = io.StringIO(summary + text.getvalue())
     print(text.getvalue())
     if cfg.out:
         cfg.out.mkdir(parents=True, exist_ok=True)
-        (cfg.out / "profile.txt").write_text(text.getvalue())
+        (cfg.out / "profile.txt").write_text(summary + text.getvalue())
 
 
 def main() -> None:
