@@ -30,7 +30,7 @@ import torch
 
 from mistral.attention import Backend, attend, decode_kernel_applies
 from mistral.errors import MistralError
-from mistral.kernels import decode_attention
+from mistral.kernels import chunk_attention, decode_attention, store_keys
 from mistral.masks import AttentionBias, chunk_mask, decode_mask, prefill_mask
 from mistral.sampling import to_device
 
@@ -228,6 +228,70 @@ class Verify(CacheInputs):
         _store(k, v, xk, xv, self.queries.write_to)
         q = self.queries
         return decode_attention(xq, xk, xv, k, v, q.write_to, q.mask.k_seqinfo.seqlen, self.visible)
+
+
+class InPlace(CacheInputs):
+    """A call of tokens that each continue their row (mask 2's), where no row's new keys overwrite
+    a key that one of its queries reads (`reads_in_place`): every new key is stored first, then
+    each query reads its own row in place (kernels.chunk_attention), as a verify step's do.
+    Nothing is copied out of the cache, and the inputs are a few device tensors of fixed
+    shapes, so that a CUDA graph of `tokens` tokens replays any such call of up to that many
+    (mistral/decode.py: a server's chunk calls).
+
+    Built empty (every token padding: slot -1, nothing written, its output not read), then
+    filled in place by `restart` for each call, in one copy. The queries of a row are cut
+    into tiles of `tile` (kernels.chunk_tile): the kernel reads a row's keys once per tile.
+    """
+
+    def __init__(self, tokens: int, rows: int, tile: int, size: int, sliding_window: Optional[int], device: torch.device):
+        tiles = -(-tokens // tile) + rows  # each row's last tile may be short
+        # One buffer, one copy per call: positions, slots, each tile's first query and its length.
+        self.buffer = torch.zeros(2 * tokens + 2 * tiles, dtype=torch.long, device=device)
+        positions, self.write_to, self.tile_first, self.tile_len = self.buffer.split([tokens, tokens, tiles, tiles])
+        super().__init__(positions, None)
+        self.write_to.fill_(-1)
+        self.tokens, self.tiles, self.tile, self.size, self.sliding_window = tokens, tiles, tile, size, sliding_window
+        self.window = size if sliding_window is None else sliding_window  # (a window-less row never rolls: size is no limit)
+
+    def restart(self, seqlens: Sequence[int], cached: Sequence[int]) -> None:
+        """In place, the call that brings seqlens[b] new tokens to row b, which holds cached[b]; the tokens past them are padding."""
+        check_fits(seqlens, cached, self.size, self.sliding_window)
+        if not reads_in_place(seqlens, cached, self.size, self.sliding_window):
+            raise MistralError("a row of this call would overwrite keys that its own queries read: not a call to read in place")
+        rows = [b for b, s in enumerate(seqlens) if s > 0]
+        c, s, row = (torch.tensor(values, dtype=torch.long) for values in ([cached[b] for b in rows], [seqlens[b] for b in rows], rows))
+        T = int(s.sum())
+        if T > self.tokens:
+            raise MistralError(f"a call of {T} tokens does not fit inputs of {self.tokens}")
+        positions = _ranges(c, s)
+        per_row = -(-s // self.tile)  # tiles per row
+        start = s.cumsum(0) - s  # each row's first token
+        j = _ranges(torch.zeros_like(per_row), per_row)  # each tile's index in its row
+        first = start.repeat_interleave(per_row) + j * self.tile
+        host = torch.cat([
+            torch.cat([positions, positions.new_zeros(self.tokens - T)]),
+            torch.cat([slots(row.repeat_interleave(s), positions, self.size), positions.new_full((self.tokens - T,), -1)]),
+            torch.cat([first, first.new_zeros(self.tiles - len(first))]),
+            torch.cat([(s.repeat_interleave(per_row) - j * self.tile).clamp(max=self.tile), first.new_zeros(self.tiles - len(first))]),
+        ])  # fmt: skip
+        self.buffer.copy_(host.pin_memory() if self.buffer.is_cuda else host, non_blocking=True)
+
+    def attend(self, k: Optional[torch.Tensor], v: Optional[torch.Tensor], xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor,
+               backend: Backend) -> torch.Tensor:  # fmt: skip
+        assert k is not None and v is not None
+        store_keys(xk, xv, k, v, self.write_to)  # every key first: a query reads those of its row's earlier new tokens
+        return chunk_attention(xq, k, v, self.positions, self.write_to, self.tile_first, self.tile_len, self.window, self.tile)
+
+
+def reads_in_place(seqlens: Sequence[int], cached: Sequence[int], size: int, sliding_window: Optional[int]) -> bool:
+    """Whether the call's keys can all be stored before its queries read (InPlace): row b's new
+    positions c .. c + L - 1 overwrite c - size .. c + L - 1 - size, none of which its first query
+    (at c) may still read: those from c - W + 1 on (a short row, or no window: from 0).
+
+    With a row of W slots (size = window) that has rolled, only one token a call is read in
+    place: a decoding row, whose new key replaces the one that just left its window."""
+    window = size if sliding_window is None else sliding_window  # (a window-less row never rolls: size is no limit)
+    return all(c + L - 1 - size < max(0, c - window + 1) for c, L in zip(cached, seqlens) if L)
 
 
 class Mixed(CacheInputs):

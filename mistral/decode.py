@@ -21,6 +21,12 @@ alone:
   sampled tokens, to stop at eos, and whether the logits were finite). NCCL's
   all-reduces are captured with the rest.
 
+A server's chunk calls (a prompt read beside rows that decode) are replayed from graphs
+too, one per bucket of tokens (`CHUNK_BUCKETS`), where every row reads in place
+(cache.InPlace): run eagerly, a chunk call of Mistral 7B took the host 71-74 ms to launch,
+against about 20 ms of GPU work and 1 ms for a decode step's replay (an H100,
+scripts/serve_bench.py), so the GPU idled for most of each.
+
 Elsewhere (the CPU, float32) the Runner calls the same `step` uncompiled, eagerly.
 """
 
@@ -32,9 +38,11 @@ import torch
 
 from mistral import model as model_module
 from mistral.attention import decode_kernel_runs
-from mistral.cache import Decode, RotatingBufferCache, Verify
+from mistral.cache import Decode, InPlace, RotatingBufferCache, Verify, reads_in_place
+from mistral.kernels import chunk_tile
 from mistral.masks import register_with_dynamo
 from mistral.model import RunBlock, Transformer, TransformerBlock
+from mistral.sampling import to_device
 
 
 # When compiling the blocks pays back within one call: only when the decode steps it
@@ -79,6 +87,26 @@ def compiled_block() -> RunBlock:
 
 _compiled: set[tuple] = set()  # the kinds of prefill call the compiled block has seen
 
+# The token counts of a chunk call's graphs: a call of T tokens replays the smallest that holds
+# it, its other tokens padding (each bucket about 1.5 times the last: at most a third of a
+# call's matmul rows wasted). Past the last, a call runs eagerly: its matmuls take far
+# longer than its launch.
+CHUNK_BUCKETS = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
+
+
+def chunk_graphs_apply(model: Transformer) -> bool:
+    """Whether a chunk call can be captured: the in-place attention kernel runs, and every
+    piece of the call has static shapes (not quantized experts or weights past
+    kernels.QUANT_KERNEL_MAX_ROWS rows, turned into x's dtype per call; not float16 experts,
+    which loop over their tokens past MATVEC_MAX_PAIRS)."""
+    moe = model.args.moe
+    return (
+        fast_path_applies(model)
+        and decode_kernel_runs(model.device, model.dtype, model.args.head_dim, model.attention_backend)
+        and model.args.quantization is None
+        and (moe is None or model.dtype == torch.bfloat16)
+    )
+
 
 class Runner:
     """Forward calls of one model (or pipeline stage) on one cache, rows 0..n_rows-1.
@@ -89,6 +117,9 @@ class Runner:
 
     compile, cuda_graphs: None uses graphs where they pay (`fast_path_applies`) and does not
     compile (`stream` decides by `compile_pays`); False turns each off, True on.
+    chunk_graphs: prefill calls that want some rows' logits and read in place run from a
+    graph per bucket of tokens (where cuda_graphs and `chunk_graphs_apply`): an Engine's
+    chunk calls, for a server (`capture_chunks` captures them before any request).
 
     warm_up: seconds spent on what a first call of a shape does once, by kind: "compile"
     (the first call of a compiled block for a shape), "kernels" (the decode step's first,
@@ -104,6 +135,7 @@ class Runner:
         *,
         compile: Optional[bool] = None,
         cuda_graphs: Optional[bool] = None,
+        chunk_graphs: bool = False,
     ):
         fast = fast_path_applies(model)
         compile = bool(compile)
@@ -115,6 +147,10 @@ class Runner:
         # Per verify step's tokens a row: its inputs, graph, input and output (`verify`).
         self.verify_graphs: dict[int, tuple[Verify, torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.graph_lengths: list[int] = []  # the cache lengths that the graph's next replay reads
+        self.chunk_graphs = chunk_graphs and self.cuda_graphs and chunk_graphs_apply(model)
+        # Per bucket: its inputs, graph, input, logits' rows and output (`_chunk`), in one memory pool (one replays at a time).
+        self.chunks: dict[int, tuple[InPlace, torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.chunk_pool = None
         self.compiled = compile
         self.warm_up: dict[str, float] = {}  # an Engine hands each Runner its caller's (`stream`'s warm_up)
 
@@ -130,6 +166,10 @@ class Runner:
 
     def prefill(self, x: torch.Tensor, seqlens: Sequence[int], rows: Optional[Sequence[int]] = None) -> torch.Tensor:
         """model.step for cache.prepare(seqlens); on the last stage the logits of `rows` only, when given."""
+        bucket = self._chunk_bucket(seqlens, rows)
+        if bucket is not None:
+            assert rows is not None
+            return self._chunk(bucket, x, seqlens, rows)
         inputs = self.cache.prepare(seqlens)
         # The compiled block's first call of a kind of call compiles it: booked as such, with its
         # run. (A later new length may compile once more, until torch.compile makes it dynamic.)
@@ -183,8 +223,55 @@ class Runner:
         cache.advance([n] * self.n_rows)
         return out
 
-    def _capture(self, x: torch.Tensor, inputs: Decode | Verify, advance: bool = False) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
-        """A graph of model.step on `inputs` (advancing them a step, for a decode step), its input x and its output."""
+    def _chunk_bucket(self, seqlens: Sequence[int], rows: Optional[Sequence[int]]) -> Optional[int]:
+        """The bucket whose graph runs this prefill call, if one does (`chunk_graphs`)."""
+        if not self.chunk_graphs or rows is None or len(rows) > self.n_rows:
+            return None
+        T, cache = sum(seqlens), self.cache
+        if T > CHUNK_BUCKETS[-1] or not reads_in_place(seqlens, cache.lengths, cache.size, cache.sliding_window):
+            return None
+        return next(b for b in CHUNK_BUCKETS if b >= T)
+
+    def capture_chunks(self, tokens: int) -> None:
+        """Capture the chunk call's graph of every bucket up to the one holding `tokens` (an
+        Engine's chunk budget and its decoding rows), before any request waits for one."""
+        for bucket in CHUNK_BUCKETS:
+            if self.chunk_graphs and bucket not in self.chunks:
+                self._chunk_graph(bucket)
+            if bucket >= tokens:
+                break
+
+    def _chunk_graph(self, bucket: int) -> tuple[InPlace, torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The graph of a chunk call of `bucket` tokens, captured on inputs of padding alone (nothing written)."""
+        model, cache = self.model, self.cache
+        attention = next(iter(model.layers.values())).attention
+        inputs = InPlace(bucket, self.n_rows, chunk_tile(attention.n_heads // attention.n_kv_heads), cache.size,
+                         cache.sliding_window, model.device)  # fmt: skip
+        if model.layout.is_first:
+            x = torch.zeros(bucket, dtype=torch.long, device=model.device)
+        else:
+            x = torch.zeros(bucket, model.args.dim, dtype=model.dtype, device=model.device)
+        rows = torch.zeros(self.n_rows, dtype=torch.long, device=model.device)
+        if self.chunk_pool is None:
+            self.chunk_pool = torch.cuda.graph_pool_handle()
+        graph, x, out = self._capture(x, inputs, rows=rows, pool=self.chunk_pool)
+        self.chunks[bucket] = (inputs, graph, x, rows, out)
+        return self.chunks[bucket]
+
+    def _chunk(self, bucket: int, x: torch.Tensor, seqlens: Sequence[int], rows: Sequence[int]) -> torch.Tensor:
+        """A prefill call replayed from its bucket's graph: x's tokens first, padding after; the logits of `rows`."""
+        inputs, graph, static_x, static_rows, out = self.chunks.get(bucket) or self._chunk_graph(bucket)
+        inputs.restart(seqlens, self.cache.lengths)
+        static_x[: len(x)].copy_(x)
+        static_rows[: len(rows)].copy_(to_device(list(rows), static_rows.device, torch.long))
+        graph.replay()
+        self.cache.advance(seqlens)
+        return out[: len(rows)]
+
+    def _capture(self, x: torch.Tensor, inputs: Decode | Verify | InPlace, advance: bool = False,
+                 rows: Optional[torch.Tensor] = None, pool: Optional[tuple] = None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """A graph of model.step on `inputs` (advancing them a step, for a decode step; the logits of
+        the tokens `rows`, when given), in memory `pool` (default its own), its input x and its output."""
         x = x.clone()
         # Warm up on a side stream (compilation, cuBLAS workspaces, NCCL, allocator) as
         # graph capture requires. The warm-up step writes this step's keys into this
@@ -193,13 +280,13 @@ class Runner:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.model.step(x, inputs, self.cache, self.run_block)
+            self.model.step(x, inputs, self.cache, self.run_block, rows)
         torch.cuda.current_stream().wait_stream(side)
         self._book("compile" if self.compiled else "kernels", start)
         start = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.model.step(x, inputs, self.cache, self.run_block)
+        with torch.cuda.graph(graph, pool=pool):
+            out = self.model.step(x, inputs, self.cache, self.run_block, rows)
             if advance:
                 inputs.advance()
         self._book("graph capture", start)

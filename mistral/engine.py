@@ -124,8 +124,10 @@ class Engine:
     a chat's; the caller has begun it on the stage), on its first max_batch rows (default:
     all); max_context is what its rows hold.
     buckets: decode steps on the smallest bucket of rows (1, 2, 4, ...) holding the busy
-    ones, a graph each (a server's); False, on every row of the cache, one graph
-    (stream's: a call must not capture or compile again when its batch thins out).
+    ones, a graph each, and chunk calls from a graph per bucket of tokens where their rows
+    read in place (decode.Runner's chunk_graphs): a server's; False, every decode step on
+    every row of the cache, one graph, and chunk calls eagerly (stream's: a call must not
+    capture or compile again when its batch thins out).
     warm_up: a dict into which the Runners add the seconds of what runs once per shape (decode.Runner).
     """
 
@@ -151,7 +153,7 @@ class Engine:
             raise MistralError("stage must be a Stage of this model (Stage(model))")
         self.model, self.stage, self.buckets, self.timings = model, stage, buckets, warm_up
         self.link = stage.link  # (the stage's property checks the model's device and dtype, which stay while an engine runs)
-        self.fast = dict(compile=compile, cuda_graphs=cuda_graphs)
+        self.fast = dict(compile=compile, cuda_graphs=cuda_graphs, chunk_graphs=buckets)
         if cache is None:
             rows = model.args.max_batch_size if max_batch is None else check_positive_int(max_batch, "max_batch")
             self.max_context = check_positive_int(max_context, "max_context")
@@ -192,9 +194,10 @@ class Engine:
 
     def warm_up(self) -> float:
         """Run what a first call of each kind does once (on CUDA: capture the decode graph of every
-        bucket of rows, compile and tune the kernels of chunk and mixed calls) before any request
-        waits for it: a few placeholder requests per bucket, then every row emptied. Returns the
-        seconds it took. On several ranks every rank calls it (they run the same calls)."""
+        bucket of rows and the chunk call's of every bucket of tokens, compile and tune the
+        kernels of chunk and mixed calls) before any request waits for it: a few placeholder
+        requests per bucket of rows, then every row emptied. Returns the seconds it took. On
+        several ranks every rank calls it (they run the same calls)."""
         if self.busy:
             raise MistralError("warm_up runs before any request: this engine has requests")
         start = time.perf_counter()
@@ -210,6 +213,7 @@ class Engine:
             if n == len(self.rows):
                 break
             n = min(2 * n, len(self.rows))
+        self._runner(len(self.rows)).capture_chunks(self.chunk + len(self.rows))
         self.cache.reset()
         return time.perf_counter() - start
 

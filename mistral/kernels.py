@@ -228,16 +228,26 @@ def decode_attention(
     """
     if xq.is_cuda and triton is not None:
         return _triton_decode_attention(xq, xk, xv, cache_k, cache_v, slots, key_lengths, visible)
-    (B, H, Dh), (S, H_kv) = xq.shape, cache_k.shape[1:3]
     cache_k.flatten(0, 1).index_copy_(0, slots, xk)
     cache_v.flatten(0, 1).index_copy_(0, slots, xv)
+    S = cache_k.shape[1]
+    s = torch.arange(S, device=xq.device)[None, :]
+    return _attend_in_place(xq, cache_k, cache_v, slots, (s >= key_lengths[:, None]) | (_behind(slots, S) >= visible[:, None]))
+
+
+def _behind(slots: torch.Tensor, S: int) -> torch.Tensor:
+    """[B, S]: how far each slot of a query's row is behind the query's own, going round the row."""
+    return (slots[:, None] % S - torch.arange(S, device=slots.device)[None, :]) % S
+
+
+def _attend_in_place(xq: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, slots: torch.Tensor, unread: torch.Tensor) -> torch.Tensor:
+    """The reference of the in-place kernels: each query b over the slots of the row that slots[b] is in,
+    but those `unread` [B, S] says. xq [B, H, Dh] -> [B, H, Dh]."""
+    (B, H, Dh), (S, H_kv) = xq.shape, cache_k.shape[1:3]
     rows = slots // S
     keys = cache_k[rows].repeat_interleave(H // H_kv, dim=2).float()  # [B, S, H, Dh]
     values = cache_v[rows].repeat_interleave(H // H_kv, dim=2).float()
     scores = torch.einsum("bhd,bshd->bhs", xq.float(), keys) * Dh**-0.5
-    s = torch.arange(S, device=xq.device)[None, :]
-    behind = (slots[:, None] % S - s) % S  # [B, S]: how far each slot is behind the query's own
-    unread = (s >= key_lengths[:, None]) | (behind >= visible[:, None])
     probs = torch.softmax(scores.masked_fill(unread[:, None, :], float("-inf")), dim=-1)
     return torch.einsum("bhs,bshd->bhd", probs, values).to(xq.dtype)
 
@@ -245,6 +255,60 @@ def decode_attention(
 @decode_attention.register_fake
 def _(xq, xk, xv, cache_k, cache_v, slots, key_lengths, visible):  # type: ignore[no-untyped-def]
     return torch.empty_like(xq)
+
+
+@_op("store_keys", mutates_args=("cache_k", "cache_v"))
+def store_keys(xk: torch.Tensor, xv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store xk[t], xv[t] [T, H_kv, Dh] at flat cache slot slots[t] of cache_k, cache_v [rows, S, H_kv, Dh],
+    but where slots[t] < 0 (a CUDA graph's padding tokens: shapes stay, nothing is written)."""
+    if xk.is_cuda and triton is not None:
+        return _triton_store_keys(xk, xv, cache_k, cache_v, slots)
+    kept = slots >= 0
+    cache_k.flatten(0, 1).index_copy_(0, slots[kept], xk[kept])
+    cache_v.flatten(0, 1).index_copy_(0, slots[kept], xv[kept])
+
+
+@_op("chunk_attention")
+def chunk_attention(
+    xq: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    tile_first: torch.Tensor,
+    tile_len: torch.Tensor,
+    window: int,
+    tile: int,
+) -> torch.Tensor:
+    """Attention of a call's queries, each over its own row of the cache, read in place (cache.InPlace):
+    query t, at position positions[t] in the row that its slot slots[t] is in, reads the
+    positions p - window + 1 .. p of its row, at slots p mod S, every key of the call stored
+    before (store_keys). Queries of slot -1 are padding: their output is left as it was.
+
+    The queries run in tiles of up to `tile` consecutive queries of one row (`chunk_tile`):
+    tile i is queries tile_first[i] .. tile_first[i] + tile_len[i] - 1 (a tile of 0 queries does
+    nothing), so that a prompt's keys are read once per tile of queries rather than once per query.
+    xq: [T, H, Dh]; cache_k, cache_v: [rows, S, H_kv, Dh] -> [T, H, Dh].
+    """
+    if xq.is_cuda and triton is not None:
+        return _triton_chunk_attention(xq, cache_k, cache_v, positions, slots, tile_first, tile_len, window, tile)
+    S = cache_k.shape[1]
+    out = torch.empty_like(xq)
+    real = (slots >= 0).nonzero().flatten()
+    slots, visible = slots[real], (positions[real] + 1).clamp(max=window)  # a query sees its window, or back to position 0
+    out[real] = _attend_in_place(xq[real], cache_k, cache_v, slots, _behind(slots, S) >= visible[:, None])
+    return out
+
+
+@chunk_attention.register_fake
+def _(xq, cache_k, cache_v, positions, slots, tile_first, tile_len, window, tile):  # type: ignore[no-untyped-def]
+    return torch.empty_like(xq)
+
+
+def chunk_tile(group: int) -> int:
+    """Queries per tile of chunk_attention for `group` query heads per key head: a product of 64 rows
+    (a tile's queries, each with its group's heads, padded to a power of two), or of the group alone."""
+    return max(1, 64 // (1 << (group - 1).bit_length()))
 
 
 def matvec_key(N: int, K: int, x_dtype: torch.dtype, w_dtype: torch.dtype, **flags: bool) -> str:
@@ -711,6 +775,89 @@ if triton is not None:
             o_at = o_ptr + (b * G * H_KV + h * G) * D + c
             tl.store(o_at, (out / total).to(o_ptr.dtype.element_ty), mask=c_ok)
             tl.store(count_ptr + bh, 0)
+
+    @triton.jit
+    def _store_keys_kernel(kn_ptr, vn_ptr, k_ptr, v_ptr, slot_ptr, kn_stride, vn_stride, HD, BLOCK: tl.constexpr):
+        t = tl.program_id(0)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if slot < 0:
+            return
+        c = tl.arange(0, BLOCK)
+        ok = c < HD
+        tl.store(k_ptr + slot * HD + c, tl.load(kn_ptr + t * kn_stride + c, mask=ok), mask=ok)
+        tl.store(v_ptr + slot * HD + c, tl.load(vn_ptr + t * vn_stride + c, mask=ok), mask=ok)
+
+    def _triton_store_keys(xk: torch.Tensor, xv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, slots: torch.Tensor) -> None:
+        T, H_kv, Dh = xk.shape
+        assert xk.stride(1) == Dh and xv.stride(1) == Dh and xk.stride(2) == 1 and xv.stride(2) == 1
+        assert cache_k.is_contiguous() and cache_v.is_contiguous()
+        _store_keys_kernel[(T,)](xk, xv, cache_k, cache_v, slots, xk.stride(0), xv.stride(0), H_kv * Dh,
+                                 BLOCK=triton.next_power_of_2(H_kv * Dh), num_warps=4)  # fmt: skip
+
+    # Neither the cache's size nor the window compiles the kernel anew.
+    @triton.jit(do_not_specialize=["S", "WINDOW"])
+    def _chunk_attention_kernel(
+        q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, first_ptr, len_ptr, o_ptr,
+        q_stride, o_stride, S, WINDOW, H_KV, qk_scale,
+        G: tl.constexpr, G_POW2: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):  # fmt: skip
+        # Program (tile, h): the tile's n consecutive queries of one row (positions p0 .. p0 + n - 1),
+        # each with the G query heads that share key head h, as M * G_POW2 rows of one product,
+        # over the key positions that any of them sees (p0 - WINDOW + 1 .. p0 + n - 1, at slots
+        # p mod S of the row), each row masked to its own query's (flash-attention).
+        tile = tl.program_id(0)
+        h = tl.program_id(1)
+        n = tl.load(len_ptr + tile)
+        if n == 0:
+            return
+        t0 = tl.load(first_ptr + tile)
+        p0 = tl.load(pos_ptr + t0)
+        row = tl.load(slot_ptr + t0).to(tl.int64) // S * S  # the row's first slot
+        r = tl.arange(0, M * G_POW2)
+        i, g = r // G_POW2, r % G_POW2  # row r: query t0 + i, head h * G + g
+        real = (i < n) & (g < G)
+        d = tl.arange(0, D)
+        head_at = (h * G + g)[:, None] * D + d[None, :]
+        q = tl.load(q_ptr + (t0 + i).to(tl.int64)[:, None] * q_stride + head_at, mask=real[:, None], other=0.0)
+        qp = p0 + i  # each row's query position
+        end = p0 + n  # past the last key any of them sees
+        m = tl.full([M * G_POW2], float("-inf"), tl.float32)
+        l = tl.zeros([M * G_POW2], tl.float32)
+        acc = tl.zeros([M * G_POW2, D], tl.float32)
+        for s0 in range(tl.maximum(p0 - WINDOW + 1, 0), end, BLOCK_S):
+            kp = s0 + tl.arange(0, BLOCK_S)  # key positions
+            at = ((row + kp % S) * H_KV + h)[:, None] * D + d[None, :]
+            k = tl.load(k_ptr + at, mask=(kp < end)[:, None], other=0.0)
+            v = tl.load(v_ptr + at, mask=(kp < end)[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(k)) * qk_scale  # [M * G_POW2, BLOCK_S], log2 units
+            sees = (kp[None, :] <= qp[:, None]) & (kp[None, :] > qp[:, None] - WINDOW)
+            scores = tl.where(sees, scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+            p = tl.exp2(scores - m_safe[:, None])
+            alpha = tl.exp2(m - m_safe)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            l = l * alpha + tl.sum(p, axis=1)
+            m = m_new
+        out = acc / tl.where(real, l, 1.0)[:, None]  # a real query sees at least its own key
+        tl.store(o_ptr + (t0 + i).to(tl.int64)[:, None] * o_stride + head_at, out.to(o_ptr.dtype.element_ty), mask=real[:, None])
+
+    def _triton_chunk_attention(
+        xq: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+        tile_first: torch.Tensor, tile_len: torch.Tensor, window: int, tile: int, block_s: int = 64, num_warps: int = 4,
+    ) -> torch.Tensor:  # fmt: skip
+        """block_s: keys per loop step."""
+        (T, H, Dh), (S, H_kv) = xq.shape, cache_k.shape[1:3]
+        assert xq.stride(1) == Dh and xq.stride(2) == 1 and cache_k.is_contiguous() and cache_v.is_contiguous()
+        G = H // H_kv
+        assert is_power_of_2(tile) and tile * triton.next_power_of_2(G) >= 16, "tl.dot takes 16 rows or more"
+        out = torch.empty((T, H, Dh), dtype=xq.dtype, device=xq.device)
+        _chunk_attention_kernel[(tile_len.shape[0], H_kv)](
+            xq, cache_k, cache_v, positions, slots, tile_first, tile_len, out,
+            xq.stride(0), out.stride(0), S, window, H_kv, Dh**-0.5 * 1.4426950408889634,
+            G=G, G_POW2=triton.next_power_of_2(G), M=tile, D=Dh, BLOCK_S=block_s, num_warps=num_warps,
+        )  # fmt: skip
+        return out
 
     # Per device: one arrival count per (row, key head) for _decode_attention_kernel,
     # zeros between calls (its last program resets its own). Made outside graph capture:

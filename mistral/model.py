@@ -195,13 +195,13 @@ class Transformer(nn.Module):
         inputs: CacheInputs,
         cache: Optional[RotatingBufferCache],
         run_block: RunBlock = TransformerBlock.__call__,
-        rows: Optional[Sequence[int]] = None,
+        rows: Optional[Sequence[int] | torch.Tensor] = None,
     ) -> torch.Tensor:
         """This rank's share of one forward call, for a prepared cache call (or none).
 
         x: token ids [T] on the first stage, else the previous stage's activations [T, D].
         Returns activations [T, D], or on the last stage float logits [T, V]: of the
-        tokens `rows` only, when given (a prefill needs each prompt's last).
+        tokens `rows` only, when given (a prefill needs each prompt's last; a graph's are on the device).
         """
         h = x if self.tok_embeddings is None else self.tok_embeddings(x)
         rope = rotary_cos_sin(inputs.positions, self.args.head_dim, self.args.rope_theta)
@@ -213,7 +213,7 @@ class Transformer(nn.Module):
             return h
         assert self.norm is not None
         if rows is not None:  # [T, V] float32 logits of a long prefill would take gigabytes
-            h = h[to_device(list(rows), h.device, torch.long)]  # without waiting for the GPU
+            h = h[rows if isinstance(rows, torch.Tensor) else to_device(list(rows), h.device, torch.long)]  # without waiting for the GPU
         return self.output(self.norm(h)).float()
 
     def forward(

@@ -18,7 +18,7 @@ from helpers import DEVICE, TRITON_KERNELS_RUN, rel_error
 
 from mistral import MistralError, kernels
 from mistral.attention import causal_attention, attend, causal_blocks, prefill_backends
-from mistral.cache import Decode, RotatingBufferCache, Verify, _store, cache_inputs
+from mistral.cache import Decode, InPlace, RotatingBufferCache, Verify, _store, cache_inputs
 from mistral.masks import chunk_mask, decode_mask, prefill_mask
 
 H, H_KV, D = 4, 2, 16
@@ -236,6 +236,55 @@ def test_the_triton_decode_kernel_verifies_in_any_number_of_runs(window: Optiona
         )  # fmt: skip
         assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v), splits
         assert rel_error(got, want) < (1e-5 if xq.dtype == torch.float32 else 1e-2), splits
+
+
+def chunk_case(group: int, window: Optional[int]) -> tuple:
+    """A call read in place (cache.InPlace) in rows of W + 20 slots (40 without a window), so that
+    a rolled row reads several tokens in place: rows fresh, mid-prompt, decoding and rolled, a
+    row's queries in several tiles and a short last one, 3 padding tokens (slot -1). Returns
+    (cache, inputs, xq, xk, xv, the cache as it must end, the output of the real tokens): the
+    chunk call's of the same tokens under mask 2."""
+    size = 40 if window is None else window + 20
+    cached, seqlens = ([0, 3, 20, 39, 0], [25, 17, 1, 1, 0]) if window is None else ([0, 3, 20, 95, 50], [25, 6, 1, 6, 1])
+    dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+    torch.manual_seed(group)
+    cache = RotatingBufferCache(1, len(cached), size, window, H_KV, D, device=DEVICE, dtype=dtype, lookahead=size - (window or size))
+    cache.k.normal_(), cache.v.normal_()  # every slot: what is not a query's must not be read
+    T = sum(seqlens)
+    tile = 16 // (1 << (group - 1).bit_length())  # the fewest rows a product takes: several tiles a row
+    inputs = InPlace(T + 3, len(cached), tile, size, window, DEVICE)
+    inputs.restart(seqlens, cached)
+    assert int((inputs.tile_len > 0).sum()) > len([s for s in seqlens if s])
+    xq, xk, xv = (torch.randn(T + 3, m, D, device=DEVICE, dtype=dtype) for m in (group * H_KV, H_KV, H_KV))
+    want_k, want_v = cache.k.clone(), cache.v.clone()
+    want = cache_inputs(seqlens, cached, size, window, DEVICE).attend(want_k[0], want_v[0], xq[:T], xk[:T], xv[:T], "reference")
+    return cache, inputs, xq, xk, xv, (want_k, want_v), want
+
+
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("window", [None, 8])
+def test_a_call_read_in_place_attends_as_its_chunk_call(group: int, window: Optional[int]) -> None:
+    """cache.InPlace (kernels.store_keys, then kernels.chunk_attention: every key stored, then each
+    query reading its own row in place) = the chunk call of the same tokens under mask 2, and
+    the cache ends as the chunk call leaves it. Off CUDA the kernels' PyTorch versions stand in
+    for them (Triton's: the test below)."""
+    cache, inputs, xq, xk, xv, (want_k, want_v), want = chunk_case(group, window)
+    got = inputs.attend(cache.k[0], cache.v[0], xq, xk, xv, "auto")
+    assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v)
+    assert rel_error(got[: len(want)], want) < (1e-5 if xq.dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.skipif(not TRITON_KERNELS_RUN, reason="Triton's kernel: CUDA, or the CPU under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("window", [None, 8])
+def test_the_triton_chunk_kernels_attend_as_the_chunk_call(group: int, window: Optional[int]) -> None:
+    """store_keys' and chunk_attention's Triton kernels on chunk_case's call, blocks of 16 keys."""
+    cache, inputs, xq, xk, xv, (want_k, want_v), want = chunk_case(group, window)
+    kernels._triton_store_keys(xk, xv, cache.k[0], cache.v[0], inputs.write_to)
+    assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v)
+    got = kernels._triton_chunk_attention(xq, cache.k[0], cache.v[0], inputs.positions, inputs.write_to, inputs.tile_first,
+                                          inputs.tile_len, inputs.window, inputs.tile, block_s=16)  # fmt: skip
+    assert rel_error(got[: len(want)], want) < (1e-5 if xq.dtype == torch.float32 else 1e-2)
 
 
 def test_a_prefill_shape_runs_on_flash_attention_first_and_on_cudnn_once_it_recurs(monkeypatch: pytest.MonkeyPatch) -> None:

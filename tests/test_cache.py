@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import DEVICE, RTOL, random_model, random_prompts, rel_error, tiny_args
-from mistral import MistralError, Transformer
+from mistral import MistralError, Transformer, kernels
+from mistral.cache import InPlace, reads_in_place
 from mistral.model import apply_rotary_emb, rotary_cos_sin
 
 W = 8  # tiny_args' sliding window
@@ -275,3 +276,63 @@ def test_an_eager_decode_step_reads_only_filled_slots(lengths: list[int], size: 
     every_slot = decode_mask(reads, size, DEVICE)
     want = attend(xq, cache.k[0].flatten(0, 1), cache.v[0].flatten(0, 1), every_slot, "reference")
     assert rel_error(attend(xq, keys, values, eager.mask, "reference"), want) < 1e-6
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    window=st.sampled_from([2, 5, 8, None]),
+    moe=st.booleans(),
+    lengths=st.lists(st.integers(1, 30), min_size=1, max_size=4),
+    chunk=st.integers(1, 12),
+    decode_steps=st.integers(0, 4),
+    padding=st.integers(0, 9),
+    seed=st.integers(0, 2**16),
+)
+def test_calls_read_in_place_match_no_cache_forward(
+    window: Optional[int], moe: bool, lengths: list[int], chunk: int, decode_steps: int, padding: int, seed: int
+) -> None:
+    """A server's chunk call as its CUDA graph runs it (cache.InPlace, decode.Runner's chunk
+    graphs): every key stored first, each query reading its row in place, `padding` tokens past
+    the call's that write nothing, the logits of chosen tokens. Ragged calls; those whose rows
+    would overwrite keys they read (`reads_in_place` says no) run as cache.prepare's call."""
+    model = _model(window, moe)
+    total = [n + decode_steps for n in lengths]
+    prompts = random_prompts(total, model.args.vocab_size, seed=seed)
+    schedule = ragged_schedule(lengths, chunk, random.Random(seed)) + [[1] * len(lengths)] * decode_steps
+    cache = model.make_cache(len(prompts), max(total))
+    attention = model.layers["0"].attention
+    tile = kernels.chunk_tile(attention.n_heads // attention.n_kv_heads)
+    fed, in_place, out = [0] * len(prompts), 0, [[] for _ in prompts]
+    for seqlens in schedule:
+        ids = sum((p[f : f + s] for p, f, s in zip(prompts, fed, seqlens)), [])
+        T = len(ids)
+        if reads_in_place(seqlens, cache.lengths, cache.size, window):
+            inputs = InPlace(T + padding, len(prompts), tile, cache.size, window, DEVICE)
+            inputs.restart(seqlens, cache.lengths)
+            x = torch.tensor(ids + [0] * padding, device=DEVICE)
+            logits = model.step(x, inputs, cache, rows=torch.arange(T, device=DEVICE))
+            cache.advance(seqlens)
+            in_place += 1
+        else:
+            logits = model(torch.tensor(ids, device=DEVICE), seqlens, cache)
+        for b, part in enumerate(logits.split(list(seqlens))):
+            out[b].append(part)
+        fed = [f + s for f, s in zip(fed, seqlens)]
+    assert in_place > 0  # the first call reads in place: no row holds a key yet
+    assert_close([torch.cat(x) for x in out], full_logits(model, prompts))
+
+
+def test_a_call_that_would_overwrite_keys_it_reads_is_not_read_in_place() -> None:
+    """Rows of W = 8 slots: a row that has rolled reads one token a call in place (a decoding row),
+    not two (the second's key would overwrite the first's oldest); one that has not rolled reads
+    up to its slots; a window-less row up to its slots (it never rolls)."""
+    assert reads_in_place([1, 3, 8], [20, 5, 0], 8, 8)
+    assert not reads_in_place([2], [20], 8, 8)
+    assert not reads_in_place([4], [5], 8, 8)  # position 8 takes slot 0, which position 5 still reads
+    assert reads_in_place([4], [20], 11, 8)  # W + 3 slots: room for 4 (speculative decoding's lookahead)
+    assert reads_in_place([10], [30], 40, None) and not reads_in_place([11], [30], 40, None)
+    inputs = InPlace(8, 2, 4, 8, 8, DEVICE)
+    with pytest.raises(MistralError, match="overwrite keys that its own queries read"):
+        inputs.restart([2, 0], [20, 0])
+    with pytest.raises(MistralError, match="a call of 9 tokens does not fit inputs of 8"):
+        inputs.restart([5, 4], [0, 0])
