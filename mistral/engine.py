@@ -124,10 +124,11 @@ class Engine:
     a chat's; the caller has begun it on the stage), on its first max_batch rows (default:
     all); max_context is what its rows hold.
     buckets: decode steps on the smallest bucket of rows (1, 2, 4, ...) holding the busy
-    ones, a graph each, and chunk calls from a graph per bucket of tokens where their rows
-    read in place (decode.Runner's chunk_graphs): a server's; False, every decode step on
-    every row of the cache, one graph, and chunk calls eagerly (stream's: a call must not
-    capture or compile again when its batch thins out).
+    ones, a graph each (a server's); False, on every row of the cache, one graph
+    (stream's: a call must not capture or compile again when its batch thins out).
+    chunk_graphs: chunk calls from a graph per bucket of tokens where their rows read in
+    place (decode.Runner's); default: with buckets (a one-shot run would wait for captures
+    and kernels it uses once).
     warm_up: a dict into which the Runners add the seconds of what runs once per shape (decode.Runner).
     """
 
@@ -144,6 +145,7 @@ class Engine:
         cuda_graphs: Optional[bool] = None,
         cache: Optional[RotatingBufferCache] = None,
         buckets: bool = True,
+        chunk_graphs: Optional[bool] = None,
         warm_up: Optional[dict[str, float]] = None,
     ):
         check_model(model)
@@ -153,7 +155,7 @@ class Engine:
             raise MistralError("stage must be a Stage of this model (Stage(model))")
         self.model, self.stage, self.buckets, self.timings = model, stage, buckets, warm_up
         self.link = stage.link  # (the stage's property checks the model's device and dtype, which stay while an engine runs)
-        self.fast = dict(compile=compile, cuda_graphs=cuda_graphs, chunk_graphs=buckets)
+        self.fast = dict(compile=compile, cuda_graphs=cuda_graphs, chunk_graphs=buckets if chunk_graphs is None else chunk_graphs)
         if cache is None:
             rows = model.args.max_batch_size if max_batch is None else check_positive_int(max_batch, "max_batch")
             self.max_context = check_positive_int(max_context, "max_context")

@@ -240,6 +240,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0, help="every request's (0: greedy); sampled ones each seeded")
     p.add_argument("--compile", action="store_true", help="the engine's blocks compiled (torch.compile), in its warm-up")
+    p.add_argument("--eager-chunks", action="store_true", help="chunk calls run eagerly, not from graphs (Engine's chunk_graphs=False)")
     p.add_argument("--profile", choices=["host", "trace"], default=None,
                    help="only the saturated run, under cProfile (host: the host's time by function) or torch.profiler "
                         "(trace: each operator's host and GPU time, the host's waits for the GPU among them), into profile.txt")
@@ -254,7 +255,8 @@ def main() -> None:
     prompt_range = tuple(int(v) for v in cfg.prompt.split(","))
     answer_range = tuple(int(v) for v in cfg.answer.split(","))
     jobs = workload(cfg.requests, prompt_range, answer_range, args.vocab_size, cfg.seed)  # type: ignore[arg-type]
-    engine = Engine(model, max_batch=cfg.max_batch, max_context=prompt_range[1] + answer_range[1], chunk_size=cfg.chunk_size, compile=cfg.compile)
+    engine = Engine(model, max_batch=cfg.max_batch, max_context=prompt_range[1] + answer_range[1], chunk_size=cfg.chunk_size, compile=cfg.compile,
+                    chunk_graphs=not cfg.eager_chunks)  # fmt: skip
     print(f"engine warm-up: {engine.warm_up():.2f} s", flush=True)  # as `mistral serve` does before it listens
     results: dict[str, Any] = {"config": vars(cfg) | {"torch": torch.__version__}, "device": str(device)}
     if device.type == "cuda":
