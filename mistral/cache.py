@@ -238,9 +238,17 @@ class InPlace(CacheInputs):
     shapes, so that a CUDA graph of `tokens` tokens replays any such call of up to that many
     (mistral/decode.py: a server's chunk calls).
 
-    Built empty (every token padding: slot -1, nothing written, its output not read), then
+    Built empty (every token padding: slot -1, nothing written; its attention output is
+    whatever memory held, and stays in its own token's rows, which nobody reads), then
     filled in place by `restart` for each call, in one copy. The queries of a row are cut
     into tiles of `tile` (kernels.chunk_tile): the kernel reads a row's keys once per tile.
+
+    Worked example, size = W = 8, tile 4, 10 tokens: row 0 decodes after 20 tokens, row 2
+    reads the first 6 of a prompt:
+
+        positions   = [20 | 0, 1, 2, 3, 4, 5 | 0, 0, 0]         (3 padding tokens)
+        write_to    = [4  | 16, 17, 18, 19, 20, 21 | -1, -1, -1]  (row * 8 + position mod 8)
+        tiles       = (first 0, 1 query), (first 1, 4), (first 5, 2), then empty ones
     """
 
     def __init__(self, tokens: int, rows: int, tile: int, size: int, sliding_window: Optional[int], device: torch.device):
@@ -251,7 +259,7 @@ class InPlace(CacheInputs):
         super().__init__(positions, None)
         self.write_to.fill_(-1)
         self.tokens, self.tiles, self.tile, self.size, self.sliding_window = tokens, tiles, tile, size, sliding_window
-        self.window = size if sliding_window is None else sliding_window  # (a window-less row never rolls: size is no limit)
+        self.window = _reach(size, sliding_window)
 
     def restart(self, seqlens: Sequence[int], cached: Sequence[int]) -> None:
         """In place, the call that brings seqlens[b] new tokens to row b, which holds cached[b]; the tokens past them are padding."""
@@ -288,10 +296,15 @@ def reads_in_place(seqlens: Sequence[int], cached: Sequence[int], size: int, sli
     positions c .. c + L - 1 overwrite c - size .. c + L - 1 - size, none of which its first query
     (at c) may still read: those from c - W + 1 on (a short row, or no window: from 0).
 
-    With a row of W slots (size = window) that has rolled, only one token a call is read in
-    place: a decoding row, whose new key replaces the one that just left its window."""
-    window = size if sliding_window is None else sliding_window  # (a window-less row never rolls: size is no limit)
+    With a row of W slots (size = window) that is full (from W - 1 tokens on), only one token
+    a call is read in place: a decoding row, whose new key replaces the one that just left its window."""
+    window = _reach(size, sliding_window)
     return all(c + L - 1 - size < max(0, c - window + 1) for c, L in zip(cached, seqlens) if L)
+
+
+def _reach(size: int, sliding_window: Optional[int]) -> int:
+    """How far back a query reads: its window, or (a window-less row never rolls) the row's size."""
+    return size if sliding_window is None else sliding_window
 
 
 class Mixed(CacheInputs):

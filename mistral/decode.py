@@ -32,6 +32,7 @@ Elsewhere (the CPU, float32) the Runner calls the same `step` uncompiled, eagerl
 
 import functools
 import time
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -96,9 +97,10 @@ CHUNK_BUCKETS = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
 
 def chunk_graphs_apply(model: Transformer) -> bool:
     """Whether a chunk call can be captured: the in-place attention kernel runs, and every
-    piece of the call has static shapes (not quantized experts or weights past
-    kernels.QUANT_KERNEL_MAX_ROWS rows, turned into x's dtype per call; not float16 experts,
-    which loop over their tokens past MATVEC_MAX_PAIRS)."""
+    piece of the call has static shapes. Not quantized weights: past
+    kernels.QUANT_KERNEL_MAX_ROWS rows (all buckets but the first) they are turned into x's
+    dtype per call, and quantized experts loop over their tokens; nor float16 experts, which
+    loop past MATVEC_MAX_PAIRS."""
     moe = model.args.moe
     return (
         fast_path_applies(model)
@@ -106,6 +108,18 @@ def chunk_graphs_apply(model: Transformer) -> bool:
         and model.args.quantization is None
         and (moe is None or model.dtype == torch.bfloat16)
     )
+
+
+@dataclass
+class ChunkCall:
+    """A bucket's chunk call (Runner._chunk): its inputs, x and logits' rows (static tensors, filled
+    per call) and, where graphs are, its graph and output."""
+
+    inputs: InPlace
+    graph: Optional[torch.cuda.CUDAGraph]
+    x: torch.Tensor
+    rows: torch.Tensor
+    out: Optional[torch.Tensor]
 
 
 class Runner:
@@ -117,9 +131,11 @@ class Runner:
 
     compile, cuda_graphs: None uses graphs where they pay (`fast_path_applies`) and does not
     compile (`stream` decides by `compile_pays`); False turns each off, True on.
-    chunk_graphs: prefill calls that want some rows' logits and read in place run from a
-    graph per bucket of tokens (where cuda_graphs and `chunk_graphs_apply`): an Engine's
-    chunk calls, for a server (`capture_chunks` captures them before any request).
+    chunk_graphs: prefill calls that want some rows' logits and read in place (an Engine's
+    chunk calls, for a server) run on cache.InPlace inputs of a bucket of tokens, padded.
+    None: from a graph per bucket where cuda_graphs and `chunk_graphs_apply`, else as
+    `prefill` does (`capture_chunks` captures them before any request); True: also where
+    no graph is captured, each bucket's inputs run eagerly (the tests, on the CPU); False: never.
 
     warm_up: seconds spent on what a first call of a shape does once, by kind: "compile"
     (the first call of a compiled block for a shape), "kernels" (the decode step's first,
@@ -135,7 +151,7 @@ class Runner:
         *,
         compile: Optional[bool] = None,
         cuda_graphs: Optional[bool] = None,
-        chunk_graphs: bool = False,
+        chunk_graphs: Optional[bool] = False,
     ):
         fast = fast_path_applies(model)
         compile = bool(compile)
@@ -147,10 +163,12 @@ class Runner:
         # Per verify step's tokens a row: its inputs, graph, input and output (`verify`).
         self.verify_graphs: dict[int, tuple[Verify, torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.graph_lengths: list[int] = []  # the cache lengths that the graph's next replay reads
-        self.chunk_graphs = chunk_graphs and self.cuda_graphs and chunk_graphs_apply(model)
-        # Per bucket: its inputs, graph, input, logits' rows and output (`_chunk`), in one memory pool (one replays at a time).
-        self.chunks: dict[int, tuple[InPlace, torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.chunk_pool = None
+        captured = self.cuda_graphs and chunk_graphs_apply(model)
+        self.chunk_graphs = chunk_graphs is True or (chunk_graphs is None and captured)
+        # Per bucket: its inputs, graph (None: run eagerly), input, logits' rows and output
+        # (`_chunk`); the graphs in one memory pool, as one replays at a time.
+        self.chunks: dict[int, ChunkCall] = {}
+        self.chunk_pool = torch.cuda.graph_pool_handle() if self.chunk_graphs and captured else None
         self.compiled = compile
         self.warm_up: dict[str, float] = {}  # an Engine hands each Runner its caller's (`stream`'s warm_up)
 
@@ -224,25 +242,27 @@ class Runner:
         return out
 
     def _chunk_bucket(self, seqlens: Sequence[int], rows: Optional[Sequence[int]]) -> Optional[int]:
-        """The bucket whose graph runs this prefill call, if one does (`chunk_graphs`)."""
-        if not self.chunk_graphs or rows is None or len(rows) > self.n_rows:
+        """The bucket whose inputs (and graph) run this prefill call, if one does (`chunk_graphs`)."""
+        if not self.chunk_graphs or rows is None or len(rows) > self.n_rows:  # (the logits' rows hold n_rows)
             return None
         T, cache = sum(seqlens), self.cache
         if T > CHUNK_BUCKETS[-1] or not reads_in_place(seqlens, cache.lengths, cache.size, cache.sliding_window):
             return None
         return next(b for b in CHUNK_BUCKETS if b >= T)
 
+    @torch.inference_mode()
     def capture_chunks(self, tokens: int) -> None:
         """Capture the chunk call's graph of every bucket up to the one holding `tokens` (an
         Engine's chunk budget and its decoding rows), before any request waits for one."""
         for bucket in CHUNK_BUCKETS:
             if self.chunk_graphs and bucket not in self.chunks:
-                self._chunk_graph(bucket)
+                self._chunk_call(bucket)
             if bucket >= tokens:
                 break
 
-    def _chunk_graph(self, bucket: int) -> tuple[InPlace, torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The graph of a chunk call of `bucket` tokens, captured on inputs of padding alone (nothing written)."""
+    def _chunk_call(self, bucket: int) -> "ChunkCall":
+        """The chunk call of `bucket` tokens: its inputs, and its graph, captured on inputs of
+        padding alone (nothing written), where graphs are."""
         model, cache = self.model, self.cache
         attention = next(iter(model.layers.values())).attention
         inputs = InPlace(bucket, self.n_rows, chunk_tile(attention.n_heads // attention.n_kv_heads), cache.size,
@@ -252,21 +272,27 @@ class Runner:
         else:
             x = torch.zeros(bucket, model.args.dim, dtype=model.dtype, device=model.device)
         rows = torch.zeros(self.n_rows, dtype=torch.long, device=model.device)
-        if self.chunk_pool is None:
-            self.chunk_pool = torch.cuda.graph_pool_handle()
-        graph, x, out = self._capture(x, inputs, rows=rows, pool=self.chunk_pool)
-        self.chunks[bucket] = (inputs, graph, x, rows, out)
-        return self.chunks[bucket]
+        call = ChunkCall(inputs, None, x, rows, None)
+        if self.chunk_pool is not None:
+            call.graph, call.x, call.out = self._capture(x, inputs, rows=rows, pool=self.chunk_pool)
+        self.chunks[bucket] = call
+        return call
 
     def _chunk(self, bucket: int, x: torch.Tensor, seqlens: Sequence[int], rows: Sequence[int]) -> torch.Tensor:
-        """A prefill call replayed from its bucket's graph: x's tokens first, padding after; the logits of `rows`."""
-        inputs, graph, static_x, static_rows, out = self.chunks.get(bucket) or self._chunk_graph(bucket)
-        inputs.restart(seqlens, self.cache.lengths)
-        static_x[: len(x)].copy_(x)
-        static_rows[: len(rows)].copy_(to_device(list(rows), static_rows.device, torch.long))
-        graph.replay()
+        """A prefill call on its bucket's inputs, x's tokens first, padding after, replayed from its
+        graph: on the last stage the logits of `rows`, elsewhere the activations of x's tokens;
+        valid until the next call (every bucket's graph shares one memory pool)."""
+        call = self.chunks.get(bucket) or self._chunk_call(bucket)
+        call.inputs.restart(seqlens, self.cache.lengths)
+        call.x[: len(x)].copy_(x)
+        call.rows[: len(rows)].copy_(to_device(list(rows), call.rows.device, torch.long))
+        if call.graph is None:
+            out = self.model.step(call.x, call.inputs, self.cache, self.run_block, call.rows)
+        else:
+            call.graph.replay()
+            out = call.out
         self.cache.advance(seqlens)
-        return out[: len(rows)]
+        return out[: len(rows)] if self.model.layout.is_last else out[: len(x)]
 
     def _capture(self, x: torch.Tensor, inputs: Decode | Verify | InPlace, advance: bool = False,
                  rows: Optional[torch.Tensor] = None, pool: Optional[tuple] = None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:  # fmt: skip

@@ -126,8 +126,9 @@ class Engine:
     buckets: decode steps on the smallest bucket of rows (1, 2, 4, ...) holding the busy
     ones, a graph each (a server's); False, on every row of the cache, one graph
     (stream's: a call must not capture or compile again when its batch thins out).
-    chunk_graphs: chunk calls from a graph per bucket of tokens where their rows read in
-    place (decode.Runner's); default: with buckets (a one-shot run would wait for captures
+    chunk_graphs: chunk calls whose rows read in place from a graph per bucket of tokens
+    (decode.Runner's; True: padded to the bucket even where no graph is, the tests on the
+    CPU); default: with buckets, where graphs are (a one-shot run would wait for captures
     and kernels it uses once).
     warm_up: a dict into which the Runners add the seconds of what runs once per shape (decode.Runner).
     """
@@ -155,7 +156,9 @@ class Engine:
             raise MistralError("stage must be a Stage of this model (Stage(model))")
         self.model, self.stage, self.buckets, self.timings = model, stage, buckets, warm_up
         self.link = stage.link  # (the stage's property checks the model's device and dtype, which stay while an engine runs)
-        self.fast = dict(compile=compile, cuda_graphs=cuda_graphs, chunk_graphs=buckets if chunk_graphs is None else chunk_graphs)
+        if chunk_graphs is None:
+            chunk_graphs = None if buckets else False  # (the Runner's None: where graphs are)
+        self.fast = dict(compile=compile, cuda_graphs=cuda_graphs, chunk_graphs=chunk_graphs)
         if cache is None:
             rows = model.args.max_batch_size if max_batch is None else check_positive_int(max_batch, "max_batch")
             self.max_context = check_positive_int(max_context, "max_context")
@@ -197,9 +200,11 @@ class Engine:
     def warm_up(self) -> float:
         """Run what a first call of each kind does once (on CUDA: capture the decode graph of every
         bucket of rows and the chunk call's of every bucket of tokens, compile and tune the
-        kernels of chunk and mixed calls) before any request waits for it: a few placeholder
-        requests per bucket of rows, then every row emptied. Returns the seconds it took. On
-        several ranks every rank calls it (they run the same calls)."""
+        kernels of a chunk call beside decoding rows) before any request waits for it: a few
+        placeholder requests per bucket of rows, then every row emptied. Returns the seconds it
+        took. On several ranks every rank calls it (they run the same calls). A chunk call that
+        does not read in place (past the last bucket, or a full row reading several tokens) runs
+        eagerly, its kernels those of the calls warmed up but PyTorch's attention of a prompt."""
         if self.busy:
             raise MistralError("warm_up runs before any request: this engine has requests")
         start = time.perf_counter()

@@ -283,7 +283,8 @@ def chunk_attention(
     """Attention of a call's queries, each over its own row of the cache, read in place (cache.InPlace):
     query t, at position positions[t] in the row that its slot slots[t] is in, reads the
     positions p - window + 1 .. p of its row, at slots p mod S, every key of the call stored
-    before (store_keys). Queries of slot -1 are padding: their output is left as it was.
+    before (store_keys). Queries of slot -1 are padding: their output is whatever the memory
+    held (it stays in their own rows of the layers after: a matmul's rows are independent).
 
     The queries run in tiles of up to `tile` consecutive queries of one row (`chunk_tile`):
     tile i is queries tile_first[i] .. tile_first[i] + tile_len[i] - 1 (a tile of 0 queries does

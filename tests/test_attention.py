@@ -255,7 +255,8 @@ def chunk_case(group: int, window: Optional[int]) -> tuple:
     inputs = InPlace(T + 3, len(cached), tile, size, window, DEVICE)
     inputs.restart(seqlens, cached)
     assert int((inputs.tile_len > 0).sum()) > len([s for s in seqlens if s])
-    xq, xk, xv = (torch.randn(T + 3, m, D, device=DEVICE, dtype=dtype) for m in (group * H_KV, H_KV, H_KV))
+    # Views of one [T, H + 2 H_kv + 1, D] tensor, as the model's projections hand them over: strided rows.
+    xq, xk, xv, _ = torch.randn(T + 3, (group + 2) * H_KV + 1, D, device=DEVICE, dtype=dtype).split([group * H_KV, H_KV, H_KV, 1], dim=1)
     want_k, want_v = cache.k.clone(), cache.v.clone()
     want = cache_inputs(seqlens, cached, size, window, DEVICE).attend(want_k[0], want_v[0], xq[:T], xk[:T], xv[:T], "reference")
     return cache, inputs, xq, xk, xv, (want_k, want_v), want

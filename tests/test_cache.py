@@ -286,20 +286,23 @@ def test_an_eager_decode_step_reads_only_filled_slots(lengths: list[int], size: 
     chunk=st.integers(1, 12),
     decode_steps=st.integers(0, 4),
     padding=st.integers(0, 9),
+    lookahead=st.integers(0, 4),
     seed=st.integers(0, 2**16),
 )
 def test_calls_read_in_place_match_no_cache_forward(
-    window: Optional[int], moe: bool, lengths: list[int], chunk: int, decode_steps: int, padding: int, seed: int
+    window: Optional[int], moe: bool, lengths: list[int], chunk: int, decode_steps: int, padding: int, lookahead: int, seed: int
 ) -> None:
     """A server's chunk call as its CUDA graph runs it (cache.InPlace, decode.Runner's chunk
     graphs): every key stored first, each query reading its row in place, `padding` tokens past
-    the call's that write nothing, the logits of chosen tokens. Ragged calls; those whose rows
-    would overwrite keys they read (`reads_in_place` says no) run as cache.prepare's call."""
+    the call's that write nothing, the logits of chosen tokens. Ragged calls, in rows of W slots
+    or more (speculative decoding's lookahead); those whose rows would overwrite keys they
+    read (`reads_in_place` says no) run as cache.prepare's call."""
     model = _model(window, moe)
     total = [n + decode_steps for n in lengths]
     prompts = random_prompts(total, model.args.vocab_size, seed=seed)
-    schedule = ragged_schedule(lengths, chunk, random.Random(seed)) + [[1] * len(lengths)] * decode_steps
-    cache = model.make_cache(len(prompts), max(total))
+    cache = model.make_cache(len(prompts), max(total), lookahead)
+    # (a first call of no more tokens a row than its slots reads in place: no row holds a key yet)
+    schedule = ragged_schedule(lengths, min(chunk, cache.size), random.Random(seed)) + [[1] * len(lengths)] * decode_steps
     attention = model.layers["0"].attention
     tile = kernels.chunk_tile(attention.n_heads // attention.n_kv_heads)
     fed, in_place, out = [0] * len(prompts), 0, [[] for _ in prompts]
@@ -318,7 +321,7 @@ def test_calls_read_in_place_match_no_cache_forward(
         for b, part in enumerate(logits.split(list(seqlens))):
             out[b].append(part)
         fed = [f + s for f, s in zip(fed, seqlens)]
-    assert in_place > 0  # the first call reads in place: no row holds a key yet
+    assert in_place > 0
     assert_close([torch.cat(x) for x in out], full_logits(model, prompts))
 
 
@@ -329,10 +332,24 @@ def test_a_call_that_would_overwrite_keys_it_reads_is_not_read_in_place() -> Non
     assert reads_in_place([1, 3, 8], [20, 5, 0], 8, 8)
     assert not reads_in_place([2], [20], 8, 8)
     assert not reads_in_place([4], [5], 8, 8)  # position 8 takes slot 0, which position 5 still reads
-    assert reads_in_place([4], [20], 11, 8)  # W + 3 slots: room for 4 (speculative decoding's lookahead)
-    assert reads_in_place([10], [30], 40, None) and not reads_in_place([11], [30], 40, None)
+    assert reads_in_place([4], [20], 11, 8) and not reads_in_place([5], [20], 11, 8)  # W + 3 slots: room for 4
+    assert not reads_in_place([2], [7], 8, 8)  # full (7 = W - 1 tokens), not rolled: position 8 takes position 0's slot
+    assert reads_in_place([10], [30], 40, None)  # a window-less row: up to its slots (check_fits refuses more)
     inputs = InPlace(8, 2, 4, 8, 8, DEVICE)
     with pytest.raises(MistralError, match="overwrite keys that its own queries read"):
         inputs.restart([2, 0], [20, 0])
     with pytest.raises(MistralError, match="a call of 9 tokens does not fit inputs of 8"):
         inputs.restart([5, 4], [0, 0])
+
+
+def test_a_call_read_in_place_packs_its_inputs_as_the_worked_example_says() -> None:
+    """cache.InPlace's docstring: W = 8 slots, tiles of 4, a decoding row and 6 prompt tokens, 3 padding."""
+    inputs = InPlace(10, 3, 4, 8, 8, DEVICE)
+    inputs.restart([1, 0, 6], [20, 0, 0])
+    assert inputs.positions.tolist() == [20, 0, 1, 2, 3, 4, 5, 0, 0, 0]
+    assert inputs.write_to.tolist() == [4, 16, 17, 18, 19, 20, 21, -1, -1, -1]
+    assert inputs.tile_first.tolist()[:3] == [0, 1, 5] and inputs.tile_len.tolist() == [1, 4, 2, 0, 0, 0]
+    inputs.restart([0, 5, 0], [0, 3, 0])  # restarted in place: the last call's tokens and tiles gone
+    assert inputs.positions.tolist() == [3, 4, 5, 6, 7, 0, 0, 0, 0, 0]
+    assert inputs.write_to.tolist() == [11, 12, 13, 14, 15, -1, -1, -1, -1, -1]
+    assert inputs.tile_first.tolist()[:2] == [0, 4] and inputs.tile_len.tolist() == [4, 1, 0, 0, 0, 0]

@@ -56,18 +56,22 @@ def run(engine: Engine, requests: list[Request], arrivals: list[int]) -> int:
     specs=st.lists(st.tuples(st.integers(1, 20), st.integers(1, 12), st.integers(0, 12)), min_size=1, max_size=7),
     chunk=st.integers(1, 12),
     rows=st.integers(1, 4),
+    in_place=st.sampled_from([None, True]),
     seed=st.integers(0, 2**16),
 )
 def test_requests_that_come_and_go_get_the_tokens_they_get_alone(
-    window: Optional[int], specs: list[tuple[int, int, int]], chunk: int, rows: int, seed: int
+    window: Optional[int], specs: list[tuple[int, int, int]], chunk: int, rows: int, in_place: Optional[bool], seed: int
 ) -> None:
     """Random prompt lengths, answer lengths and arrival steps, rows fewer than requests (some
     wait), prompts read in chunks beside the rows that decode, windows shorter than a prompt
-    and none: each request's greedy tokens are those it gets alone, from whole forwards."""
+    and none: each request's greedy tokens are those it gets alone, from whole forwards. With
+    chunk_graphs (True: also on the CPU, without graphs) the calls that read in place run
+    padded to a bucket of tokens, the logits of the sampled rows picked on the device."""
     g = torch.Generator().manual_seed(seed)
     prompts = [tuple(torch.randint(0, 97, (n,), generator=g).tolist()) for n, _, _ in specs]
     requests = [Request(p, max_tokens=m) for p, (_, m, _) in zip(prompts, specs)]
-    run(Engine(model(window), max_batch=rows, max_context=40, chunk_size=chunk), requests, [a for _, _, a in specs])
+    engine = Engine(model(window), max_batch=rows, max_context=40, chunk_size=chunk, chunk_graphs=in_place)
+    run(engine, requests, [a for _, _, a in specs])
     for r, p, (_, m, _) in zip(requests, prompts, specs):
         assert r.finish_reason == "length"
         assert_alone(window, p, r.tokens, m)

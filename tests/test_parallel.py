@@ -97,8 +97,9 @@ def run_checks(model: Transformer) -> dict[str, Any]:
 
 def engine_run(model: Transformer) -> tuple[list[list[int]], list[list[float]]]:
     """PROMPTS and one sampled request through the serving engine on 2 rows (the others wait),
-    prompts read 4 tokens a call beside the rows that decode: every rank submits the same."""
-    engine = Engine(model, max_batch=2, max_context=40, chunk_size=4)
+    prompts read 4 tokens a call beside the rows that decode, padded to a bucket of tokens where
+    their rows read in place (chunk_graphs, as a server's on CUDA): every rank submits the same."""
+    engine = Engine(model, max_batch=2, max_context=40, chunk_size=4, chunk_graphs=True)
     requests = [engine.submit(Request(p, max_tokens=MAX_TOKENS)) for p in PROMPTS]
     requests.append(engine.submit(Request(PROMPTS[0], max_tokens=MAX_TOKENS, **SAMPLING)))
     while engine.busy:
