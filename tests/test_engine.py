@@ -113,6 +113,22 @@ def test_a_seeded_request_samples_alike_alone_and_in_a_crowd() -> None:
         assert lone.tokens == sampled_by_hand(prompt, 10, 1.0, 0.9, 42)
 
 
+@pytest.mark.parametrize("in_place", [None, True])
+def test_mixture_of_experts_requests_get_the_tokens_they_get_alone(in_place: Optional[bool]) -> None:
+    """Mixtral's sparse experts in the engine: prompts read beside decoding rows (on CUDA from
+    the chunk calls' graphs, its experts' grouped products captured; True: padded on the CPU
+    too), each request's greedy tokens those of whole forwards."""
+    experts = random_model(tiny_args(moe=True, max_batch_size=4), seed=5)
+    specs = [([5, 17, 3, 9, 2, 11, 40, 8, 1, 6, 23], 9), ([30, 31], 12), ([2] * 19, 6), ([7, 1, 4], 10)]
+    requests = [Request(prompt, max_tokens=m) for prompt, m in specs]
+    run(Engine(experts, max_batch=3, max_context=40, chunk_size=8, chunk_graphs=in_place), requests, [0, 0, 1, 3])
+    for r, (prompt, m) in zip(requests, specs):
+        if DTYPE == torch.float32:
+            assert r.tokens == recomputed_greedy(experts, prompt, m)
+        else:
+            assert_greedy(experts, prompt, r.tokens, m)
+
+
 def test_a_cancelled_request_frees_its_row_for_the_next() -> None:
     """Cancelled between calls: its row takes the next request in the next call, and the
     token it sampled in the last call, not read yet (the host reads a call's tokens during
