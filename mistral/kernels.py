@@ -677,6 +677,16 @@ if triton is not None:
         )
         return out
 
+    @triton.jit
+    def _attend_block(scores, v, m, l, acc):
+        """Flash-attention's step over a block of keys: scores [R, N] (log2 units, -inf where unseen)
+        and their values v [N, D] into each row's running max m, sum l and output acc."""
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet (a run of the new slot alone)
+        p = tl.exp2(scores - m_safe[:, None])
+        alpha = tl.exp2(m - m_safe)
+        return m_new, l * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
     # Neither a cache of another size (S) nor another batch (SPLITS follows it) compiles the
     # kernel anew: the first run of 8 prompts on a machine whose cache held batch 1's kernel
     # waited 1.5 s for it on an H100 while SPLITS was a constant of the kernel.
@@ -735,13 +745,7 @@ if triton is not None:
             v = tl.load(v_ptr + at, mask=read[:, None], other=0.0)
             scores = tl.dot(q, tl.trans(k)) * qk_scale  # [G_PAD, BLOCK_S], log2 units
             scores = tl.where(read[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a run of the new slot alone
-            p = tl.exp2(scores - m_safe[:, None])
-            alpha = tl.exp2(m - m_safe)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            l = l * alpha + tl.sum(p, axis=1)
-            m = m_new
+            m, l, acc = _attend_block(scores, v, m, l, acc)
         mine = part_ptr + (bh * SPLITS + split).to(tl.int64) * per_split
         tl.store(mine + g[:, None] * D + d[None, :], acc, mask=real[:, None])
         tl.store(mine + G * D + g, m, mask=real)
@@ -833,13 +837,7 @@ if triton is not None:
             scores = tl.dot(q, tl.trans(k)) * qk_scale  # [M * G_POW2, BLOCK_S], log2 units
             sees = (kp[None, :] <= qp[:, None]) & (kp[None, :] > qp[:, None] - WINDOW)
             scores = tl.where(sees, scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
-            p = tl.exp2(scores - m_safe[:, None])
-            alpha = tl.exp2(m - m_safe)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            l = l * alpha + tl.sum(p, axis=1)
-            m = m_new
+            m, l, acc = _attend_block(scores, v, m, l, acc)
         out = acc / tl.where(real, l, 1.0)[:, None]  # a real query sees at least its own key
         tl.store(o_ptr + (t0 + i).to(tl.int64)[:, None] * o_stride + head_at, out.to(o_ptr.dtype.element_ty), mask=real[:, None])
 
