@@ -113,7 +113,7 @@ def chunk_graphs_apply(model: Transformer) -> bool:
 @dataclass
 class ChunkCall:
     """A bucket's chunk call (Runner._chunk): its inputs, x and logits' rows (static tensors, filled
-    per call) and, where graphs are, its graph and output."""
+    per call) and, where graphs are, its graph and output (else None: it runs eagerly)."""
 
     inputs: InPlace
     graph: Optional[torch.cuda.CUDAGraph]
@@ -164,7 +164,9 @@ class Runner:
         self.verify_graphs: dict[int, tuple[Verify, torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.graph_lengths: list[int] = []  # the cache lengths that the graph's next replay reads
         captured = self.cuda_graphs and chunk_graphs_apply(model)
-        self.chunk_graphs = chunk_graphs is True or (chunk_graphs is None and captured)
+        # On CUDA the in-place attention is the Triton kernel's alone (half precision, its head sizes); elsewhere its PyTorch version.
+        in_place = model.device.type != "cuda" or decode_kernel_runs(model.device, model.dtype, model.args.head_dim, model.attention_backend)
+        self.chunk_graphs = (chunk_graphs is True and in_place) or (chunk_graphs is None and captured)
         # Per bucket: its inputs, graph (None: run eagerly), input, logits' rows and output
         # (`_chunk`); the graphs in one memory pool, as one replays at a time.
         self.chunks: dict[int, ChunkCall] = {}
@@ -255,7 +257,7 @@ class Runner:
         """Capture the chunk call's graph of every bucket up to the one holding `tokens` (an
         Engine's chunk budget and its decoding rows), before any request waits for one."""
         for bucket in CHUNK_BUCKETS:
-            if self.chunk_graphs and bucket not in self.chunks:
+            if self.chunk_pool is not None and bucket not in self.chunks:  # (without graphs, nothing to do ahead)
                 self._chunk_call(bucket)
             if bucket >= tokens:
                 break
@@ -272,12 +274,13 @@ class Runner:
         else:
             x = torch.zeros(bucket, model.args.dim, dtype=model.dtype, device=model.device)
         rows = torch.zeros(self.n_rows, dtype=torch.long, device=model.device)
-        call = ChunkCall(inputs, None, x, rows, None)
+        graph, out = None, None
         if self.chunk_pool is not None:
-            call.graph, call.x, call.out = self._capture(x, inputs, rows=rows, pool=self.chunk_pool)
-        self.chunks[bucket] = call
-        return call
+            graph, x, out = self._capture(x, inputs, rows=rows, pool=self.chunk_pool)
+        self.chunks[bucket] = ChunkCall(inputs, graph, x, rows, out)
+        return self.chunks[bucket]
 
+    @torch.inference_mode()  # (its buffers, made in a warm-up's inference mode, take no update outside it)
     def _chunk(self, bucket: int, x: torch.Tensor, seqlens: Sequence[int], rows: Sequence[int]) -> torch.Tensor:
         """A prefill call on its bucket's inputs, x's tokens first, padding after, replayed from its
         graph: on the last stage the logits of `rows`, elsewhere the activations of x's tokens;
@@ -287,7 +290,7 @@ class Runner:
         call.x[: len(x)].copy_(x)
         call.rows[: len(rows)].copy_(to_device(list(rows), call.rows.device, torch.long))
         if call.graph is None:
-            out = self.model.step(call.x, call.inputs, self.cache, self.run_block, call.rows)
+            out = self.model.step(call.x, call.inputs, self.cache, self.run_block, call.rows[: len(rows)])
         else:
             call.graph.replay()
             out = call.out

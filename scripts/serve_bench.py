@@ -256,9 +256,10 @@ def main() -> None:
     answer_range = tuple(int(v) for v in cfg.answer.split(","))
     jobs = workload(cfg.requests, prompt_range, answer_range, args.vocab_size, cfg.seed)  # type: ignore[arg-type]
     engine = Engine(model, max_batch=cfg.max_batch, max_context=prompt_range[1] + answer_range[1], chunk_size=cfg.chunk_size, compile=cfg.compile,
-                    chunk_graphs=not cfg.eager_chunks)  # fmt: skip
-    print(f"engine warm-up: {engine.warm_up():.2f} s", flush=True)  # as `mistral serve` does before it listens
-    results: dict[str, Any] = {"config": vars(cfg) | {"torch": torch.__version__}, "device": str(device)}
+                    chunk_graphs=False if cfg.eager_chunks else None)  # fmt: skip
+    warm_up_s = engine.warm_up()  # as `mistral serve` does before it listens
+    print(f"engine warm-up: {warm_up_s:.2f} s", flush=True)
+    results: dict[str, Any] = {"config": vars(cfg) | {"torch": torch.__version__}, "device": str(device), "warm_up_s": warm_up_s}
     if device.type == "cuda":
         results["device_name"] = torch.cuda.get_device_name(device)
     log("warm-up: every bucket of rows, prompts of every length read beside decoding rows")

@@ -121,7 +121,10 @@ def test_mixture_of_experts_requests_get_the_tokens_they_get_alone(in_place: Opt
     experts = random_model(tiny_args(moe=True, max_batch_size=4), seed=5)
     specs = [([5, 17, 3, 9, 2, 11, 40, 8, 1, 6, 23], 9), ([30, 31], 12), ([2] * 19, 6), ([7, 1, 4], 10)]
     requests = [Request(prompt, max_tokens=m) for prompt, m in specs]
-    run(Engine(experts, max_batch=3, max_context=40, chunk_size=8, chunk_graphs=in_place), requests, [0, 0, 1, 3])
+    engine = Engine(experts, max_batch=3, max_context=40, chunk_size=8, chunk_graphs=in_place)
+    run(engine, requests, [0, 0, 1, 3])
+    # Padded calls ran (on the CPU only when asked; on CUDA from graphs by default).
+    assert bool(engine.runners[3].chunks) == (in_place is True or engine.runners[3].chunk_pool is not None)
     for r, (prompt, m) in zip(requests, specs):
         if DTYPE == torch.float32:
             assert r.tokens == recomputed_greedy(experts, prompt, m)
